@@ -1,0 +1,47 @@
+# The targets the README and CI use. Everything is installed from here, from nothing but
+# Python 3.11+ and make.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast lint bench bench-peers dist clean system-deps
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,deploy]'
+	touch $(STAMP)
+
+# Programs the scenario tests drive for real (logrotate). Installed from Debian when we can;
+# the tests that need them skip with a reason elsewhere.
+system-deps:
+	@command -v logrotate >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -qq logrotate >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq logrotate >/dev/null 2>&1)) || \
+	    echo "note: could not install logrotate; rotation tests will be skipped"; \
+	  else echo "note: logrotate missing and not root; rotation tests will be skipped"; fi; }
+
+run: $(STAMP)
+	$(BIN)/python -m fleetlog.demo
+
+test: $(STAMP) system-deps
+	$(BIN)/ruff check agent aggregator fleetlog tests bench
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent aggregator fleetlog tests bench
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.backlog
+
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info .pytest_cache .ruff_cache

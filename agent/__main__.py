@@ -1,0 +1,104 @@
+"""``fleetlog-agent`` / ``python -m agent``: argv, logging and exit codes live here.
+
+    fleetlog-agent [--config PATH] [--set KEY=VALUE]...       run the agent
+    fleetlog-agent --check-config [--config PATH]             validate and exit
+    fleetlog-agent status [--json] [--config PATH]            ask the running agent
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import orjson
+import zmq
+
+from agent.config import Config, load_config
+from agent.daemon import Agent
+from fleetlog import __version__, runtime, wire
+from fleetlog.tomlconf import ConfigError
+
+log = logging.getLogger("fleetlog.agent")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fleetlog-agent", description="Follow log files and ship them.")
+    p.add_argument("command", nargs="?", choices=["run", "status"], default="run",
+                   help="run the agent (default), or ask a running one for its status")
+    p.add_argument("--config", metavar="PATH",
+                   help="TOML config (default /etc/fleetlog/agent.toml if it exists, else built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set agent.mode=pub")
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument("--json", action="store_true", help="with status: one JSON object")
+    p.add_argument("--timeout", type=float, default=3.0, help="with status: seconds to wait")
+    p.add_argument("--version", action="version", version=f"fleetlog {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.set, check_dirs=args.command == "run")
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"fleetlog-agent: config: {problem}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"fleetlog-agent: {config.source}: ok ({len(config.sources)} sources)")
+        return 0
+    if args.command == "status":
+        return status(config, args.json, args.timeout)
+    runtime.setup_logging(config.agent.log_level)
+    if not config.sources:
+        log.warning("no [[sources]] configured: nothing to follow")
+    return runtime.run(_serve(config), loop=config.agent.loop)
+
+
+async def _serve(config: Config) -> int:
+    agent = Agent(config)
+    try:
+        runtime.install_signals(agent.request_stop, agent.reload)
+        await agent.serve()
+    except (zmq.ZMQError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def status(config: Config, as_json: bool, timeout_s: float) -> int:
+    endpoint = config.agent.status_endpoint
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(wire.encode_request(1, "status"))
+        if not sock.poll(int(timeout_s * 1000)):
+            print(f"fleetlog-agent: no answer at {endpoint} within {timeout_s:g}s; is the agent running?",
+                  file=sys.stderr)
+            return 3
+        reply = wire.decode_control(sock.recv())
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    if not reply.get("ok"):
+        print(f"fleetlog-agent: {reply.get('error')}", file=sys.stderr)
+        return 1
+    s = reply["result"]
+    if as_json:
+        sys.stdout.write(orjson.dumps(s).decode() + "\n")
+        return 0
+    print(f"agent {s['agent']} ({s['mode']} to {s['data']}, aggregator {s['aggregator'] or 'not connected'})")
+    print(f"{len(s['files'])} files, {s['open_files']} open, lag {s['lag_bytes']} bytes, in flight "
+          f"{s['inflight_bytes']} bytes, {s['lines_shipped']} lines shipped, {s['resends']} resends")
+    for f in s["files"]:
+        flags = ("rotated " if f["rotated"] else "") + ("" if f["open"] else "closed")
+        print(f"  {f['path']}  [{f['topic']}] id {f['identity']}  offset {f['offset']}/{f['size']}  "
+              f"lag {f['lag_bytes']}  {flags}".rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

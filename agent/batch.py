@@ -1,0 +1,27 @@
+"""Turning what a tailer read into a wire batch, and when to read a busy file again.
+
+One read of up to ``batch_max_bytes`` / ``batch_max_lines`` is one batch: lines are never
+copied into a second buffer. A file that is idle ships as soon as its change is seen; a file
+that keeps changing is read again no sooner than ``batch_max_delay_ms`` after its last read, so
+busy files make big batches and quiet ones small, prompt ones.
+"""
+
+from __future__ import annotations
+
+from agent.tail import Chunk, Tailer
+from fleetlog import wire
+
+
+def frames_for(agent: str, tailer: Tailer, chunk: Chunk) -> list[bytes]:
+    return wire.encode_batch(wire.Batch(
+        topic=tailer.source.topic, agent=agent, stream=tailer.stream, base=tailer.base,
+        path=tailer.path, file=tailer.identity, seq=tailer.seq, start=chunk.start, end=chunk.end,
+        lines=chunk.lines,
+    ))
+
+
+def next_read_at(now: float, delay_s: float, read_full: bool) -> float:
+    """When this file may be read again: at once if the last read was cut short by the batch
+    limits (more is waiting), else after the batching delay. A file idle for longer than the
+    delay is therefore read as soon as its next change is seen."""
+    return now if read_full else now + delay_s

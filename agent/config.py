@@ -1,0 +1,163 @@
+"""The agent's configuration: a frozen dataclass tree and a pure ``load_config``."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from fleetlog import wire
+from fleetlog.tomlconf import IPC_PATH_MAX, ConfigError, Section, apply_overrides, dir_problem, read_toml
+
+DEFAULT_PATH = "/etc/fleetlog/agent.toml"
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".Z")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    paths: tuple[str, ...]
+    topic: str
+    start_at: str = "beginning"
+    exclude: tuple[str, ...] = ()
+    include_compressed: bool = False
+    max_line_bytes: int = 1024 * 1024
+    # A partial last line (no newline yet) is shipped as it is after this long.
+    partial_line_timeout_ms: int = 5000
+    # Multi-line records: a line matching this starts a record; others continue the previous one.
+    multiline_start: str = ""
+    multiline_timeout_ms: int = 1000
+    multiline_max_lines: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    name: str
+    state_dir: str = "/var/lib/fleetlog/agent"
+    mode: str = "push"
+    data: str = "tcp://127.0.0.1:5555"
+    control: str = "tcp://127.0.0.1:5558"
+    # Where `fleetlog-agent status` finds this agent; default ipc://<state_dir>/agent.sock.
+    status_socket: str = ""
+    batch_max_lines: int = 10_000
+    batch_max_bytes: int = 1024 * 1024
+    batch_max_delay_ms: int = 5
+    # Backpressure: the agent stops reading when this much is shipped but not acknowledged.
+    max_inflight_bytes: int = 16 * 1024 * 1024
+    ack_timeout_ms: int = 3000
+    heartbeat_interval_ms: int = 1000
+    checkpoint_interval_ms: int = 1000
+    rescan_interval_ms: int = 5000
+    watch_debounce_ms: int = 20
+    force_polling: bool = False
+    max_open_files: int = 1024
+    idle_close_s: int = 300
+    rotated_keep_s: int = 300
+    shutdown_timeout_s: int = 10
+    log_level: str = "info"
+    loop: str = "uvloop"
+
+    @property
+    def status_endpoint(self) -> str:
+        return self.status_socket or f"ipc://{os.path.abspath(self.state_dir)}/agent.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    agent: AgentConfig
+    sources: tuple[SourceConfig, ...]
+    source: str = "<built-in defaults>"
+
+
+def _regex_problem(value: str) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"not a regular expression: {exc}"
+    return None
+
+
+def _parse_source(s: Section) -> SourceConfig:
+    d = SourceConfig(paths=(), topic="")
+    paths = s.str_list("paths", (), allow_empty=False)
+    if "paths" not in s.data:
+        s.problem("paths", "missing (a list of globs, e.g. [\"/var/log/nginx/*.log\"])")
+    for p in paths:
+        if not os.path.isabs(p):
+            s.problem("paths", f"{p!r} is not an absolute path")
+    topic = s.str("topic", "", lambda v: None if wire.valid_topic(v) else
+                  "must match [A-Za-z0-9._-]{1,128} and not start with a dot")
+    if "topic" not in s.data:
+        s.problem("topic", "missing")
+    src = SourceConfig(
+        paths=paths,
+        topic=topic,
+        start_at=s.choice("start_at", d.start_at, ("beginning", "end")),
+        exclude=s.str_list("exclude", ()),
+        include_compressed=s.bool("include_compressed", d.include_compressed),
+        max_line_bytes=s.int("max_line_bytes", d.max_line_bytes, 256, 64 * 1024 * 1024),
+        partial_line_timeout_ms=s.int("partial_line_timeout_ms", d.partial_line_timeout_ms, 0),
+        multiline_start=s.str("multiline_start", "", _regex_problem),
+        multiline_timeout_ms=s.int("multiline_timeout_ms", d.multiline_timeout_ms, 1),
+        multiline_max_lines=s.int("multiline_max_lines", d.multiline_max_lines, 1),
+    )
+    s.finish()
+    return src
+
+
+def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
+    problems: list[str] = []
+    root = Section(data, "", problems)
+    s = root.table("agent")
+    d = AgentConfig(name="")
+    state_dir = s.str("state_dir", d.state_dir)
+    cfg = AgentConfig(
+        name=s.str("name", socket.gethostname(), lambda v: None if 0 < len(v) <= 200 and v.isprintable()
+                   else "must be 1 to 200 printable characters"),
+        state_dir=state_dir,
+        mode=s.choice("mode", d.mode, ("push", "pub")),
+        data=s.endpoint("data", d.data),
+        control=s.endpoint("control", d.control),
+        status_socket=s.endpoint("status_socket", ""),
+        batch_max_lines=s.int("batch_max_lines", d.batch_max_lines, 1),
+        batch_max_bytes=s.int("batch_max_bytes", d.batch_max_bytes, 1024, 64 * 1024 * 1024),
+        batch_max_delay_ms=s.int("batch_max_delay_ms", d.batch_max_delay_ms, 0, 60_000),
+        max_inflight_bytes=s.int("max_inflight_bytes", d.max_inflight_bytes, 64 * 1024),
+        ack_timeout_ms=s.int("ack_timeout_ms", d.ack_timeout_ms, 100),
+        heartbeat_interval_ms=s.int("heartbeat_interval_ms", d.heartbeat_interval_ms, 50),
+        checkpoint_interval_ms=s.int("checkpoint_interval_ms", d.checkpoint_interval_ms, 10),
+        rescan_interval_ms=s.int("rescan_interval_ms", d.rescan_interval_ms, 50),
+        watch_debounce_ms=s.int("watch_debounce_ms", d.watch_debounce_ms, 1, 10_000),
+        force_polling=s.bool("force_polling", d.force_polling),
+        max_open_files=s.int("max_open_files", d.max_open_files, 8),
+        idle_close_s=s.int("idle_close_s", d.idle_close_s, 1),
+        rotated_keep_s=s.int("rotated_keep_s", d.rotated_keep_s, 1),
+        shutdown_timeout_s=s.int("shutdown_timeout_s", d.shutdown_timeout_s, 1, 3600),
+        log_level=s.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
+        loop=s.choice("loop", d.loop, ("uvloop", "asyncio")),
+    )
+    s.finish()
+    sources = tuple(_parse_source(t) for t in root.tables("sources"))
+    root.finish()
+    if check_dirs and (message := dir_problem(cfg.state_dir, create=True)) is not None:
+        problems.append(f"agent.state_dir: {message}")
+    if not cfg.status_socket and len(cfg.status_endpoint) - len("ipc://") >= IPC_PATH_MAX:
+        problems.append("agent.state_dir: too long for the default status socket; set agent.status_socket")
+    if problems:
+        raise ConfigError(problems)
+    return Config(agent=cfg, sources=sources, source=source)
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, check_dirs: bool = True) -> Config:
+    """Load ``path`` (or the default file if it exists, else built-in defaults) plus ``--set`` items."""
+    data: dict[str, Any] = {}
+    source = "<built-in defaults>"
+    if path is not None or os.path.exists(DEFAULT_PATH):
+        source = path or DEFAULT_PATH
+        data = read_toml(source)
+    apply_overrides(data, overrides or [])
+    return parse(data, source, check_dirs=check_dirs)
+
+
+__all__ = ["AgentConfig", "Config", "ConfigError", "SourceConfig", "load_config"]

@@ -1,0 +1,263 @@
+"""Following one file incarnation: identity, reading complete lines in large blocks.
+
+A ``Tailer`` owns one *stream*: one file identity (device, inode and a fingerprint of the first
+bytes) on this agent. It reads from ``ship_pos`` (the end of what was handed to the shipper) with
+one ``pread`` of up to a batch's worth, cuts at the last newline and splits in C; no Python work
+happens per line on this path. What lies after the last newline is a partial line: it stays in
+the file (the file is the buffer) until its newline arrives, or is shipped as it is after
+``partial_line_timeout_ms``.
+
+Undecodable bytes are replaced by U+FFFD (one per bad sequence); line count and offsets are
+unchanged, as offsets are always counted in the file's bytes. A line longer than
+``max_line_bytes`` is cut there; the rest up to its newline is skipped and counted, and the file
+keeps being followed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from agent.config import SourceConfig
+
+FP_LEN = 1024
+
+
+def fingerprint(fd: int, length: int = FP_LEN) -> tuple[str, int]:
+    """Hash of the first ``length`` bytes (fewer if the file is shorter) and how many there were."""
+    head = os.pread(fd, length, 0)
+    return hashlib.blake2b(head, digest_size=8).hexdigest(), len(head)
+
+
+def new_stream_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass(slots=True)
+class Chunk:
+    start: int
+    end: int
+    lines: list[str]
+
+
+@dataclass(eq=False)
+class Tailer:
+    source: SourceConfig
+    path: str
+    stream: str
+    dev: int
+    ino: int
+    fp: str
+    fp_len: int
+    base: int
+    acked: int
+    seq: int = 0
+    ship_pos: int = field(init=False)
+    fd: int | None = None
+    size: int = 0
+    # The name no longer leads here (renamed away or deleted): read to the end, then let go.
+    rotated_at: float | None = None
+    partial_since: float | None = None
+    skipping: bool = False
+    multiline_since: float | None = None
+    multiline_seen: int = -1
+    rewind_seq: int = 0
+    last_data: float = field(default_factory=time.monotonic)
+    next_read: float = 0.0
+    discarded_bytes: int = 0
+    cut_lines: int = 0
+    _start_re: re.Pattern[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.ship_pos = self.acked
+        if self.source.multiline_start:
+            self._start_re = re.compile(self.source.multiline_start.encode())
+
+    @property
+    def identity(self) -> str:
+        return f"{self.dev}:{self.ino}:{self.fp}"
+
+    @property
+    def lag_bytes(self) -> int:
+        return max(0, self.size - self.acked)
+
+    def open(self) -> bool:
+        """(Re)open by name, only if the name still leads to our inode."""
+        if self.fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+            os.close(fd)
+            return False
+        self.fd = fd
+        self.size = st.st_size
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def restart_stream(self, fp: str, fp_len: int) -> None:
+        """The file was truncated: its new content is a new stream, read from offset 0."""
+        self.stream = new_stream_id()
+        self.fp, self.fp_len = fp, fp_len
+        self.base = self.acked = self.ship_pos = 0
+        self.seq = 0
+        self.rewind_seq = 0
+        self.partial_since = None
+        self.skipping = False
+        self.multiline_since = None
+
+    def rewind(self, offset: int) -> None:
+        """Ship again from ``offset`` (unacknowledged data, or where the aggregator says it stands)."""
+        self.ship_pos = offset
+        self.rewind_seq = self.seq
+        self.partial_since = None
+        self.skipping = False
+        self.multiline_since = None
+        self.next_read = 0.0
+
+    def read(self, max_bytes: int, max_lines: int, now: float, final: bool = False) -> Chunk | None:
+        """The next batch of complete lines from ``ship_pos``, or None if there is nothing to ship.
+
+        ``final`` ships a held partial line or record at once (the file was rotated away).
+        """
+        if self.fd is None:
+            return None
+        src = self.source
+        start = self.ship_pos
+        data = os.pread(self.fd, max(max_bytes, src.max_line_bytes + 1), start)
+        if not data:
+            return None
+        self.last_data = now
+        skipped = 0
+        if self.skipping:
+            nl = data.find(b"\n")
+            if nl < 0:
+                self.discarded_bytes += len(data)
+                return Chunk(start, start + len(data), [])
+            self.discarded_bytes += nl + 1
+            skipped = nl + 1
+            data = data[skipped:]
+            self.skipping = False
+        nl = data.rfind(b"\n")
+        if nl < 0:
+            return self._no_newline(start, skipped, data, now, final)
+        body = data[:nl]
+        consumed = nl + 1
+        if body.count(b"\n") >= max_lines:
+            idx = -1
+            for _ in range(max_lines):
+                idx = body.find(b"\n", idx + 1)
+            body = body[:idx]
+            consumed = idx + 1
+        self.partial_since = None
+        if self._start_re is not None:
+            held = self._hold_last_record(body, now, final)
+            if held is not None:
+                if held == 0:
+                    return Chunk(start, start + skipped, []) if skipped else None
+                body = body[:held - 1]
+                consumed = held
+        lines = self._split(body)
+        return Chunk(start, start + skipped + consumed, lines)
+
+    def _no_newline(self, start: int, skipped: int, data: bytes, now: float, final: bool) -> Chunk | None:
+        src = self.source
+        if len(data) > src.max_line_bytes:
+            self.skipping = True
+            self.cut_lines += 1
+            self.discarded_bytes += len(data) - src.max_line_bytes
+            line = data[: src.max_line_bytes].decode("utf-8", "replace")
+            return Chunk(start, start + skipped + len(data), [line])
+        if self.partial_since is None:
+            self.partial_since = now
+        if final or now - self.partial_since >= src.partial_line_timeout_ms / 1000:
+            self.partial_since = None
+            return Chunk(start, start + skipped + len(data), [data.decode("utf-8", "replace")])
+        return Chunk(start, start + skipped, []) if skipped else None
+
+    def _split(self, body: bytes) -> list[str]:
+        src = self.source
+        if len(body) > src.max_line_bytes:
+            parts = body.split(b"\n")
+            if max(map(len, parts)) > src.max_line_bytes:
+                for i, part in enumerate(parts):
+                    if len(part) > src.max_line_bytes:
+                        self.cut_lines += 1
+                        self.discarded_bytes += len(part) - src.max_line_bytes
+                        parts[i] = part[: src.max_line_bytes]
+                return b"\n".join(parts).decode("utf-8", "replace").split("\n") if self._start_re is None \
+                    else self._records(b"\n".join(parts))
+        if self._start_re is not None:
+            return self._records(body)
+        return body.decode("utf-8", "replace").split("\n")
+
+    # -- multi-line records ------------------------------------------------------------------
+
+    def _hold_last_record(self, body: bytes, now: float, final: bool) -> int | None:
+        """Where the last (maybe unfinished) record starts, to hold it back; None to ship all.
+
+        A record is finished when the next one starts; the last one is held until then, or
+        until ``multiline_timeout_ms`` passes without a new line.
+        """
+        assert self._start_re is not None
+        last = 0
+        for line_start in _line_starts(body):
+            if self._start_re.match(body, line_start):
+                last = line_start
+        if final:
+            self.multiline_since = None
+            return None
+        if self.multiline_since is None or len(body) != self.multiline_seen:
+            self.multiline_since = now
+            self.multiline_seen = len(body)
+        if now - self.multiline_since >= self.source.multiline_timeout_ms / 1000:
+            self.multiline_since = None
+            return None
+        return last
+
+    def _records(self, body: bytes) -> list[str]:
+        assert self._start_re is not None
+        records: list[bytes] = []
+        limit = self.source.multiline_max_lines
+        count = 0
+        for line in body.split(b"\n"):
+            if records and count < limit and not self._start_re.match(line):
+                records[-1] += b"\n" + line
+                count += 1
+            else:
+                records.append(line)
+                count = 1
+        return [r.decode("utf-8", "replace") for r in records]
+
+
+def _line_starts(body: bytes) -> list[int]:
+    starts = [0]
+    idx = body.find(b"\n")
+    while idx >= 0:
+        starts.append(idx + 1)
+        idx = body.find(b"\n", idx + 1)
+    return starts
+
+
+def line_start_before(fd: int, size: int) -> int:
+    """The offset just after the last newline before ``size`` (where ``start_at = "end"`` begins)."""
+    pos = size
+    while pos > 0:
+        step = min(pos, 65536)
+        block = os.pread(fd, step, pos - step)
+        nl = block.rfind(b"\n")
+        if nl >= 0:
+            return pos - step + nl + 1
+        pos -= step
+    return 0

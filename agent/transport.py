@@ -1,0 +1,130 @@
+"""Talking to the aggregator: the data socket (PUSH or PUB) and the control DEALER.
+
+The control channel carries hello (on start and whenever the aggregator's instance id
+changes, i.e. it restarted), heartbeats with this agent's lag, and the aggregator's events:
+``ack`` (these streams are durable up to these offsets) and ``resync`` (this stream continues at
+this offset; ship from there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from agent.config import AgentConfig
+from fleetlog import wire
+
+log = logging.getLogger("fleetlog.agent.transport")
+
+# Messages queued in ZeroMQ per connection; the agent's own bound on unacknowledged bytes
+# (max_inflight_bytes) is what really limits memory.
+DATA_SNDHWM = 256
+
+
+class Transport:
+    def __init__(self, ctx: zmq.asyncio.Context, cfg: AgentConfig,
+                 on_event: Callable[[dict[str, Any]], None],
+                 on_hello: Callable[[dict[str, Any], bool], None],
+                 hello_args: Callable[[], dict[str, Any]],
+                 heartbeat_args: Callable[[], dict[str, Any]]) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.on_event = on_event
+        self.on_hello = on_hello
+        self.hello_args = hello_args
+        self.heartbeat_args = heartbeat_args
+        self.data: zmq.asyncio.Socket | None = None
+        self.control: zmq.asyncio.Socket | None = None
+        self.instance: str | None = None
+        self.last_reply = 0.0
+        self._ids = itertools.count(1)
+        self._hello_id: int | None = None
+        self.sent_batches = 0
+        self.sent_bytes = 0
+
+    def connect(self) -> None:
+        kind = zmq.PUSH if self.cfg.mode == "push" else zmq.PUB
+        data = self.ctx.socket(kind)
+        data.setsockopt(zmq.SNDHWM, DATA_SNDHWM)
+        data.setsockopt(zmq.LINGER, 0)
+        data.setsockopt(zmq.RECONNECT_IVL, 100)
+        data.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        data.connect(self.cfg.data)
+        control = self.ctx.socket(zmq.DEALER)
+        control.setsockopt(zmq.IDENTITY, self.cfg.name.encode()[:255])
+        control.setsockopt(zmq.LINGER, 0)
+        control.setsockopt(zmq.SNDHWM, 100)
+        control.setsockopt(zmq.RECONNECT_IVL, 100)
+        control.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        control.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        control.connect(self.cfg.control)
+        self.data, self.control = data, control
+
+    async def send(self, frames: list[bytes]) -> None:
+        assert self.data is not None
+        await self.data.send_multipart(frames, copy=False)
+        self.sent_batches += 1
+        self.sent_bytes += len(frames[1])
+
+    def request(self, command: str, args: dict[str, Any]) -> int:
+        assert self.control is not None
+        req_id = next(self._ids)
+        try:
+            self.control.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected yet; the next heartbeat tries again
+        return req_id
+
+    def hello(self) -> None:
+        self._hello_id = self.request("hello", self.hello_args())
+
+    async def heartbeat_loop(self) -> None:
+        interval = self.cfg.heartbeat_interval_ms / 1000
+        self.hello()
+        while True:
+            await asyncio.sleep(interval)
+            if self._hello_id is not None and self.instance is None:
+                self.hello()  # no answer yet: the aggregator may be down; ask again
+            else:
+                self.request("heartbeat", self.heartbeat_args())
+
+    async def receive_loop(self) -> None:
+        assert self.control is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            body = await self.control.recv()
+            try:
+                msg = wire.decode_control(body)
+            except wire.WireError as exc:
+                log.warning("ignoring a malformed control message from the aggregator: %s", exc)
+                continue
+            self.last_reply = loop.time()
+            if "event" in msg:
+                self.on_event(msg)
+                continue
+            if not msg.get("ok"):
+                log.warning("aggregator refused a request: %s", msg.get("error"))
+                continue
+            result = msg.get("result") or {}
+            instance = result.get("instance")
+            if msg.get("id") == self._hello_id and instance:
+                restarted = self.instance is not None and instance != self.instance
+                self.instance = instance
+                self._hello_id = None
+                self.on_hello(result, restarted)
+            elif instance and instance != self.instance:
+                log.info("aggregator instance changed (%s -> %s): saying hello again",
+                         self.instance, instance)
+                self.hello()
+
+    def close(self) -> None:
+        for sock in (self.data, self.control):
+            if sock is not None:
+                sock.close(linger=0)
+        self.data = self.control = None

@@ -1,0 +1,106 @@
+"""Finding files: glob expansion for the periodic rescan, and watchfiles for prompt wake-ups.
+
+Events only tell the agent *where to look sooner*; the periodic rescan is what guarantees that
+nothing is missed (an inotify queue overflow, a network filesystem that sends no events, a
+directory that appeared later). ``force_polling`` makes watchfiles poll instead of using inotify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import glob
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
+
+import watchfiles
+
+from agent.config import COMPRESSED_SUFFIXES, SourceConfig
+
+log = logging.getLogger("fleetlog.agent.watch")
+
+
+def glob_root(pattern: str) -> str:
+    """The deepest directory of ``pattern`` without wildcards (what to watch)."""
+    parts = pattern.split(os.sep)
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return os.sep.join(fixed) or os.sep
+
+
+def expand(source: SourceConfig) -> Iterator[tuple[str, os.stat_result]]:
+    """Regular files matching the source's globs, minus excludes and compressed files."""
+    seen: set[str] = set()
+    for pattern in source.paths:
+        for path in glob.iglob(pattern, recursive=True):
+            if path in seen:
+                continue
+            seen.add(path)
+            if not source.include_compressed and path.endswith(COMPRESSED_SUFFIXES):
+                continue
+            if any(fnmatch.fnmatch(path, ex) or fnmatch.fnmatch(os.path.basename(path), ex)
+                   for ex in source.exclude):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield path, st
+
+
+class Watcher:
+    """Runs watchfiles over the sources' root directories and reports changed paths."""
+
+    def __init__(self, sources: tuple[SourceConfig, ...], on_change: Callable[[set[str]], None],
+                 debounce_ms: int, force_polling: bool) -> None:
+        self.sources = sources
+        self.on_change = on_change
+        self.debounce_ms = debounce_ms
+        self.force_polling = force_polling
+        self.roots: list[str] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wanted_roots(self) -> list[str]:
+        roots = {glob_root(p) for s in self.sources for p in s.paths}
+        existing = {r for r in roots if os.path.isdir(r)}
+        # Drop roots inside other roots when watching recursively.
+        return sorted(r for r in existing
+                      if not any(r != o and r.startswith(o.rstrip(os.sep) + os.sep) for o in existing))
+
+    def refresh(self) -> None:
+        """Start, or restart when the set of existing roots changed (a log dir was created)."""
+        roots = self.wanted_roots()
+        if roots == self.roots and self._task is not None and not self._task.done():
+            return
+        self.stop()
+        self.roots = roots
+        if roots:
+            self._stop = asyncio.Event()
+            self._task = asyncio.create_task(self._run(roots), name="watch")
+
+    async def _run(self, roots: list[str]) -> None:
+        recursive = any("**" in p for s in self.sources for p in s.paths) or any(
+            glob.has_magic(os.path.dirname(p)) for s in self.sources for p in s.paths)
+        try:
+            async for changes in watchfiles.awatch(
+                *roots, watch_filter=None, debounce=self.debounce_ms, step=1,
+                stop_event=self._stop, recursive=recursive, force_polling=self.force_polling,
+                poll_delay_ms=100, ignore_permission_denied=True,
+            ):
+                self.on_change({path for _, path in changes})
+        except (OSError, RuntimeError) as exc:
+            # The rescan still finds everything; only wake-ups are slower.
+            log.warning("file watching on %s stopped (%s); relying on the periodic rescan", roots, exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None

@@ -1,0 +1,1 @@
+"""fleetlog aggregator: receives batches from agents and writes per-topic rolling files."""

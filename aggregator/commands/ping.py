@@ -1,0 +1,12 @@
+"""ping: is the aggregator there, and which instance is it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+HELP = "answer with the aggregator's instance id"
+ADMIN = False
+
+
+async def run(agg: Any, args: dict[str, Any], peer: Any) -> dict[str, Any]:
+    return {"instance": agg.instance}

@@ -1,0 +1,132 @@
+"""The aggregator's configuration: a frozen dataclass tree and a pure ``load_config``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetlog import wire
+from fleetlog.tomlconf import ConfigError, Section, apply_overrides, dir_problem, read_toml
+
+DEFAULT_PATH = "/etc/fleetlog/aggregator.toml"
+FORMATS = ("raw", "json")
+COMPRESSIONS = ("gzip", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class TopicConfig:
+    format: str = "raw"
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    output_dir: str = "/var/log/fleetlog"
+    state_dir: str = "/var/lib/fleetlog/aggregator"
+    pull: str = "tcp://127.0.0.1:5555"
+    xsub: str = "tcp://127.0.0.1:5556"
+    xpub: str = "tcp://127.0.0.1:5557"
+    control: tuple[str, ...] = ("tcp://127.0.0.1:5558",)
+    format: str = "raw"
+    topics: dict[str, TopicConfig] = field(default_factory=dict)
+    # Group commit: how long written lines may wait for fsync+ack, and how many bytes.
+    commit_interval_ms: int = 50
+    commit_max_bytes: int = 8 * 1024 * 1024
+    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    # Rolling output files.
+    rotate_max_bytes: int = 256 * 1024 * 1024
+    rotate_interval_s: int = 86400
+    compress: str = "gzip"
+    retain_files: int = 30
+    retain_days: int = 0
+    # Streams (agent file incarnations) forgotten after this long without a batch.
+    stream_ttl_s: int = 30 * 86400
+    agent_timeout_s: int = 30
+    shutdown_timeout_s: int = 10
+    metrics_listen: str = ""
+    log_level: str = "info"
+    loop: str = "uvloop"
+
+    def topic_format(self, topic: str) -> str:
+        t = self.topics.get(topic)
+        return t.format if t is not None else self.format
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    aggregator: AggregatorConfig
+    source: str = "<built-in defaults>"
+
+
+def _listen_problem(value: str) -> str | None:
+    _host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{value!r} is not HOST:PORT"
+    return None
+
+
+def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
+    problems: list[str] = []
+    root = Section(data, "", problems)
+    s = root.table("aggregator")
+    d = AggregatorConfig()
+    topics: dict[str, TopicConfig] = {}
+    topics_section = s.table("topics")
+    for name in list(topics_section.data):
+        t = topics_section.table(name)
+        if not wire.valid_topic(name):
+            t.problem("", "not a valid topic name ([A-Za-z0-9._-]{1,128}, not starting with a dot)")
+        topics[name] = TopicConfig(format=t.choice("format", "raw", FORMATS))
+        t.finish()
+    cfg = AggregatorConfig(
+        output_dir=s.str("output_dir", d.output_dir),
+        state_dir=s.str("state_dir", d.state_dir),
+        pull=s.endpoint("pull", d.pull),
+        xsub=s.endpoint("xsub", d.xsub),
+        xpub=s.endpoint("xpub", d.xpub),
+        control=s.endpoints("control", d.control),
+        format=s.choice("format", d.format, FORMATS),
+        topics=topics,
+        commit_interval_ms=s.int("commit_interval_ms", d.commit_interval_ms, 1, 10_000),
+        commit_max_bytes=s.int("commit_max_bytes", d.commit_max_bytes, 4096),
+        max_message_bytes=s.int("max_message_bytes", d.max_message_bytes, 1024, 1 << 30),
+        rotate_max_bytes=s.int("rotate_max_bytes", d.rotate_max_bytes, 0),
+        rotate_interval_s=s.int("rotate_interval_s", d.rotate_interval_s, 0),
+        compress=s.choice("compress", d.compress, COMPRESSIONS),
+        retain_files=s.int("retain_files", d.retain_files, 0),
+        retain_days=s.int("retain_days", d.retain_days, 0),
+        stream_ttl_s=s.int("stream_ttl_s", d.stream_ttl_s, 60),
+        agent_timeout_s=s.int("agent_timeout_s", d.agent_timeout_s, 1),
+        shutdown_timeout_s=s.int("shutdown_timeout_s", d.shutdown_timeout_s, 1, 3600),
+        metrics_listen=s.str("metrics_listen", d.metrics_listen,
+                             lambda v: None if v == "" else _listen_problem(v)),
+        log_level=s.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
+        loop=s.choice("loop", d.loop, ("uvloop", "asyncio")),
+    )
+    s.finish()
+    root.finish()
+    if check_dirs:
+        for key in ("output_dir", "state_dir"):
+            if (message := dir_problem(getattr(cfg, key), create=True)) is not None:
+                problems.append(f"aggregator.{key}: {message}")
+    bound = [cfg.pull, cfg.xsub, cfg.xpub, *cfg.control]
+    dupes = {e for e in bound if bound.count(e) > 1}
+    if dupes:
+        problems.append(f"aggregator: endpoints used twice: {', '.join(sorted(dupes))}")
+    if problems:
+        raise ConfigError(problems)
+    return Config(aggregator=cfg, source=source)
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, check_dirs: bool = True) -> Config:
+    """Load ``path`` (or the default file if it exists, else built-in defaults) plus ``--set`` items."""
+    data: dict[str, Any] = {}
+    source = "<built-in defaults>"
+    if path is not None or os.path.exists(DEFAULT_PATH):
+        source = path or DEFAULT_PATH
+        data = read_toml(source)
+    apply_overrides(data, overrides or [])
+    return parse(data, source, check_dirs=check_dirs)
+
+
+__all__ = ["AggregatorConfig", "Config", "ConfigError", "TopicConfig", "load_config"]

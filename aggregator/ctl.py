@@ -1,0 +1,244 @@
+"""``aggregatorctl``: ask a running aggregator how it is doing, tail a topic, rotate, reload."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from typing import Any
+
+import orjson
+import zmq
+
+from aggregator.config import load_config
+from fleetlog import wire
+from fleetlog.tomlconf import ConfigError
+
+EXIT_UNREACHABLE = 3
+
+
+class Unreachable(Exception):
+    pass
+
+
+class CommandFailed(Exception):
+    pass
+
+
+def local_endpoint(endpoint: str, host: str = "127.0.0.1") -> str:
+    """A bound endpoint as a client reaches it (``tcp://0.0.0.0:5558`` -> ``tcp://127.0.0.1:5558``)."""
+    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            return f"tcp://{host}:{endpoint[len(wildcard):]}"
+    return endpoint
+
+
+def find_control(args: argparse.Namespace) -> str:
+    if args.control:
+        return str(args.control)
+    config = load_config(args.config, check_dirs=False)
+    endpoints = config.aggregator.control
+    ipc = [e for e in endpoints if e.startswith("ipc://")]
+    return local_endpoint(ipc[0] if ipc else endpoints[0])
+
+
+class Client:
+    """One DEALER to the control endpoint; every request has a deadline."""
+
+    def __init__(self, endpoint: str, timeout_s: float) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.ids = itertools.count(1)
+
+    def call(self, command: str, **args: Any) -> Any:
+        req_id = next(self.ids)
+        self.sock.send(wire.encode_request(req_id, command, args))
+        deadline = time.monotonic() + self.timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1):
+                break
+            reply = wire.decode_control(self.sock.recv())
+            if reply.get("id") != req_id:
+                continue
+            if not reply.get("ok"):
+                raise CommandFailed(reply.get("error", "failed"))
+            return reply.get("result")
+        raise Unreachable(f"no answer from the aggregator at {self.endpoint} within {self.timeout_s:g}s")
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*headers), *(fmt.format(*map(str, r)) for r in rows)]
+
+
+def render_status(s: dict[str, Any]) -> str:
+    out = [f"aggregator {s['instance']}  up {_age(s['uptime_s'])}  output {s['output_dir']}  "
+           f"free {_size(s['disk'].get('output_free_bytes'))}"]
+    if s.get("disk_error"):
+        out.append(f"!! output not writable, nothing is being acknowledged: {s['disk_error']}")
+    out.append("")
+    agents = s["agents"]
+    out.append(f"agents ({len(agents)})")
+    if agents:
+        out += _table(["name", "address", "mode", "connected", "last seen", "lines/s", "lag", "files"],
+                      [[a["name"], a["address"] or "-", a["mode"] or "-", "yes" if a["connected"] else "no",
+                        _age(a["last_seen_s"]), f"{a['lines_per_s']:.0f}", _size(a["lag_bytes"]), a["files"]]
+                       for a in agents])
+    out.append("")
+    topics = s["topics"]
+    out.append(f"topics ({len(topics)})")
+    if topics:
+        out += _table(["name", "lines", "bytes", "lines/s", "active file"],
+                      [[t["name"], t["lines"], _size(t["bytes"]), f"{t['lines_per_s']:.0f}",
+                        _size(t["file_bytes"])] for t in topics])
+    t = s["totals"]
+    out += ["", f"totals: {t['lines_written']} lines written ({_size(t['bytes_written'])}), "
+                f"{t['duplicates_dropped']} duplicates dropped, {t['malformed_dropped']} malformed dropped, "
+                f"{t['resyncs']} resyncs, {t['commits']} commits, {t['streams']} streams"]
+    if s.get("malformed"):
+        out.append("malformed by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(s["malformed"].items())))
+    return "\n".join(out)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    status = client.call("status")
+    if args.json:
+        sys.stdout.write(orjson.dumps(status).decode() + "\n")
+    else:
+        print(render_status(status))
+    return 0
+
+
+def cmd_tail(client: Client, args: argparse.Namespace) -> int:
+    """Subscribe to the topic on XPUB and print lines until interrupted (or --lines N)."""
+    if not wire.valid_topic(args.topic):
+        print(f"aggregatorctl: not a topic name: {args.topic!r}", file=sys.stderr)
+        return 2
+    xpub = client.call("tail", topic=args.topic)["xpub"]
+    host = client.endpoint[len("tcp://"):].rsplit(":", 1)[0] if client.endpoint.startswith("tcp://") \
+        else "127.0.0.1"
+    sub = client.ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    # Prefix filtering would also match "nginx-errors" for "nginx": filter exactly below.
+    sub.setsockopt(zmq.SUBSCRIBE, args.topic.encode())
+    sub.connect(local_endpoint(xpub, host))
+    want = args.topic.encode()
+    printed = 0
+    try:
+        while args.lines is None or printed < args.lines:
+            topic, body = sub.recv_multipart()
+            if topic != want:
+                continue
+            for line in orjson.loads(body)["lines"]:
+                sys.stdout.write(line + "\n")
+                printed += 1
+                if args.lines is not None and printed >= args.lines:
+                    break
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close(linger=0)
+    return 0
+
+
+def cmd_rotate(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("rotate", **({"topic": args.topic} if args.topic else {}))
+    for name in result["rotated"]:
+        print(f"rotated to {name}")
+    if not result["rotated"]:
+        print("nothing to rotate (empty active files)")
+    return 0
+
+
+def cmd_reload(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("reload")
+    if not result["reloaded"]:
+        for problem in result["problems"]:
+            print(f"aggregatorctl: reload refused: {problem}", file=sys.stderr)
+        return 1
+    print("reloaded" + (f"; restart needed for {', '.join(result['restart_needed'])}"
+                        if result["restart_needed"] else ""))
+    return 0
+
+
+def cmd_ping(client: Client, args: argparse.Namespace) -> int:
+    print(f"aggregator {client.call('ping')['instance']} at {client.endpoint}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="aggregatorctl", description=__doc__)
+    p.add_argument("--control", metavar="ENDPOINT", help="the aggregator's control endpoint")
+    p.add_argument("--config", metavar="PATH", help="find the control endpoint in this aggregator config")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                   help="how long to wait for an answer (default 3)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("status", help="agents, topics, totals")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=cmd_status)
+    t = sub.add_parser("tail", help="print a topic's lines live")
+    t.add_argument("topic")
+    t.add_argument("-n", "--lines", type=int, default=None, help="stop after N lines")
+    t.set_defaults(func=cmd_tail)
+    r = sub.add_parser("rotate", help="roll a topic's file (or all) over now")
+    r.add_argument("topic", nargs="?")
+    r.set_defaults(func=cmd_rotate)
+    sub.add_parser("reload", help="reload the aggregator's config").set_defaults(func=cmd_reload)
+    sub.add_parser("ping", help="is it there").set_defaults(func=cmd_ping)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        endpoint = find_control(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"aggregatorctl: config: {problem}", file=sys.stderr)
+        return 2
+    client = Client(endpoint, args.timeout)
+    try:
+        return int(args.func(client, args))
+    except Unreachable as exc:
+        print(f"aggregatorctl: {exc}; is it running?", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except CommandFailed as exc:
+        print(f"aggregatorctl: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

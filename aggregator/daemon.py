@@ -1,0 +1,548 @@
+"""The aggregator daemon: binds the sockets, accepts batches, commits, acknowledges."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import zmq
+import zmq.asyncio
+
+from aggregator import proxy
+from aggregator.config import Config, load_config
+from aggregator.control import ControlServer
+from aggregator.journal import Journal, stream_key
+from aggregator.writer import RollingFileSink, SinkError, compress_file, uncompressed_rotated
+from fleetlog import wire
+from fleetlog.runtime import SystemdNotifier
+from fleetlog.tomlconf import ConfigError
+
+log = logging.getLogger("fleetlog.aggregator")
+
+
+@dataclass
+class AgentInfo:
+    name: str
+    routing_id: bytes = b""
+    address: str = ""
+    mode: str = ""
+    last_seen: float = 0.0
+    connected: bool = False
+    lag_bytes: int = 0
+    files: int = 0
+    lines: int = 0
+    rate: float = 0.0
+    _last_lines: int = 0
+
+
+@dataclass
+class TopicStats:
+    lines: int = 0
+    bytes: int = 0
+    rate: float = 0.0
+    _last_lines: int = 0
+
+
+@dataclass
+class Totals:
+    lines_written: int = 0
+    bytes_written: int = 0
+    batches: int = 0
+    duplicates_dropped: int = 0
+    malformed_dropped: int = 0
+    resyncs: int = 0
+    commits: int = 0
+    write_errors: int = 0
+    malformed: dict[str, int] = field(default_factory=dict)
+
+
+class Aggregator:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.cfg = config.aggregator
+        self.clock = clock
+        self.instance = uuid.uuid4().hex[:12]
+        self.started = time.monotonic()
+        self.ctx: zmq.asyncio.Context | None = None
+        self.sink = RollingFileSink(self.cfg.output_dir, clock=clock)
+        self.journal = Journal(self.cfg.state_dir)
+        self.notifier = SystemdNotifier()
+        self.agents: dict[str, AgentInfo] = {}
+        self.topics: dict[str, TopicStats] = {}
+        self.totals = Totals()
+        # Next expected start offset of each stream (accepted, maybe not yet durable).
+        self.accepted: dict[str, int] = {}
+        # Accepted since the last commit: key -> end; acks owed to agents: agent -> {stream: end}.
+        self.pending: dict[str, int] = {}
+        self.pending_bytes = 0
+        self.owed_acks: dict[str, dict[str, int]] = {}
+        self.disk_error: str | None = None
+        self.commit_wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._warned_peers: set[tuple[str, str]] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._compressions: set[asyncio.Task[Any]] = set()
+        self.sockets: dict[str, zmq.asyncio.Socket] = {}
+        self.control: ControlServer | None = None
+        self.rotate_requests: set[str | None] = set()
+        self.commit_lock = asyncio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        cfg = self.cfg
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        state = self.journal.recover()
+        self.recover_rotations(state.rotations)
+        self.sink.recover(state.topics)
+        self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
+        self.ctx = zmq.asyncio.Context()
+        self.sockets = proxy.bind_data_sockets(self.ctx, cfg)
+        self.control = ControlServer(self, self.ctx, cfg.control)
+        self.control.bind()
+        for name in uncompressed_rotated(cfg.output_dir):
+            self._compress_later(name)
+        self._tasks = [
+            asyncio.create_task(self.receive_loop(self.sockets["pull"], "pull"), name="pull"),
+            asyncio.create_task(self.receive_loop(self.sockets["xsub"], "xsub"), name="xsub"),
+            asyncio.create_task(proxy.forward_subscriptions(self.sockets["xpub"], self.sockets["xsub"]),
+                                name="subscriptions"),
+            asyncio.create_task(self.control.serve(), name="control"),
+            asyncio.create_task(self.commit_loop(), name="commit"),
+            asyncio.create_task(self.ticker(), name="ticker"),
+            asyncio.create_task(self.notifier.watchdog(), name="watchdog"),
+        ]
+        self.ready.set()
+        self.notifier.notify("READY=1", f"STATUS=listening; {len(self.accepted)} streams known")
+        log.info("aggregator %s ready: pull %s, xsub %s, xpub %s, control %s; output %s",
+                 self.instance, cfg.pull, cfg.xsub, cfg.xpub, ", ".join(cfg.control), cfg.output_dir)
+
+    async def serve(self) -> None:
+        await self.startup()
+        try:
+            await self.stopping.wait()
+        finally:
+            await self.shutdown()
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    async def shutdown(self) -> None:
+        """Stop taking batches, commit and acknowledge what we hold, then close, within budget."""
+        self.notifier.notify("STOPPING=1")
+        log.info("aggregator stopping")
+        receivers = [t for t in self._tasks if t.get_name() in ("pull", "xsub", "ticker", "watchdog",
+                                                                "subscriptions")]
+        for task in receivers:
+            task.cancel()
+        await asyncio.gather(*receivers, return_exceptions=True)
+        try:
+            async with self.commit_lock:
+                await asyncio.wait_for(self.commit(), timeout=self.cfg.shutdown_timeout_s)
+            if self.control is not None:
+                await asyncio.wait_for(self.control.flush(), timeout=1.0)
+        except (TimeoutError, SinkError) as exc:
+            log.error("final commit did not finish (%s); agents will resend what was not acknowledged",
+                      exc or "timeout")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._compressions:
+            _, pending = await asyncio.wait(self._compressions, timeout=self.cfg.shutdown_timeout_s)
+            for task in pending:
+                task.cancel()
+        self.sink.close()
+        self.journal.close()
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+        if self.control is not None:
+            self.control.close()
+        if self.ctx is not None:
+            self.ctx.term()
+        self.notifier.close()
+        log.info("aggregator stopped")
+
+    async def reload(self, path: str | None = None) -> dict[str, Any]:
+        """Load, validate, diff, apply; a bad config is reported and the running one stays."""
+        source = path or (None if self.config.source.startswith("<") else self.config.source)
+        try:
+            new = load_config(source)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            return {"reloaded": False, "problems": exc.problems}
+        fixed = ("output_dir", "state_dir", "pull", "xsub", "xpub", "control")
+        changed = [k for k in fixed if getattr(new.aggregator, k) != getattr(self.cfg, k)]
+        if changed:
+            log.warning("reload: %s need a restart to change; keeping the running values",
+                        ", ".join(changed))
+            new = Config(aggregator=_replace(new.aggregator, self.cfg, fixed), source=new.source)
+        self.config, self.cfg = new, new.aggregator
+        await self.reopen()
+        log.info("configuration reloaded from %s", new.source)
+        return {"reloaded": True, "restart_needed": changed}
+
+    async def reopen(self) -> None:
+        """Commit, then close the active files so the next write reopens them by name."""
+        async with self.commit_lock:
+            await self.commit()
+            self.sink.close()
+
+    async def rotate_now(self, topic: str | None) -> list[str]:
+        """``aggregatorctl rotate [TOPIC]``: commit, then roll the topic (or all) over."""
+        async with self.commit_lock:
+            await self.commit()
+            return self.rotate_due({topic})
+
+    # -- ingestion ----------------------------------------------------------------------------
+
+    async def receive_loop(self, sock: zmq.asyncio.Socket, via: str) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=True)
+            self.ingest(frames, via)
+            # Drain what is already queued without going back to the loop for each message.
+            for _ in range(256):
+                try:
+                    frames = await sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                self.ingest(frames, via)
+            if self.pending_bytes >= self.cfg.commit_max_bytes:
+                self.commit_wake.set()
+
+    def malformed(self, reason: str, peer: str, detail: str = "") -> None:
+        t = self.totals
+        t.malformed_dropped += 1
+        t.malformed[reason] = t.malformed.get(reason, 0) + 1
+        if (peer, reason) not in self._warned_peers and len(self._warned_peers) < 10_000:
+            self._warned_peers.add((peer, reason))
+            log.warning("dropped a malformed message from %s: %s %s (logged once per peer and reason)",
+                        peer, reason, detail)
+
+    def ingest(self, frames: list[bytes], via: str) -> None:
+        try:
+            batch = wire.decode_batch(frames, self.cfg.max_message_bytes)
+        except wire.WireError as exc:
+            self.malformed(exc.reason, via, str(exc))
+            return
+        if self.disk_error is not None:
+            return  # not taken, not acknowledged: the agent resends when we can write again
+        key = stream_key(batch.agent, batch.stream)
+        expected = self.accepted.get(key, batch.base)
+        if batch.start == batch.end:
+            return
+        if batch.end <= expected:
+            self.totals.duplicates_dropped += len(batch.lines)
+            durable = self.journal.state.streams.get(key)
+            if durable is not None and durable[0] >= batch.end:
+                self.owe_ack(batch.agent, batch.stream, int(durable[0]))
+            return
+        if batch.start != expected:
+            self.totals.resyncs += 1
+            self.send_event(batch.agent, wire.encode_event(
+                "resync", stream=batch.stream, offset=expected, seq=batch.seq))
+            return
+        fmt = self.cfg.topic_format(batch.topic)
+        try:
+            data = self.format_batch(batch, fmt)
+        except TypeError:
+            self.malformed("bad_lines", f"{via}:{batch.agent}", "lines must be strings")
+            return
+        try:
+            self.sink.append(batch.topic, data, len(batch.lines))
+        except SinkError as exc:
+            self.on_disk_error(exc)
+            return
+        self.accepted[key] = batch.end
+        self.pending[key] = batch.end
+        self.pending_bytes += len(data)
+        n = len(batch.lines)
+        stats = self.topics.get(batch.topic)
+        if stats is None:
+            stats = self.topics[batch.topic] = TopicStats()
+        stats.lines += n
+        stats.bytes += len(data)
+        t = self.totals
+        t.lines_written += n
+        t.bytes_written += len(data)
+        t.batches += 1
+        agent = self.agents.get(batch.agent)
+        if agent is None:
+            agent = self.agents[batch.agent] = AgentInfo(batch.agent, mode="push" if via == "pull" else "pub")
+        agent.lines += n
+        agent.last_seen = time.monotonic()
+        proxy.publish(self.sockets["xpub"], frames)
+
+    def format_batch(self, batch: wire.Batch, fmt: str) -> bytes:
+        if fmt == "raw":
+            if not batch.lines:
+                return b""
+            return ("\n".join(batch.lines) + "\n").encode("utf-8", "surrogateescape")
+        now = self.clock()
+        agent, path = batch.agent, batch.path
+        return b"".join(
+            orjson.dumps({"line": line, "agent": agent, "path": path, "received": now},
+                         option=orjson.OPT_APPEND_NEWLINE)
+            for line in batch.lines
+        )
+
+    def on_disk_error(self, exc: SinkError) -> None:
+        self.totals.write_errors += 1
+        if self.disk_error is None:
+            log.error("cannot write output (%s): not acknowledging anything until it can; agents keep"
+                      " their data and resend", exc)
+            self.notifier.notify(f"STATUS=output not writable: {exc}")
+        self.disk_error = str(exc)
+        # Everything accepted but not committed is being resent: forget it.
+        for key in self.pending:
+            durable = self.journal.state.streams.get(key)
+            if durable is None:
+                self.accepted.pop(key, None)
+            else:
+                self.accepted[key] = int(durable[0])
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.sink.recover(self.journal.state.topics)
+        self.sink.close()
+
+    # -- commit and acknowledge ---------------------------------------------------------------
+
+    def owe_ack(self, agent: str, stream: str, end: int) -> None:
+        self.owed_acks.setdefault(agent, {})[stream] = end
+
+    def touch_agent(self, args: dict[str, Any], peer: Any) -> AgentInfo:
+        """Record a hello or heartbeat: who the agent is and where to send its acks."""
+        name = args.get("agent")
+        if type(name) is not str or not 0 < len(name) <= 256:
+            raise ValueError("agent must be a non-empty name")
+        info = self.agents.get(name)
+        if info is None:
+            info = self.agents[name] = AgentInfo(name)
+        info.routing_id = peer.routing_id
+        info.address = peer.address
+        mode = args.get("mode")
+        if mode in ("push", "pub"):
+            info.mode = mode
+        for attr in ("lag_bytes", "files"):
+            value = args.get(attr)
+            if type(value) is int and value >= 0:
+                setattr(info, attr, value)
+        info.last_seen = time.monotonic()
+        info.connected = True
+        return info
+
+    def send_event(self, agent: str, body: bytes) -> None:
+        info = self.agents.get(agent)
+        if info is not None and info.routing_id and self.control is not None:
+            self.control.send_to(info.routing_id, body)
+
+    async def commit_loop(self) -> None:
+        interval = self.cfg.commit_interval_ms / 1000
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.commit_wake.wait(), timeout=interval)
+            self.commit_wake.clear()
+            force, self.rotate_requests = self.rotate_requests, set()
+            try:
+                async with self.commit_lock:
+                    await self.commit()
+                    self.rotate_due(force)
+            except SinkError as exc:
+                self.on_disk_error(exc)
+            except OSError as exc:
+                self.on_disk_error(SinkError(exc.errno, f"commit failed: {exc.strerror}"))
+            if self.disk_error is not None:
+                await self.probe_disk()
+
+    async def commit(self) -> None:
+        """Group commit: fsync the files, journal their lengths and the streams, then ack."""
+        if self.pending:
+            pending, self.pending = self.pending, {}
+            self.pending_bytes = 0
+            positions = self.sink.positions()
+            dirty = self.sink.dirty_files()
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._sync_and_journal, dirty, positions, pending)
+            self.totals.commits += 1
+            for key, end in pending.items():
+                agent, _, stream = key.partition("\x1f")
+                self.owe_ack(agent, stream, end)
+        if self.owed_acks:
+            owed, self.owed_acks = self.owed_acks, {}
+            for agent, streams in owed.items():
+                self.send_event(agent, wire.encode_event("ack", streams=streams))
+
+    def _sync_and_journal(self, dirty: list[Any], positions: dict[str, int], pending: dict[str, int]) -> None:
+        try:
+            self.sink.sync_files(dirty)
+            self.journal.append(positions, pending)
+        except OSError as exc:
+            raise SinkError(exc.errno, f"commit failed: {exc.strerror}") from None
+
+    async def probe_disk(self) -> None:
+        """After a write error, wait until a test write succeeds, then take batches again."""
+        probe = os.path.join(self.cfg.state_dir, ".probe")
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                with open(probe, "wb") as fh:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.unlink(probe)
+                for topic in list(self.topics):
+                    self.sink.topic_dir(topic)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(probe)
+                continue
+            log.warning("output is writable again; taking batches (agents resend what was refused)")
+            self.notifier.notify("STATUS=output writable again")
+            self.disk_error = None
+            return
+
+    # -- rolling ------------------------------------------------------------------------------
+
+    def rotate_due(self, force: set[str | None] | None = None) -> list[str]:
+        cfg = self.cfg
+        force = force or set()
+        rotated = []
+        for topic in list(self.sink.files):
+            if topic in force or None in force or self.sink.due(
+                    topic, cfg.rotate_max_bytes, cfg.rotate_interval_s):
+                if self.sink.files[topic].size == 0:
+                    continue
+                rotated.append(self.rotate(topic))
+        return rotated
+
+    def rotate(self, topic: str) -> str:
+        """Roll one topic over. Only called right after a commit, so the file holds nothing
+        uncommitted except what arrived meanwhile, which is committed first here."""
+        tf = self.sink.files[topic]
+        os.fdatasync(tf.fd)
+        name = self.sink.rotate_name(topic)
+        pending, self.pending = self.pending, {}
+        self.pending_bytes = 0
+        self.journal.append({topic: tf.size}, pending, rotations={topic: {"name": name, "size": tf.size}})
+        for key, end in pending.items():
+            agent, _, stream = key.partition("\x1f")
+            self.owe_ack(agent, stream, end)
+        self.sink.rename_active(topic, name)
+        self.journal.append({topic: 0}, {}, rotations={topic: None})
+        log.info("rotated %s to %s", topic, name)
+        self._compress_later(os.path.join(self.cfg.output_dir, topic, name))
+        self.apply_retention(topic)
+        return name
+
+    def recover_rotations(self, rotations: dict[str, Any]) -> None:
+        """Finish a rotation a crash interrupted (the journal holds its intent)."""
+        for topic, info in list(rotations.items()):
+            name, size = info["name"], info["size"]
+            directory = os.path.join(self.cfg.output_dir, topic)
+            active = os.path.join(directory, f"{topic}.log")
+            target = os.path.join(directory, name)
+            if not os.path.exists(target) and os.path.exists(active):
+                os.truncate(active, size)
+                os.rename(active, target)
+            elif os.path.exists(active):
+                os.truncate(active, 0)  # written after the rename, never committed
+            if os.path.exists(target) and os.path.getsize(target) > size:
+                os.truncate(target, size)
+            self.journal.append({topic: 0}, {}, rotations={topic: None})
+            log.warning("finished the rotation of %s to %s that a crash interrupted", topic, name)
+
+    def _compress_later(self, path: str) -> None:
+        if self.cfg.compress != "gzip" or path.endswith(".gz"):
+            return
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(loop.run_in_executor(None, compress_file, path))
+        self._compressions.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._compressions.discard(t)  # type: ignore[arg-type]
+            if not t.cancelled() and t.exception() is not None:
+                log.error("compressing %s failed: %s", path, t.exception())
+
+        task.add_done_callback(done)
+
+    def apply_retention(self, topic: str) -> None:
+        cfg = self.cfg
+        names = self.sink.rotated_files(topic)
+        directory = os.path.join(cfg.output_dir, topic)
+        doomed = set(names[: max(0, len(names) - cfg.retain_files)]) if cfg.retain_files else set()
+        if cfg.retain_days:
+            horizon = self.clock() - cfg.retain_days * 86400
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    if os.path.getmtime(os.path.join(directory, name)) < horizon:
+                        doomed.add(name)
+        for name in sorted(doomed):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                log.info("retention removed %s/%s", topic, name)
+
+    # -- status -------------------------------------------------------------------------------
+
+    async def ticker(self) -> None:
+        """Once a second: rates, agent liveness, pending rotations."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for stats in (*self.topics.values(), *self.agents.values()):
+                delta = stats.lines - stats._last_lines
+                stats._last_lines = stats.lines
+                stats.rate = 0.7 * stats.rate + 0.3 * delta
+            for agent in self.agents.values():
+                agent.connected = now - agent.last_seen < self.cfg.agent_timeout_s
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        try:
+            usage = shutil.disk_usage(self.cfg.output_dir)
+            disk = {"output_free_bytes": usage.free, "output_total_bytes": usage.total}
+        except OSError:
+            disk = {}
+        t = self.totals
+        return {
+            "instance": self.instance,
+            "uptime_s": round(now - self.started, 1),
+            "endpoints": {"pull": self.cfg.pull, "xsub": self.cfg.xsub, "xpub": self.cfg.xpub,
+                          "control": list(self.cfg.control)},
+            "output_dir": self.cfg.output_dir,
+            "disk": disk,
+            "disk_error": self.disk_error,
+            "agents": [
+                {"name": a.name, "address": a.address, "mode": a.mode, "connected": a.connected,
+                 "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
+                 "lines": a.lines, "lines_per_s": round(a.rate, 1), "lag_bytes": a.lag_bytes,
+                 "files": a.files}
+                for a in sorted(self.agents.values(), key=lambda a: a.name)
+            ],
+            "topics": [
+                {"name": name, "lines": s.lines, "bytes": s.bytes, "lines_per_s": round(s.rate, 1),
+                 "file_bytes": self.sink.files[name].size if name in self.sink.files else None}
+                for name, s in sorted(self.topics.items())
+            ],
+            "totals": {
+                "lines_written": t.lines_written, "bytes_written": t.bytes_written,
+                "batches": t.batches, "duplicates_dropped": t.duplicates_dropped,
+                "malformed_dropped": t.malformed_dropped, "resyncs": t.resyncs,
+                "commits": t.commits, "write_errors": t.write_errors, "streams": len(self.accepted),
+            },
+            "malformed": dict(t.malformed),
+        }
+
+
+def _replace(new: Any, old: Any, keys: tuple[str, ...]) -> Any:
+    from dataclasses import replace
+    return replace(new, **{k: getattr(old, k) for k in keys})

@@ -1,0 +1,76 @@
+"""The data sockets: PULL for push-mode agents, and the XSUB/XPUB proxy for pub-mode agents.
+
+Unlike ``zmq.proxy`` this proxy looks at what it forwards: a message from XSUB is decoded,
+checked and committed like one from PULL, and only accepted batches (from either socket) are
+published on XPUB, so subscribers never see malformed frames nor resent duplicates.
+Subscriptions travel the other way, from XPUB subscribers up to the publishers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import zmq
+import zmq.asyncio
+
+from aggregator.config import AggregatorConfig
+
+log = logging.getLogger("fleetlog.aggregator.proxy")
+
+# Enough queued messages to ride out a commit; beyond that PUSH peers block (backpressure)
+# and PUB peers drop, which the agents' resending covers.
+RCVHWM = 1000
+XPUB_SNDHWM = 10_000
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> None:  # type: ignore[type-arg]
+    if endpoint.startswith("ipc://"):
+        directory = os.path.dirname(endpoint[len("ipc://"):])
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+    sock.bind(endpoint)
+
+
+def bind_data_sockets(ctx: zmq.asyncio.Context, cfg: AggregatorConfig) -> dict[str, zmq.asyncio.Socket]:
+    sockets: dict[str, zmq.asyncio.Socket] = {}
+    try:
+        pull = sockets["pull"] = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, RCVHWM)
+        pull.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 4096)
+        bind(pull, cfg.pull)
+        xsub = sockets["xsub"] = ctx.socket(zmq.XSUB)
+        xsub.setsockopt(zmq.RCVHWM, RCVHWM)
+        xsub.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 4096)
+        bind(xsub, cfg.xsub)
+        # Subscribe to everything: the aggregator writes every topic. XSUB replays this to
+        # every publisher that connects later.
+        xsub.send(b"\x01")
+        xpub = sockets["xpub"] = ctx.socket(zmq.XPUB)
+        xpub.setsockopt(zmq.SNDHWM, XPUB_SNDHWM)
+        xpub.setsockopt(zmq.MAXMSGSIZE, 4096)
+        bind(xpub, cfg.xpub)
+    except zmq.ZMQError:
+        for sock in sockets.values():
+            sock.close(linger=0)
+        raise
+    return sockets
+
+
+def publish(xpub: zmq.asyncio.Socket, frames: list[bytes]) -> None:
+    """Hand an accepted batch to subscribers; a slow subscriber loses messages, never blocks us."""
+    with contextlib.suppress(zmq.Again):
+        xpub.send_multipart(frames, flags=zmq.NOBLOCK)
+
+
+async def forward_subscriptions(xpub: zmq.asyncio.Socket, xsub: zmq.asyncio.Socket) -> None:
+    """Pass (un)subscriptions from subscribers up to the publishers.
+
+    Never the unsubscription of the empty prefix: publishers keep one subscription set per
+    connection, so it would cancel the aggregator's own subscribe-to-everything.
+    """
+    while True:
+        msg = await xpub.recv()
+        if msg[:1] == b"\x01" or (msg[:1] == b"\x00" and len(msg) > 1):
+            await xsub.send(msg)

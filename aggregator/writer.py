@@ -1,0 +1,243 @@
+"""Per-topic rolling files: the embedded default sink.
+
+The sink interface is small on purpose (receive batch -> durable -> ack) so that a sink writing
+to a distributed log (NATS JetStream, Kafka) can take this one's place:
+
+* ``append(topic, data, lines)`` buffers or writes a formatted batch;
+* ``sync()`` (blocking, run off the loop) makes everything appended so far durable and returns the
+  durable position of each topic, which the commit journal records;
+* ``recover(positions)`` brings the sink back to the positions of the last commit after a crash.
+
+Files are opened with O_NOFOLLOW under ``<output_dir>/<topic>/`` only; topic names were checked
+against the wire alphabet before they get here, so no path can leave ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from fleetlog.durable import fsync_dir, write_all
+
+log = logging.getLogger("fleetlog.aggregator.writer")
+
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class SinkError(OSError):
+    """A write the sink could not make (ENOSPC, EIO...); the batch was not taken."""
+
+
+class Sink(Protocol):
+    def append(self, topic: str, data: bytes, lines: int) -> None: ...
+    def sync(self) -> dict[str, int]: ...
+    def recover(self, positions: dict[str, int]) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class TopicFile:
+    topic: str
+    path: str
+    fd: int
+    size: int
+    opened_at: float
+    dirty: bool = False
+
+
+def rotated_name(topic: str, when: float) -> str:
+    return f"{topic}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(when))}.log"
+
+
+class RollingFileSink:
+    """Appends batches to ``<output_dir>/<topic>/<topic>.log`` and rolls them over."""
+
+    def __init__(self, output_dir: str, clock: Callable[[], float] = time.time) -> None:
+        self.output_dir = os.path.abspath(output_dir)
+        self.clock = clock
+        self.files: dict[str, TopicFile] = {}
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def topic_dir(self, topic: str) -> str:
+        path = os.path.join(self.output_dir, topic)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise SinkError(f"{path} is not a directory (a symlink or file is in the way)")
+        return path
+
+    def active_path(self, topic: str) -> str:
+        return os.path.join(self.output_dir, topic, f"{topic}.log")
+
+    def _open(self, topic: str) -> TopicFile:
+        tf = self.files.get(topic)
+        if tf is None:
+            path = os.path.join(self.topic_dir(topic), f"{topic}.log")
+            try:
+                fd = os.open(path, _OPEN_FLAGS, 0o644)
+            except OSError as exc:
+                raise SinkError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+            st = os.fstat(fd)
+            tf = TopicFile(topic, path, fd, st.st_size, opened_at=self.clock())
+            self.files[topic] = tf
+        return tf
+
+    # -- the sink interface --------------------------------------------------------------------
+
+    def append(self, topic: str, data: bytes, lines: int) -> None:
+        tf = self._open(topic)
+        try:
+            write_all(tf.fd, data)
+        except OSError as exc:
+            # Take nothing of a batch we could not write whole: cut the file back.
+            try:
+                os.ftruncate(tf.fd, tf.size)
+            except OSError:
+                log.error("%s: could not cut a partial batch back to %d bytes", tf.path, tf.size)
+            raise SinkError(exc.errno, f"write to {tf.path} failed: {exc.strerror}") from None
+        tf.size += len(data)
+        tf.dirty = True
+
+    def positions(self) -> dict[str, int]:
+        return {t: tf.size for t, tf in self.files.items()}
+
+    def dirty_files(self) -> list[TopicFile]:
+        """The files to fsync for the next commit, marked clean (call on the loop thread)."""
+        dirty = [tf for tf in self.files.values() if tf.dirty]
+        for tf in dirty:
+            tf.dirty = False
+        return dirty
+
+    @staticmethod
+    def sync_files(files: list[TopicFile]) -> None:
+        """fsync the given files; blocking, run off the event loop."""
+        for tf in files:
+            os.fdatasync(tf.fd)
+
+    def sync(self) -> dict[str, int]:
+        positions = self.positions()
+        self.sync_files(self.dirty_files())
+        return positions
+
+    def recover(self, positions: dict[str, int]) -> None:
+        """Cut every active file back to its last committed length (kill -9 leaves torn tails)."""
+        for topic, size in positions.items():
+            path = self.active_path(topic)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                if size:
+                    log.warning("%s: missing (committed %d bytes); removed from outside?", path, size)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                log.error("%s is not a regular file; leaving it alone", path)
+                continue
+            if st.st_size > size:
+                log.warning("%s: cutting %d uncommitted bytes left by a crash", path, st.st_size - size)
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            elif st.st_size < size:
+                log.error("%s: %d bytes shorter than committed; was it truncated from outside?",
+                          path, size - st.st_size)
+
+    def close(self) -> None:
+        for tf in self.files.values():
+            try:
+                os.fsync(tf.fd)
+            except OSError as exc:
+                log.error("%s: fsync at close failed: %s", tf.path, exc)
+            os.close(tf.fd)
+        self.files.clear()
+
+    # -- rolling -------------------------------------------------------------------------------
+
+    def due(self, topic: str, max_bytes: int, interval_s: int) -> bool:
+        tf = self.files.get(topic)
+        if tf is None or tf.size == 0:
+            return False
+        if max_bytes and tf.size >= max_bytes:
+            return True
+        if interval_s:
+            return int(self.clock() // interval_s) > int(tf.opened_at // interval_s)
+        return False
+
+    def rotate_name(self, topic: str) -> str:
+        """A free ``<topic>.<UTC timestamp>.log`` name in the topic's directory."""
+        base = rotated_name(topic, self.clock())
+        directory = os.path.join(self.output_dir, topic)
+        name, n = base, 0
+        while any(os.path.exists(os.path.join(directory, c)) for c in (name, name + ".gz")):
+            n += 1
+            name = base[: -len(".log")] + f"-{n}.log"
+        return name
+
+    def rename_active(self, topic: str, name: str) -> None:
+        """Rename the active file to ``name`` and start a new one (after its data was committed)."""
+        tf = self.files.pop(topic, None)
+        if tf is not None:
+            os.fsync(tf.fd)
+            os.close(tf.fd)
+        src = self.active_path(topic)
+        dst = os.path.join(self.output_dir, topic, name)
+        if os.path.exists(src):
+            os.rename(src, dst)
+        fsync_dir(os.path.join(self.output_dir, topic))
+        self._open(topic)
+
+    def rotated_files(self, topic: str) -> list[str]:
+        directory = os.path.join(self.output_dir, topic)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        prefix = f"{topic}."
+        active = f"{topic}.log"
+        return sorted(n for n in names if n.startswith(prefix) and n != active
+                      and (n.endswith(".log") or n.endswith(".log.gz")))
+
+
+def compress_file(path: str) -> str:
+    """gzip ``path`` to ``path.gz`` crash-safely (tmp, fsync, rename, then unlink the original)."""
+    tmp = f"{path}.gz.tmp"
+    with open(path, "rb") as src, open(tmp, "wb") as raw:
+        with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, compresslevel=6) as gz:
+            shutil.copyfileobj(src, gz, 1024 * 1024)
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.rename(tmp, f"{path}.gz")
+    os.unlink(path)
+    return f"{path}.gz"
+
+
+def uncompressed_rotated(output_dir: str) -> list[str]:
+    """Rotated files a crash left uncompressed (and stale temporaries, which are removed)."""
+    found = []
+    try:
+        topics = os.listdir(output_dir)
+    except FileNotFoundError:
+        return []
+    for topic in topics:
+        directory = os.path.join(output_dir, topic)
+        if not os.path.isdir(directory) or os.path.islink(directory):
+            continue
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if name.endswith(".gz.tmp"):
+                os.unlink(path)
+            elif name.startswith(f"{topic}.") and name.endswith(".log") and name != f"{topic}.log":
+                found.append(path)
+    return sorted(found)

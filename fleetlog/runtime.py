@@ -1,0 +1,98 @@
+"""Process plumbing both daemons share: the event loop, logging, signals, systemd notify."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger("fleetlog")
+
+
+def setup_logging(level: str = "info") -> None:
+    """One event per line on stderr; journald adds time and unit, so we only add level+logger."""
+    handler = logging.StreamHandler(sys.stderr)
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    handler.setFormatter(logging.Formatter(stamp + "%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def run(main: Coroutine[Any, Any, int], loop: str = "uvloop") -> int:
+    """Run ``main`` on the chosen loop: uvloop by default, ``asyncio`` for debugging."""
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on every supported OS
+            log.warning("uvloop is not installed; using the stdlib event loop")
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def install_signals(on_stop: Callable[[], None], on_reload: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT ask for a graceful stop (a second one quits now); SIGHUP reloads.
+
+    Handlers only translate signals into the same calls the control plane makes.
+    """
+    loop = asyncio.get_running_loop()
+    stops = 0
+
+    def stop() -> None:
+        nonlocal stops
+        stops += 1
+        if stops > 1:
+            log.warning("second stop signal: quitting now")
+            os._exit(1)
+        on_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+
+
+class SystemdNotifier:
+    """The sd_notify datagram protocol (READY=1, STATUS=, WATCHDOG=1, STOPPING=1).
+
+    A no-op when not started by systemd (no NOTIFY_SOCKET).
+    """
+
+    def __init__(self) -> None:
+        self.address = os.environ.get("NOTIFY_SOCKET")
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        self.watchdog_s = int(usec) / 1e6 if usec and usec.isdigit() and (
+            not pid or pid == str(os.getpid())) else None
+        self._sock: socket.socket | None = None
+
+    def notify(self, *states: str) -> None:
+        if not self.address:
+            return
+        address = self.address
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto("\n".join(states).encode(), address)
+        except OSError as exc:
+            log.warning("systemd notify to %s failed: %s", self.address, exc)
+
+    async def watchdog(self) -> None:
+        """Send WATCHDOG=1 at half the interval systemd asked for, while the loop is alive."""
+        if not self.watchdog_s:
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog_s / 2)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

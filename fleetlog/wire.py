@@ -1,0 +1,174 @@
+"""The wire format: the one module both the agent and the aggregator import.
+
+Data messages travel PUSH->PULL or PUB->XSUB->XPUB as two ZeroMQ frames::
+
+    [topic, body]
+
+The topic frame comes first so that SUB prefix filtering works through the proxy. The body is
+an orjson object holding one batch of lines from one *stream* (one incarnation of one source
+file on one agent)::
+
+    {"v": 1, "agent": "web-01", "stream": "9f2c...", "base": 0, "path": "/var/log/app.log",
+     "file": "2049:131077:5d41402a", "seq": 17, "start": 40960, "end": 81920,
+     "lines": ["...", "..."]}
+
+``start``/``end`` are the byte offsets in the source file that the batch covers (always on line
+boundaries); ``base`` is the offset the stream started at. The aggregator accepts a batch only if
+it continues its stream exactly (``start`` equal to the end of the last accepted batch, or to
+``base`` for a stream it has never seen), which is what makes delivery exactly-once and ordered.
+
+Control messages (DEALER <-> ROUTER on the control endpoint) are single orjson frames:
+requests ``{"id", "command", "args"}``, replies ``{"id", "ok", "result" | "error"}`` and, from the
+aggregator to an agent without a request, events ``{"event": "ack" | "resync", ...}``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+VERSION = 1
+
+# Topic names: the contract's alphabet, never starting with a dot (no "..", no hidden files).
+TOPIC_RE = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_NAME_MAX = 256
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class WireError(ValueError):
+    """A frame that does not follow the format. ``reason`` is a short counter label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Batch:
+    topic: str
+    agent: str
+    stream: str
+    base: int
+    path: str
+    file: str
+    seq: int
+    start: int
+    end: int
+    lines: list[str]
+
+
+def valid_topic(topic: str) -> bool:
+    return TOPIC_RE.fullmatch(topic.encode("utf-8", "replace")) is not None
+
+
+def encode_batch(batch: Batch) -> list[bytes]:
+    """Frames of one data message."""
+    body = orjson.dumps(
+        {
+            "v": VERSION,
+            "agent": batch.agent,
+            "stream": batch.stream,
+            "base": batch.base,
+            "path": batch.path,
+            "file": batch.file,
+            "seq": batch.seq,
+            "start": batch.start,
+            "end": batch.end,
+            "lines": batch.lines,
+        }
+    )
+    return [batch.topic.encode(), body]
+
+
+def _str_field(doc: dict[str, Any], key: str) -> str:
+    value = doc.get(key)
+    if type(value) is not str or not value or len(value) > _NAME_MAX:
+        raise WireError("bad_field", key)
+    return value
+
+
+def _int_field(doc: dict[str, Any], key: str) -> int:
+    value = doc.get(key)
+    if type(value) is not int or value < 0:
+        raise WireError("bad_field", key)
+    return value
+
+
+def decode_batch(frames: list[bytes], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Batch:
+    """Parse and check one data message; raise WireError for anything not trusted.
+
+    The lines themselves are checked for type when they are joined for writing (in C),
+    not here, so that no per-line Python work happens on the hot path.
+    """
+    if len(frames) != 2:
+        raise WireError("bad_frames", f"{len(frames)} frames")
+    topic_raw, body = frames
+    if len(body) > max_bytes:
+        raise WireError("oversized", f"{len(body)} bytes")
+    if TOPIC_RE.fullmatch(topic_raw) is None:
+        raise WireError("bad_topic", repr(bytes(topic_raw[:64])))
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise WireError("bad_json", str(exc)[:80]) from None
+    if type(doc) is not dict:
+        raise WireError("bad_json", "not an object")
+    if doc.get("v") != VERSION:
+        raise WireError("bad_version", repr(doc.get("v"))[:20])
+    lines = doc.get("lines")
+    if type(lines) is not list:
+        raise WireError("bad_field", "lines")
+    batch = Batch(
+        topic=topic_raw.decode(),
+        agent=_str_field(doc, "agent"),
+        stream=_str_field(doc, "stream"),
+        base=_int_field(doc, "base"),
+        path=str(doc.get("path", ""))[:4096],
+        file=str(doc.get("file", ""))[:_NAME_MAX],
+        seq=_int_field(doc, "seq"),
+        start=_int_field(doc, "start"),
+        end=_int_field(doc, "end"),
+        lines=lines,
+    )
+    if batch.end < batch.start or batch.start < batch.base:
+        raise WireError("bad_offsets", f"{batch.base}/{batch.start}/{batch.end}")
+    return batch
+
+
+# ---- control plane ---------------------------------------------------------------------------
+
+
+def encode_request(req_id: int | str, command: str, args: dict[str, Any] | None = None) -> bytes:
+    return orjson.dumps({"id": req_id, "command": command, "args": args or {}})
+
+
+def encode_reply(req_id: Any, result: Any = None, error: str | None = None) -> bytes:
+    if error is not None:
+        return orjson.dumps({"id": req_id, "ok": False, "error": error})
+    return orjson.dumps({"id": req_id, "ok": True, "result": result})
+
+
+def encode_event(event: str, **fields: Any) -> bytes:
+    return orjson.dumps({"event": event, **fields})
+
+
+def decode_control(body: bytes, max_bytes: int = 1024 * 1024) -> dict[str, Any]:
+    """Parse one control frame (request, reply or event); raise WireError if it is not one."""
+    if len(body) > max_bytes:
+        raise WireError("oversized", f"{len(body)} bytes")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise WireError("bad_json", str(exc)[:80]) from None
+    if type(doc) is not dict:
+        raise WireError("bad_json", "not an object")
+    if "command" in doc:
+        if type(doc["command"]) is not str or type(doc.get("args", {})) is not dict:
+            raise WireError("bad_request")
+        doc.setdefault("args", {})
+    elif "event" not in doc and "ok" not in doc:
+        raise WireError("bad_control", "neither request, reply nor event")
+    return doc
