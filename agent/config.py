@@ -12,6 +12,8 @@ from fleetlog import wire
 from fleetlog.tomlconf import IPC_PATH_MAX, ConfigError, Section, apply_overrides, dir_problem, read_toml
 
 DEFAULT_PATH = "/etc/fleetlog/agent.toml"
+# Well under the aggregator's default max_message_bytes (16 MiB), JSON escaping included.
+MAX_BATCH_BYTES = 6 * 1024 * 1024
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".Z")
 
 
@@ -96,7 +98,7 @@ def _parse_source(s: Section) -> SourceConfig:
         start_at=s.choice("start_at", d.start_at, ("beginning", "end")),
         exclude=s.str_list("exclude", ()),
         include_compressed=s.bool("include_compressed", d.include_compressed),
-        max_line_bytes=s.int("max_line_bytes", d.max_line_bytes, 256, 64 * 1024 * 1024),
+        max_line_bytes=s.int("max_line_bytes", d.max_line_bytes, 256, MAX_BATCH_BYTES),
         partial_line_timeout_ms=s.int("partial_line_timeout_ms", d.partial_line_timeout_ms, 0),
         multiline_start=s.str("multiline_start", "", _regex_problem),
         multiline_timeout_ms=s.int("multiline_timeout_ms", d.multiline_timeout_ms, 1),
@@ -121,7 +123,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         control=s.endpoint("control", d.control),
         status_socket=s.endpoint("status_socket", ""),
         batch_max_lines=s.int("batch_max_lines", d.batch_max_lines, 1),
-        batch_max_bytes=s.int("batch_max_bytes", d.batch_max_bytes, 1024, 64 * 1024 * 1024),
+        batch_max_bytes=s.int("batch_max_bytes", d.batch_max_bytes, 1024, MAX_BATCH_BYTES),
         batch_max_delay_ms=s.int("batch_max_delay_ms", d.batch_max_delay_ms, 0, 60_000),
         max_inflight_bytes=s.int("max_inflight_bytes", d.max_inflight_bytes, 64 * 1024),
         ack_timeout_ms=s.int("ack_timeout_ms", d.ack_timeout_ms, 100),

@@ -20,7 +20,7 @@ from agent.status import StatusServer
 from agent.tail import FP_LEN, Tailer, fingerprint, line_start_before, new_stream_id
 from agent.transport import Transport
 from agent.watch import Watcher, expand
-from fleetlog.runtime import SystemdNotifier
+from fleetlog.runtime import SystemdNotifier, supervise
 
 log = logging.getLogger("fleetlog.agent")
 
@@ -85,6 +85,7 @@ class Agent:
             asyncio.create_task(self.status_server.serve(), name="status"),
             asyncio.create_task(self.notifier.watchdog(), name="watchdog"),
         ]
+        supervise(self._tasks, self.request_stop)
         self.started.set()
         self.notifier.notify("READY=1", f"STATUS=following {len(self.tailers)} files")
         log.info("agent %s ready: %d files from %d sources, %s to %s", self.cfg.name, len(self.tailers),

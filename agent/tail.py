@@ -135,9 +135,12 @@ class Tailer:
             return None
         src = self.source
         start = self.ship_pos
-        data = os.pread(self.fd, max(max_bytes, src.max_line_bytes + 1), start)
+        data = os.pread(self.fd, max_bytes, start)
         if not data:
             return None
+        if len(data) == max_bytes and src.max_line_bytes >= max_bytes and data.find(b"\n") < 0:
+            # One line longer than a batch: read on to its end, or to where it gets cut.
+            data += os.pread(self.fd, src.max_line_bytes + 1 - len(data), start + len(data))
         self.last_data = now
         skipped = 0
         if self.skipping:

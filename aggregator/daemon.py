@@ -23,7 +23,7 @@ from aggregator.control import ControlServer
 from aggregator.journal import Journal, stream_key
 from aggregator.writer import RollingFileSink, SinkError, compress_file, uncompressed_rotated
 from fleetlog import wire
-from fleetlog.runtime import SystemdNotifier
+from fleetlog.runtime import SystemdNotifier, supervise
 from fleetlog.tomlconf import ConfigError
 
 log = logging.getLogger("fleetlog.aggregator")
@@ -123,6 +123,7 @@ class Aggregator:
             asyncio.create_task(self.ticker(), name="ticker"),
             asyncio.create_task(self.notifier.watchdog(), name="watchdog"),
         ]
+        supervise(self._tasks, self.request_stop)
         self.ready.set()
         self.notifier.notify("READY=1", f"STATUS=listening; {len(self.accepted)} streams known")
         log.info("aggregator %s ready: pull %s, xsub %s, xpub %s, control %s; output %s",
@@ -208,12 +209,12 @@ class Aggregator:
 
     async def receive_loop(self, sock: zmq.asyncio.Socket, via: str) -> None:
         while True:
-            frames = await sock.recv_multipart(copy=True)
+            frames = await sock.recv_multipart(copy=False)
             self.ingest(frames, via)
             # Drain what is already queued without going back to the loop for each message.
             for _ in range(256):
                 try:
-                    frames = await sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                    frames = await sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 self.ingest(frames, via)
@@ -229,11 +230,11 @@ class Aggregator:
             log.warning("dropped a malformed message from %s: %s %s (logged once per peer and reason)",
                         peer, reason, detail)
 
-    def ingest(self, frames: list[bytes], via: str) -> None:
+    def ingest(self, frames: list[zmq.Frame], via: str) -> None:
         try:
-            batch = wire.decode_batch(frames, self.cfg.max_message_bytes)
+            batch = wire.decode_batch([f.buffer for f in frames], self.cfg.max_message_bytes)
         except wire.WireError as exc:
-            self.malformed(exc.reason, via, str(exc))
+            self.malformed(exc.reason, f"{via}:{peer_address(frames[-1])}", str(exc))
             return
         if self.disk_error is not None:
             return  # not taken, not acknowledged: the agent resends when we can write again
@@ -256,7 +257,7 @@ class Aggregator:
         try:
             data = self.format_batch(batch, fmt)
         except TypeError:
-            self.malformed("bad_lines", f"{via}:{batch.agent}", "lines must be strings")
+            self.malformed("bad_lines", f"{via}:{peer_address(frames[-1])}", "lines must be strings")
             return
         try:
             self.sink.append(batch.topic, data, len(batch.lines))
@@ -541,6 +542,13 @@ class Aggregator:
             },
             "malformed": dict(t.malformed),
         }
+
+
+def peer_address(frame: zmq.Frame) -> str:
+    try:
+        return str(frame.get("Peer-Address"))
+    except zmq.ZMQError:
+        return "local"
 
 
 def _replace(new: Any, old: Any, keys: tuple[str, ...]) -> Any:

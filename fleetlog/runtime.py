@@ -96,3 +96,19 @@ class SystemdNotifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def supervise(tasks: list[asyncio.Task[Any]], on_crash: Callable[[], None]) -> None:
+    """A task of a daemon that ends with an exception is a bug: log it with its traceback and
+    stop the daemon cleanly (systemd restarts it) rather than limp on without that task."""
+
+    def done(task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("task %s failed; stopping", task.get_name(), exc_info=exc)
+            on_crash()
+
+    for task in tasks:
+        task.add_done_callback(done)

@@ -97,7 +97,7 @@ def _int_field(doc: dict[str, Any], key: str) -> int:
     return value
 
 
-def decode_batch(frames: list[bytes], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Batch:
+def decode_batch(frames: list[bytes] | list[memoryview], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Batch:
     """Parse and check one data message; raise WireError for anything not trusted.
 
     The lines themselves are checked for type when they are joined for writing (in C),
@@ -108,8 +108,9 @@ def decode_batch(frames: list[bytes], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     topic_raw, body = frames
     if len(body) > max_bytes:
         raise WireError("oversized", f"{len(body)} bytes")
+    topic_raw = bytes(topic_raw)
     if TOPIC_RE.fullmatch(topic_raw) is None:
-        raise WireError("bad_topic", repr(bytes(topic_raw[:64])))
+        raise WireError("bad_topic", repr(topic_raw[:64]))
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -1,0 +1,252 @@
+"""Real processes for the tests: an aggregator, agents, log writers, and waiting on conditions.
+
+Every process started here is registered with its ``Harness`` and killed at teardown; every wait
+has a deadline. Endpoints are ipc:// sockets in a short temporary directory (no port races) unless
+a test asks for TCP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,
+             what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.popen is not None
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=5)
+            raise AssertionError(f"{self.name} did not exit within {timeout}s of signal {sig}:\n"
+                                 + self.log()[-3000:]) from None
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL, timeout=10)
+
+
+@dataclass
+class Endpoints:
+    pull: str
+    xsub: str
+    xpub: str
+    control: str
+
+
+@dataclass
+class Harness:
+    root: Path
+    procs: list[Proc] = field(default_factory=list)
+    counter: int = 0
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def endpoints(self, tcp: bool = False) -> Endpoints:
+        if tcp:
+            return Endpoints(*(f"tcp://127.0.0.1:{free_port()}" for _ in range(4)))
+        return Endpoints(*(f"ipc://{self.root}/{n}.sock" for n in ("pull", "xsub", "xpub", "ctl")))
+
+    def _proc(self, name: str, args: list[str]) -> Proc:
+        self.counter += 1
+        p = Proc(name, args, self.root / f"{name}.{self.counter}.out")
+        self.procs.append(p)
+        return p
+
+    def aggregator(self, ep: Endpoints, *extra: str, out: str = "out", state: str = "agg") -> Proc:
+        args = [PY, "-m", "aggregator",
+                "--set", f"aggregator.output_dir={self.root / out}",
+                "--set", f"aggregator.state_dir={self.root / state}",
+                "--set", f"aggregator.pull={ep.pull}", "--set", f"aggregator.xsub={ep.xsub}",
+                "--set", f"aggregator.xpub={ep.xpub}", "--set", f"aggregator.control={ep.control}",
+                "--set", "aggregator.log_level=debug"]
+        for item in extra:
+            args += ["--set", item]
+        return self._proc("aggregator", args).start()
+
+    def agent(self, ep: Endpoints, sources: list[dict[str, Any]], *extra: str, name: str = "node1",
+              mode: str = "push", state: str | None = None) -> Proc:
+        state_dir = self.root / (state or f"st-{name}")
+        sources_toml = "[" + ", ".join(_inline_table(s) for s in sources) + "]"
+        args = [PY, "-m", "agent",
+                "--set", f"agent.name={name}", "--set", f"agent.state_dir={state_dir}",
+                "--set", f"agent.mode={mode}",
+                "--set", f"agent.data={ep.pull if mode == 'push' else ep.xsub}",
+                "--set", f"agent.control={ep.control}",
+                "--set", "agent.rescan_interval_ms=300",
+                "--set", "agent.ack_timeout_ms=1500",
+                "--set", "agent.log_level=debug",
+                "--set", f"sources={sources_toml}"]
+        for item in extra:
+            args += ["--set", item]
+        return self._proc(f"agent-{name}", args).start()
+
+    def ctl(self, ep: Endpoints, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, "-m", "aggregator.ctl", "--control", ep.control, *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status(self, ep: Endpoints) -> dict[str, Any]:
+        r = self.ctl(ep, "status", "--json")
+        assert r.returncode == 0, r.stderr
+        return orjson.loads(r.stdout)
+
+    def cleanup(self) -> list[str]:
+        """Stop what the test left running; return the names of processes that would not die."""
+        for p in self.procs:
+            if p.alive():
+                assert p.popen is not None
+                p.popen.kill()
+        stuck = []
+        for p in self.procs:
+            if p.popen is not None:
+                try:
+                    p.popen.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    stuck.append(p.name)
+        return stuck
+
+
+def _inline_table(d: dict[str, Any]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, str):
+            return orjson.dumps(v).decode()
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(v)
+    return "{" + ", ".join(f"{k} = {value(v)}" for k, v in d.items()) + "}"
+
+
+# ---- log content ------------------------------------------------------------------------------
+
+
+def make_lines(tag: str, start: int, count: int, width: int = 60) -> list[str]:
+    """Lines carrying a unique, ordered id: ``<tag>#<n> ...padding...``."""
+    pad = "x" * width
+    return [f"{tag}#{n:08d} {pad}" for n in range(start, start + count)]
+
+
+def append_lines(path: Path, lines: Iterable[str]) -> None:
+    with open(path, "ab") as fh:
+        fh.write(("\n".join(lines) + "\n").encode())
+
+
+def output_lines(root: Path, topic: str, include_rotated: bool = False) -> list[str]:
+    directory = root / topic
+    files = [directory / f"{topic}.log"]
+    if include_rotated and directory.exists():
+        import gzip
+        rotated = sorted(p for p in directory.iterdir() if p.name != f"{topic}.log")
+        out: list[str] = []
+        for p in rotated:
+            if p.name.endswith(".gz"):
+                out += gzip.decompress(p.read_bytes()).decode(errors="replace").splitlines()
+            elif p.name.endswith(".log"):
+                out += p.read_text(errors="replace").splitlines()
+        return out + output_lines(root, topic)
+    try:
+        return files[0].read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def check_exactly_once(lines: list[str], expected: dict[str, int]) -> None:
+    """Every ``tag#n`` for n < expected[tag] appears exactly once, in order per tag."""
+    seen: dict[str, list[int]] = {}
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        tag, sep, n = head.partition("#")
+        if not sep or not n.isdigit():
+            continue
+        seen.setdefault(tag, []).append(int(n))
+    problems = []
+    for tag, count in expected.items():
+        got = seen.get(tag, [])
+        if got != list(range(count)):
+            missing = sorted(set(range(count)) - set(got))
+            dupes = len(got) - len(set(got))
+            out_of_order = sum(1 for a, b in zip(got, got[1:], strict=False) if b < a)
+            problems.append(f"{tag}: {len(got)} lines for {count}; missing {len(missing)} "
+                            f"(first {missing[:5]}), duplicates {dupes}, out of order {out_of_order}")
+    extra = set(seen) - set(expected)
+    if extra:
+        problems.append(f"unexpected tags {sorted(extra)[:5]}")
+    assert not problems, "\n".join(problems)
+
+
+def kill_all(procs: Iterable[Proc]) -> None:
+    for p in procs:
+        if p.alive():
+            os.kill(p.pid, signal.SIGKILL)

@@ -1,0 +1,164 @@
+"""End to end with real processes: agent -> ZeroMQ -> aggregator -> per-topic files."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+import zmq
+from harness import (
+    Harness,
+    append_lines,
+    check_exactly_once,
+    count_lines,
+    make_lines,
+    output_lines,
+    wait_for,
+)
+
+
+def _run(h: Harness, mode: str, tcp: bool) -> None:
+    ep = h.endpoints(tcp=tcp)
+    logs = h.path("logs")
+    files = {f"f{i}": logs / f"f{i}.log" for i in range(3)}
+    for tag, path in files.items():
+        append_lines(path, make_lines(tag, 0, 3000))
+    agg = h.aggregator(ep)
+    agent = h.agent(ep, [{"paths": [f"{logs}/*.log"], "topic": "app"}], mode=mode)
+    out = h.path("out", "app", "app.log")
+    wait_for(lambda: count_lines(out) >= 9000, what="backlog in the output")
+    # Lines appended while running, in several small writes.
+    for round_ in range(5):
+        for tag, path in files.items():
+            append_lines(path, make_lines(tag, 3000 + round_ * 100, 100))
+        time.sleep(0.05)
+    wait_for(lambda: count_lines(out) >= 10500, what="live lines in the output")
+    assert agent.stop() == 0
+    assert agg.stop() == 0
+    check_exactly_once(output_lines(h.path("out"), "app"), {t: 3500 for t in files})
+
+
+def test_push_mode_end_to_end_over_ipc(h: Harness) -> None:
+    _run(h, "push", tcp=False)
+
+
+def test_push_mode_end_to_end_over_tcp(h: Harness) -> None:
+    _run(h, "push", tcp=True)
+
+
+def test_pub_mode_end_to_end(h: Harness) -> None:
+    _run(h, "pub", tcp=False)
+
+
+def test_topics_go_to_their_own_files(h: Harness) -> None:
+    ep = h.endpoints()
+    for name in ("web", "db"):
+        (h.path("logs") / name).mkdir()
+        append_lines(h.path("logs", name, "a.log"), make_lines(name, 0, 500))
+    agg = h.aggregator(ep)
+    h.agent(ep, [{"paths": [f"{h.path('logs')}/web/*.log"], "topic": "web"},
+                 {"paths": [f"{h.path('logs')}/db/*.log"], "topic": "db"}])
+    for name in ("web", "db"):
+        wait_for(lambda n=name: count_lines(h.path("out", n, f"{n}.log")) >= 500, what=name)
+        check_exactly_once(output_lines(h.path("out"), name), {name: 500})
+    assert agg.alive()
+
+
+def test_xpub_subscriber_receives_topic_first_frames(h: Harness) -> None:
+    ep = h.endpoints()
+    log = h.path("logs", "s.log")
+    h.aggregator(ep)
+    h.agent(ep, [{"paths": [str(log)], "topic": "sub-test"}])
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"sub-test")
+    sub.connect(ep.xpub)
+    try:
+        # The subscription reaches the publisher late: keep writing until a message comes.
+        n = 0
+        deadline = time.monotonic() + 20
+        frames = None
+        while frames is None and time.monotonic() < deadline:
+            append_lines(log, make_lines("s", n, 1))
+            n += 1
+            if sub.poll(200):
+                frames = sub.recv_multipart()
+        assert frames is not None, "no message on XPUB"
+        assert frames[0] == b"sub-test"
+        body = orjson.loads(frames[1])
+        assert body["v"] == 1 and body["lines"] and body["lines"][0].startswith("s#")
+    finally:
+        sub.close()
+        ctx.term()
+
+
+def test_status_reports_agents_topics_and_totals(h: Harness) -> None:
+    ep = h.endpoints()
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 1234))
+    h.aggregator(ep)
+    h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "st"}], name="web-01")
+    wait_for(lambda: count_lines(h.path("out", "st", "st.log")) >= 1234, what="lines")
+    s = wait_for(lambda: (st := h.status(ep))["agents"] and st, what="agent in status")
+    assert [a["name"] for a in s["agents"]] == ["web-01"]
+    assert isinstance(s["agents"][0]["last_seen_s"], float | int)
+    topic = {t["name"]: t for t in s["topics"]}["st"]
+    assert topic["lines"] == 1234
+    assert topic["bytes"] == h.path("out", "st", "st.log").stat().st_size
+    assert s["totals"]["lines_written"] == 1234
+    assert s["totals"]["duplicates_dropped"] == 0
+    assert s["totals"]["malformed_dropped"] == 0
+    readable = h.ctl(ep, "status")
+    assert readable.returncode == 0
+    assert "web-01" in readable.stdout and "st" in readable.stdout
+
+
+def test_ctl_says_so_when_nothing_answers(h: Harness) -> None:
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "aggregator.ctl", "--control", f"ipc://{h.root}/none.sock",
+                        "--timeout", "1", "status"], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "no answer" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_ctl_tail_prints_a_topics_lines(h: Harness) -> None:
+    ep = h.endpoints()
+    log = h.path("logs", "t.log")
+    h.aggregator(ep)
+    h.agent(ep, [{"paths": [str(log)], "topic": "tailme"}])
+    proc = subprocess.Popen([sys.executable, "-m", "aggregator.ctl", "--control", ep.control,
+                             "tail", "tailme", "-n", "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        n = 0
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            append_lines(log, make_lines("t", n, 1))
+            n += 1
+            time.sleep(0.1)
+        out, _ = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert len(out.splitlines()) == 3 and all(x.startswith("t#") for x in out.splitlines())
+
+
+@pytest.mark.parametrize("daemon", ["agent", "aggregator"])
+def test_sigterm_exits_zero_and_flushes(h: Harness, daemon: str) -> None:
+    ep = h.endpoints()
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 2000))
+    agg = h.aggregator(ep)
+    agent = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "t"}])
+    wait_for(lambda: count_lines(h.path("out", "t", "t.log")) >= 2000, what="lines")
+    first, second = (agent, agg) if daemon == "agent" else (agg, agent)
+    started = time.monotonic()
+    assert first.stop(signal.SIGTERM) == 0, first.log()[-2000:]
+    assert time.monotonic() - started < 12
+    assert second.stop(signal.SIGTERM) == 0
+    check_exactly_once(output_lines(h.path("out"), "t"), {"a": 2000})
