@@ -7,6 +7,7 @@ a test asks for TCP.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -50,10 +51,9 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
-        log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL)
         return self
 
     @property
@@ -237,7 +237,7 @@ def check_exactly_once(lines: list[str], expected: dict[str, int]) -> None:
         if got != list(range(count)):
             missing = sorted(set(range(count)) - set(got))
             dupes = len(got) - len(set(got))
-            out_of_order = sum(1 for a, b in zip(got, got[1:], strict=False) if b < a)
+            out_of_order = sum(1 for a, b in itertools.pairwise(got) if b < a)
             problems.append(f"{tag}: {len(got)} lines for {count}; missing {len(missing)} "
                             f"(first {missing[:5]}), duplicates {dupes}, out of order {out_of_order}")
     extra = set(seen) - set(expected)
