@@ -22,6 +22,8 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # watchfiles reports every batch of changes at INFO: that is our debug detail, not an event.
+    logging.getLogger("watchfiles").setLevel(max(logging.WARNING, root.level))
 
 
 def run(main: Coroutine[Any, Any, int], loop: str = "uvloop") -> int:
