@@ -50,6 +50,9 @@ class Agent:
         self.started = asyncio.Event()
         self.last_ack_progress = time.monotonic()
         self.checkpoints_dirty = True
+        # Streams whose identity is not on disk yet: saved before their first batch ships, so a
+        # crash can never make the agent ship the same bytes again under a new stream id.
+        self.unsaved_streams = False
         self.pending_checkpoints: dict[tuple[int, int], Checkpoint] = {}
         self.first_run = False
         self.lines_shipped = 0
@@ -220,6 +223,7 @@ class Agent:
         return None
 
     def add(self, t: Tailer) -> None:
+        self.unsaved_streams = True
         self.tailers[t.stream] = t
         self.by_inode[(t.dev, t.ino)] = t
         self.by_path[t.path] = t
@@ -254,6 +258,7 @@ class Agent:
         log.info("%s was truncated at %d (acked %d); reading it again from 0", t.path, t.ship_pos, t.acked)
         self.unacked.discard(t)
         t.restart_stream(fp, fp_len)
+        self.unsaved_streams = True
         self.tailers = {s: x for s, x in self.tailers.items() if x is not t}
         self.tailers[t.stream] = t
         self.promote_copy(old)
@@ -460,6 +465,8 @@ class Agent:
                 continue
             if chunk is None:
                 continue
+            if self.unsaved_streams:
+                self.save_checkpoints()
             frames = batch.frames_for(cfg.name, t, chunk)
             t.seq += 1
             t.ship_pos = chunk.end
@@ -527,6 +534,7 @@ class Agent:
                         t.path, offset, t.acked)
             t.base = t.acked
             offset = t.acked
+            self.unsaved_streams = True
         self.resends += 1
         t.rewind(offset)
         if t.ship_pos > t.acked:
@@ -570,21 +578,17 @@ class Agent:
         try:
             self.store.save(self.checkpoints())
             self.checkpoints_dirty = False
+            self.unsaved_streams = False
         except OSError as exc:
             log.error("cannot save checkpoints to %s: %s", self.store.path, exc)
 
     async def checkpoint_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        # Saved on the loop thread on purpose: a save from another thread could land after a
+        # newer one and bring back a list without a stream that already shipped.
         while True:
             await asyncio.sleep(self.cfg.checkpoint_interval_ms / 1000)
             if self.checkpoints_dirty:
-                self.checkpoints_dirty = False
-                snapshot = self.checkpoints()
-                try:
-                    await loop.run_in_executor(None, self.store.save, snapshot)
-                except OSError as exc:
-                    self.checkpoints_dirty = True
-                    log.error("cannot save checkpoints to %s: %s", self.store.path, exc)
+                self.save_checkpoints()
 
     # -- status -------------------------------------------------------------------------------
 

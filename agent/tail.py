@@ -75,7 +75,7 @@ class Tailer:
     def __post_init__(self) -> None:
         self.ship_pos = self.acked
         if self.source.multiline_start:
-            self._start_re = re.compile(self.source.multiline_start.encode())
+            self._start_re = re.compile(self.source.multiline_start.encode(), re.MULTILINE)
 
     @property
     def identity(self) -> str:
@@ -148,7 +148,7 @@ class Tailer:
             if nl < 0:
                 self.discarded_bytes += len(data)
                 return Chunk(start, start + len(data), [])
-            self.discarded_bytes += nl + 1
+            self.discarded_bytes += nl
             skipped = nl + 1
             data = data[skipped:]
             self.skipping = False

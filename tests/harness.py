@@ -250,3 +250,73 @@ def kill_all(procs: Iterable[Proc]) -> None:
     for p in procs:
         if p.alive():
             os.kill(p.pid, signal.SIGKILL)
+
+
+class Writer:
+    """Appends id-carrying lines to files from a thread, like applications logging, until stopped.
+
+    ``hold_open`` keeps each file's descriptor open across writes (as most daemons do), so after a
+    rename the writer goes on writing into the rotated file until ``reopen()``.
+    """
+
+    def __init__(self, paths: dict[str, Path], lines_per_tick: int = 50, tick_s: float = 0.005,
+                 hold_open: bool = False, limit: int | None = None) -> None:
+        import threading
+        self.paths = paths
+        self.lines_per_tick = lines_per_tick
+        self.tick_s = tick_s
+        self.hold_open = hold_open
+        self.limit = limit
+        self.counts = dict.fromkeys(paths, 0)
+        self._fhs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def _write(self, tag: str) -> None:
+        n = self.lines_per_tick if self.limit is None else min(self.lines_per_tick,
+                                                                 self.limit - self.counts[tag])
+        if n <= 0:
+            return
+        data = ("\n".join(make_lines(tag, self.counts[tag], n)) + "\n").encode()
+        if self.hold_open:
+            fh = self._fhs.get(tag)
+            if fh is None:
+                fh = self._fhs[tag] = open(self.paths[tag], "ab", buffering=0)  # noqa: SIM115
+            fh.write(data)
+        else:
+            with open(self.paths[tag], "ab") as fh:
+                fh.write(data)
+        self.counts[tag] += n
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                for tag in self.paths:
+                    self._write(tag)
+            if self.limit is not None and all(c >= self.limit for c in self.counts.values()):
+                return
+            time.sleep(self.tick_s)
+
+    def reopen(self) -> None:
+        with self._lock:
+            for fh in self._fhs.values():
+                fh.close()
+            self._fhs.clear()
+
+    def pause(self) -> Any:
+        return self._lock
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.reopen()
+        return dict(self.counts)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
