@@ -39,7 +39,8 @@ def main() -> int:
     py = sys.executable
     aggregator = [py, "-m", "aggregator", "--set", f"aggregator.output_dir={out}",
                   "--set", f"aggregator.state_dir={state / 'aggregator'}"]
-    agent = [py, "-m", "agent", "--set", f"agent.state_dir={state / 'agent'}", "--set", "agent.name=demo-node",
+    agent = [py, "-m", "agent", "--set", f"agent.state_dir={state / 'agent'}",
+             "--set", "agent.name=demo-node",
              "--set", f'sources=[{{paths=["{logs}/web.log"], topic="web"}}, '
                       f'{{paths=["{logs}/app.log"], topic="app"}}]']
     print(f"fleetlog demo: logs in {logs}, per-topic output in {out}; Ctrl-C to stop\n")
