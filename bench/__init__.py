@@ -1,0 +1,1 @@
+"""Benchmarks. ``python -m bench.backlog`` (``make bench``): a backlog through fleetlog and a bare floor."""
