@@ -41,6 +41,8 @@ class Agent:
         # Copies of followed files (copytruncate's app.log.1, a `cp`): identity -> stream copied.
         self.shadows: dict[tuple[int, int], Checkpoint] = {}
         self.unacked: set[Tailer] = set()
+        # The file that last had a name, while a new file there has not been found yet.
+        self.predecessors: dict[str, Tailer] = {}
         self.ready: deque[Tailer] = deque()
         self.queued: set[Tailer] = set()
         self.wake = asyncio.Event()
@@ -145,6 +147,7 @@ class Agent:
         """Find new files, notice renames, truncations and files that went away."""
         now = time.monotonic()
         found: set[tuple[int, int]] = set()
+        new: list[tuple[SourceConfig, str, os.stat_result]] = []
         for source in self.config.sources:
             for path, st in expand(source):
                 ident = (st.st_dev, st.st_ino)
@@ -152,22 +155,29 @@ class Agent:
                 t = self.by_inode.get(ident)
                 if t is None:
                     if ident not in self.shadows:
-                        self.discover(source, path, st)
+                        new.append((source, path, st))
                     continue
-                if t.path != path and self.by_path.get(t.path) is t:
-                    del self.by_path[t.path]
                 if t.path != path:
-                    log.info("%s was renamed to %s; following it there", t.path, path)
-                    t.path = path
-                    t.rotated_at = None
-                    self.by_path[path] = t
+                    self.renamed(t, path)
                 self.check_size(t, st.st_size)
         for t in list(self.tailers.values()):
             if t.rotated_at is None and (t.dev, t.ino) not in found:
                 self.lost_name(t, now)
             elif t.rotated_at is not None:
                 self.maybe_forget(t, now)
+        # New files last, so that a file that took a rotated one's name knows its predecessor.
+        for source, path, st in new:
+            self.discover(source, path, st)
         self.enforce_fd_limit(now)
+
+    def renamed(self, t: Tailer, path: str) -> None:
+        log.info("%s was renamed to %s; following it there", t.path, path)
+        if self.by_path.get(t.path) is t:
+            del self.by_path[t.path]
+        self.predecessors[t.path] = t
+        t.path = path
+        t.rotated_at = None
+        self.by_path[path] = t
 
     def discover(self, source: SourceConfig, path: str, st: os.stat_result) -> None:
         try:
@@ -204,6 +214,9 @@ class Agent:
                 start = line_start_before(fd, st.st_size)
             t = Tailer(source=source, path=path, stream=new_stream_id(), dev=ident[0], ino=ident[1],
                        fp=fp, fp_len=fp_len, base=start, acked=start)
+        pred = self.predecessors.pop(path, None)
+        if pred is not None and self.tailers.get(pred.stream) is pred:
+            t.predecessor = pred
         t.fd = fd
         t.size = st.st_size
         self.add(t)
@@ -242,10 +255,26 @@ class Agent:
         self.checkpoints_dirty = True
 
     def check_size(self, t: Tailer, size: int) -> None:
-        if size < t.ship_pos:
+        if size < t.ship_pos or not self.same_head(t, size):
             self.truncated(t)
         elif size > t.ship_pos or t.partial_since is not None or t.multiline_since is not None:
             self.enqueue(t)
+
+    def same_head(self, t: Tailer, size: int) -> bool:
+        """Whether the file still starts with the bytes it started with: a file truncated and
+        written again past our offset before we looked has another head. Short heads are
+        extended once the file is long enough, so copies of it can be recognised."""
+        if t.fd is None or t.rotated_at is not None:
+            return True
+        try:
+            if fingerprint(t.fd, t.fp_len)[0] != t.fp:
+                return False
+            if t.fp_len < FP_LEN and size > t.fp_len:
+                t.fp, t.fp_len = fingerprint(t.fd)
+                self.checkpoints_dirty = True
+        except OSError:
+            pass
+        return True
 
     def truncated(self, t: Tailer) -> None:
         """copytruncate or `> file`: the content restarts at 0 as a new stream. Bytes shipped but
@@ -261,16 +290,15 @@ class Agent:
         self.unsaved_streams = True
         self.tailers = {s: x for s, x in self.tailers.items() if x is not t}
         self.tailers[t.stream] = t
-        self.promote_copy(old)
+        t.predecessor = self.promote_copy(old)
         self.checkpoints_dirty = True
         self.enqueue(t)
 
-    def promote_copy(self, old: Checkpoint) -> None:
+    def promote_copy(self, old: Checkpoint) -> Tailer | None:
         """Finish a truncated stream from its copy, if the copy holds more than was acknowledged."""
         for ident, shadow in list(self.shadows.items()):
             if shadow.stream == old.stream:
-                self._finish_from_copy(ident, shadow.path, old)
-                return
+                return self._finish_from_copy(ident, shadow.path, old)
         directory = os.path.dirname(old.path)
         prefix = os.path.basename(old.path)
         with contextlib.suppress(OSError):
@@ -280,8 +308,8 @@ class Agent:
                     with contextlib.suppress(OSError):
                         st = os.stat(path)
                         if st.st_size > old.acked and self._head_matches(path, old):
-                            self._finish_from_copy((st.st_dev, st.st_ino), path, old)
-                            return
+                            return self._finish_from_copy((st.st_dev, st.st_ino), path, old)
+        return None
 
     @staticmethod
     def _head_matches(path: str, cp: Checkpoint) -> bool:
@@ -291,26 +319,28 @@ class Agent:
         finally:
             os.close(fd)
 
-    def _finish_from_copy(self, ident: tuple[int, int], path: str, old: Checkpoint) -> None:
+    def _finish_from_copy(self, ident: tuple[int, int], path: str, old: Checkpoint) -> Tailer | None:
         self.shadows.pop(ident, None)
         if ident in self.by_inode:
-            return
+            return None
         source = next((s for s in self.config.sources if s.topic == old.topic), self.config.sources[0])
         t = Tailer(source=source, path=path, stream=old.stream, dev=ident[0], ino=ident[1], fp=old.fp,
                    fp_len=old.fp_len, base=old.base, acked=old.acked, seq=old.seq)
         if not t.open():
-            return
+            return None
         t.rotated_at = time.monotonic()
         log.info("finishing %s's lines from %d in its copy %s", old.path, old.acked, path)
         self.tailers[t.stream] = t
         self.by_inode[ident] = t
-        self.checkpoints_dirty = True
+        self.unsaved_streams = True
         self.enqueue(t)
+        return t
 
     def lost_name(self, t: Tailer, now: float) -> None:
         """No glob match leads to this file any more: it was rotated away or deleted."""
         if self.by_path.get(t.path) is t:
             del self.by_path[t.path]
+        self.predecessors[t.path] = t
         if t.fd is None:
             found = self.find_in_dir(t)
             if found is None:
@@ -353,6 +383,9 @@ class Agent:
                 log.info("finishing %s, rotated while the agent was down, from %d", path, cp.acked)
                 self.tailers[t.stream] = t
                 self.by_inode[(t.dev, t.ino)] = t
+                successor = self.by_path.get(cp.path)
+                if successor is not None and successor.predecessor is None:
+                    successor.predecessor = t
                 self.enqueue(t)
 
     def maybe_forget(self, t: Tailer, now: float) -> None:
@@ -395,6 +428,10 @@ class Agent:
                 continue
             if t.fd is None and not t.open():
                 unknown = True
+                continue
+            try:
+                self.check_size(t, os.fstat(t.fd).st_size)  # type: ignore[arg-type]
+            except OSError:
                 continue
             self.enqueue(t)
         if unknown:
@@ -458,8 +495,11 @@ class Agent:
             self.queued.discard(t)
             if t.fd is None and not t.open():
                 continue
+            if t.predecessor is not None and self.predecessor_first(t):
+                continue
             try:
-                chunk = t.read(cfg.batch_max_bytes, cfg.batch_max_lines, now, final=False)
+                chunk = t.read(cfg.batch_max_bytes, cfg.batch_max_lines, now,
+                               final=t.rotated_at is not None and t.successor_waiting)
             except OSError as exc:
                 log.warning("reading %s failed: %s", t.path, exc)
                 continue
@@ -483,6 +523,31 @@ class Agent:
                 self.enqueue(t)
             assert self.transport is not None
             await self.transport.send(frames)
+
+    def predecessor_first(self, t: Tailer) -> bool:
+        """Read a rotated file to its end before the file that took its name, so a topic keeps
+        the order the application wrote in. True if ``t`` has to wait (it is queued again)."""
+        p = t.predecessor
+        assert p is not None
+        if self.tailers.get(p.stream) is not p or p.fd is None:
+            t.predecessor = None
+            return False
+        try:
+            unread = os.fstat(p.fd).st_size > p.ship_pos
+        except OSError:
+            unread = False
+        if not unread:
+            if p not in self.unacked:
+                p.successor_waiting = False
+                return False
+            # Also wait for its acknowledgement: a resync may still send it back a few batches.
+            t.next_read = time.monotonic() + 0.01
+            self.enqueue(t)
+            return True
+        p.successor_waiting = True
+        self.enqueue(p)
+        self.enqueue(t)
+        return True
 
     def check_ack_timeout(self, now: float) -> None:
         """Nothing acknowledged for ack_timeout_ms while batches are out: ship them again."""

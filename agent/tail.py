@@ -71,6 +71,10 @@ class Tailer:
     discarded_bytes: int = 0
     cut_lines: int = 0
     _start_re: re.Pattern[bytes] | None = None
+    # The rotated file this one replaced: read to its end first. And, on that rotated file,
+    # whether its successor waits (then a partial last line is final and ships at once).
+    predecessor: Tailer | None = None
+    successor_waiting: bool = False
 
     def __post_init__(self) -> None:
         self.ship_pos = self.acked
