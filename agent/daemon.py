@@ -17,7 +17,7 @@ from agent import batch
 from agent.config import Config, SourceConfig
 from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
-from agent.tail import FP_LEN, Tailer, fingerprint, line_start_before, new_stream_id
+from agent.tail import FP_LEN, Chunk, Tailer, fingerprint, line_start_before, new_stream_id
 from agent.transport import Transport
 from agent.watch import Watcher, expand
 from fleetlog.runtime import SystemdNotifier, supervise
@@ -505,24 +505,28 @@ class Agent:
                 continue
             if chunk is None:
                 continue
-            if self.unsaved_streams:
-                self.save_checkpoints()
-            frames = batch.frames_for(cfg.name, t, chunk)
-            t.seq += 1
-            t.ship_pos = chunk.end
-            if chunk.end > t.acked:
-                if not self.unacked:
-                    self.last_ack_progress = now
-                self.unacked.add(t)
-            self.lines_shipped += len(chunk.lines)
-            self.batches_shipped += 1
-            read_full = chunk.end - chunk.start >= cfg.batch_max_bytes // 2 or \
-                len(chunk.lines) >= cfg.batch_max_lines
-            t.next_read = batch.next_read_at(now, delay, read_full)
-            if read_full:
-                self.enqueue(t)
-            assert self.transport is not None
-            await self.transport.send(frames)
+            await self.ship(t, chunk, now, delay)
+
+    async def ship(self, t: Tailer, chunk: Chunk, now: float, delay: float) -> None:
+        cfg = self.cfg
+        if self.unsaved_streams:
+            self.save_checkpoints()
+        frames = batch.frames_for(cfg.name, t, chunk)
+        t.seq += 1
+        t.ship_pos = chunk.end
+        if chunk.end > t.acked:
+            if not self.unacked:
+                self.last_ack_progress = now
+            self.unacked.add(t)
+        self.lines_shipped += len(chunk.lines)
+        self.batches_shipped += 1
+        read_full = chunk.end - chunk.start >= cfg.batch_max_bytes // 2 or \
+            len(chunk.lines) >= cfg.batch_max_lines
+        t.next_read = batch.next_read_at(now, delay, read_full)
+        if read_full:
+            self.enqueue(t)
+        assert self.transport is not None
+        await self.transport.send(frames)
 
     def predecessor_first(self, t: Tailer) -> bool:
         """Read a rotated file to its end before the file that took its name, so a topic keeps

@@ -159,6 +159,12 @@ class Tailer:
         nl = data.rfind(b"\n")
         if nl < 0:
             return self._no_newline(start, skipped, data, now, final)
+        self.partial_since = None
+        if self._start_re is None and nl < src.max_line_bytes:
+            # The hot path: no line can be too long, decode without copying, split in C.
+            lines = str(memoryview(data)[:nl], "utf-8", "replace").split("\n")
+            if len(lines) <= max_lines:
+                return Chunk(start, start + skipped + nl + 1, lines)
         body = data[:nl]
         consumed = nl + 1
         if body.count(b"\n") >= max_lines:
@@ -167,7 +173,6 @@ class Tailer:
                 idx = body.find(b"\n", idx + 1)
             body = body[:idx]
             consumed = idx + 1
-        self.partial_since = None
         if self._start_re is not None:
             held = self._hold_last_record(body, now, final)
             if held is not None:

@@ -95,6 +95,8 @@ class Aggregator:
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.control: ControlServer | None = None
         self.rotate_requests: set[str | None] = set()
+        # Prefixes XPUB subscribers asked for: no subscriber, nothing to publish.
+        self.subscriptions: set[bytes] = set()
         self.commit_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -116,8 +118,8 @@ class Aggregator:
         self._tasks = [
             asyncio.create_task(self.receive_loop(self.sockets["pull"], "pull"), name="pull"),
             asyncio.create_task(self.receive_loop(self.sockets["xsub"], "xsub"), name="xsub"),
-            asyncio.create_task(proxy.forward_subscriptions(self.sockets["xpub"], self.sockets["xsub"]),
-                                name="subscriptions"),
+            asyncio.create_task(proxy.forward_subscriptions(self.sockets["xpub"], self.sockets["xsub"],
+                                                            self.subscriptions), name="subscriptions"),
             asyncio.create_task(self.control.serve(), name="control"),
             asyncio.create_task(self.commit_loop(), name="commit"),
             asyncio.create_task(self.ticker(), name="ticker"),
@@ -282,13 +284,19 @@ class Aggregator:
             agent = self.agents[batch.agent] = AgentInfo(batch.agent, mode="push" if via == "pull" else "pub")
         agent.lines += n
         agent.last_seen = time.monotonic()
-        proxy.publish(self.sockets["xpub"], frames)
+        if self.subscriptions:
+            proxy.publish(self.sockets["xpub"], frames)
 
     def format_batch(self, batch: wire.Batch, fmt: str) -> bytes:
         if fmt == "raw":
             if not batch.lines:
                 return b""
-            return ("\n".join(batch.lines) + "\n").encode("utf-8", "surrogateescape")
+            # One join and one encode, the trailing newline included (no third copy).
+            batch.lines.append("")
+            try:
+                return "\n".join(batch.lines).encode()
+            finally:
+                batch.lines.pop()
         now = self.clock()
         agent, path = batch.agent, batch.path
         return b"".join(
@@ -385,8 +393,9 @@ class Aggregator:
 
     def _sync_and_journal(self, dirty: list[Any], positions: dict[str, int], pending: dict[str, int]) -> None:
         try:
-            self.sink.sync_files(dirty)
-            self.journal.append(positions, pending)
+            if self.cfg.fsync:
+                self.sink.sync_files(dirty)
+            self.journal.append(positions, pending, sync=self.cfg.fsync)
         except OSError as exc:
             raise SinkError(exc.errno, f"commit failed: {exc.strerror}") from None
 

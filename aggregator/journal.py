@@ -124,7 +124,7 @@ class Journal:
         return state
 
     def append(self, topics: dict[str, int], streams: dict[str, int],
-               rotations: dict[str, Any] | None = None) -> int:
+               rotations: dict[str, Any] | None = None, sync: bool = True) -> int:
         """Make one commit record durable. Blocking (fsync): run it off the event loop."""
         record: dict[str, Any] = {"seq": self.state.seq + 1, "t": time.time(),
                                   "topics": topics, "streams": streams}
@@ -133,7 +133,8 @@ class Journal:
         body = orjson.dumps(record)
         frame = _HEADER.pack(len(body), zlib.crc32(body)) + body
         write_all(self._fd, frame)
-        os.fdatasync(self._fd)
+        if sync:
+            os.fdatasync(self._fd)
         self._size += len(frame)
         self.state.apply(record)
         if self._size > self.compact_bytes:

@@ -64,13 +64,21 @@ def publish(xpub: zmq.asyncio.Socket, frames: list[bytes]) -> None:
         xpub.send_multipart(frames, flags=zmq.NOBLOCK)
 
 
-async def forward_subscriptions(xpub: zmq.asyncio.Socket, xsub: zmq.asyncio.Socket) -> None:
-    """Pass (un)subscriptions from subscribers up to the publishers.
+async def forward_subscriptions(xpub: zmq.asyncio.Socket, xsub: zmq.asyncio.Socket,
+                                subscriptions: set[bytes]) -> None:
+    """Pass (un)subscriptions from subscribers up to the publishers, and keep the set of
+    subscribed prefixes (XPUB reports the first subscription and the last unsubscription of each).
 
     Never the unsubscription of the empty prefix: publishers keep one subscription set per
     connection, so it would cancel the aggregator's own subscribe-to-everything.
     """
     while True:
         msg = await xpub.recv()
-        if msg[:1] == b"\x01" or (msg[:1] == b"\x00" and len(msg) > 1):
+        kind, prefix = msg[:1], msg[1:]
+        if kind == b"\x01":
+            subscriptions.add(prefix)
             await xsub.send(msg)
+        elif kind == b"\x00":
+            subscriptions.discard(prefix)
+            if prefix:
+                await xsub.send(msg)
