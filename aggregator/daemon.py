@@ -400,21 +400,27 @@ class Aggregator:
             raise SinkError(exc.errno, f"commit failed: {exc.strerror}") from None
 
     async def probe_disk(self) -> None:
-        """After a write error, wait until a test write succeeds, then take batches again."""
-        probe = os.path.join(self.cfg.state_dir, ".probe")
+        """After a write error, wait until the output has room for a commit's worth of lines
+        and a test write succeeds (in output_dir and state_dir), then take batches again."""
+        need = 2 * self.cfg.commit_max_bytes
         while True:
             await asyncio.sleep(1.0)
             try:
-                with open(probe, "wb") as fh:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.unlink(probe)
+                if shutil.disk_usage(self.cfg.output_dir).free < need:
+                    continue
+                for directory in (self.cfg.output_dir, self.cfg.state_dir):
+                    probe = os.path.join(directory, ".fleetlog-probe")
+                    try:
+                        with open(probe, "wb") as fh:
+                            fh.write(b"\0" * 65536)
+                            fh.flush()
+                            os.fsync(fh.fileno())
+                    finally:
+                        with contextlib.suppress(OSError):
+                            os.unlink(probe)
                 for topic in list(self.topics):
                     self.sink.topic_dir(topic)
             except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(probe)
                 continue
             log.warning("output is writable again; taking batches (agents resend what was refused)")
             self.notifier.notify("STATUS=output writable again")
