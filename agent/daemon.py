@@ -13,7 +13,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from agent import batch
+from agent import batch, metrics
 from agent.config import Config, SourceConfig
 from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
@@ -41,6 +41,9 @@ class Agent:
         # Copies of followed files (copytruncate's app.log.1, a `cp`): identity -> stream copied.
         self.shadows: dict[tuple[int, int], Checkpoint] = {}
         self.unacked: set[Tailer] = set()
+        # Bytes shipped and not acknowledged: kept up to date on shipping, recounted whenever
+        # acks, resyncs or rewinds move offsets (a sum per batch would cost O(files)).
+        self.inflight = 0
         # The file that last had a name, while a new file there has not been found yet.
         self.predecessors: dict[str, Tailer] = {}
         self.ready: deque[Tailer] = deque()
@@ -62,6 +65,7 @@ class Agent:
         self.resends = 0
         self._warned: set[str] = set()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.metrics: metrics.MetricsServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -76,6 +80,7 @@ class Agent:
         self.transport.connect()
         self.status_server = StatusServer(self, self.ctx, self.cfg.status_endpoint)
         self.status_server.bind()
+        self.metrics = metrics.serve(self)
         self.scan()
         self.resume_rotated_while_down()
         self.watcher = Watcher(self.config.sources, self.on_change, self.cfg.watch_debounce_ms,
@@ -138,6 +143,8 @@ class Agent:
             self.transport.close()
         if self.ctx is not None:
             self.ctx.term()
+        if self.metrics is not None:
+            self.metrics.close()
         self.notifier.close()
         log.info("agent stopped")
 
@@ -217,8 +224,9 @@ class Agent:
         pred = self.predecessors.pop(path, None)
         if pred is not None and self.tailers.get(pred.stream) is pred:
             t.predecessor = pred
-        t.fd = fd
-        t.size = st.st_size
+        t.attach(fd, st.st_size)
+        if Tailer.open_files > self.cfg.max_open_files:
+            t.close()  # read (and reopened by name) when its turn comes
         self.add(t)
         log.debug("following %s from %d (stream %s)", path, t.ship_pos, t.stream)
 
@@ -251,6 +259,7 @@ class Agent:
         if self.by_path.get(t.path) is t:
             del self.by_path[t.path]
         self.unacked.discard(t)
+        self.inflight = self.inflight_bytes()
         self.queued.discard(t)
         self.checkpoints_dirty = True
 
@@ -286,6 +295,7 @@ class Agent:
         fp, fp_len = fingerprint(t.fd)  # type: ignore[arg-type]
         log.info("%s was truncated at %d (acked %d); reading it again from 0", t.path, t.ship_pos, t.acked)
         self.unacked.discard(t)
+        self.inflight = self.inflight_bytes()
         t.restart_stream(fp, fp_len)
         self.unsaved_streams = True
         self.tailers = {s: x for s, x in self.tailers.items() if x is not t}
@@ -476,7 +486,7 @@ class Agent:
                 last_timers = now
                 self.rearm_timers()
                 self.check_ack_timeout(now)
-            if self.unacked and self.inflight_bytes() >= cfg.max_inflight_bytes:
+            if self.unacked and self.inflight >= cfg.max_inflight_bytes:
                 self.acked_event.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.acked_event.wait(), timeout=timers_every)
@@ -513,6 +523,7 @@ class Agent:
             self.save_checkpoints()
         frames = batch.frames_for(cfg.name, t, chunk)
         t.seq += 1
+        self.inflight += max(0, chunk.end - max(t.ship_pos, t.acked))
         t.ship_pos = chunk.end
         if chunk.end > t.acked:
             if not self.unacked:
@@ -525,6 +536,8 @@ class Agent:
         t.next_read = batch.next_read_at(now, delay, read_full)
         if read_full:
             self.enqueue(t)
+        elif Tailer.open_files > cfg.max_open_files and t.rotated_at is None:
+            t.close()  # read to its end: reopened by name when it changes
         assert self.transport is not None
         await self.transport.send(frames)
 
@@ -564,6 +577,7 @@ class Agent:
             t.rewind(t.acked)
             self.enqueue(t)
         self.unacked.clear()
+        self.inflight = 0
         self.last_ack_progress = now
 
     # -- acknowledgements -----------------------------------------------------------------------
@@ -577,6 +591,7 @@ class Agent:
                     self.ack(stream, end)
         elif event == "resync":
             self.resync(msg.get("stream"), msg.get("offset"), msg.get("seq"))
+        self.inflight = self.inflight_bytes()
 
     def ack(self, stream: str, end: Any) -> None:
         t = self.tailers.get(stream)
@@ -623,6 +638,7 @@ class Agent:
                 t.rewind(t.acked)
                 self.enqueue(t)
             self.unacked.clear()
+        self.inflight = self.inflight_bytes()
         log.info("connected to aggregator %s", result.get("instance"))
 
     def hello_args(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from agent.config import SourceConfig
 
@@ -46,6 +47,8 @@ class Chunk:
 
 @dataclass(eq=False)
 class Tailer:
+    open_files: ClassVar[int] = 0  # descriptors held by all tailers of this process
+
     source: SourceConfig
     path: str
     stream: str
@@ -101,14 +104,19 @@ class Tailer:
         if (st.st_dev, st.st_ino) != (self.dev, self.ino):
             os.close(fd)
             return False
-        self.fd = fd
-        self.size = st.st_size
+        self.attach(fd, st.st_size)
         return True
+
+    def attach(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        Tailer.open_files += 1
 
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+            Tailer.open_files -= 1
 
     def restart_stream(self, fp: str, fp_len: int) -> None:
         """The file was truncated: its new content is a new stream, read from offset 0."""

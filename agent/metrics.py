@@ -1,0 +1,121 @@
+"""Prometheus metrics of the agent, served on ``agent.metrics_listen`` (HOST:PORT; empty = off).
+
+As in the aggregator, nothing is counted for Prometheus on the hot path: a custom collector
+reads the agent's own counters when a scrape comes, from the HTTP server's thread, using only
+plain reads and C-level copies of its dicts and sets. prometheus-client is only imported when
+metrics are turned on.
+
+Metrics (all prefixed ``fleetlog_agent_``):
+
+    lines_shipped_total, batches_shipped_total, bytes_shipped_total
+    resends_total                     batches shipped again (no ack in time, resync, reconnect)
+    unacked_bytes                     shipped, not yet acknowledged as durable (bounded by
+                                      max_inflight_bytes: the agent stops reading there)
+    lag_bytes{topic}                  in the files, not yet acknowledged
+    files{topic}, open_files, copies_ignored
+    connected                         1 once the aggregator answered the hello
+    info{agent, mode, version}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from fleetlog import __version__
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+
+log = logging.getLogger("fleetlog.agent.metrics")
+
+PREFIX = "fleetlog_agent_"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9101`` for IPv6) -> (host, port)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class MetricsServer:
+    """prometheus-client's HTTP server (a daemon thread) on a private registry."""
+
+    def __init__(self, listen: str, collector: Any) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.process_collector import ProcessCollector
+
+        self.listen = listen
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        ProcessCollector(registry=self.registry)
+        host, port = parse_listen(listen)
+        try:
+            self.server, self.thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics_listen {listen}: {exc.strerror}") from None
+        log.info("metrics on http://%s/metrics", listen)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+class AgentCollector:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+        a = self.agent
+        tailers = list(a.tailers.values())
+        unacked = list(a.unacked)
+        transport = a.transport
+
+        def one(family: Any, value: float) -> Any:
+            family.add_metric([], value)
+            return family
+
+        yield InfoMetricFamily(PREFIX + "info", "The running agent",
+                               value={"agent": a.cfg.name, "mode": a.cfg.mode, "version": __version__})
+        yield one(CounterMetricFamily(PREFIX + "lines_shipped", "Lines shipped (resends included)"),
+                  a.lines_shipped)
+        yield one(CounterMetricFamily(PREFIX + "batches_shipped", "Batches shipped (resends included)"),
+                  a.batches_shipped)
+        yield one(CounterMetricFamily(PREFIX + "bytes_shipped", "Bytes of batch bodies sent"),
+                  transport.sent_bytes if transport is not None else 0)
+        yield one(CounterMetricFamily(PREFIX + "resends", "Times batches were shipped again"), a.resends)
+        inflight = getattr(a, "inflight", None)
+        if inflight is None:
+            inflight = sum(t.ship_pos - t.acked for t in unacked)
+        yield one(GaugeMetricFamily(PREFIX + "unacked_bytes",
+                                    "Bytes shipped but not acknowledged as durable yet"), inflight)
+        lag = GaugeMetricFamily(PREFIX + "lag_bytes", "Bytes in the files not acknowledged yet, per topic",
+                                labels=["topic"])
+        files = GaugeMetricFamily(PREFIX + "files", "Files followed, per topic", labels=["topic"])
+        per_topic: dict[str, list[int]] = {}
+        for t in tailers:
+            entry = per_topic.setdefault(t.source.topic, [0, 0])
+            entry[0] += t.lag_bytes
+            entry[1] += 1
+        for topic, (lag_bytes, count) in sorted(per_topic.items()):
+            lag.add_metric([topic], lag_bytes)
+            files.add_metric([topic], count)
+        yield lag
+        yield files
+        yield one(GaugeMetricFamily(PREFIX + "open_files", "Followed files with an open descriptor"),
+                  sum(1 for t in tailers if t.fd is not None))
+        yield one(GaugeMetricFamily(PREFIX + "copies_ignored", "Copies of followed files not shipped"),
+                  len(a.shadows))
+        yield one(GaugeMetricFamily(PREFIX + "connected", "1 once the aggregator answered the hello"),
+                  1 if transport is not None and transport.instance else 0)
+
+
+def serve(agent: Agent) -> MetricsServer | None:
+    listen = getattr(agent.cfg, "metrics_listen", "")
+    if not listen:
+        return None
+    return MetricsServer(listen, AgentCollector(agent))
