@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from fleetlog import wire
+from fleetlog import curve, wire
 from fleetlog.tomlconf import IPC_PATH_MAX, ConfigError, Section, apply_overrides, dir_problem, read_toml
 
 DEFAULT_PATH = "/etc/fleetlog/agent.toml"
@@ -57,6 +57,11 @@ class AgentConfig:
     idle_close_s: int = 300
     rotated_keep_s: int = 300
     shutdown_timeout_s: int = 10
+    # CurveZMQ: the aggregator's public key (z85 text or .key file) and this agent's secret
+    # key file (aggregatorctl keygen); both empty: plain ZeroMQ.
+    curve_server_key: str = ""
+    curve_secret_key: str = ""
+    metrics_listen: str = ""
     log_level: str = "info"
     loop: str = "uvloop"
 
@@ -136,12 +141,16 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         idle_close_s=s.int("idle_close_s", d.idle_close_s, 1),
         rotated_keep_s=s.int("rotated_keep_s", d.rotated_keep_s, 1),
         shutdown_timeout_s=s.int("shutdown_timeout_s", d.shutdown_timeout_s, 1, 3600),
+        curve_server_key=s.str("curve_server_key", ""),
+        curve_secret_key=s.str("curve_secret_key", ""),
+        metrics_listen=s.str("metrics_listen", ""),
         log_level=s.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
         loop=s.choice("loop", d.loop, ("uvloop", "asyncio")),
     )
     s.finish()
     sources = tuple(_parse_source(t) for t in root.tables("sources"))
     root.finish()
+    _check_keys(cfg, problems)
     if check_dirs and (message := dir_problem(cfg.state_dir, create=True)) is not None:
         problems.append(f"agent.state_dir: {message}")
     if not cfg.status_socket and len(cfg.status_endpoint) - len("ipc://") >= IPC_PATH_MAX:
@@ -149,6 +158,22 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(agent=cfg, sources=sources, source=source)
+
+
+def _check_keys(cfg: AgentConfig, problems: list[str]) -> None:
+    if bool(cfg.curve_server_key) != bool(cfg.curve_secret_key):
+        problems.append("agent: curve_server_key and curve_secret_key go together")
+        return
+    if not cfg.curve_secret_key:
+        return
+    try:
+        curve.load_public(cfg.curve_server_key)
+    except curve.KeyError_ as exc:
+        problems.append(f"agent.curve_server_key: {exc}")
+    try:
+        curve.load_secret(cfg.curve_secret_key)
+    except curve.KeyError_ as exc:
+        problems.append(f"agent.curve_secret_key: {exc}")
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, check_dirs: bool = True) -> Config:

@@ -49,7 +49,10 @@ class StatusServer:
         if self.sock is None:
             return
         while True:
-            frames = await self.sock.recv_multipart()
+            try:
+                frames = await self.sock.recv_multipart()
+            except zmq.Again:
+                continue
             if len(frames) < 2:
                 continue
             try:

@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from agent.config import AgentConfig
-from fleetlog import wire
+from fleetlog import curve, wire
 
 log = logging.getLogger("fleetlog.agent.transport")
 
@@ -55,7 +55,6 @@ class Transport:
         data.setsockopt(zmq.LINGER, 0)
         data.setsockopt(zmq.RECONNECT_IVL, 100)
         data.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        data.connect(self.cfg.data)
         control = self.ctx.socket(zmq.DEALER)
         control.setsockopt(zmq.IDENTITY, self.cfg.name.encode()[:255])
         control.setsockopt(zmq.LINGER, 0)
@@ -63,6 +62,12 @@ class Transport:
         control.setsockopt(zmq.RECONNECT_IVL, 100)
         control.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         control.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        if self.cfg.curve_secret_key:
+            keys = curve.load_secret(self.cfg.curve_secret_key)
+            server = curve.load_public(self.cfg.curve_server_key)
+            curve.as_client(data, keys, server)
+            curve.as_client(control, keys, server)
+        data.connect(self.cfg.data)
         control.connect(self.cfg.control)
         self.data, self.control = data, control
 
@@ -98,7 +103,10 @@ class Transport:
         assert self.control is not None
         loop = asyncio.get_running_loop()
         while True:
-            body = await self.control.recv()
+            try:
+                body = await self.control.recv()
+            except zmq.Again:
+                continue  # woken with nothing to read (seen with CURVE handshakes)
             try:
                 msg = wire.decode_control(body)
             except wire.WireError as exc:

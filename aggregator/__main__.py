@@ -10,7 +10,7 @@ import zmq
 
 from aggregator.config import load_config
 from aggregator.daemon import Aggregator
-from fleetlog import __version__, runtime
+from fleetlog import __version__, curve, runtime
 from fleetlog.tomlconf import ConfigError
 
 log = logging.getLogger("fleetlog.aggregator")
@@ -40,18 +40,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fleetlog-aggregator: {config.source}: ok")
         return 0
     runtime.setup_logging(config.aggregator.log_level)
-    return runtime.run(_serve(config), loop=config.aggregator.loop)
+    return runtime.run(_serve(config, args.set), loop=config.aggregator.loop)
 
 
-async def _serve(config) -> int:  # type: ignore[no-untyped-def]
-    agg = Aggregator(config)
+async def _serve(config, overrides: list[str]) -> int:  # type: ignore[no-untyped-def]
+    agg = Aggregator(config, overrides=overrides)
     try:
         runtime.install_signals(agg.request_stop, lambda: _spawn(agg.reload()))
         await agg.serve()
     except zmq.ZMQError as exc:
         log.error("cannot start: %s (is another aggregator using the endpoint?)", exc)
         return 1
-    except OSError as exc:
+    except (OSError, curve.KeyError_) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

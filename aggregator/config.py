@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetlog import wire
+from fleetlog import curve, wire
 from fleetlog.tomlconf import ConfigError, Section, apply_overrides, dir_problem, read_toml
 
 DEFAULT_PATH = "/etc/fleetlog/aggregator.toml"
@@ -47,6 +47,10 @@ class AggregatorConfig:
     agent_timeout_s: int = 30
     shutdown_timeout_s: int = 10
     metrics_listen: str = ""
+    # CurveZMQ: the aggregator's secret key file (aggregatorctl keygen); empty runs open.
+    curve_secret_key: str = ""
+    authorized_keys_dir: str = ""
+    admin_keys_dir: str = ""
     log_level: str = "info"
     loop: str = "uvloop"
 
@@ -104,11 +108,15 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         shutdown_timeout_s=s.int("shutdown_timeout_s", d.shutdown_timeout_s, 1, 3600),
         metrics_listen=s.str("metrics_listen", d.metrics_listen,
                              lambda v: None if v == "" else _listen_problem(v)),
+        curve_secret_key=s.str("curve_secret_key", d.curve_secret_key),
+        authorized_keys_dir=s.str("authorized_keys_dir", d.authorized_keys_dir),
+        admin_keys_dir=s.str("admin_keys_dir", d.admin_keys_dir),
         log_level=s.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
         loop=s.choice("loop", d.loop, ("uvloop", "asyncio")),
     )
     s.finish()
     root.finish()
+    _check_keys(cfg, problems)
     if check_dirs:
         for key in ("output_dir", "state_dir"):
             if (message := dir_problem(getattr(cfg, key), create=True)) is not None:
@@ -120,6 +128,24 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(aggregator=cfg, source=source)
+
+
+def _check_keys(cfg: AggregatorConfig, problems: list[str]) -> None:
+    if not cfg.curve_secret_key:
+        for key in ("authorized_keys_dir", "admin_keys_dir"):
+            if getattr(cfg, key):
+                problems.append(f"aggregator.{key}: needs aggregator.curve_secret_key")
+        return
+    try:
+        curve.load_secret(cfg.curve_secret_key)
+    except curve.KeyError_ as exc:
+        problems.append(f"aggregator.curve_secret_key: {exc}")
+    if not cfg.authorized_keys_dir:
+        problems.append("aggregator.authorized_keys_dir: needed with curve_secret_key (who may connect)")
+    for key in ("authorized_keys_dir", "admin_keys_dir"):
+        directory = getattr(cfg, key)
+        if directory and not os.path.isdir(directory):
+            problems.append(f"aggregator.{key}: {directory} is not a directory")
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, check_dirs: bool = True) -> Config:

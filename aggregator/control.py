@@ -7,6 +7,7 @@ lives in ``aggregator/commands/<verb>.py``; the table is ``aggregator.commands.C
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from fleetlog import wire
 
 if TYPE_CHECKING:
     from aggregator.daemon import Aggregator
+    from aggregator.security import Guard
 
 log = logging.getLogger("fleetlog.aggregator.control")
 
@@ -29,36 +31,65 @@ log = logging.getLogger("fleetlog.aggregator.control")
 class Peer:
     routing_id: bytes
     address: str
+    sock: zmq.asyncio.Socket
+    secure: bool = False   # came in over CURVE (False: open mode or an ipc:// endpoint)
+    user_id: str = ""      # the client's public key (z85) when secure
 
 
 class ControlServer:
-    def __init__(self, agg: Aggregator, ctx: zmq.asyncio.Context, endpoints: tuple[str, ...]) -> None:
+    """One ROUTER for all control endpoints; with CURVE on, a second one, plain, for the
+    ipc:// endpoints (protected by file permissions instead)."""
+
+    def __init__(self, agg: Aggregator, ctx: zmq.asyncio.Context, endpoints: tuple[str, ...],
+                 guard: Guard) -> None:
         self.agg = agg
         self.ctx = ctx
         self.endpoints = endpoints
-        self.sock: zmq.asyncio.Socket | None = None
+        self.guard = guard
+        self.sockets: list[tuple[zmq.asyncio.Socket, bool]] = []
         self.errors = 0
 
     def bind(self) -> None:
+        if self.guard.enabled:
+            groups = [([e for e in self.endpoints if e.startswith("ipc://")], False),
+                      ([e for e in self.endpoints if not e.startswith("ipc://")], True)]
+        else:
+            groups = [(list(self.endpoints), False)]
+        try:
+            for endpoints, secure in groups:
+                if endpoints:
+                    self.sockets.append((self._bind(endpoints, secure), secure))
+        except zmq.ZMQError:
+            self.close()
+            raise
+
+    def _bind(self, endpoints: list[str], secure: bool) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted agent takes its identity back
         sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.LINGER, 1000)
+        if secure:
+            self.guard.protect(sock)
         try:
-            for endpoint in self.endpoints:
+            for endpoint in endpoints:
                 bind(sock, endpoint)
                 if endpoint.startswith("ipc://"):
                     os.chmod(endpoint[len("ipc://"):], 0o660)
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
-        self.sock = sock
+        return sock
 
     async def serve(self) -> None:
-        assert self.sock is not None
+        await asyncio.gather(*(self._serve(sock, secure) for sock, secure in self.sockets))
+
+    async def _serve(self, sock: zmq.asyncio.Socket, secure: bool) -> None:
         while True:
-            frames = await self.sock.recv_multipart(copy=False)
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except zmq.Again:
+                continue  # woken with nothing to read (seen with CURVE handshakes)
             if len(frames) < 2:
                 continue
             envelope = [f.bytes for f in frames[:-1]]
@@ -67,7 +98,13 @@ class ControlServer:
                 address = body.get("Peer-Address")
             except zmq.ZMQError:
                 address = ""
-            peer = Peer(envelope[0], address or "local")
+            user_id = ""
+            if secure:
+                try:
+                    user_id = body.get("User-Id")
+                except zmq.ZMQError:
+                    user_id = ""
+            peer = Peer(envelope[0], address or "local", sock, secure, user_id)
             await self.handle(envelope, body.bytes, peer)
 
     async def handle(self, envelope: list[bytes], body: bytes, peer: Peer) -> None:
@@ -82,32 +119,37 @@ class ControlServer:
         command = COMMANDS.get(request["command"])
         if command is None:
             known = ", ".join(sorted(COMMANDS))
-            self.reply(envelope, wire.encode_reply(
+            self.reply(peer.sock, envelope, wire.encode_reply(
                 req_id, error=f"unknown command {request['command']!r}; known: {known}"))
+            return
+        if getattr(command, "ADMIN", False) and not self.guard.may_admin(peer.secure, peer.user_id):
+            self.reply(peer.sock, envelope, wire.encode_reply(
+                req_id, error=f"{request['command']} is an admin command: use the aggregator's ipc://"
+                              " control socket or an admin key"))
             return
         try:
             result = await command.run(self.agg, request["args"], peer)
         except (ValueError, KeyError, TypeError) as exc:
             self.errors += 1
-            self.reply(envelope, wire.encode_reply(req_id, error=f"{request['command']}: {exc}"))
+            self.reply(peer.sock, envelope, wire.encode_reply(req_id, error=f"{request['command']}: {exc}"))
             return
         if req_id is not None:
-            self.reply(envelope, wire.encode_reply(req_id, result))
+            self.reply(peer.sock, envelope, wire.encode_reply(req_id, result))
 
-    def reply(self, envelope: list[bytes], body: bytes) -> None:
-        assert self.sock is not None
+    @staticmethod
+    def reply(sock: zmq.asyncio.Socket, envelope: list[bytes], body: bytes) -> None:
         try:
-            self.sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK)
+            sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError) as exc:
             log.debug("reply not sent: %s", exc)
 
-    def send_to(self, routing_id: bytes, body: bytes) -> None:
-        self.reply([routing_id], body)
+    def send_to(self, sock: zmq.asyncio.Socket, routing_id: bytes, body: bytes) -> None:
+        self.reply(sock, [routing_id], body)
 
     async def flush(self) -> None:
         """Replies are queued in ZeroMQ; closing with linger sends them."""
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=500)
-            self.sock = None
+        for sock, _ in self.sockets:
+            sock.close(linger=500)
+        self.sockets = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
@@ -33,14 +34,19 @@ def bind(sock: zmq.Socket, endpoint: str) -> None:  # type: ignore[type-arg]
     sock.bind(endpoint)
 
 
-def bind_data_sockets(ctx: zmq.asyncio.Context, cfg: AggregatorConfig) -> dict[str, zmq.asyncio.Socket]:
+def bind_data_sockets(ctx: zmq.asyncio.Context, cfg: AggregatorConfig,
+                      protect: Callable[[zmq.Socket], None],  # type: ignore[type-arg]
+                      ) -> dict[str, zmq.asyncio.Socket]:
+    """Bind pull, xsub and xpub; ``protect`` puts CURVE on each when keys are configured."""
     sockets: dict[str, zmq.asyncio.Socket] = {}
     try:
         pull = sockets["pull"] = ctx.socket(zmq.PULL)
+        protect(pull)
         pull.setsockopt(zmq.RCVHWM, RCVHWM)
         pull.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 4096)
         bind(pull, cfg.pull)
         xsub = sockets["xsub"] = ctx.socket(zmq.XSUB)
+        protect(xsub)
         xsub.setsockopt(zmq.RCVHWM, RCVHWM)
         xsub.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 4096)
         bind(xsub, cfg.xsub)
@@ -48,6 +54,7 @@ def bind_data_sockets(ctx: zmq.asyncio.Context, cfg: AggregatorConfig) -> dict[s
         # every publisher that connects later.
         xsub.send(b"\x01")
         xpub = sockets["xpub"] = ctx.socket(zmq.XPUB)
+        protect(xpub)
         xpub.setsockopt(zmq.SNDHWM, XPUB_SNDHWM)
         xpub.setsockopt(zmq.MAXMSGSIZE, 4096)
         bind(xpub, cfg.xpub)
@@ -73,7 +80,10 @@ async def forward_subscriptions(xpub: zmq.asyncio.Socket, xsub: zmq.asyncio.Sock
     connection, so it would cancel the aggregator's own subscribe-to-everything.
     """
     while True:
-        msg = await xpub.recv()
+        try:
+            msg = await xpub.recv()
+        except zmq.Again:
+            continue
         kind, prefix = msg[:1], msg[1:]
         if kind == b"\x01":
             subscriptions.add(prefix)

@@ -1,0 +1,265 @@
+"""CurveZMQ: only authorised agents write, only they read, nothing in clear on the wire; the
+control plane keeps admin commands to ipc:// or admin keys; secrets never show."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+import zmq
+from harness import (
+    Endpoints,
+    Harness,
+    append_lines,
+    check_exactly_once,
+    count_lines,
+    make_lines,
+    output_lines,
+    wait_for,
+)
+
+from fleetlog import curve, wire
+
+
+@dataclass
+class Keys:
+    private: Path
+    agents: Path
+    admins: Path
+
+    def secret(self, name: str) -> str:
+        return str(self.private / f"{name}.key_secret")
+
+    def public(self, name: str) -> str:
+        return str(self.private / f"{name}.key")
+
+
+@pytest.fixture
+def keys(h: Harness) -> Keys:
+    k = Keys(h.path("keys", "private"), h.path("keys", "agents"), h.path("keys", "admins"))
+    for name in ("aggregator", "web-01", "stranger", "admin"):
+        curve.generate(str(k.private), name)
+    k.agents.mkdir()
+    k.admins.mkdir()
+    shutil.copy(k.public("web-01"), k.agents)
+    shutil.copy(k.public("admin"), k.admins)
+    return k
+
+
+def secure_aggregator(h: Harness, keys: Keys) -> tuple[Endpoints, Endpoints]:
+    """(tcp endpoints, same with the ipc:// control endpoint) of an aggregator with CURVE on."""
+    tcp = h.endpoints(tcp=True)
+    ipc_control = f"ipc://{h.root}/ctl.sock"
+    h.aggregator(tcp, f"aggregator.control=[\"{tcp.control}\", \"{ipc_control}\"]",
+                 f"aggregator.curve_secret_key={keys.secret('aggregator')}",
+                 f"aggregator.authorized_keys_dir={keys.agents}",
+                 f"aggregator.admin_keys_dir={keys.admins}")
+    local = Endpoints(tcp.pull, tcp.xsub, tcp.xpub, ipc_control)
+    wait_for(lambda: h.ctl(local, "ping").returncode == 0, what="aggregator up")
+    return tcp, local
+
+
+def agent_keys(keys: Keys, name: str = "web-01") -> list[str]:
+    return [f"agent.curve_secret_key={keys.secret(name)}",
+            f"agent.curve_server_key={keys.public('aggregator')}"]
+
+
+def test_keygen_writes_safe_modes(h: Harness) -> None:
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "aggregator.ctl", "keygen", "node7", "--dir", str(h.path("k"))],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(h.path("k", "node7.key_secret")).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(h.path("k", "node7.key")).st_mode) == 0o644
+    again = subprocess.run([sys.executable, "-m", "aggregator.ctl", "keygen", "node7", "--dir",
+                            str(h.path("k"))], capture_output=True, text=True, timeout=30)
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("mode", ["push", "pub"])
+def test_authorised_agent_works(h: Harness, keys: Keys, mode: str) -> None:
+    tcp, _local = secure_aggregator(h, keys)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 2000))
+    h.agent(tcp, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "sec"}], *agent_keys(keys), mode=mode)
+    wait_for(lambda: count_lines(h.path("out", "sec", "sec.log")) >= 2000, what="lines from the agent")
+    check_exactly_once(output_lines(h.path("out"), "sec"), {"a": 2000})
+
+
+def _batch(topic: str = "intruder") -> list[bytes]:
+    return wire.encode_batch(wire.Batch(topic, "mallory", "s1", 0, "/x", "1:2:3", 0, 0, 6, ["hello"]))
+
+
+def test_clients_without_curve_or_with_an_unknown_key_get_nothing_written(h: Harness, keys: Keys) -> None:
+    tcp, local = secure_aggregator(h, keys)
+    ctx = zmq.Context()
+    plain = ctx.socket(zmq.PUSH)
+    stranger = ctx.socket(zmq.PUSH)
+    curve.as_client(stranger, curve.load_secret(keys.secret("stranger")),
+                    curve.load_public(keys.public("aggregator")))
+    try:
+        for s in (plain, stranger):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDTIMEO, 100)
+            s.connect(tcp.pull)
+        # An agent process with an unknown key, too.
+        append_lines(h.path("logs", "a.log"), make_lines("a", 0, 100))
+        h.agent(tcp, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "intruder"}],
+                *agent_keys(keys, "stranger"), name="mallory")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for s in (plain, stranger):
+                try:
+                    s.send_multipart(_batch())
+                except zmq.Again:
+                    pass
+            time.sleep(0.05)
+        status = h.status(local)
+        assert status["totals"]["lines_written"] == 0
+        assert not h.path("out", "intruder").exists()
+        assert status["agents"] == []
+    finally:
+        plain.close()
+        stranger.close()
+        ctx.term()
+
+
+class Relay:
+    """A TCP relay that records what the client sends: the wire as an eavesdropper sees it."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream[len("tcp://"):].rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self.seen = bytearray()
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.server.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # the relay was closed
+            try:
+                up = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()  # upstream not listening yet: the client reconnects
+                continue
+            threading.Thread(target=self._pump, args=(client, up, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if record:
+                    self.seen += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["curve", "plain-control"])
+def test_lines_are_not_in_clear_on_the_wire(h: Harness, keys: Keys, secure: bool) -> None:
+    if secure:
+        tcp, _local = secure_aggregator(h, keys)
+        extra = agent_keys(keys)
+    else:
+        tcp = h.endpoints(tcp=True)
+        h.aggregator(tcp)
+        extra = []
+    relay = Relay(tcp.pull)
+    try:
+        marker = "SECRET-CARD-NUMBER-4111111111111111"
+        append_lines(h.path("logs", "a.log"), [f"a#{i:08d} {marker}" for i in range(50)])
+        via_relay = Endpoints(relay.endpoint, tcp.xsub, tcp.xpub, tcp.control)
+        h.agent(via_relay, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "sec"}], *extra)
+        wait_for(lambda: count_lines(h.path("out", "sec", "sec.log")) >= 50, what="lines through the relay")
+        assert len(relay.seen) > 50 * len(marker)
+        assert (marker.encode() in relay.seen) is not secure
+    finally:
+        relay.close()
+
+
+def test_admin_commands_need_ipc_or_an_admin_key(h: Harness, keys: Keys) -> None:
+    tcp, local = secure_aggregator(h, keys)
+    server = ["--server-key", keys.public("aggregator")]
+    as_agent = h.ctl(tcp, "--curve-key", keys.secret("web-01"), *server, "status", "--json")
+    assert as_agent.returncode == 0, as_agent.stderr
+    refused = h.ctl(tcp, "--curve-key", keys.secret("web-01"), *server, "rotate")
+    assert refused.returncode == 1 and "admin command" in refused.stderr
+    assert h.ctl(tcp, "--curve-key", keys.secret("admin"), *server, "rotate").returncode == 0
+    assert h.ctl(local, "rotate").returncode == 0
+    no_key = h.ctl(tcp, "--timeout", "1", "status")
+    assert no_key.returncode == 3
+    unknown = h.ctl(tcp, "--timeout", "1", "--curve-key", keys.secret("stranger"), *server, "status")
+    assert unknown.returncode == 3
+
+
+def test_secrets_never_show(h: Harness, keys: Keys) -> None:
+    tcp, local = secure_aggregator(h, keys)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 10))
+    agent = h.agent(tcp, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "sec"}], *agent_keys(keys))
+    wait_for(lambda: count_lines(h.path("out", "sec", "sec.log")) >= 10, what="lines")
+    secrets = [curve.load_secret(keys.secret(n)).secret.decode() for n in ("aggregator", "web-01")]
+    status = orjson.dumps(h.status(local)).decode()
+    logs = "".join(p.log() for p in h.procs) + agent.log()
+    for secret in secrets:
+        assert secret not in status and secret not in logs
+        assert secret not in repr(curve.load_secret(keys.secret("web-01")))
+
+
+def test_random_junk_on_the_data_ports_changes_nothing(h: Harness) -> None:
+    ep = h.endpoints()
+    agg = h.aggregator(ep)
+    rng = random.Random(7)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(ep.pull)
+    try:
+        topics = [b"../x", b"a/b", b"..", b"", b"ok", b"\x00", b"t" * 129, b"good-topic"]
+        for _ in range(500):
+            topic = rng.choice(topics)
+            body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 300)))
+            if rng.random() < 0.5:
+                doc = {"v": 1, "agent": rng.choice(["a", "", 5]), "stream": "s", "base": rng.randint(-2, 5),
+                       "path": "../../etc/passwd", "file": "x", "seq": 0, "start": rng.randint(-1, 9),
+                       "end": rng.randint(-1, 9), "lines": rng.choice([[], ["x"], [None], "x", [1.5]])}
+                body = orjson.dumps(doc)
+            push.send_multipart([topic, body])
+        wait_for(lambda: h.status(ep)["totals"]["malformed_dropped"] >= 400, what="junk counted")
+        assert agg.alive()
+        for root, _dirs, files in os.walk(h.root):
+            for name in files:
+                path = Path(root, name)
+                assert not path.is_relative_to(h.path("out")) or path.parts[len(h.path("out").parts)] in (
+                    "good-topic", "ok"), path
+        # Warnings are rate-limited: one per peer and reason, not one per message.
+        assert agg.log().count("malformed message") < 20
+    finally:
+        push.close()
+        ctx.term()

@@ -1,0 +1,98 @@
+"""The wire format and the commit journal: pure parts, and the decoder under fuzzing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.journal import Journal
+from fleetlog import wire
+
+
+def sample(**changes: object) -> wire.Batch:
+    fields = {"topic": "nginx", "agent": "web-01", "stream": "abc", "base": 0, "path": "/var/log/x.log",
+              "file": "1:2:ff", "seq": 3, "start": 10, "end": 30, "lines": ["é one", "two\x00", ""]}
+    fields.update(changes)
+    return wire.Batch(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trip_keeps_every_field() -> None:
+    batch = sample()
+    frames = wire.encode_batch(batch)
+    assert frames[0] == b"nginx"
+    assert wire.decode_batch(frames) == batch
+    assert orjson.loads(frames[1])["v"] == wire.VERSION
+
+
+@pytest.mark.parametrize("topic, ok", [
+    ("nginx", True), ("a.b-c_d", True), ("x" * 128, True), ("x" * 129, False), (".hidden", False),
+    ("..", False), ("a/b", False), ("", False), ("é", False), ("a b", False),
+])
+def test_topic_alphabet(topic: str, ok: bool) -> None:
+    assert wire.valid_topic(topic) is ok
+
+
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(),
+                       lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(), kids, max_size=4),
+                       max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.binary(max_size=140), body=st.binary(max_size=400))
+def test_decoder_never_crashes_on_bytes(topic: bytes, body: bytes) -> None:
+    try:
+        batch = wire.decode_batch([topic, body])
+    except wire.WireError:
+        return
+    assert wire.valid_topic(batch.topic)
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.sampled_from([b"ok", b"../etc", b"a/b", b".x", b"good.topic"]),
+       doc=st.fixed_dictionaries({}, optional={k: JSONISH for k in (
+           "v", "agent", "stream", "base", "path", "file", "seq", "start", "end", "lines")}),
+       version=st.sampled_from([1, 1, 2, None]))
+def test_decoded_batches_are_safe_to_write(topic: bytes, doc: dict[str, object], version: object) -> None:
+    if version is not None:
+        doc["v"] = version
+    try:
+        batch = wire.decode_batch([topic, orjson.dumps(doc)])
+    except wire.WireError:
+        return
+    out = Path("/srv/out")
+    target = (out / batch.topic / f"{batch.topic}.log").resolve()
+    assert target.is_relative_to(out) and target.parent.parent == out
+    assert 0 <= batch.base <= batch.start <= batch.end
+
+
+def test_journal_survives_a_torn_tail(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path))
+    j.recover()
+    j.append({"t": 100}, {"a\x1fs": 100})
+    j.append({"t": 250}, {"a\x1fs": 250, "b\x1fs": 7})
+    j.close()
+    with open(tmp_path / "journal.bin", "ab") as fh:
+        fh.write(b"\x50\x00\x00\x00garbage-from-a-crash")
+    j2 = Journal(str(tmp_path))
+    state = j2.recover()
+    assert state.topics == {"t": 250}
+    assert {k: v[0] for k, v in state.streams.items()} == {"a\x1fs": 250, "b\x1fs": 7}
+    j2.append({"t": 300}, {})
+    j2.close()
+    assert Journal(str(tmp_path)).recover().topics == {"t": 300}
+
+
+def test_journal_compaction_keeps_the_state(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), compact_bytes=2000)
+    j.recover()
+    for i in range(100):
+        j.append({"t": i}, {f"a\x1f{i % 7}": i})
+    j.close()
+    assert os.path.getsize(tmp_path / "journal.bin") < 2000
+    state = Journal(str(tmp_path)).recover()
+    assert state.topics == {"t": 99} and state.streams["a\x1f1"][0] == 99 and state.seq == 100
