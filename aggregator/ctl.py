@@ -1,4 +1,5 @@
-"""``aggregatorctl``: ask a running aggregator how it is doing, tail a topic, rotate, reload."""
+"""``aggregatorctl``: ask a running aggregator how it is doing, watch it live, tail a topic,
+rotate, reload."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import orjson
 import zmq
 
 from aggregator.config import load_config
-from fleetlog import wire
+from fleetlog import curve, wire
 from fleetlog.tomlconf import ConfigError
 
 EXIT_UNREACHABLE = 3
@@ -46,14 +47,23 @@ def find_control(args: argparse.Namespace) -> str:
 class Client:
     """One DEALER to the control endpoint; every request has a deadline."""
 
-    def __init__(self, endpoint: str, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, timeout_s: float,
+                 curve_keys: tuple[curve.KeyPair, bytes] | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.curve_keys = curve_keys
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock = self.socket(zmq.DEALER)
         self.sock.connect(endpoint)
         self.ids = itertools.count(1)
+
+    def socket(self, kind: int) -> zmq.Socket:  # type: ignore[type-arg]
+        """A socket to the aggregator, with CURVE when keys were given."""
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve_keys is not None:
+            curve.as_client(sock, *self.curve_keys)
+        return sock
 
     def call(self, command: str, **args: Any) -> Any:
         req_id = next(self.ids)
@@ -98,12 +108,13 @@ def _size(n: float | None) -> str:
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*headers), *(fmt.format(*map(str, r)) for r in rows)]
+    return [fmt.format(*headers).rstrip(), *(fmt.format(*map(str, r)).rstrip() for r in rows)]
 
 
 def render_status(s: dict[str, Any]) -> str:
+    disk = s["disk"]
     out = [f"aggregator {s['instance']}  up {_age(s['uptime_s'])}  output {s['output_dir']}  "
-           f"free {_size(s['disk'].get('output_free_bytes'))}"]
+           f"disk free {_size(disk.get('output_free_bytes'))} of {_size(disk.get('output_total_bytes'))}"]
     if s.get("disk_error"):
         out.append(f"!! output not writable, nothing is being acknowledged: {s['disk_error']}")
     out.append("")
@@ -125,6 +136,9 @@ def render_status(s: dict[str, Any]) -> str:
     out += ["", f"totals: {t['lines_written']} lines written ({_size(t['bytes_written'])}), "
                 f"{t['duplicates_dropped']} duplicates dropped, {t['malformed_dropped']} malformed dropped, "
                 f"{t['resyncs']} resyncs, {t['commits']} commits, {t['streams']} streams"]
+    if t.get("pending_bytes") or t.get("compressions_running"):
+        out.append(f"in progress: {_size(t.get('pending_bytes', 0))} not committed yet, "
+                   f"{t.get('compressions_running', 0)} files being compressed")
     if s.get("malformed"):
         out.append("malformed by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(s["malformed"].items())))
     return "\n".join(out)
@@ -139,6 +153,85 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _rates(s: dict[str, Any], prev: dict[str, Any] | None, dt: float,
+           kind: str) -> dict[str, tuple[float, float]]:
+    """(lines/s, bytes/s) per topic or agent: from two snapshots, else the server's smoothed rate."""
+    before = {x["name"]: x for x in prev[kind]} if prev is not None else {}
+    out = {}
+    for x in s[kind]:
+        p = before.get(x["name"])
+        if p is not None and dt > 0:
+            out[x["name"]] = (max(0, x["lines"] - p["lines"]) / dt,
+                              max(0, x.get("bytes", 0) - p.get("bytes", 0)) / dt)
+        else:
+            out[x["name"]] = (x["lines_per_s"], -1.0)
+    return out
+
+
+def render_top(s: dict[str, Any], prev: dict[str, Any] | None, dt: float, endpoint: str) -> str:
+    """One screen of ``aggregatorctl top``: rates and lag, busiest first."""
+    topics = _rates(s, prev, dt, "topics")
+    agents = _rates(s, prev, dt, "agents")
+    t = s["totals"]
+    total_lines = sum(r[0] for r in topics.values())
+    total_bytes = sum(r[1] for r in topics.values() if r[1] >= 0)
+    out = [f"fleetlog top  {time.strftime('%H:%M:%S')}  aggregator {s['instance']} at {endpoint}  "
+           f"up {_age(s['uptime_s'])}  free {_size(s['disk'].get('output_free_bytes'))}",
+           f"in  {total_lines:,.0f} lines/s  {_size(total_bytes)}/s   written {t['lines_written']:,}  "
+           f"dup {t['duplicates_dropped']:,}  malformed {t['malformed_dropped']:,}  "
+           f"resyncs {t['resyncs']:,}  pending {_size(t.get('pending_bytes'))}"]
+    if s.get("disk_error"):
+        out.append(f"!! output not writable, nothing is being acknowledged: {s['disk_error']}")
+    out.append("")
+    rows = sorted(s["topics"], key=lambda x: (-topics[x["name"]][0], x["name"]))
+    out += _table(["TOPIC", "LINES/S", "BYTES/S", "LINES", "ACTIVE FILE"],
+                  [[x["name"], f"{topics[x['name']][0]:,.0f}",
+                    _size(topics[x["name"]][1]) + "/s" if topics[x["name"]][1] >= 0 else "-",
+                    f"{x['lines']:,}", _size(x["file_bytes"])] for x in rows])
+    out.append("")
+    rows = sorted(s["agents"], key=lambda x: (-x["lag_bytes"], -agents[x["name"]][0], x["name"]))
+    out += _table(["AGENT", "MODE", "CONNECTED", "LAST SEEN", "LINES/S", "LAG", "FILES"],
+                  [[x["name"], x["mode"] or "-", "yes" if x["connected"] else "NO", _age(x["last_seen_s"]),
+                    f"{agents[x['name']][0]:,.0f}", _size(x["lag_bytes"]), x["files"]] for x in rows])
+    return "\n".join(out)
+
+
+def cmd_top(client: Client, args: argparse.Namespace) -> int:
+    """Redraw rates and lag every --interval seconds until Ctrl-C (or --iterations N)."""
+    tty = sys.stdout.isatty()
+    prev: dict[str, Any] | None = None
+    prev_at = 0.0
+    shown = 0
+    if tty:
+        sys.stdout.write("\x1b[?25l")  # hide the cursor while redrawing
+    try:
+        while True:
+            at = time.monotonic()
+            try:
+                s = client.call("status")
+            except Unreachable as exc:
+                if prev is None:
+                    raise
+                screen = f"fleetlog top  {time.strftime('%H:%M:%S')}  {exc}; retrying"
+            else:
+                screen = render_top(s, prev, at - prev_at, client.endpoint)
+                prev, prev_at = s, at
+            # Home + clear on a terminal; plain frames separated by a blank line otherwise.
+            sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + screen + ("\n" if tty else "\n\n"))
+            sys.stdout.flush()
+            shown += 1
+            if args.iterations is not None and shown >= args.iterations:
+                break
+            time.sleep(max(0.0, args.interval - (time.monotonic() - at)))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if tty:
+            sys.stdout.write("\x1b[?25h")
+            sys.stdout.flush()
+    return 0
+
+
 def cmd_tail(client: Client, args: argparse.Namespace) -> int:
     """Subscribe to the topic on XPUB and print lines until interrupted (or --lines N)."""
     if not wire.valid_topic(args.topic):
@@ -147,7 +240,7 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
     xpub = client.call("tail", topic=args.topic)["xpub"]
     host = client.endpoint[len("tcp://"):].rsplit(":", 1)[0] if client.endpoint.startswith("tcp://") \
         else "127.0.0.1"
-    sub = client.ctx.socket(zmq.SUB)
+    sub = client.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     # Prefix filtering would also match "nginx-errors" for "nginx": filter exactly below.
     sub.setsockopt(zmq.SUBSCRIBE, args.topic.encode())
@@ -203,10 +296,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", metavar="PATH", help="find the control endpoint in this aggregator config")
     p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
                    help="how long to wait for an answer (default 3)")
+    p.add_argument("--curve-key", metavar="FILE", help="this client's secret key file (CURVE over tcp)")
+    p.add_argument("--server-key", metavar="KEY", help="the aggregator's public key (z85 or .key file)")
     sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("keygen", help="write a CURVE key pair NAME.key and NAME.key_secret (0600)")
+    k.add_argument("name")
+    k.add_argument("--dir", default=".", help="where to write them (default: here)")
+    k.set_defaults(func=None)
     s = sub.add_parser("status", help="agents, topics, totals")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.set_defaults(func=cmd_status)
+    top = sub.add_parser("top", help="live view of rates and lag, redrawn every --interval seconds")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="default 1")
+    top.add_argument("--iterations", type=int, default=None, metavar="N", help="stop after N screens")
+    top.set_defaults(func=cmd_top)
     t = sub.add_parser("tail", help="print a topic's lines live")
     t.add_argument("topic")
     t.add_argument("-n", "--lines", type=int, default=None, help="stop after N lines")
@@ -219,15 +322,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def keygen(name: str, directory: str) -> int:
+    if not name or "/" in name or name.startswith("."):
+        print(f"aggregatorctl: {name!r} is not a usable key name", file=sys.stderr)
+        return 2
+    try:
+        public, secret = curve.generate(directory, name)
+    except (curve.KeyError_, OSError) as exc:
+        print(f"aggregatorctl: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key  {public}  (copy it to the aggregator's authorized_keys_dir)")
+    print(f"secret key  {secret}  (mode 0600; stays on this host)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "keygen":
+        return keygen(args.name, args.dir)
     try:
         endpoint = find_control(args)
+        keys = None
+        if args.curve_key or args.server_key:
+            if not (args.curve_key and args.server_key):
+                print("aggregatorctl: --curve-key and --server-key go together", file=sys.stderr)
+                return 2
+            keys = (curve.load_secret(args.curve_key), curve.load_public(args.server_key))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"aggregatorctl: config: {problem}", file=sys.stderr)
         return 2
-    client = Client(endpoint, args.timeout)
+    except curve.KeyError_ as exc:
+        print(f"aggregatorctl: {exc}", file=sys.stderr)
+        return 2
+    client = Client(endpoint, args.timeout, keys)
     try:
         return int(args.func(client, args))
     except Unreachable as exc:

@@ -17,12 +17,13 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from aggregator import proxy
+from aggregator import metrics, proxy
 from aggregator.config import Config, load_config
 from aggregator.control import ControlServer
 from aggregator.journal import Journal, stream_key
+from aggregator.security import Guard
 from aggregator.writer import RollingFileSink, SinkError, compress_file, uncompressed_rotated
-from fleetlog import wire
+from fleetlog import curve, wire
 from fleetlog.runtime import SystemdNotifier, supervise
 from fleetlog.tomlconf import ConfigError
 
@@ -33,6 +34,7 @@ log = logging.getLogger("fleetlog.aggregator")
 class AgentInfo:
     name: str
     routing_id: bytes = b""
+    route: Any = None  # the control socket the agent talks on
     address: str = ""
     mode: str = ""
     last_seen: float = 0.0
@@ -40,6 +42,7 @@ class AgentInfo:
     lag_bytes: int = 0
     files: int = 0
     lines: int = 0
+    bytes: int = 0
     rate: float = 0.0
     _last_lines: int = 0
 
@@ -66,8 +69,11 @@ class Totals:
 
 
 class Aggregator:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time,
+                 overrides: list[str] | None = None) -> None:
         self.config = config
+        # --set items of the command line: applied again on every reload.
+        self.overrides = list(overrides or [])
         self.cfg = config.aggregator
         self.clock = clock
         self.instance = uuid.uuid4().hex[:12]
@@ -76,6 +82,7 @@ class Aggregator:
         self.sink = RollingFileSink(self.cfg.output_dir, clock=clock)
         self.journal = Journal(self.cfg.state_dir)
         self.notifier = SystemdNotifier()
+        self.guard = Guard(self.cfg)
         self.agents: dict[str, AgentInfo] = {}
         self.topics: dict[str, TopicStats] = {}
         self.totals = Totals()
@@ -98,6 +105,8 @@ class Aggregator:
         # Prefixes XPUB subscribers asked for: no subscriber, nothing to publish.
         self.subscriptions: set[bytes] = set()
         self.commit_lock = asyncio.Lock()
+        self.commit_latency = metrics.LatencyHistogram()
+        self.metrics: metrics.MetricsServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -105,14 +114,17 @@ class Aggregator:
         cfg = self.cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
         os.makedirs(cfg.state_dir, exist_ok=True)
+        self.guard.load(cfg)
         state = self.journal.recover()
         self.recover_rotations(state.rotations)
         self.sink.recover(state.topics)
         self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
         self.ctx = zmq.asyncio.Context()
-        self.sockets = proxy.bind_data_sockets(self.ctx, cfg)
-        self.control = ControlServer(self, self.ctx, cfg.control)
+        self.guard.start(self.ctx)
+        self.sockets = proxy.bind_data_sockets(self.ctx, cfg, self.guard.protect)
+        self.control = ControlServer(self, self.ctx, cfg.control, self.guard)
         self.control.bind()
+        self.metrics = metrics.serve(self)
         for name in uncompressed_rotated(cfg.output_dir):
             self._compress_later(name)
         self._tasks = [
@@ -156,8 +168,8 @@ class Aggregator:
             if self.control is not None:
                 await asyncio.wait_for(self.control.flush(), timeout=1.0)
         except (TimeoutError, SinkError) as exc:
-            log.error("final commit did not finish (%s); agents will resend what was not acknowledged",
-                      exc or "timeout")
+            log.warning("final commit did not finish (%s); agents will resend what was not acknowledged",
+                        exc or "timeout")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -167,10 +179,13 @@ class Aggregator:
                 task.cancel()
         self.sink.close()
         self.journal.close()
+        if self.metrics is not None:
+            self.metrics.close()
         for sock in self.sockets.values():
             sock.close(linger=0)
         if self.control is not None:
             self.control.close()
+        self.guard.stop()
         if self.ctx is not None:
             self.ctx.term()
         self.notifier.close()
@@ -180,16 +195,24 @@ class Aggregator:
         """Load, validate, diff, apply; a bad config is reported and the running one stays."""
         source = path or (None if self.config.source.startswith("<") else self.config.source)
         try:
-            new = load_config(source)
+            new = load_config(source, self.overrides)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            log.warning("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             return {"reloaded": False, "problems": exc.problems}
-        fixed = ("output_dir", "state_dir", "pull", "xsub", "xpub", "control")
+        fixed = ("output_dir", "state_dir", "pull", "xsub", "xpub", "control", "metrics_listen", "loop",
+                 "curve_secret_key")
         changed = [k for k in fixed if getattr(new.aggregator, k) != getattr(self.cfg, k)]
         if changed:
             log.warning("reload: %s need a restart to change; keeping the running values",
                         ", ".join(changed))
             new = Config(aggregator=_replace(new.aggregator, self.cfg, fixed), source=new.source)
+        if new.aggregator.log_level != self.cfg.log_level:
+            logging.getLogger().setLevel(new.aggregator.log_level.upper())
+        try:
+            self.guard.reload(new.aggregator)
+        except curve.KeyError_ as exc:
+            log.error("reload refused, keeping the running config and keys: %s", exc)
+            return {"reloaded": False, "problems": [str(exc)]}
         self.config, self.cfg = new, new.aggregator
         await self.reopen()
         log.info("configuration reloaded from %s", new.source)
@@ -211,7 +234,10 @@ class Aggregator:
 
     async def receive_loop(self, sock: zmq.asyncio.Socket, via: str) -> None:
         while True:
-            frames = await sock.recv_multipart(copy=False)
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except zmq.Again:
+                continue  # woken with nothing to read (seen with CURVE handshakes)
             self.ingest(frames, via)
             # Drain what is already queued without going back to the loop for each message.
             for _ in range(256):
@@ -283,6 +309,7 @@ class Aggregator:
         if agent is None:
             agent = self.agents[batch.agent] = AgentInfo(batch.agent, mode="push" if via == "pull" else "pub")
         agent.lines += n
+        agent.bytes += len(data)
         agent.last_seen = time.monotonic()
         if self.subscriptions:
             proxy.publish(self.sockets["xpub"], frames)
@@ -338,6 +365,7 @@ class Aggregator:
         if info is None:
             info = self.agents[name] = AgentInfo(name)
         info.routing_id = peer.routing_id
+        info.route = peer.sock
         info.address = peer.address
         mode = args.get("mode")
         if mode in ("push", "pub"):
@@ -353,7 +381,7 @@ class Aggregator:
     def send_event(self, agent: str, body: bytes) -> None:
         info = self.agents.get(agent)
         if info is not None and info.routing_id and self.control is not None:
-            self.control.send_to(info.routing_id, body)
+            self.control.send_to(info.route, info.routing_id, body)
 
     async def commit_loop(self) -> None:
         interval = self.cfg.commit_interval_ms / 1000
@@ -381,7 +409,9 @@ class Aggregator:
             positions = self.sink.positions()
             dirty = self.sink.dirty_files()
             loop = asyncio.get_running_loop()
+            started = time.monotonic()
             await loop.run_in_executor(None, self._sync_and_journal, dirty, positions, pending)
+            self.commit_latency.observe(time.monotonic() - started)
             self.totals.commits += 1
             for key, end in pending.items():
                 agent, _, stream = key.partition("\x1f")
@@ -433,6 +463,10 @@ class Aggregator:
         cfg = self.cfg
         force = force or set()
         rotated = []
+        # Forced rotations also reach topics not written to since the start or a reopen.
+        for topic in (set(self.sink.topics_on_disk()) if None in force else force) - {None}:
+            if topic not in self.sink.files:
+                self.sink.open_existing(topic)  # type: ignore[arg-type]
         for topic in list(self.sink.files):
             if topic in force or None in force or self.sink.due(
                     topic, cfg.rotate_max_bytes, cfg.rotate_interval_s):
@@ -445,11 +479,13 @@ class Aggregator:
         """Roll one topic over. Only called right after a commit, so the file holds nothing
         uncommitted except what arrived meanwhile, which is committed first here."""
         tf = self.sink.files[topic]
-        os.fdatasync(tf.fd)
+        # Batches accepted since the commit (any topic) go into this record: make them all durable.
+        self.sink.sync_files([tf, *(f for f in self.sink.dirty_files() if f is not tf)])
         name = self.sink.rotate_name(topic)
         pending, self.pending = self.pending, {}
         self.pending_bytes = 0
-        self.journal.append({topic: tf.size}, pending, rotations={topic: {"name": name, "size": tf.size}})
+        self.journal.append(self.sink.positions(), pending,
+                            rotations={topic: {"name": name, "size": tf.size}})
         for key, end in pending.items():
             agent, _, stream = key.partition("\x1f")
             self.owe_ack(agent, stream, end)
@@ -487,7 +523,7 @@ class Aggregator:
         def done(t: asyncio.Future[Any]) -> None:
             self._compressions.discard(t)  # type: ignore[arg-type]
             if not t.cancelled() and t.exception() is not None:
-                log.error("compressing %s failed: %s", path, t.exception())
+                log.warning("compressing %s failed (it stays uncompressed): %s", path, t.exception())
 
         task.add_done_callback(done)
 
@@ -510,9 +546,16 @@ class Aggregator:
     # -- status -------------------------------------------------------------------------------
 
     async def ticker(self) -> None:
-        """Once a second: rates, agent liveness, pending rotations."""
+        """Once a second: rates, agent liveness; every 10 s a systemd STATUS=; every minute retention."""
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
+            if ticks % 10 == 0:
+                self.notifier.notify("STATUS=" + self.status_line())
+            if ticks % 60 == 0 and (self.cfg.retain_days or self.cfg.retain_files):
+                for topic in self.sink.topics_on_disk():
+                    self.apply_retention(topic)
             now = time.monotonic()
             for stats in (*self.topics.values(), *self.agents.values()):
                 delta = stats.lines - stats._last_lines
@@ -520,6 +563,13 @@ class Aggregator:
                 stats.rate = 0.7 * stats.rate + 0.3 * delta
             for agent in self.agents.values():
                 agent.connected = now - agent.last_seen < self.cfg.agent_timeout_s
+
+    def status_line(self) -> str:
+        connected = sum(1 for a in self.agents.values() if a.connected)
+        rate = sum(s.rate for s in self.topics.values())
+        line = (f"{connected} agents connected, {rate:.0f} lines/s, {self.totals.lines_written} lines "
+                f"written to {len(self.topics)} topics")
+        return f"{line}; OUTPUT NOT WRITABLE: {self.disk_error}" if self.disk_error else line
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -540,7 +590,8 @@ class Aggregator:
             "agents": [
                 {"name": a.name, "address": a.address, "mode": a.mode, "connected": a.connected,
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
-                 "lines": a.lines, "lines_per_s": round(a.rate, 1), "lag_bytes": a.lag_bytes,
+                 "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
+                 "lag_bytes": a.lag_bytes,
                  "files": a.files}
                 for a in sorted(self.agents.values(), key=lambda a: a.name)
             ],
@@ -554,6 +605,7 @@ class Aggregator:
                 "batches": t.batches, "duplicates_dropped": t.duplicates_dropped,
                 "malformed_dropped": t.malformed_dropped, "resyncs": t.resyncs,
                 "commits": t.commits, "write_errors": t.write_errors, "streams": len(self.accepted),
+                "pending_bytes": self.pending_bytes, "compressions_running": len(self._compressions),
             },
             "malformed": dict(t.malformed),
         }

@@ -53,8 +53,11 @@ class TopicFile:
     dirty: bool = False
 
 
-def rotated_name(topic: str, when: float) -> str:
-    return f"{topic}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(when))}.log"
+def rotated_name(topic: str, when: float, n: int = 0) -> str:
+    """``<topic>.<UTC timestamp>.log``; the ``n``-th extra rotation within one second gets ``_NNN``,
+    which sorts after the plain name, so ``ls`` (and retention) see rotated files oldest first."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    return f"{topic}.{stamp}.log" if n == 0 else f"{topic}.{stamp}_{n:03d}.log"
 
 
 class RollingFileSink:
@@ -64,6 +67,9 @@ class RollingFileSink:
         self.output_dir = os.path.abspath(output_dir)
         self.clock = clock
         self.files: dict[str, TopicFile] = {}
+        # When each active file was started: kept across close() (SIGHUP reopens) so that
+        # reopening does not postpone a time-based rotation.
+        self.started: dict[str, float] = {}
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -88,9 +94,35 @@ class RollingFileSink:
             except OSError as exc:
                 raise SinkError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
             st = os.fstat(fd)
-            tf = TopicFile(topic, path, fd, st.st_size, opened_at=self.clock())
+            started = self.started.get(topic)
+            if started is None:
+                # A file left by an earlier run: it holds data from its last write at the latest.
+                started = min(self.clock(), st.st_mtime) if st.st_size else self.clock()
+                self.started[topic] = started
+            tf = TopicFile(topic, path, fd, st.st_size, opened_at=started)
             self.files[topic] = tf
         return tf
+
+    def open_existing(self, topic: str) -> TopicFile | None:
+        """The topic's active file, opened if it exists on disk and is not empty (for rotation
+        of a topic that has not been written to since the start or a reopen)."""
+        if topic not in self.files:
+            try:
+                st = os.lstat(self.active_path(topic))
+            except OSError:
+                return None
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                return None
+        return self._open(topic)
+
+    def topics_on_disk(self) -> list[str]:
+        """Topic directories under output_dir (from this run or earlier ones)."""
+        try:
+            entries = os.scandir(self.output_dir)
+        except FileNotFoundError:
+            return []
+        with entries:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
 
     # -- the sink interface --------------------------------------------------------------------
 
@@ -176,14 +208,19 @@ class RollingFileSink:
         return False
 
     def rotate_name(self, topic: str) -> str:
-        """A free ``<topic>.<UTC timestamp>.log`` name in the topic's directory."""
-        base = rotated_name(topic, self.clock())
-        directory = os.path.join(self.output_dir, topic)
-        name, n = base, 0
-        while any(os.path.exists(os.path.join(directory, c)) for c in (name, name + ".gz")):
-            n += 1
-            name = base[: -len(".log")] + f"-{n}.log"
-        return name
+        """A free ``<topic>.<UTC timestamp>.log`` name that sorts after every rotated file of
+        the same second (even if retention removed some of them)."""
+        now = self.clock()
+        base = rotated_name(topic, now)
+        prefix = base[: -len(".log")]
+        taken = -1
+        for name in self.rotated_files(topic):
+            stem = name.removesuffix(".gz").removesuffix(".log")
+            if stem == prefix:
+                taken = max(taken, 0)
+            elif stem.startswith(prefix + "_") and stem[len(prefix) + 1:].isdigit():
+                taken = max(taken, int(stem[len(prefix) + 1:]))
+        return rotated_name(topic, now, taken + 1)
 
     def rename_active(self, topic: str, name: str) -> None:
         """Rename the active file to ``name`` and start a new one (after its data was committed)."""
@@ -196,6 +233,7 @@ class RollingFileSink:
         if os.path.exists(src):
             os.rename(src, dst)
         fsync_dir(os.path.join(self.output_dir, topic))
+        self.started[topic] = self.clock()
         self._open(topic)
 
     def rotated_files(self, topic: str) -> list[str]:
@@ -210,16 +248,31 @@ class RollingFileSink:
                       and (n.endswith(".log") or n.endswith(".log.gz")))
 
 
-def compress_file(path: str) -> str:
-    """gzip ``path`` to ``path.gz`` crash-safely (tmp, fsync, rename, then unlink the original)."""
+def compress_file(path: str) -> str | None:
+    """gzip ``path`` to ``path.gz`` crash-safely (tmp, fsync, rename, then unlink the original).
+
+    Blocking: the daemon runs it in an executor thread. A crash at any point leaves either the
+    original (compressed again at the next start) or both (the same), never neither. If retention
+    removed the original meanwhile, the result goes too; returns None then.
+    """
     tmp = f"{path}.gz.tmp"
-    with open(path, "rb") as src, open(tmp, "wb") as raw:
+    try:
+        src = open(path, "rb")  # noqa: SIM115 - closed below; FileNotFoundError is the expected race
+    except FileNotFoundError:
+        return None
+    with src, open(tmp, "wb") as raw:
         with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, compresslevel=6) as gz:
             shutil.copyfileobj(src, gz, 1024 * 1024)
         raw.flush()
         os.fsync(raw.fileno())
     os.rename(tmp, f"{path}.gz")
-    os.unlink(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}.gz")
+        return None
+    fsync_dir(os.path.dirname(path))
     return f"{path}.gz"
 
 

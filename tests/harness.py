@@ -49,11 +49,13 @@ class Proc:
     args: list[str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] | None = None  # added to (not instead of) the test's environment
 
     def start(self) -> Proc:
+        env = {**os.environ, **self.env} if self.env else None
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL)
+                                          stdin=subprocess.DEVNULL, env=env)
         return self
 
     @property
@@ -108,13 +110,14 @@ class Harness:
             return Endpoints(*(f"tcp://127.0.0.1:{free_port()}" for _ in range(4)))
         return Endpoints(*(f"ipc://{self.root}/{n}.sock" for n in ("pull", "xsub", "xpub", "ctl")))
 
-    def _proc(self, name: str, args: list[str]) -> Proc:
+    def _proc(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         self.counter += 1
-        p = Proc(name, args, self.root / f"{name}.{self.counter}.out")
+        p = Proc(name, args, self.root / f"{name}.{self.counter}.out", env=env)
         self.procs.append(p)
         return p
 
-    def aggregator(self, ep: Endpoints, *extra: str, out: str = "out", state: str = "agg") -> Proc:
+    def aggregator(self, ep: Endpoints, *extra: str, out: str = "out", state: str = "agg",
+                   env: dict[str, str] | None = None) -> Proc:
         args = [PY, "-m", "aggregator",
                 "--set", f"aggregator.output_dir={self.root / out}",
                 "--set", f"aggregator.state_dir={self.root / state}",
@@ -123,10 +126,10 @@ class Harness:
                 "--set", "aggregator.log_level=debug"]
         for item in extra:
             args += ["--set", item]
-        return self._proc("aggregator", args).start()
+        return self._proc("aggregator", args, env).start()
 
     def agent(self, ep: Endpoints, sources: list[dict[str, Any]], *extra: str, name: str = "node1",
-              mode: str = "push", state: str | None = None) -> Proc:
+              mode: str = "push", state: str | None = None, env: dict[str, str] | None = None) -> Proc:
         state_dir = self.root / (state or f"st-{name}")
         sources_toml = "[" + ", ".join(_inline_table(s) for s in sources) + "]"
         args = [PY, "-m", "agent",
@@ -140,7 +143,7 @@ class Harness:
                 "--set", f"sources={sources_toml}"]
         for item in extra:
             args += ["--set", item]
-        return self._proc(f"agent-{name}", args).start()
+        return self._proc(f"agent-{name}", args, env).start()
 
     def ctl(self, ep: Endpoints, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PY, "-m", "aggregator.ctl", "--control", ep.control, *args],
