@@ -14,13 +14,14 @@ import zmq
 import zmq.asyncio
 
 from agent import batch, metrics
-from agent.config import Config, SourceConfig
+from agent.config import AgentConfig, Config, SourceConfig, load_config
 from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
 from agent.tail import FP_LEN, Chunk, Tailer, fingerprint, line_start_before, new_stream_id
 from agent.transport import Transport
 from agent.watch import Watcher, expand
 from fleetlog.runtime import SystemdNotifier, supervise
+from fleetlog.tomlconf import ConfigError
 
 log = logging.getLogger("fleetlog.agent")
 
@@ -112,7 +113,30 @@ class Agent:
         self.stopping.set()
 
     def reload(self) -> None:
-        log.warning("reload: the agent applies a new config on restart (systemctl restart); ignoring")
+        """SIGHUP: load, validate, diff, apply. New or changed [[sources]] take effect now (files
+        no glob matches any more are finished and let go); [agent] settings need a restart.
+        A bad file is reported and the running config stays."""
+        if self.config.source.startswith("<"):
+            log.info("reload: running on built-in defaults and --set options; nothing to reload")
+            return
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            return
+        if new.agent != self.cfg:
+            changed = [f for f in AgentConfig.__dataclass_fields__
+                       if getattr(new.agent, f) != getattr(self.cfg, f)]
+            log.warning("reload: [agent] %s change only at restart; keeping the running values",
+                        ", ".join(changed))
+        self.config = Config(agent=self.cfg, sources=new.sources, source=new.source)
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = Watcher(self.config.sources, self.on_change, self.cfg.watch_debounce_ms,
+                                   self.cfg.force_polling)
+            self.watcher.refresh()
+        self.scan_soon.set()
+        log.info("reloaded %s: %d sources", new.source, len(new.sources))
 
     async def shutdown(self) -> None:
         """Stop reading, give the aggregator a moment to acknowledge what is in flight, save."""

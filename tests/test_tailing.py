@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def settle(h: Harness, topic: str, total: int, timeout: float = 30) -> list[str]
 
 
 def agent_status(h: Harness, name: str = "node1") -> dict[str, object]:
-    r = subprocess.run([__import__("sys").executable, "-m", "agent", "status", "--json",
+    r = subprocess.run([sys.executable, "-m", "agent", "status", "--json",
                         "--set", f"agent.state_dir={h.path('st-' + name)}"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
@@ -294,3 +295,38 @@ def test_agent_status_shows_files_and_lag(h: Harness) -> None:
     agg = wait_for(lambda: (st := h.status(ep))["agents"] and st["agents"][0]["files"] == 1 and st,
                    what="agent's heartbeat in the aggregator's status")
     assert agg["agents"][0]["lag_bytes"] == 0
+
+
+def test_sighup_reloads_sources_and_keeps_running_on_a_bad_file(h: Harness) -> None:
+    import signal
+    ep = h.endpoints()
+    h.aggregator(ep)
+    conf = h.path("agent.toml")
+
+    def write_conf(globs: list[str]) -> None:
+        conf.write_text(f"""
+[agent]
+name = "node1"
+state_dir = "{h.path('st-node1')}"
+data = "{ep.pull}"
+control = "{ep.control}"
+rescan_interval_ms = 300
+
+[[sources]]
+paths = {orjson.dumps(globs).decode()}
+topic = "app"
+""")
+    write_conf([str(h.path("logs", "one.log"))])
+    append_lines(h.path("logs", "one.log"), make_lines("one", 0, 10))
+    append_lines(h.path("logs", "two.log"), make_lines("two", 0, 20))
+    agent = h._proc("agent-node1", [sys.executable, "-m", "agent", "--config", str(conf)]).start()
+    settle(h, "app", 10)
+    write_conf([str(h.path("logs", "one.log")), str(h.path("logs", "two.log"))])
+    agent.popen.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    check_exactly_once(settle(h, "app", 30), {"one": 10, "two": 20})
+    conf.write_text("[agent\nbroken")
+    agent.popen.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(lambda: "reload refused" in agent.log(), what="the refusal logged")
+    append_lines(h.path("logs", "two.log"), make_lines("two", 20, 5))
+    check_exactly_once(settle(h, "app", 35), {"one": 10, "two": 25})
+    assert agent.alive()
