@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint bench bench-peers dist clean system-deps
+.PHONY: run test lint bench bench-peers bench-backpressure bench-fleet dist clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.backlog
+
+# rsyslog and syslog-ng side by side (installs them from Debian when missing; runs them privately).
+bench-peers: $(STAMP)
+	$(BIN)/python -m bench.peers
+
+# Agent memory with a 1.5M line backlog while the aggregator is down, then the catch-up.
+bench-backpressure: $(STAMP)
+	$(BIN)/python -m bench.backpressure
+
+# 1,000 simulated agents against one aggregator.
+bench-fleet: $(STAMP)
+	$(BIN)/python -m bench.fleet
 
 dist: $(STAMP)
 	rm -rf dist

@@ -594,6 +594,9 @@ class Agent:
         """Nothing acknowledged for ack_timeout_ms while batches are out: ship them again."""
         if not self.unacked or now - self.last_ack_progress < self.cfg.ack_timeout_ms / 1000:
             return
+        assert self.transport is not None
+        if not self.transport.aggregator_alive(3 * self.cfg.heartbeat_interval_ms / 1000):
+            return  # nobody to resend to: ship again once it answers (a restart also rewinds)
         self.resends += 1
         log.info("no acknowledgement for %.1fs; shipping %d bytes again",
                  now - self.last_ack_progress, self.inflight_bytes())

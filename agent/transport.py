@@ -22,9 +22,10 @@ from fleetlog import curve, wire
 
 log = logging.getLogger("fleetlog.agent.transport")
 
-# Messages queued in ZeroMQ per connection; the agent's own bound on unacknowledged bytes
-# (max_inflight_bytes) is what really limits memory.
-DATA_SNDHWM = 256
+# Messages queued in ZeroMQ per connection. The data socket queues only on a live connection
+# (IMMEDIATE): with the aggregator down a send waits instead of piling up batches, so the
+# agent's bound on unacknowledged bytes (max_inflight_bytes) is what limits its memory.
+DATA_SNDHWM = 64
 
 
 class Transport:
@@ -42,7 +43,7 @@ class Transport:
         self.data: zmq.asyncio.Socket | None = None
         self.control: zmq.asyncio.Socket | None = None
         self.instance: str | None = None
-        self.last_reply = 0.0
+        self.last_reply = 0.0  # loop.time() of the aggregator's last message
         self._ids = itertools.count(1)
         self._hello_id: int | None = None
         self.sent_batches = 0
@@ -52,6 +53,7 @@ class Transport:
         kind = zmq.PUSH if self.cfg.mode == "push" else zmq.PUB
         data = self.ctx.socket(kind)
         data.setsockopt(zmq.SNDHWM, DATA_SNDHWM)
+        data.setsockopt(zmq.IMMEDIATE, 1)
         data.setsockopt(zmq.LINGER, 0)
         data.setsockopt(zmq.RECONNECT_IVL, 100)
         data.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -85,6 +87,10 @@ class Transport:
         except zmq.Again:
             pass  # not connected yet; the next heartbeat tries again
         return req_id
+
+    def aggregator_alive(self, within_s: float) -> bool:
+        """Heard from the aggregator lately (resending to nobody only fills queues)."""
+        return asyncio.get_running_loop().time() - self.last_reply < within_s
 
     def hello(self) -> None:
         self._hello_id = self.request("hello", self.hello_args())

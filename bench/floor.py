@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from typing import Any
@@ -32,6 +31,16 @@ TOPIC = "bench"
 def _cpu_s() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def _peak_rss_kb() -> int:
+    """VmHWM of this process. Not ru_maxrss: after fork+exec Linux carries the parent's high-water
+    mark over into it, so a child of a big benchmark process would report the parent's size."""
+    with open("/proc/self/status", "rb") as fh:
+        for line in fh:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _write_json(path: str, doc: dict[str, Any]) -> None:
@@ -65,7 +74,7 @@ def send(endpoint: str, paths: list[str], result: str) -> None:
     sock.close(linger=-1)  # deliver everything queued before exiting
     ctx.term()
     _write_json(result, {"lines": lines_sent, "cpu_s": _cpu_s(),
-                         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
+                         "peak_rss_kb": _peak_rss_kb()})
 
 
 def receive(endpoint: str, out_dir: str, expect: int, ready: str, result: str) -> None:
@@ -97,7 +106,7 @@ def receive(endpoint: str, out_dir: str, expect: int, ready: str, result: str) -
     sock.close(linger=0)
     ctx.term()
     _write_json(result, {"lines": lines, "t_last": t_last, "cpu_ready_s": cpu_ready, "cpu_s": _cpu_s(),
-                         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
+                         "peak_rss_kb": _peak_rss_kb()})
 
 
 def main(argv: list[str] | None = None) -> int:

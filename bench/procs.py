@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -73,6 +74,17 @@ class Proc:
                     return int(line.split()[1])
         return 0
 
+    def rss_kb(self) -> int:
+        """Resident set size now (VmRSS); 0 once the process is gone."""
+        try:
+            with open(f"/proc/{self.pid}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"VmRSS:"):
+                        return int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return 0
+
     def tail(self, lines: int = 15) -> str:
         try:
             with open(self.log_path, "rb") as fh:
@@ -97,6 +109,35 @@ class Proc:
             self.popen.kill()
             self.popen.wait()
         return code
+
+
+class Sampler:
+    """A thread calling ``probe()`` every ``interval_s`` and keeping ``(monotonic time, value)``."""
+
+    def __init__(self, probe: Any, interval_s: float = 0.5) -> None:
+        self.probe = probe
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.probe()))
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[tuple[float, Any]]:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        return self.samples
+
+    def between(self, t0: float, t1: float) -> list[Any]:
+        return [v for t, v in self.samples if t0 <= t <= t1]
 
 
 class ControlClient:
