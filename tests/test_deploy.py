@@ -5,7 +5,12 @@
 - deploy/ansible is ansible-lint clean (production profile) and passes ``--syntax-check``;
 - ``site.yml`` really runs against localhost into a temporary root with
   ``fleetlog_manage_services=false``: it builds a venv from a freshly built wheel (offline, from a
-  wheelhouse), renders the configs and units, and a second run changes nothing.
+  wheelhouse), renders the configs and units, and a second run changes nothing;
+- then, on that same root (an existing deployment turning encryption on), twice more with
+  ``fleetlog_curve=true``: key pairs made on the host with the right modes, public keys passed
+  through the controller's fetch directory (and nothing secret), the agent's key authorised on
+  the aggregator, configs that pass ``--check-config`` and an aggregator started from them that
+  admits the agent's key and refuses another; the second run changes nothing.
 
 Nothing is written outside tmp_path except a wheelhouse of fleetlog's dependencies kept in the
 pytest cache (.pytest_cache/d/fleetlog-wheelhouse), so that later runs need no network.
@@ -17,13 +22,18 @@ import json
 import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zmq
+import zmq.auth
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -249,18 +259,27 @@ def wheelhouse_for(wheel: Path, cache: Path) -> Path:
     return cache
 
 
+def recap(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """The PLAY RECAP counts of an ansible-playbook run (one host)."""
+    found = RECAP.findall(proc.stdout)
+    assert found, output(proc)
+    _host, *counts = found[-1]
+    return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, counts), strict=True))
+
+
 @dataclass
 class DryRun:
     root: Path
     logs: Path
     runs: list[subprocess.CompletedProcess[str]]
+    # What the plain runs rendered, kept before the CURVE runs rewrite the same files.
+    configs: dict[str, str]
+    inventory: Path
+    extra: Path
+    env: dict[str, str]
 
     def recap(self, index: int) -> dict[str, int]:
-        proc = self.runs[index]
-        found = RECAP.findall(proc.stdout)
-        assert found, output(proc)
-        _host, *counts = found[-1]
-        return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, counts), strict=True))
+        return recap(self.runs[index])
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +317,10 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     env = ansible_env(tmp / "ansible")
     runs = [run([playbook, "-i", inventory, "-e", f"@{extra}", "site.yml"], timeout_s=120, cwd=ANSIBLE,
                 env=env) for _ in range(2)]
-    return DryRun(root=root, logs=logs, runs=runs)
+    etc = root / "etc" / "fleetlog"
+    configs = {name: (etc / f"{name}.toml").read_text() for name in DAEMONS.values()
+               if (etc / f"{name}.toml").exists()}
+    return DryRun(root=root, logs=logs, runs=runs, configs=configs, inventory=inventory, extra=extra, env=env)
 
 
 def test_playbook_deploys_into_a_temporary_root(dry_run: DryRun) -> None:
@@ -319,21 +341,23 @@ def test_second_run_changes_nothing(dry_run: DryRun) -> None:
 
 
 @pytest.mark.parametrize("daemon", sorted(DAEMONS))
-def test_rendered_config_passes_check_config(dry_run: DryRun, daemon: str) -> None:
-    config = dry_run.root / "etc" / "fleetlog" / f"{DAEMONS[daemon]}.toml"
+def test_rendered_config_passes_check_config(dry_run: DryRun, daemon: str, tmp_path: Path) -> None:
+    config = tmp_path / f"{DAEMONS[daemon]}.toml"
+    config.write_text(dry_run.configs[DAEMONS[daemon]])
     command = dry_run.root / VENV.lstrip("/") / "bin" / daemon
     proc = run([command, "--check-config", "--config", config], timeout_s=60)
     assert proc.returncode == 0, output(proc) + "\n--- config\n" + config.read_text()
 
 
 def test_rendered_configs_hold_the_inventory(dry_run: DryRun) -> None:
-    etc = dry_run.root / "etc" / "fleetlog"
-    aggregator = tomllib.loads((etc / "aggregator.toml").read_text())["aggregator"]
+    aggregator = tomllib.loads(dry_run.configs["aggregator"])["aggregator"]
     assert aggregator["output_dir"] == f"{dry_run.root}/var/log/fleetlog"
     assert aggregator["state_dir"] == f"{dry_run.root}/var/lib/fleetlog/aggregator"
     assert aggregator["pull"] == "tcp://0.0.0.0:5555"
     assert aggregator["control"] == ["tcp://0.0.0.0:5558", "ipc:///run/fleetlog/control.sock"]
-    agent = tomllib.loads((etc / "agent.toml").read_text())
+    assert "curve_secret_key" not in aggregator  # fleetlog_curve defaults to false
+    agent = tomllib.loads(dry_run.configs["agent"])
+    assert "curve_secret_key" not in agent["agent"]
     assert agent["agent"]["name"] == "localhost"
     assert agent["agent"]["state_dir"] == f"{dry_run.root}/var/lib/fleetlog/agent"
     assert agent["agent"]["data"] == "tcp://localhost:5555"
@@ -355,3 +379,174 @@ def test_installed_units_are_the_repo_units(dry_run: DryRun, tmp_path: Path) -> 
         proc = run([systemd_analyze(), "verify", units / f"{unit}.service"], timeout_s=60,
                    env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
         assert proc.returncode == 0 and not proc.stderr.strip(), output(proc)
+
+
+# --- Ansible: fleetlog_curve=true on the same root -----------------------------------------------
+
+
+@dataclass
+class CurveRun:
+    root: Path
+    keys: Path
+    fetched: Path
+    admin_file_key: bytes
+    admin_inline_key: bytes
+    runs: list[subprocess.CompletedProcess[str]]
+
+    def recap(self, index: int) -> dict[str, int]:
+        return recap(self.runs[index])
+
+
+def curve_public_key() -> bytes:
+    """A fresh z85 public key without "{": inventory strings are Jinja templates, and "{{", "{%"
+    or "{#" in a key would be read as one (group_vars/aggregators.yml says to use !unsafe)."""
+    while True:
+        public, _secret = zmq.curve_keypair()
+        if b"{" not in public:
+            return public
+
+
+@pytest.fixture(scope="module")
+def curve_run(dry_run: DryRun, tmp_path_factory: pytest.TempPathFactory) -> CurveRun:
+    first = dry_run.recap(0)
+    if first["failed"]:
+        pytest.skip("the plain dry run failed (see test_playbook_deploys_into_a_temporary_root)")
+    tmp = tmp_path_factory.mktemp("curve")
+    admin_dir = tmp / "admin"
+    ctl = dry_run.root / VENV.lstrip("/") / "bin" / "aggregatorctl"
+    proc = run([ctl, "keygen", "ops", "--dir", admin_dir], timeout_s=30)
+    assert proc.returncode == 0, output(proc)
+    admin_file_key = zmq.auth.load_certificate(admin_dir / "ops.key")[0]
+    admin_inline_key = curve_public_key()
+    fetched = tmp / "fetched-keys"
+    extra = tmp / "curve.json"
+    extra.write_text(json.dumps({
+        "fleetlog_curve": True,
+        "fleetlog_curve_fetch_dir": str(fetched),
+        "fleetlog_aggregator_admin_keys": [
+            {"name": "ops", "file": str(admin_dir / "ops.key")},
+            {"name": "alice", "public_key": admin_inline_key.decode()},
+        ],
+    }))
+    argv = [tool("ansible-playbook"), "-i", dry_run.inventory, "-e", f"@{dry_run.extra}", "-e", f"@{extra}",
+            "site.yml"]
+    runs = [run(argv, timeout_s=120, cwd=ANSIBLE, env=dry_run.env) for _ in range(2)]
+    return CurveRun(root=dry_run.root, keys=dry_run.root / "etc" / "fleetlog" / "keys", fetched=fetched,
+                    admin_file_key=admin_file_key, admin_inline_key=admin_inline_key, runs=runs)
+
+
+def test_curve_run_succeeds_then_changes_nothing(curve_run: CurveRun) -> None:
+    first, second = curve_run.recap(0), curve_run.recap(1)
+    assert first["failed"] == 0 and first["unreachable"] == 0, output(curve_run.runs[0])
+    assert first["changed"] > 0
+    assert second["failed"] == 0 and second["changed"] == 0, output(curve_run.runs[1])
+    # A new agent key on the aggregator notifies the reload (SIGHUP) handler, and only then.
+    reload = "RUNNING HANDLER [fleetlog_agent : Reload fleetlog-aggregator for new agent keys]"
+    assert reload in curve_run.runs[0].stdout
+    assert reload not in curve_run.runs[1].stdout
+
+
+def test_curve_key_files_have_safe_modes(curve_run: CurveRun) -> None:
+    keys = curve_run.keys
+
+    def mode(path: Path) -> int:
+        st = path.stat()
+        assert st.st_uid == os.getuid(), path  # a dry run keeps the invoking user
+        return stat.S_IMODE(st.st_mode)
+
+    assert mode(keys) == 0o750
+    for name in ("aggregator", "agent"):
+        assert mode(keys / f"{name}.key_secret") == 0o600, name
+        assert mode(keys / f"{name}.key") == 0o644, name
+        public, secret = zmq.auth.load_certificate(keys / f"{name}.key_secret")
+        assert secret and zmq.auth.load_certificate(keys / f"{name}.key")[0] == public
+    for sub in ("agents", "admins"):
+        assert mode(keys / sub) == 0o750, sub
+    for path in (keys / "server.key", *(keys / "agents").iterdir(), *(keys / "admins").iterdir()):
+        assert mode(path) == 0o644, path
+        assert zmq.auth.load_certificate(path)[1] is None, f"{path} holds a secret key"
+
+
+def test_curve_public_keys_are_distributed(curve_run: CurveRun) -> None:
+    keys, fetched = curve_run.keys, curve_run.fetched
+
+    def public(path: Path) -> bytes:
+        return zmq.auth.load_certificate(path)[0]
+
+    aggregator, agent = public(keys / "aggregator.key"), public(keys / "agent.key")
+    assert aggregator != agent
+    # Only public keys went through the controller.
+    assert sorted(str(p.relative_to(fetched)) for p in fetched.rglob("*") if p.is_file()) == [
+        "agents/localhost.key", "aggregators/localhost.key"]
+    assert public(fetched / "aggregators" / "localhost.key") == aggregator
+    assert public(fetched / "agents" / "localhost.key") == agent
+    # The agent's key is authorised on the aggregator under its inventory name; the agent trusts
+    # the aggregator's key; the admin keys are both there, one from a file and one inline.
+    assert sorted(p.name for p in (keys / "agents").iterdir()) == ["localhost.key"]
+    assert public(keys / "agents" / "localhost.key") == agent
+    assert public(keys / "server.key") == aggregator
+    assert sorted(p.name for p in (keys / "admins").iterdir()) == ["alice.key", "ops.key"]
+    assert zmq.auth.load_certificates(keys / "admins") == {
+        curve_run.admin_file_key: True, curve_run.admin_inline_key: True}
+
+
+def test_curve_configs_carry_the_keys_and_pass_check_config(curve_run: CurveRun) -> None:
+    etc, keys = curve_run.root / "etc" / "fleetlog", curve_run.keys
+    aggregator = tomllib.loads((etc / "aggregator.toml").read_text())["aggregator"]
+    assert aggregator["curve_secret_key"] == f"{keys}/aggregator.key_secret"
+    assert aggregator["authorized_keys_dir"] == f"{keys}/agents"
+    assert aggregator["admin_keys_dir"] == f"{keys}/admins"
+    agent = tomllib.loads((etc / "agent.toml").read_text())["agent"]
+    assert agent["curve_server_key"] == f"{keys}/server.key"
+    assert agent["curve_secret_key"] == f"{keys}/agent.key_secret"
+    for daemon, short in DAEMONS.items():
+        proc = run([curve_run.root / VENV.lstrip("/") / "bin" / daemon, "--check-config", "--config",
+                    etc / f"{short}.toml"], timeout_s=60)
+        assert proc.returncode == 0, output(proc) + "\n--- config\n" + (etc / f"{short}.toml").read_text()
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_curve_aggregator_admits_the_agent_key_only(curve_run: CurveRun, tmp_path: Path) -> None:
+    """The rendered aggregator config, on loopback ports of its own: the agent's key (as rendered
+    into agent.toml) gets a status, a key the playbook never saw does not."""
+    bin_dir, keys = curve_run.root / VENV.lstrip("/") / "bin", curve_run.keys
+    pull, xsub, xpub, control = (f"tcp://127.0.0.1:{port}" for port in free_ports(4))
+    errors = tmp_path / "aggregator.err"
+
+    def status(secret: Path) -> subprocess.CompletedProcess[str]:
+        return run([bin_dir / "aggregatorctl", "--control", control, "--timeout", "2", "--curve-key", secret,
+                    "--server-key", keys / "server.key", "status", "--json"], timeout_s=30)
+
+    with errors.open("w") as stderr:
+        aggregator = subprocess.Popen(
+            [bin_dir / "fleetlog-aggregator", "--config", curve_run.root / "etc/fleetlog/aggregator.toml",
+             "--set", f"aggregator.pull={pull}", "--set", f"aggregator.xsub={xsub}",
+             "--set", f"aggregator.xpub={xpub}", "--set", f'aggregator.control=["{control}"]',
+             "--set", 'aggregator.metrics_listen=""'],
+            stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 20
+        while (proc := status(keys / "agent.key_secret")).returncode != 0 and time.monotonic() < deadline:
+            assert aggregator.poll() is None, errors.read_text()
+            time.sleep(0.2)
+        assert proc.returncode == 0, output(proc) + errors.read_text()
+        assert "agents" in json.loads(proc.stdout)
+        stranger = tmp_path / "stranger"
+        keygen = run([bin_dir / "aggregatorctl", "keygen", "stranger", "--dir", stranger], timeout_s=30)
+        assert keygen.returncode == 0, output(keygen)
+        refused = status(stranger / "stranger.key_secret")
+        assert refused.returncode != 0, output(refused)
+        assert "refused a CURVE client" in errors.read_text()
+    finally:
+        aggregator.terminate()
+        aggregator.wait(timeout=30)
