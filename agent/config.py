@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetlog import curve, wire
-from fleetlog.tomlconf import IPC_PATH_MAX, ConfigError, Section, apply_overrides, dir_problem, read_toml
+from fleetlog.tomlconf import (
+    IPC_PATH_MAX,
+    ConfigError,
+    Section,
+    apply_overrides,
+    dir_problem,
+    listen_problem,
+    read_toml,
+)
 
 DEFAULT_PATH = "/etc/fleetlog/agent.toml"
 # Well under the aggregator's default max_message_bytes (16 MiB), JSON escaping included.
@@ -143,7 +151,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         shutdown_timeout_s=s.int("shutdown_timeout_s", d.shutdown_timeout_s, 1, 3600),
         curve_server_key=s.str("curve_server_key", ""),
         curve_secret_key=s.str("curve_secret_key", ""),
-        metrics_listen=s.str("metrics_listen", ""),
+        metrics_listen=s.str("metrics_listen", "", listen_problem),
         log_level=s.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
         loop=s.choice("loop", d.loop, ("uvloop", "asyncio")),
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetlog import curve, wire
-from fleetlog.tomlconf import ConfigError, Section, apply_overrides, dir_problem, read_toml
+from fleetlog.tomlconf import ConfigError, Section, apply_overrides, dir_problem, listen_problem, read_toml
 
 DEFAULT_PATH = "/etc/fleetlog/aggregator.toml"
 FORMATS = ("raw", "json")
@@ -65,13 +65,6 @@ class Config:
     source: str = "<built-in defaults>"
 
 
-def _listen_problem(value: str) -> str | None:
-    _host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        return f"{value!r} is not HOST:PORT"
-    return None
-
-
 def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     problems: list[str] = []
     root = Section(data, "", problems)
@@ -107,7 +100,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         agent_timeout_s=s.int("agent_timeout_s", d.agent_timeout_s, 1),
         shutdown_timeout_s=s.int("shutdown_timeout_s", d.shutdown_timeout_s, 1, 3600),
         metrics_listen=s.str("metrics_listen", d.metrics_listen,
-                             lambda v: None if v == "" else _listen_problem(v)),
+                             listen_problem),
         curve_secret_key=s.str("curve_secret_key", d.curve_secret_key),
         authorized_keys_dir=s.str("authorized_keys_dir", d.authorized_keys_dir),
         admin_keys_dir=s.str("admin_keys_dir", d.admin_keys_dir),

@@ -10,6 +10,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,8 @@ class Aggregator:
         self._warned_peers: set[tuple[str, str]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._compressions: set[asyncio.Task[Any]] = set()
+        # Its own thread: a backlog of big files to compress never delays a commit's fsync.
+        self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.control: ControlServer | None = None
         self.rotate_requests: set[str | None] = set()
@@ -177,6 +180,7 @@ class Aggregator:
             _, pending = await asyncio.wait(self._compressions, timeout=self.cfg.shutdown_timeout_s)
             for task in pending:
                 task.cancel()
+        self._compressor.shutdown(wait=False, cancel_futures=True)
         self.sink.close()
         self.journal.close()
         if self.metrics is not None:
@@ -517,7 +521,7 @@ class Aggregator:
         if self.cfg.compress != "gzip" or path.endswith(".gz"):
             return
         loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(loop.run_in_executor(None, compress_file, path))
+        task = asyncio.ensure_future(loop.run_in_executor(self._compressor, compress_file, path))
         self._compressions.add(task)
 
         def done(t: asyncio.Future[Any]) -> None:

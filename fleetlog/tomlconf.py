@@ -54,6 +54,16 @@ def endpoint_problem(value: str) -> str | None:
     return None
 
 
+def listen_problem(value: str) -> str | None:
+    """Why ``value`` is not empty (off) or ``HOST:PORT`` for an HTTP listener, or None."""
+    if value == "":
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{value!r} is not HOST:PORT"
+    return None
+
+
 class Section:
     """One TOML table: typed getters that record problems instead of raising."""
 

@@ -37,7 +37,9 @@ def test_topic_alphabet(topic: str, ok: bool) -> None:
     assert wire.valid_topic(topic) is ok
 
 
-JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(),
+SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+           | st.text())
+JSONISH = st.recursive(SCALARS,
                        lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(), kids, max_size=4),
                        max_leaves=10)
 

@@ -1,0 +1,196 @@
+"""Prometheus metrics of the aggregator, served on ``metrics_listen`` (HOST:PORT; empty = off).
+
+Nothing is counted for Prometheus on the hot path: a custom collector reads the daemon's own
+counters (the ones ``aggregatorctl status`` shows) when a scrape comes, from the HTTP server's
+thread. Only plain reads and C-level copies of dicts happen there (``list(d.items())`` holds the
+GIL for the whole copy), so the event loop is never locked or slowed. prometheus-client is only
+imported when metrics are turned on.
+
+Metrics (all prefixed ``fleetlog_aggregator_``):
+
+    lines_total{topic}, bytes_total{topic}          written to the topic's files (bytes as written)
+    agent_lines_total{agent}, agent_bytes_total{agent}
+    agent_lag_bytes{agent}                          what the agent has not shipped yet (heartbeats)
+    agent_connected{agent}, agent_last_seen_seconds{agent}
+    dropped_lines_total{reason="duplicate"}         resent lines already committed
+    dropped_messages_total{reason}                  malformed frames, by reason
+    resyncs_total, write_errors_total, batches_total, commits_total
+    commit_seconds (histogram)                      fsync of the files + journal record
+    pending_bytes                                   accepted, not yet committed
+    active_file_bytes{topic}, compressions_running, streams
+    output_free_bytes, output_writable              disk of output_dir
+    info{instance, version}
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from fleetlog import __version__
+
+if TYPE_CHECKING:
+    from aggregator.daemon import Aggregator
+
+log = logging.getLogger("fleetlog.aggregator.metrics")
+
+PREFIX = "fleetlog_aggregator_"
+
+
+class LatencyHistogram:
+    """Cumulative-bucket histogram without locks or imports: one bisect per observation."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, buckets: tuple[float, ...] = BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, count in zip((*map(str, self.buckets), "+Inf"), list(self.counts), strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9100`` for IPv6) -> (host, port)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class MetricsServer:
+    """prometheus-client's HTTP server (a daemon thread) on a private registry."""
+
+    def __init__(self, listen: str, collector: Any) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.process_collector import ProcessCollector
+
+        self.listen = listen
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        ProcessCollector(registry=self.registry)
+        host, port = parse_listen(listen)
+        try:
+            self.server, self.thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics_listen {listen}: {exc.strerror}") from None
+        log.info("metrics on http://%s/metrics", listen)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+class AggregatorCollector:
+    def __init__(self, agg: Aggregator) -> None:
+        self.agg = agg
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            InfoMetricFamily,
+        )
+
+        agg = self.agg
+        t = agg.totals
+        topics = list(agg.topics.items())
+        agents = list(agg.agents.values())
+        files = list(agg.sink.files.items())
+
+        def counter(name: str, doc: str, labels: list[str] | None = None) -> Any:
+            return CounterMetricFamily(PREFIX + name, doc, labels=labels)
+
+        def gauge(name: str, doc: str, labels: list[str] | None = None, value: float | None = None) -> Any:
+            return GaugeMetricFamily(PREFIX + name, doc, labels=labels, value=value)
+
+        yield InfoMetricFamily(PREFIX + "info", "The running aggregator",
+                               value={"instance": agg.instance, "version": __version__})
+        lines = counter("lines", "Lines written, per topic", ["topic"])
+        nbytes = counter("bytes", "Bytes written (as formatted), per topic", ["topic"])
+        for name, s in topics:
+            lines.add_metric([name], s.lines)
+            nbytes.add_metric([name], s.bytes)
+        yield lines
+        yield nbytes
+
+        now = time.monotonic()
+        a_lines = counter("agent_lines", "Lines written, per agent", ["agent"])
+        a_bytes = counter("agent_bytes", "Bytes written (as formatted), per agent", ["agent"])
+        a_lag = gauge("agent_lag_bytes", "Bytes an agent has not shipped yet (from its heartbeats)",
+                      ["agent"])
+        a_conn = gauge("agent_connected", "1 if the agent was heard from within agent_timeout_s",
+                       ["agent"])
+        a_seen = gauge("agent_last_seen_seconds", "Seconds since the agent was last heard from",
+                       ["agent"])
+        for a in agents:
+            a_lines.add_metric([a.name], a.lines)
+            a_bytes.add_metric([a.name], getattr(a, "bytes", 0))
+            a_lag.add_metric([a.name], a.lag_bytes)
+            a_conn.add_metric([a.name], 1 if a.connected else 0)
+            if a.last_seen:
+                a_seen.add_metric([a.name], round(now - a.last_seen, 3))
+        yield from (a_lines, a_bytes, a_lag, a_conn, a_seen)
+
+        dup = counter("dropped_lines", "Lines dropped, by reason (duplicate: resent, already committed)",
+                      ["reason"])
+        dup.add_metric(["duplicate"], t.duplicates_dropped)
+        yield dup
+        bad = counter("dropped_messages", "Malformed messages dropped, by reason", ["reason"])
+        for reason, n in sorted(dict(t.malformed).items()):
+            bad.add_metric([reason], n)
+        yield bad
+        yield from (
+            _value(counter("resyncs", "Batches refused because they did not continue their stream"),
+                   t.resyncs),
+            _value(counter("write_errors", "Writes to the output that failed"), t.write_errors),
+            _value(counter("batches", "Batches accepted"), t.batches),
+            _value(counter("commits", "Group commits (fsync + journal record)"), t.commits),
+        )
+
+        hist = agg.commit_latency
+        buckets = hist.cumulative()
+        yield HistogramMetricFamily(PREFIX + "commit_seconds",
+                                    "Time to make a group commit durable (fsync files + journal)",
+                                    buckets=buckets, sum_value=hist.sum)
+
+        yield gauge("pending_bytes", "Bytes accepted but not committed yet", value=agg.pending_bytes)
+        active = gauge("active_file_bytes", "Size of each topic's active file", ["topic"])
+        for name, tf in files:
+            active.add_metric([name], tf.size)
+        yield active
+        yield gauge("compressions_running", "Rotated files being compressed",
+                    value=len(agg._compressions))
+        yield gauge("streams", "Streams (agent file incarnations) known", value=len(agg.accepted))
+        yield gauge("output_writable", "0 while writes to the output fail (nothing is acknowledged)",
+                    value=0 if agg.disk_error else 1)
+        try:
+            free = shutil.disk_usage(agg.cfg.output_dir).free
+        except OSError:
+            return
+        yield gauge("output_free_bytes", "Free space on the output_dir file system", value=free)
+
+
+def _value(family: Any, value: float) -> Any:
+    family.add_metric([], value)
+    return family
+
+
+def serve(agg: Aggregator) -> MetricsServer | None:
+    listen = getattr(agg.cfg, "metrics_listen", "")
+    if not listen:
+        return None
+    return MetricsServer(listen, AggregatorCollector(agg))

@@ -1,0 +1,244 @@
+"""Output files: time rotation on UTC boundaries (with an injected clock), names, retention, format.
+
+These run the real ``Aggregator.serve()`` as a task of the test's event loop, with real ipc://
+sockets and files; batches come from a plain PUSH socket speaking the wire format. Only the clock
+is fake: it is what decides time-based rotation, rotated names, retention by age and the
+``received`` field of json lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import dataclasses
+import gzip
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import zmq
+from harness import check_exactly_once, count_lines, make_lines, output_lines
+
+from aggregator.config import Config, parse
+from aggregator.daemon import Aggregator
+from aggregator.writer import rotated_name
+from fleetlog import wire
+
+
+def utc(*when: int) -> float:
+    return float(calendar.timegm(when))
+
+
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_config(root: Path, **aggregator: Any) -> Config:
+    data = {"aggregator": {
+        "output_dir": str(root / "out"), "state_dir": str(root / "agg"),
+        "pull": f"ipc://{root}/pull.sock", "xsub": f"ipc://{root}/xsub.sock",
+        "xpub": f"ipc://{root}/xpub.sock", "control": [f"ipc://{root}/ctl.sock"],
+        "commit_interval_ms": 10, **aggregator}}
+    return parse(data, "<test>")
+
+
+async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (value := cond()):
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return value
+
+
+@contextlib.asynccontextmanager
+async def running_aggregator(cfg: Config, clock: Callable[[], float]) -> AsyncIterator[Aggregator]:
+    agg = Aggregator(cfg, clock=clock)
+    task = asyncio.create_task(agg.serve(), name="aggregator-under-test")
+    try:
+        await until(lambda: agg.ready.is_set() or task.done(), what="aggregator ready")
+        if task.done():
+            task.result()  # raises what startup raised
+        yield agg
+    finally:
+        agg.request_stop()
+        await asyncio.wait_for(task, timeout=15)
+
+
+class Sender:
+    """An agent's data socket without the agent: batches continuing their stream exactly."""
+
+    def __init__(self, endpoint: str, agent: str = "fake-01") -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.connect(endpoint)
+        self.agent = agent
+        self.streams: dict[str, tuple[int, int]] = {}
+
+    def send(self, topic: str, lines: list[str], stream: str = "s1", path: str = "/var/log/app.log") -> None:
+        start, seq = self.streams.get(stream, (0, 0))
+        end = start + sum(len(line.encode()) + 1 for line in lines)
+        self.sock.send_multipart(wire.encode_batch(wire.Batch(
+            topic=topic, agent=self.agent, stream=stream, base=0, path=path, file="1:2:abcd",
+            seq=seq, start=start, end=end, lines=lines)))
+        self.streams[stream] = (end, seq + 1)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def sender(short_tmp: Path) -> Any:
+    s = Sender(f"ipc://{short_tmp}/pull.sock")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def topic_files(out: Path, topic: str) -> list[str]:
+    return sorted(os.listdir(out / topic))
+
+
+async def test_time_rotation_on_utc_day_boundaries(short_tmp: Path, sender: Sender) -> None:
+    out = short_tmp / "out"
+    clock = FakeClock(utc(2024, 3, 1, 23, 59, 50))
+    cfg = make_config(short_tmp, rotate_interval_s=86400, rotate_max_bytes=0)
+    async with running_aggregator(cfg, clock) as agg:
+        sender.send("app", make_lines("a", 0, 100))
+        await until(lambda: count_lines(out / "app" / "app.log") == 100, what="first lines")
+        clock.t = utc(2024, 3, 1, 23, 59, 59)
+        sender.send("app", make_lines("a", 100, 100))
+        await until(lambda: count_lines(out / "app" / "app.log") == 200, what="lines before midnight")
+        await asyncio.sleep(0.1)  # a few commit rounds: still the same UTC day, nothing rotates
+        assert topic_files(out, "app") == ["app.log"]
+
+        clock.t = utc(2024, 3, 2, 0, 0, 1)
+        first = "app.20240302T000001Z.log.gz"
+        await until(lambda: first in topic_files(out, "app"), what="rotation at midnight, compressed")
+        assert topic_files(out, "app") == [first, "app.log"]
+        assert count_lines(out / "app" / "app.log") == 0
+        assert gzip.decompress((out / "app" / first).read_bytes()).count(b"\n") == 200
+
+        # The new file's period is 2024-03-02: lines all day long stay in it.
+        sender.send("app", make_lines("a", 200, 50))
+        await until(lambda: count_lines(out / "app" / "app.log") == 50, what="lines after midnight")
+        clock.t = utc(2024, 3, 2, 23, 59, 59)
+        sender.send("app", make_lines("a", 250, 50))
+        await until(lambda: count_lines(out / "app" / "app.log") == 100, what="lines late that day")
+        assert topic_files(out, "app") == [first, "app.log"]
+
+        # An idle topic rotates too, once its day is over.
+        clock.t = utc(2024, 3, 3, 0, 0, 5)
+        second = "app.20240303T000005Z.log.gz"
+        await until(lambda: second in topic_files(out, "app"), what="second rotation")
+        await until(lambda: not agg._compressions, what="compression done")
+    check_exactly_once(output_lines(out, "app", include_rotated=True), {"a": 300})
+    assert topic_files(out, "app") == [first, second, "app.log"]
+
+
+async def test_hourly_rotation_keeps_utc_boundaries(short_tmp: Path, sender: Sender) -> None:
+    out = short_tmp / "out"
+    clock = FakeClock(utc(2024, 7, 9, 10, 59, 0))
+    async with running_aggregator(make_config(short_tmp, rotate_interval_s=3600), clock):
+        sender.send("h", make_lines("h", 0, 10))
+        await until(lambda: count_lines(out / "h" / "h.log") == 10, what="lines")
+        clock.t = utc(2024, 7, 9, 11, 0, 0)
+        await until(lambda: "h.20240709T110000Z.log.gz" in topic_files(out, "h"), what="hourly rotation")
+
+
+async def test_rotated_names_sort_oldest_first_and_retention_keeps_the_newest(
+        short_tmp: Path, sender: Sender) -> None:
+    out = short_tmp / "out"
+    clock = FakeClock(utc(2024, 5, 5, 12, 0, 0))  # frozen: every rotation falls in the same second
+    cfg = make_config(short_tmp, retain_files=3, rotate_interval_s=0)
+    async with running_aggregator(cfg, clock) as agg:
+        for i in range(5):
+            sender.send("r", make_lines(f"r{i}", 0, 10), stream=f"s{i}")
+            await until(lambda: count_lines(out / "r" / "r.log") == 10, what=f"batch {i}")
+            rotated = await agg.rotate_now("r")
+            assert len(rotated) == 1
+        await until(lambda: not agg._compressions, what="compression done")
+        names = topic_files(out, "r")
+        assert names == ["r.20240505T120000Z_002.log.gz", "r.20240505T120000Z_003.log.gz",
+                         "r.20240505T120000Z_004.log.gz", "r.log"]
+        # The newest three, oldest first: names sort in the order they were written.
+        kept = output_lines(out, "r", include_rotated=True)
+        assert [line.split("#")[0] for line in kept[::10]] == ["r2", "r3", "r4"]
+
+        # Retention by age: a rotated file older than retain_days goes at the next rotation.
+        old = out / "r" / names[0]
+        os.utime(old, (clock.t - 3 * 86400, clock.t - 3 * 86400))
+        agg.cfg = dataclasses.replace(agg.cfg, retain_days=2, retain_files=0)  # as a reload would
+        clock.t += 61
+        sender.send("r", make_lines("r5", 0, 10), stream="s5")
+        await until(lambda: count_lines(out / "r" / "r.log") == 10, what="batch 5")
+        assert await agg.rotate_now("r") == ["r.20240505T120101Z.log"]
+        await until(lambda: not agg._compressions, what="compression done")
+        assert topic_files(out, "r") == [*names[1:3], "r.20240505T120101Z.log.gz", "r.log"]
+
+
+async def test_json_format_per_topic(short_tmp: Path, sender: Sender) -> None:
+    out = short_tmp / "out"
+    clock = FakeClock(utc(2024, 1, 2, 3, 4, 5) + 0.25)
+    cfg = make_config(short_tmp, topics={"j": {"format": "json"}})
+    async with running_aggregator(cfg, clock):
+        lines = ["plain line", 'with "quotes" and \\ and \t tab', "ünïcödé ✓", ""]
+        sender.send("j", lines, path="/var/log/j.log")
+        sender.send("raw", lines, stream="s2")
+        await until(lambda: count_lines(out / "j" / "j.log") == 4
+                    and count_lines(out / "raw" / "raw.log") == 4, what="both topics written")
+    docs = [orjson.loads(x) for x in (out / "j" / "j.log").read_bytes().splitlines()]
+    assert docs == [{"line": line, "agent": "fake-01", "path": "/var/log/j.log", "received": clock.t}
+                    for line in lines]
+    assert (out / "raw" / "raw.log").read_text() == "".join(line + "\n" for line in lines)
+
+
+async def test_forced_rotation_after_a_reopen(short_tmp: Path, sender: Sender) -> None:
+    """SIGHUP closes the active files; `aggregatorctl rotate` must still find them."""
+    out = short_tmp / "out"
+    clock = FakeClock(utc(2024, 2, 29, 8, 0, 0))
+    async with running_aggregator(make_config(short_tmp), clock) as agg:
+        sender.send("x", make_lines("x", 0, 20))
+        await until(lambda: count_lines(out / "x" / "x.log") == 20, what="lines")
+        await agg.reopen()
+        assert "x" not in agg.sink.files
+        assert await agg.rotate_now(None) == ["x.20240229T080000Z.log"]
+        sender.send("x", make_lines("x", 20, 20))
+        await until(lambda: count_lines(out / "x" / "x.log") == 20, what="lines in the new file")
+        await until(lambda: not agg._compressions, what="compression done")
+    check_exactly_once(output_lines(out, "x", include_rotated=True), {"x": 40})
+
+
+def test_rotated_name_is_utc_and_sorts() -> None:
+    t = utc(2023, 12, 31, 23, 59, 59)
+    names = [rotated_name("t", t + 1), rotated_name("t", t), rotated_name("t", t, 2), rotated_name("t", t, 1),
+             rotated_name("t", t, 10)]
+    assert names[1] == "t.20231231T235959Z.log"
+    assert sorted(names) == [names[1], names[3], names[2], names[4], names[0]]
+
+
+async def test_a_file_left_from_an_earlier_day_rolls_over_at_the_first_write(
+        short_tmp: Path, sender: Sender) -> None:
+    out = short_tmp / "out"
+    (out / "old").mkdir(parents=True)
+    left = out / "old" / "old.log"
+    left.write_text("".join(line + "\n" for line in make_lines("o", 0, 5)))
+    yesterday = utc(2024, 4, 1, 18, 0, 0)
+    os.utime(left, (yesterday, yesterday))
+    clock = FakeClock(utc(2024, 4, 2, 9, 30, 0))
+    async with running_aggregator(make_config(short_tmp), clock) as agg:
+        sender.send("old", make_lines("o", 5, 5))
+        await until(lambda: "old.20240402T093000Z.log.gz" in topic_files(out, "old"), what="rotation")
+        await until(lambda: not agg._compressions, what="compression done")
+    check_exactly_once(output_lines(out, "old", include_rotated=True), {"o": 10})
