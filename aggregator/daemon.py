@@ -215,7 +215,7 @@ class Aggregator:
         try:
             self.guard.reload(new.aggregator)
         except curve.KeyError_ as exc:
-            log.error("reload refused, keeping the running config and keys: %s", exc)
+            log.warning("reload refused, keeping the running config and keys: %s", exc)
             return {"reloaded": False, "problems": [str(exc)]}
         self.config, self.cfg = new, new.aggregator
         await self.reopen()

@@ -14,11 +14,18 @@ from typing import Any
 log = logging.getLogger("fleetlog")
 
 
+class OneLineFormatter(logging.Formatter):
+    """One event, one line: a traceback's newlines are escaped so journald keeps it whole."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\\n")
+
+
 def setup_logging(level: str = "info") -> None:
     """One event per line on stderr; journald adds time and unit, so we only add level+logger."""
     handler = logging.StreamHandler(sys.stderr)
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    handler.setFormatter(logging.Formatter(stamp + "%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter(stamp + "%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
