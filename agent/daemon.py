@@ -85,7 +85,7 @@ class Agent:
         self.scan()
         self.resume_rotated_while_down()
         self.watcher = Watcher(self.config.sources, self.on_change, self.cfg.watch_debounce_ms,
-                               self.cfg.force_polling)
+                               self.cfg.force_polling, self.cfg.watch_step_ms)
         self.watcher.refresh()
         self._tasks = [
             asyncio.create_task(self.read_loop(), name="read"),
@@ -133,7 +133,7 @@ class Agent:
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = Watcher(self.config.sources, self.on_change, self.cfg.watch_debounce_ms,
-                                   self.cfg.force_polling)
+                                   self.cfg.force_polling, self.cfg.watch_step_ms)
             self.watcher.refresh()
         self.scan_soon.set()
         log.info("reloaded %s: %d sources", new.source, len(new.sources))

@@ -58,10 +58,11 @@ class Watcher:
     """Runs watchfiles over the sources' root directories and reports changed paths."""
 
     def __init__(self, sources: tuple[SourceConfig, ...], on_change: Callable[[set[str]], None],
-                 debounce_ms: int, force_polling: bool) -> None:
+                 debounce_ms: int, force_polling: bool, step_ms: int = 3) -> None:
         self.sources = sources
         self.on_change = on_change
         self.debounce_ms = debounce_ms
+        self.step_ms = step_ms
         self.force_polling = force_polling
         self.roots: list[str] = []
         self._stop = asyncio.Event()
@@ -90,7 +91,7 @@ class Watcher:
             glob.has_magic(os.path.dirname(p)) for s in self.sources for p in s.paths)
         try:
             async for changes in watchfiles.awatch(
-                *roots, watch_filter=None, debounce=self.debounce_ms, step=1,
+                *roots, watch_filter=None, debounce=self.debounce_ms, step=self.step_ms,
                 stop_event=self._stop, recursive=recursive, force_polling=self.force_polling,
                 poll_delay_ms=100, ignore_permission_denied=True,
             ):

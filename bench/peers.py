@@ -261,12 +261,16 @@ def start_pipeline(shipper: str, peer: Peer | None, d: str, logs: str) -> Pipeli
     return pl
 
 
+# --fleetlog-set KEY=VALUE options, for trying agent settings side by side with the peers.
+FLEETLOG_AGENT_SET: tuple[str, ...] = ()
+
+
 def _build(shipper: str, peer: Peer | None, d: str, logs: str) -> tuple[Pipeline, str, Any]:
     if shipper == "fleetlog":
         import zmq
         ports = {k: free_port() for k in ("pull", "xsub", "xpub")}
         pl = Pipeline(Proc("aggregator", aggregator_argv(d, ports), d),
-                      Proc("agent", agent_argv(d, logs, ports, "push"), d),
+                      Proc("agent", agent_argv(d, logs, ports, "push", FLEETLOG_AGENT_SET), d),
                       os.path.join(d, "out", TOPIC, f"{TOPIC}.log"))
         pl.ctx = zmq.Context()
         control = pl.control = ControlClient(pl.ctx, f"ipc://{d}/c.sock")
@@ -533,6 +537,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (printed)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--fleetlog-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an agent setting for the fleetlog runs, e.g. agent.batch_max_delay_ms=20")
     w = sub.add_parser("write", help="(internal) the live writer")
     w.add_argument("--rate", type=int, required=True)
     w.add_argument("--duration-s", type=float, required=True)
@@ -568,7 +574,9 @@ def one_run(workload: str, shipper: str, peer: Peer | None, d: str, sources: lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    global FLEETLOG_AGENT_SET
     args = parse_args(argv)
+    FLEETLOG_AGENT_SET = tuple(getattr(args, "fleetlog_set", ()) or ())
     if args.role == "write":
         return writer_main(args)
     if args.role == "read":
