@@ -263,3 +263,21 @@ def test_random_junk_on_the_data_ports_changes_nothing(h: Harness) -> None:
     finally:
         push.close()
         ctx.term()
+
+
+def test_sighup_reloads_the_authorised_keys(h: Harness, keys: Keys) -> None:
+    """Authorising (or revoking) a key is a file in authorized_keys_dir and a reload."""
+    import signal
+    tcp, local = secure_aggregator(h, keys)
+    server = ["--server-key", keys.public("aggregator")]
+    assert h.ctl(tcp, "--timeout", "1", "--curve-key", keys.secret("stranger"), *server,
+                 "status").returncode == 3
+    shutil.copy(keys.public("stranger"), keys.agents)
+    agg = h.procs[0]
+    agg.popen.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(lambda: h.ctl(tcp, "--timeout", "1", "--curve-key", keys.secret("stranger"), *server,
+                           "status").returncode == 0, what="the new key admitted after SIGHUP")
+    os.unlink(keys.agents / "stranger.key")
+    assert h.ctl(local, "reload").returncode == 0
+    assert h.ctl(tcp, "--timeout", "1", "--curve-key", keys.secret("stranger"), *server,
+                 "status").returncode == 3
