@@ -81,7 +81,7 @@ class Aggregator:
         self.started = time.monotonic()
         self.ctx: zmq.asyncio.Context | None = None
         self.sink = RollingFileSink(self.cfg.output_dir, clock=clock)
-        self.journal = Journal(self.cfg.state_dir)
+        self.journal = Journal(self.cfg.state_dir, stream_ttl_s=self.cfg.stream_ttl_s)
         self.notifier = SystemdNotifier()
         self.guard = Guard(self.cfg)
         self.agents: dict[str, AgentInfo] = {}
@@ -119,6 +119,8 @@ class Aggregator:
         os.makedirs(cfg.state_dir, exist_ok=True)
         self.guard.load(cfg)
         state = self.journal.recover()
+        # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction.
+        self.journal.compact(cfg.stream_ttl_s)
         self.recover_rotations(state.rotations)
         self.sink.recover(state.topics)
         self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
@@ -557,6 +559,8 @@ class Aggregator:
             ticks += 1
             if ticks % 10 == 0:
                 self.notifier.notify("STATUS=" + self.status_line())
+            if ticks % 3600 == 0:
+                self.forget_old_streams()
             if ticks % 60 == 0 and (self.cfg.retain_days or self.cfg.retain_files):
                 for topic in self.sink.topics_on_disk():
                     self.apply_retention(topic)
@@ -574,6 +578,14 @@ class Aggregator:
         line = (f"{connected} agents connected, {rate:.0f} lines/s, {self.totals.lines_written} lines "
                 f"written to {len(self.topics)} topics")
         return f"{line}; OUTPUT NOT WRITABLE: {self.disk_error}" if self.disk_error else line
+
+    def forget_old_streams(self) -> None:
+        """Drop in-memory offsets of streams the journal has forgotten (idle past stream_ttl_s),
+        so a long-running aggregator does not grow with every file its agents ever rotated."""
+        durable = self.journal.state.streams
+        stale = [k for k in self.accepted if k not in durable and k not in self.pending]
+        for key in stale:
+            del self.accepted[key]
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

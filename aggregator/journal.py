@@ -63,9 +63,11 @@ class DurableState:
 
 
 class Journal:
-    def __init__(self, state_dir: str, compact_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, state_dir: str, compact_bytes: int = 32 * 1024 * 1024,
+                 stream_ttl_s: float | None = None) -> None:
         self.state_dir = state_dir
         self.compact_bytes = compact_bytes
+        self.stream_ttl_s = stream_ttl_s
         self.snapshot_path = os.path.join(state_dir, SNAPSHOT)
         self.journal_path = os.path.join(state_dir, JOURNAL)
         self.state = DurableState()
@@ -138,7 +140,7 @@ class Journal:
         self._size += len(frame)
         self.state.apply(record)
         if self._size > self.compact_bytes:
-            self.compact()
+            self.compact(self.stream_ttl_s)
         return record["seq"]
 
     def compact(self, ttl_s: float | None = None) -> None:

@@ -98,3 +98,13 @@ def test_journal_compaction_keeps_the_state(tmp_path: Path) -> None:
     assert os.path.getsize(tmp_path / "journal.bin") < 2000
     state = Journal(str(tmp_path)).recover()
     assert state.topics == {"t": 99} and state.streams["a\x1f1"][0] == 99 and state.seq == 100
+
+
+def test_idle_streams_are_forgotten_at_compaction(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), stream_ttl_s=3600)
+    j.recover()
+    j.append({}, {"a\x1fold": 10, "a\x1fnew": 20})
+    j.state.streams["a\x1fold"][1] -= 7200  # last committed two hours ago
+    j.compact(j.stream_ttl_s)
+    j.close()
+    assert set(Journal(str(tmp_path)).recover().streams) == {"a\x1fnew"}
