@@ -330,3 +330,21 @@ topic = "app"
     append_lines(h.path("logs", "two.log"), make_lines("two", 20, 5))
     check_exactly_once(settle(h, "app", 35), {"one": 10, "two": 25})
     assert agent.alive()
+
+
+def test_multiline_records_ship_whole(h: Harness) -> None:
+    ep = h.endpoints()
+    log = h.path("logs", "app.log")
+    h.aggregator(ep, "aggregator.format=json")
+    h.agent(ep, [{"paths": [str(log)], "topic": "app", "multiline_start": r"^\d{4}-\d\d-\d\d ",
+                  "multiline_timeout_ms": 300}])
+    with open(log, "ab") as fh:
+        fh.write(b"2026-11-22 ERROR boom\n  at a(x.py:1)\n  at b(x.py:2)\n2026-11-22 INFO fine\n")
+    time.sleep(0.2)
+    with open(log, "ab") as fh:
+        fh.write(b"2026-11-22 WARN last\n  continued\n")  # the last record: shipped after the timeout
+    out = h.path("out", "app", "app.log")
+    wait_for(lambda: count_lines(out) >= 3, what="three records")
+    records = [orjson.loads(line)["line"] for line in out.read_text().splitlines()]
+    assert records == ["2026-11-22 ERROR boom\n  at a(x.py:1)\n  at b(x.py:2)", "2026-11-22 INFO fine",
+                       "2026-11-22 WARN last\n  continued"]
