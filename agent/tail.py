@@ -143,16 +143,11 @@ class Tailer:
 
         ``final`` ships a held partial line or record at once (the file was rotated away).
         """
-        if self.fd is None:
-            return None
         src = self.source
         start = self.ship_pos
-        data = os.pread(self.fd, max_bytes, start)
+        data = self._pread(start, max_bytes)
         if not data:
             return None
-        if len(data) == max_bytes and src.max_line_bytes >= max_bytes and data.find(b"\n") < 0:
-            # One line longer than a batch: read on to its end, or to where it gets cut.
-            data += os.pread(self.fd, src.max_line_bytes + 1 - len(data), start + len(data))
         self.last_data = now
         skipped = 0
         if self.skipping:
@@ -190,6 +185,22 @@ class Tailer:
                 consumed = held
         lines = self._split(body)
         return Chunk(start, start + skipped + consumed, lines)
+
+    def _pread(self, start: int, max_bytes: int) -> bytes:
+        """What is there from ``start``, up to a batch (or up to a line's cut, for a line longer
+        than a batch)."""
+        if self.fd is None:
+            return b""
+        # Ask for what is there: a 1 MiB pread near the end of a file costs an allocation of
+        # 1 MiB each time, 25x the cost of the fstat.
+        self.size = os.fstat(self.fd).st_size
+        if self.size <= start:
+            return b""
+        data = os.pread(self.fd, min(max_bytes, self.size - start), start)
+        max_line = self.source.max_line_bytes
+        if len(data) == max_bytes and max_line >= max_bytes and data.find(b"\n") < 0:
+            data += os.pread(self.fd, max_line + 1 - len(data), start + len(data))
+        return data
 
     def _no_newline(self, start: int, skipped: int, data: bytes, now: float, final: bool) -> Chunk | None:
         src = self.source

@@ -41,6 +41,7 @@ class Transport:
         self.hello_args = hello_args
         self.heartbeat_args = heartbeat_args
         self.data: zmq.asyncio.Socket | None = None
+        self._data_raw: zmq.Socket | None = None  # type: ignore[type-arg]
         self.control: zmq.asyncio.Socket | None = None
         self.instance: str | None = None
         self.last_reply = 0.0  # loop.time() of the aggregator's last message
@@ -72,10 +73,15 @@ class Transport:
         data.connect(self.cfg.data)
         control.connect(self.cfg.control)
         self.data, self.control = data, control
+        self._data_raw = zmq.Socket.shadow(data.underlying)
 
     async def send(self, frames: list[bytes]) -> None:
-        assert self.data is not None
-        await self.data.send_multipart(frames, copy=False)
+        """Send now if ZeroMQ has room (no future needed), else wait for room."""
+        assert self.data is not None and self._data_raw is not None
+        try:
+            self._data_raw.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            await self.data.send_multipart(frames, copy=False)
         self.sent_batches += 1
         self.sent_bytes += len(frames[1])
 

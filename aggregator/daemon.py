@@ -240,16 +240,17 @@ class Aggregator(Rolling):
     # -- ingestion ----------------------------------------------------------------------------
 
     async def receive_loop(self, sock: zmq.asyncio.Socket, via: str) -> None:
+        # Drain what is already queued through a plain (shadow) socket: no future per message.
+        raw = zmq.Socket.shadow(sock.underlying)
         while True:
             try:
                 frames = await sock.recv_multipart(copy=False)
             except zmq.Again:
                 continue  # woken with nothing to read (seen with CURVE handshakes)
             self.ingest(frames, via)
-            # Drain what is already queued without going back to the loop for each message.
             for _ in range(256):
                 try:
-                    frames = await sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 self.ingest(frames, via)
