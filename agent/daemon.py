@@ -354,7 +354,11 @@ class Agent(Following):
         log.info("connected to aggregator %s", result.get("instance"))
 
     def hello_args(self) -> dict[str, Any]:
-        return {"agent": self.cfg.name, "mode": self.cfg.mode, "streams": list(self.tailers)}
+        """Ask where the streams with something not yet acknowledged stand (at most 20,000, so
+        the message stays far below the control socket's 1 MiB limit; the rest learn it from
+        resyncs)."""
+        streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
+        return {"agent": self.cfg.name, "mode": self.cfg.mode, "streams": streams[:20_000]}
 
     def heartbeat_args(self) -> dict[str, Any]:
         return {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.lag_bytes(),
