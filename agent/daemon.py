@@ -46,6 +46,8 @@ class Agent(Following):
         # Bytes shipped and not acknowledged: kept up to date on shipping, recounted whenever
         # acks, resyncs or rewinds move offsets (a sum per batch would cost O(files)).
         self.inflight = 0
+        # Tailers holding a partial line or a multi-line record, which a timer must revisit.
+        self.timed: set[Tailer] = set()
         # The file that last had a name, while a new file there has not been found yet.
         self.predecessors: dict[str, Tailer] = {}
         self.ready: deque[Tailer] = deque()
@@ -222,6 +224,8 @@ class Agent(Following):
             except OSError as exc:
                 log.warning("reading %s failed: %s", t.path, exc)
                 continue
+            if t.partial_since is not None or t.multiline_since is not None:
+                self.timed.add(t)  # holds a partial line or record: look again when it times out
             if chunk is None:
                 continue
             await self.ship(t, chunk, now, delay)

@@ -34,6 +34,7 @@ class Following:
     predecessors: dict[str, Tailer]
     pending_checkpoints: dict[tuple[int, int], Checkpoint]
     unacked: set[Tailer]
+    timed: set[Tailer]
     queued: set[Tailer]
     ready: deque[Tailer]
     inflight: int
@@ -361,6 +362,9 @@ class Following:
             await asyncio.sleep(0.01)  # coalesce bursts of new-file events
 
     def rearm_timers(self) -> None:
-        for t in self.tailers.values():
-            if t.partial_since is not None or t.multiline_since is not None:
+        for t in list(self.timed):
+            if (t.partial_since is None and t.multiline_since is None) or \
+                    self.tailers.get(t.stream) is not t:
+                self.timed.discard(t)
+            else:
                 self.enqueue(t)
