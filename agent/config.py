@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import socket
@@ -89,6 +90,17 @@ class Config:
     source: str = "<built-in defaults>"
 
 
+def glob_root(pattern: str) -> str:
+    """The deepest directory of ``pattern`` without wildcards (what to watch)."""
+    parts = pattern.split(os.sep)
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return os.sep.join(fixed) or os.sep
+
+
 def _regex_problem(value: str) -> str | None:
     try:
         re.compile(value)
@@ -166,6 +178,14 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     _check_keys(cfg, problems)
     if check_dirs and (message := dir_problem(cfg.state_dir, create=True)) is not None:
         problems.append(f"agent.state_dir: {message}")
+    if check_dirs:
+        for i, src in enumerate(sources):
+            for pattern in src.paths:
+                root = glob_root(pattern)
+                # A directory that does not exist yet is fine (the rescan finds it later);
+                # one the agent may not read is a mistake to report now.
+                if os.path.isdir(root) and not os.access(root, os.R_OK | os.X_OK):
+                    problems.append(f"sources[{i}].paths: {root} is not readable by this user")
     if not cfg.status_socket and len(cfg.status_endpoint) - len("ipc://") >= IPC_PATH_MAX:
         problems.append("agent.state_dir: too long for the default status socket; set agent.status_socket")
     if problems:

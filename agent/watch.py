@@ -17,20 +17,9 @@ from collections.abc import Callable, Iterator
 
 import watchfiles
 
-from agent.config import COMPRESSED_SUFFIXES, SourceConfig
+from agent.config import COMPRESSED_SUFFIXES, SourceConfig, glob_root
 
 log = logging.getLogger("fleetlog.agent.watch")
-
-
-def glob_root(pattern: str) -> str:
-    """The deepest directory of ``pattern`` without wildcards (what to watch)."""
-    parts = pattern.split(os.sep)
-    fixed = []
-    for part in parts[:-1]:
-        if glob.has_magic(part):
-            break
-        fixed.append(part)
-    return os.sep.join(fixed) or os.sep
 
 
 def expand(source: SourceConfig) -> Iterator[tuple[str, os.stat_result]]:
