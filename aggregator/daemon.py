@@ -37,6 +37,7 @@ class AgentInfo:
     name: str
     routing_id: bytes = b""
     route: Any = None  # the control socket the agent talks on
+    name_clash_warned: bool = False
     address: str = ""
     mode: str = ""
     last_seen: float = 0.0
@@ -372,6 +373,14 @@ class Aggregator(Rolling):
         info = self.agents.get(name)
         if info is None:
             info = self.agents[name] = AgentInfo(name)
+        host = peer.address.rsplit(":", 1)[0]
+        if (info.address and info.address.rsplit(":", 1)[0] != host and not info.name_clash_warned
+                and time.monotonic() - info.last_seen < 2 * self.cfg.agent_timeout_s):
+            # Identities are agent names: two hosts with one name take each other's acks (they
+            # resend, so nothing is lost, but both crawl). Say so once.
+            info.name_clash_warned = True
+            log.warning("agent name %r is used from %s and from %s: give each agent its own"
+                        " agent.name", name, info.address, peer.address)
         info.routing_id = peer.routing_id
         info.route = peer.sock
         info.address = peer.address

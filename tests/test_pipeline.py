@@ -162,3 +162,31 @@ def test_sigterm_exits_zero_and_flushes(h: Harness, daemon: str) -> None:
     assert time.monotonic() - started < 12
     assert second.stop(signal.SIGTERM) == 0
     check_exactly_once(output_lines(h.path("out"), "t"), {"a": 2000})
+
+
+def test_two_agents_with_one_name_are_reported(h: Harness) -> None:
+    ep = h.endpoints(tcp=True)
+    agg = h.aggregator(ep)
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.3"):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.IDENTITY, b"web-01")
+            host, port = ep.control[len("tcp://"):].rsplit(":", 1)
+            s.connect(f"tcp://{source}:0;{host}:{port}")
+            socks.append(s)
+        for i in range(30):
+            for s in socks:
+                s.send(orjson.dumps({"id": i, "command": "heartbeat", "args": {"agent": "web-01"}}))
+            if "is used from" in agg.log():
+                break
+            time.sleep(0.1)
+        assert "agent name 'web-01' is used from 127.0.0.2" in agg.log() or \
+            "agent name 'web-01' is used from 127.0.0.3" in agg.log()
+        assert agg.log().count("is used from") == 1
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()
