@@ -125,6 +125,11 @@ class Aggregator(Rolling):
         self.journal.compact(cfg.stream_ttl_s)
         self.recover_rotations(state.rotations)
         self.sink.recover(state.topics)
+        # A file whose period ended while we were down rolls over before it takes a new line.
+        for topic in self.sink.topics_on_disk():
+            if wire.valid_topic(topic):
+                self.sink.open_existing(topic)
+        self.rotate_due()
         self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
         self.ctx = zmq.asyncio.Context()
         self.guard.start(self.ctx)

@@ -228,7 +228,7 @@ def test_rotated_name_is_utc_and_sorts() -> None:
     assert sorted(names) == [names[1], names[3], names[2], names[4], names[0]]
 
 
-async def test_a_file_left_from_an_earlier_day_rolls_over_at_the_first_write(
+async def test_a_file_left_from_an_earlier_day_rolls_over_at_start(
         short_tmp: Path, sender: Sender) -> None:
     out = short_tmp / "out"
     (out / "old").mkdir(parents=True)
@@ -241,4 +241,9 @@ async def test_a_file_left_from_an_earlier_day_rolls_over_at_the_first_write(
         sender.send("old", make_lines("o", 5, 5))
         await until(lambda: "old.20240402T093000Z.log.gz" in topic_files(out, "old"), what="rotation")
         await until(lambda: not agg._compressions, what="compression done")
+        await until(lambda: count_lines(left) >= 5, what="today's lines")
     check_exactly_once(output_lines(out, "old", include_rotated=True), {"o": 10})
+    # Yesterday's lines stay in yesterday's file; today's start the new one.
+    rotated = gzip.decompress((out / "old" / "old.20240402T093000Z.log.gz").read_bytes()).decode()
+    assert rotated.splitlines() == make_lines("o", 0, 5)
+    assert output_lines(out, "old") == make_lines("o", 5, 5)
