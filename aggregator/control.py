@@ -146,9 +146,6 @@ class ControlServer:
     def send_to(self, sock: zmq.asyncio.Socket, routing_id: bytes, body: bytes) -> None:
         self.reply(sock, [routing_id], body)
 
-    async def flush(self) -> None:
-        """Replies are queued in ZeroMQ; closing with linger sends them."""
-
     def close(self) -> None:
         for sock, _ in self.sockets:
             sock.close(linger=500)

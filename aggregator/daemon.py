@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -106,7 +107,6 @@ class Aggregator(Rolling):
         self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.control: ControlServer | None = None
-        self.rotate_requests: set[str | None] = set()
         # Prefixes XPUB subscribers asked for: no subscriber, nothing to publish.
         self.subscriptions: set[bytes] = set()
         self.commit_lock = asyncio.Lock()
@@ -177,8 +177,6 @@ class Aggregator(Rolling):
         try:
             async with self.commit_lock:
                 await asyncio.wait_for(self.commit(), timeout=self.cfg.shutdown_timeout_s)
-            if self.control is not None:
-                await asyncio.wait_for(self.control.flush(), timeout=1.0)
         except (TimeoutError, SinkError) as exc:
             log.warning("final commit did not finish (%s); agents will resend what was not acknowledged",
                         exc or "timeout")
@@ -218,7 +216,8 @@ class Aggregator(Rolling):
         if changed:
             log.warning("reload: %s need a restart to change; keeping the running values",
                         ", ".join(changed))
-            new = Config(aggregator=_replace(new.aggregator, self.cfg, fixed), source=new.source)
+            kept = {k: getattr(self.cfg, k) for k in fixed}
+            new = Config(aggregator=dataclasses.replace(new.aggregator, **kept), source=new.source)
         if new.aggregator.log_level != self.cfg.log_level:
             logging.getLogger().setLevel(new.aggregator.log_level.upper())
         try:
@@ -411,11 +410,10 @@ class Aggregator(Rolling):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.commit_wake.wait(), timeout=interval)
             self.commit_wake.clear()
-            force, self.rotate_requests = self.rotate_requests, set()
             try:
                 async with self.commit_lock:
                     await self.commit()
-                    self.rotate_due(force)
+                    self.rotate_due()
             except SinkError as exc:
                 self.on_disk_error(exc)
             except OSError as exc:
@@ -563,7 +561,3 @@ def peer_address(frame: zmq.Frame) -> str:
     except zmq.ZMQError:
         return "local"
 
-
-def _replace(new: Any, old: Any, keys: tuple[str, ...]) -> Any:
-    from dataclasses import replace
-    return replace(new, **{k: getattr(old, k) for k in keys})

@@ -249,11 +249,6 @@ def check_exactly_once(lines: list[str], expected: dict[str, int]) -> None:
     assert not problems, "\n".join(problems)
 
 
-def kill_all(procs: Iterable[Proc]) -> None:
-    for p in procs:
-        if p.alive():
-            os.kill(p.pid, signal.SIGKILL)
-
 
 class Writer:
     """Appends id-carrying lines to files from a thread, like applications logging, until stopped.
