@@ -289,12 +289,16 @@ class Agent(Following):
         self.resends += 1
         log.info("no acknowledgement for %.1fs; shipping %d bytes again",
                  now - self.last_ack_progress, self.inflight_bytes())
-        for t in list(self.unacked):
+        self.rewind_unacked()
+        self.last_ack_progress = now
+
+    def rewind_unacked(self) -> None:
+        """Ship everything not acknowledged again, from the files."""
+        for t in self.unacked:
             t.rewind(t.acked)
             self.enqueue(t)
         self.unacked.clear()
         self.inflight = 0
-        self.last_ack_progress = now
 
     # -- acknowledgements -----------------------------------------------------------------------
 
@@ -350,10 +354,7 @@ class Agent(Following):
                 self.ack(stream, end)
         if restarted:
             log.info("aggregator restarted: shipping everything not acknowledged again")
-            for t in list(self.unacked):
-                t.rewind(t.acked)
-                self.enqueue(t)
-            self.unacked.clear()
+            self.rewind_unacked()
         self.inflight = self.inflight_bytes()
         log.info("connected to aggregator %s", result.get("instance"))
 
