@@ -21,7 +21,7 @@ from agent.status import StatusServer
 from agent.tail import Chunk, Tailer
 from agent.transport import Transport
 from agent.watch import Watcher
-from fleetlog.runtime import SystemdNotifier, supervise
+from fleetlog.runtime import SystemdNotifier, Wakeup, supervise
 from fleetlog.tomlconf import ConfigError
 
 log = logging.getLogger("fleetlog.agent")
@@ -52,8 +52,8 @@ class Agent(Following):
         self.predecessors: dict[str, Tailer] = {}
         self.ready: deque[Tailer] = deque()
         self.queued: set[Tailer] = set()
-        self.wake = asyncio.Event()
-        self.acked_event = asyncio.Event()
+        self.wake = Wakeup()
+        self.acked_event = Wakeup()
         self.scan_soon = asyncio.Event()
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
@@ -153,8 +153,7 @@ class Agent(Following):
         deadline = time.monotonic() + min(self.cfg.shutdown_timeout_s, self.cfg.ack_timeout_ms / 1000 + 1)
         while self.unacked and time.monotonic() < deadline:
             self.acked_event.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.acked_event.wait(), timeout=deadline - time.monotonic())
+            await self.acked_event.wait(deadline - time.monotonic())
         if self.unacked:
             log.info("%d bytes shipped but not acknowledged; they are shipped again at restart",
                      self.inflight_bytes())
@@ -199,13 +198,11 @@ class Agent(Following):
                 self.check_ack_timeout(now)
             if self.unacked and self.inflight >= cfg.max_inflight_bytes:
                 self.acked_event.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.acked_event.wait(), timeout=timers_every)
+                await self.acked_event.wait(timers_every)
                 continue
             if not self.ready:
                 self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=timers_every)
+                await self.wake.wait(timers_every)
                 continue
             t = self.ready.popleft()
             if t.next_read > now:

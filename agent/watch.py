@@ -3,6 +3,11 @@
 Events only tell the agent *where to look sooner*; the periodic rescan is what guarantees that
 nothing is missed (an inotify queue overflow, a network filesystem that sends no events, a
 directory that appeared later). ``force_polling`` makes watchfiles poll instead of using inotify.
+
+watchfiles' blocking ``watch()`` runs in a thread of its own and hands each set of changes to
+the event loop with ``call_soon_threadsafe``. ``awatch()`` would do the same through an anyio
+worker thread per hand-over (a capacity limiter, a cancel scope and a future each time); under a
+steady 20,000 lines/s that hand-over was a fifth of the agent's CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import glob
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 
 import watchfiles
@@ -54,8 +60,8 @@ class Watcher:
         self.step_ms = step_ms
         self.force_polling = force_polling
         self.roots: list[str] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def wanted_roots(self) -> list[str]:
         roots = {glob_root(p) for s in self.sources for p in s.paths}
@@ -67,30 +73,38 @@ class Watcher:
     def refresh(self) -> None:
         """Start, or restart when the set of existing roots changed (a log dir was created)."""
         roots = self.wanted_roots()
-        if roots == self.roots and self._task is not None and not self._task.done():
+        if roots == self.roots and self._thread is not None and self._thread.is_alive():
             return
         self.stop()
         self.roots = roots
         if roots:
-            self._stop = asyncio.Event()
-            self._task = asyncio.create_task(self._run(roots), name="watch")
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, args=(roots, self._stop, asyncio.get_running_loop()),
+                name="fleetlog-watch", daemon=True)
+            self._thread.start()
 
-    async def _run(self, roots: list[str]) -> None:
+    def _run(self, roots: list[str], stop: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
         recursive = any("**" in p for s in self.sources for p in s.paths) or any(
             glob.has_magic(os.path.dirname(p)) for s in self.sources for p in s.paths)
         try:
-            async for changes in watchfiles.awatch(
+            for changes in watchfiles.watch(
                 *roots, watch_filter=None, debounce=self.debounce_ms, step=self.step_ms,
-                stop_event=self._stop, recursive=recursive, force_polling=self.force_polling,
-                poll_delay_ms=100, ignore_permission_denied=True,
+                stop_event=stop, recursive=recursive, force_polling=self.force_polling,
+                poll_delay_ms=100, ignore_permission_denied=True, raise_interrupt=False,
             ):
-                self.on_change({path for _, path in changes})
+                if stop.is_set():
+                    return
+                loop.call_soon_threadsafe(self.on_change, {path for _, path in changes})
         except (OSError, RuntimeError) as exc:
+            if stop.is_set() or loop.is_closed():
+                return
             # The rescan still finds everything; only wake-ups are slower.
             log.warning("file watching on %s stopped (%s); relying on the periodic rescan", roots, exc)
 
     def stop(self) -> None:
+        """Stop the thread; it notices within one watch step."""
         self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+            self._thread = None
