@@ -27,7 +27,7 @@ from aggregator.rolling import Rolling
 from aggregator.security import Guard
 from aggregator.writer import RollingFileSink, SinkError, uncompressed_rotated
 from fleetlog import curve, wire
-from fleetlog.runtime import SystemdNotifier, supervise
+from fleetlog.runtime import SystemdNotifier, Wakeup, supervise
 from fleetlog.tomlconf import ConfigError
 
 log = logging.getLogger("fleetlog.aggregator")
@@ -97,7 +97,8 @@ class Aggregator(Rolling):
         self.pending_bytes = 0
         self.owed_acks: dict[str, dict[str, int]] = {}
         self.disk_error: str | None = None
-        self.commit_wake = asyncio.Event()
+        self.commit_wake = Wakeup()
+        self.readable: dict[str, Wakeup] = {}
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._warned_peers: set[tuple[str, str]] = set()
@@ -142,8 +143,9 @@ class Aggregator(Rolling):
         self._tasks = [
             asyncio.create_task(self.receive_loop(self.sockets["pull"], "pull"), name="pull"),
             asyncio.create_task(self.receive_loop(self.sockets["xsub"], "xsub"), name="xsub"),
-            asyncio.create_task(proxy.forward_subscriptions(self.sockets["xpub"], self.sockets["xsub"],
-                                                            self.subscriptions), name="subscriptions"),
+            asyncio.create_task(proxy.forward_subscriptions(
+                self.sockets["xpub"], self.sockets["xsub"], self.subscriptions,
+                lambda: self.readable["xsub"].set()), name="subscriptions"),
             asyncio.create_task(self.control.serve(), name="control"),
             asyncio.create_task(self.commit_loop(), name="commit"),
             asyncio.create_task(self.ticker(), name="ticker"),
@@ -245,22 +247,36 @@ class Aggregator(Rolling):
     # -- ingestion ----------------------------------------------------------------------------
 
     async def receive_loop(self, sock: zmq.asyncio.Socket, via: str) -> None:
-        # Drain what is already queued through a plain (shadow) socket: no future per message.
+        """Take everything queued on ``sock`` each time its descriptor says so.
+
+        The socket is read through a plain (shadow) socket, with no pyzmq future per message or
+        per wake-up: the loop watches ``ZMQ_FD`` and each wake-up drains until ``ZMQ_EVENTS``
+        says nothing is left (the descriptor only signals again after that).
+        """
         raw = zmq.Socket.shadow(sock.underlying)
-        while True:
-            try:
-                frames = await sock.recv_multipart(copy=False)
-            except zmq.Again:
-                continue  # woken with nothing to read (seen with CURVE handshakes)
-            self.ingest(frames, via)
-            for _ in range(256):
-                try:
-                    frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self.ingest(frames, via)
-            if self.pending_bytes >= self.cfg.commit_max_bytes:
-                self.commit_wake.set()
+        loop = asyncio.get_running_loop()
+        readable = self.readable[via] = Wakeup()
+        fd = raw.getsockopt(zmq.FD)
+        loop.add_reader(fd, readable.set)
+        try:
+            while True:
+                for _ in range(256):
+                    if not raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break
+                    try:
+                        frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break  # POLLIN with nothing to read: seen while CURVE handshakes
+                    self.ingest(frames, via)
+                else:
+                    await asyncio.sleep(0)  # more is waiting: let the rest of the daemon run first
+                    continue
+                if self.pending_bytes >= self.cfg.commit_max_bytes:
+                    self.commit_wake.set()
+                readable.clear()
+                await readable.wait(1.0)
+        finally:
+            loop.remove_reader(fd)
 
     def malformed(self, reason: str, peer: str, detail: str = "") -> None:
         t = self.totals
@@ -407,8 +423,7 @@ class Aggregator(Rolling):
     async def commit_loop(self) -> None:
         interval = self.cfg.commit_interval_ms / 1000
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.commit_wake.wait(), timeout=interval)
+            await self.commit_wake.wait(interval)
             self.commit_wake.clear()
             try:
                 async with self.commit_lock:

@@ -51,8 +51,8 @@ def bind_data_sockets(ctx: zmq.asyncio.Context, cfg: AggregatorConfig,
         xsub.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 4096)
         bind(xsub, cfg.xsub)
         # Subscribe to everything: the aggregator writes every topic. XSUB replays this to
-        # every publisher that connects later.
-        xsub.send(b"\x01")
+        # every publisher that connects later. (Plainly: the receive loop owns XSUB's descriptor.)
+        zmq.Socket.shadow(xsub.underlying).send(b"\x01")
         xpub = sockets["xpub"] = ctx.socket(zmq.XPUB)
         protect(xpub)
         xpub.setsockopt(zmq.SNDHWM, XPUB_SNDHWM)
@@ -72,13 +72,18 @@ def publish(xpub: zmq.asyncio.Socket, frames: list[bytes]) -> None:
 
 
 async def forward_subscriptions(xpub: zmq.asyncio.Socket, xsub: zmq.asyncio.Socket,
-                                subscriptions: set[bytes]) -> None:
+                                subscriptions: set[bytes], sent: Callable[[], None]) -> None:
     """Pass (un)subscriptions from subscribers up to the publishers, and keep the set of
     subscribed prefixes (XPUB reports the first subscription and the last unsubscription of each).
 
     Never the unsubscription of the empty prefix: publishers keep one subscription set per
     connection, so it would cancel the aggregator's own subscribe-to-everything.
+
+    XSUB is read by the aggregator's receive loop from its descriptor, so it is written here
+    through a plain socket (an awaited send would take that descriptor over); ``sent`` tells the
+    receive loop to look again, as a send can consume the descriptor's signal.
     """
+    raw = zmq.Socket.shadow(xsub.underlying)
     while True:
         try:
             msg = await xpub.recv()
@@ -87,8 +92,14 @@ async def forward_subscriptions(xpub: zmq.asyncio.Socket, xsub: zmq.asyncio.Sock
         kind, prefix = msg[:1], msg[1:]
         if kind == b"\x01":
             subscriptions.add(prefix)
-            await xsub.send(msg)
         elif kind == b"\x00":
             subscriptions.discard(prefix)
-            if prefix:
-                await xsub.send(msg)
+            if not prefix:
+                continue
+        else:
+            continue
+        try:
+            raw.send(msg, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("could not pass a subscription on to the publishers (queue full)")
+        sent()
