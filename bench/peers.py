@@ -531,6 +531,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--live-s", type=float, default=20)
     p.add_argument("--only", default=",".join(SHIPPERS),
                    help="comma-separated subset of " + ",".join(SHIPPERS))
+    p.add_argument("--workloads", default="backlog,live", help="comma-separated subset of backlog,live")
     p.add_argument("--stall-s", type=float, default=10,
                    help="give up on an output that stops growing this long")
     p.add_argument("--timeout-s", type=float, default=300, help="deadline for each backlog run")
@@ -593,13 +594,16 @@ def main(argv: list[str] | None = None) -> int:
     live: dict[str, Any] = {}
     try:
         t = time.monotonic()
+        workloads = [w for w in ("backlog", "live") if w in args.workloads.split(",")]
+        if "backlog" not in workloads:
+            args.lines_per_file = 0
         sources = corpus.generate(os.path.join(d, "logs"), args.files, args.lines_per_file, args.seed)
         size = sum(os.path.getsize(p) for p in sources)
         lines = args.files * args.lines_per_file
         print(f"peers: backlog {args.files} x {args.lines_per_file:,} = {lines:,} lines, {size / 1e6:.0f} MB,"
               f" generated in {time.monotonic() - t:.1f}s; live {args.live_rate:,} lines/s for "
               f"{args.live_s:g}s; {os.cpu_count()} CPUs; in {d}", flush=True)
-        for workload in ("backlog", "live"):
+        for workload in workloads:
             for shipper in wanted:
                 if workload == "live" and shipper == "floor":
                     continue  # the floor reads files once; it does not follow them
