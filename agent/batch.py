@@ -13,11 +13,8 @@ from fleetlog import wire
 
 
 def frames_for(agent: str, tailer: Tailer, chunk: Chunk) -> list[bytes]:
-    return wire.encode_batch(wire.Batch(
-        topic=tailer.source.topic, agent=agent, stream=tailer.stream, base=tailer.base,
-        path=tailer.path, file=tailer.identity, seq=tailer.seq, start=chunk.start, end=chunk.end,
-        lines=chunk.lines,
-    ))
+    return wire.batch_frames(tailer.source.topic_bytes, agent, tailer.stream, tailer.base, tailer.path,
+                             tailer.identity, tailer.seq, chunk.start, chunk.end, chunk.lines)
 
 
 def next_read_at(now: float, delay_s: float, read_full: bool) -> float:

@@ -41,6 +41,10 @@ class SourceConfig:
     multiline_timeout_ms: int = 1000
     multiline_max_lines: int = 500
 
+    @property
+    def topic_bytes(self) -> bytes:
+        return self.topic.encode()
+
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:

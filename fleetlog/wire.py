@@ -64,23 +64,18 @@ def valid_topic(topic: str) -> bool:
     return TOPIC_RE.fullmatch(topic.encode("utf-8", "replace")) is not None
 
 
+def batch_frames(topic: bytes, agent: str, stream: str, base: int, path: str, file: str, seq: int,
+                 start: int, end: int, lines: list[str]) -> list[bytes]:
+    """Frames of one data message, from its fields (the agent's hot path: no Batch object)."""
+    return [topic, orjson.dumps({"v": VERSION, "agent": agent, "stream": stream, "base": base,
+                                 "path": path, "file": file, "seq": seq, "start": start, "end": end,
+                                 "lines": lines})]
+
+
 def encode_batch(batch: Batch) -> list[bytes]:
     """Frames of one data message."""
-    body = orjson.dumps(
-        {
-            "v": VERSION,
-            "agent": batch.agent,
-            "stream": batch.stream,
-            "base": batch.base,
-            "path": batch.path,
-            "file": batch.file,
-            "seq": batch.seq,
-            "start": batch.start,
-            "end": batch.end,
-            "lines": batch.lines,
-        }
-    )
-    return [batch.topic.encode(), body]
+    return batch_frames(batch.topic.encode(), batch.agent, batch.stream, batch.base, batch.path,
+                        batch.file, batch.seq, batch.start, batch.end, batch.lines)
 
 
 def _str_field(doc: dict[str, Any], key: str) -> str:
