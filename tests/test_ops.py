@@ -281,8 +281,12 @@ def test_aggregator_metrics(h: Harness) -> None:
         push.close(linger=0)
         ctx.term()
     size = h.path("out", "m", "m.log").stat().st_size
+    # Settled: the lines committed (lines reach the file before their group commit) and the
+    # agent's heartbeat reporting no lag.
     m = wait_for(lambda: (x := scrape(port)).get('fleetlog_aggregator_agent_lag_bytes{agent="node-m"}') == 0
-                 and x, what="metrics with the agent's heartbeat")
+                 and x.get("fleetlog_aggregator_pending_bytes") == 0
+                 and x.get("fleetlog_aggregator_commit_seconds_count", 0) >= 1 and x,
+                 what="metrics with the lines committed and the agent's heartbeat")
     assert m['fleetlog_aggregator_lines_total{topic="m"}'] == 1000
     assert m['fleetlog_aggregator_bytes_total{topic="m"}'] == size
     assert m['fleetlog_aggregator_agent_lines_total{agent="node-m"}'] == 1000
