@@ -239,10 +239,11 @@ class Agent(Following):
             if not self.unacked:
                 self.last_ack_progress = now
             self.unacked.add(t)
-        self.lines_shipped += len(chunk.lines)
+        lines = chunk.count
+        self.lines_shipped += lines
         self.batches_shipped += 1
         read_full = chunk.end - chunk.start >= cfg.batch_max_bytes // 2 or \
-            len(chunk.lines) >= cfg.batch_max_lines
+            lines >= cfg.batch_max_lines
         t.next_read = batch.next_read_at(now, delay, read_full)
         if read_full:
             self.enqueue(t)

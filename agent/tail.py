@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from agent.config import SourceConfig
+from fleetlog import wire
 
 FP_LEN = 1024
 
@@ -42,7 +43,16 @@ def new_stream_id() -> str:
 class Chunk:
     start: int
     end: int
-    lines: list[str]
+    # A list of lines, or (plain lines, the hot path) one string in which every line ends
+    # with "\n": what the wire's version 2 carries.
+    lines: list[str] | str
+
+    @property
+    def count(self) -> int:
+        return wire.line_count(self.lines)
+
+    def line_list(self) -> list[str]:
+        return wire.line_list(self.lines)
 
 
 @dataclass(eq=False)
@@ -163,11 +173,10 @@ class Tailer:
         if nl < 0:
             return self._no_newline(start, skipped, data, now, final)
         self.partial_since = None
-        if self._start_re is None and nl < src.max_line_bytes:
-            # The hot path: no line can be too long, decode without copying, split in C.
-            lines = str(memoryview(data)[:nl], "utf-8", "replace").split("\n")
-            if len(lines) <= max_lines:
-                return Chunk(start, start + skipped + nl + 1, lines)
+        if self._start_re is None and nl < src.max_line_bytes and data.count(b"\n", 0, nl) < max_lines:
+            # The hot path: no line can be too long. One string for the batch, decoded without
+            # copying the bytes first; no object per line.
+            return Chunk(start, start + skipped + nl + 1, str(memoryview(data)[:nl + 1], "utf-8", "replace"))
         body = data[:nl]
         consumed = nl + 1
         if body.count(b"\n") >= max_lines:

@@ -249,10 +249,14 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
     printed = 0
     try:
         while args.lines is None or printed < args.lines:
-            topic, body = sub.recv_multipart()
-            if topic != want:
+            frames = sub.recv_multipart()
+            if frames[0] != want:
                 continue
-            for line in orjson.loads(body)["lines"]:
+            try:
+                batch = wire.decode_batch(frames)
+            except wire.WireError:
+                continue
+            for line in batch.line_list():
                 sys.stdout.write(line + "\n")
                 printed += 1
                 if args.lines is not None and printed >= args.lines:

@@ -302,7 +302,7 @@ class Aggregator(Rolling):
         if batch.start == batch.end:
             return
         if batch.end <= expected:
-            self.totals.duplicates_dropped += len(batch.lines)
+            self.totals.duplicates_dropped += batch.count
             durable = self.journal.state.streams.get(key)
             if durable is not None and durable[0] >= batch.end:
                 self.owe_ack(batch.agent, batch.stream, int(durable[0]))
@@ -318,15 +318,15 @@ class Aggregator(Rolling):
         except TypeError:
             self.malformed("bad_lines", f"{via}:{peer_address(frames[-1])}", "lines must be strings")
             return
+        n = batch.count
         try:
-            self.sink.append(batch.topic, data, len(batch.lines))
+            self.sink.append(batch.topic, data, n)
         except SinkError as exc:
             self.on_disk_error(exc)
             return
         self.accepted[key] = batch.end
         self.pending[key] = batch.end
         self.pending_bytes += len(data)
-        n = len(batch.lines)
         stats = self.topics.get(batch.topic)
         if stats is None:
             stats = self.topics[batch.topic] = TopicStats()
@@ -343,10 +343,14 @@ class Aggregator(Rolling):
         agent.bytes += len(data)
         agent.last_seen = time.monotonic()
         if self.subscriptions:
-            proxy.publish(self.sockets["xpub"], frames)
+            # Subscribers always get version 1 (a list of lines): one shape for consumers.
+            proxy.publish(self.sockets["xpub"], frames if type(batch.lines) is list else
+                          wire.encode_batch(dataclasses.replace(batch, lines=batch.line_list())))
 
     def format_batch(self, batch: wire.Batch, fmt: str) -> bytes:
         if fmt == "raw":
+            if type(batch.lines) is str:
+                return batch.lines.encode()  # version 2: the lines as written, newlines included
             if not batch.lines:
                 return b""
             # One join and one encode, the trailing newline included (no third copy).
@@ -360,7 +364,7 @@ class Aggregator(Rolling):
         return b"".join(
             orjson.dumps({"line": line, "agent": agent, "path": path, "received": now},
                          option=orjson.OPT_APPEND_NEWLINE)
-            for line in batch.lines
+            for line in batch.line_list()
         )
 
     def on_disk_error(self, exc: SinkError) -> None:

@@ -8,9 +8,16 @@ The topic frame comes first so that SUB prefix filtering works through the proxy
 an orjson object holding one batch of lines from one *stream* (one incarnation of one source
 file on one agent)::
 
-    {"v": 1, "agent": "web-01", "stream": "9f2c...", "base": 0, "path": "/var/log/app.log",
+    {"v": 2, "agent": "web-01", "stream": "9f2c...", "base": 0, "path": "/var/log/app.log",
      "file": "2049:131077:5d41402a", "seq": 17, "start": 40960, "end": 81920,
-     "lines": ["...", "..."]}
+     "text": "first line\nsecond line\n"}
+
+Version 2 carries the lines as one string, each line followed by a newline; version 1 carries
+them as a list (``"lines": ["first line", "second line"]``). Both are read. The agent sends
+version 2 for plain lines: one string per batch is decoded, encoded and written without a
+Python object per line (on the benchmark's backlog the agent's CPU per line fell by a fifth).
+It sends version 1 for multi-line records, whose lines contain newlines. Subscribers on XPUB
+always receive version 1 (the aggregator converts), so consumers see one shape.
 
 ``start``/``end`` are the byte offsets in the source file that the batch covers (always on line
 boundaries); ``base`` is the offset the stream started at. The aggregator accepts a batch only if
@@ -30,7 +37,7 @@ from typing import Any
 
 import orjson
 
-VERSION = 1
+VERSION = 2  # what the agent writes; versions 1 and 2 are read
 
 # Topic names: the contract's alphabet, never starting with a dot (no "..", no hidden files).
 TOPIC_RE = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -57,7 +64,24 @@ class Batch:
     seq: int
     start: int
     end: int
-    lines: list[str]
+    # A list of lines (version 1), or one string in which every line ends with "\n" (version 2).
+    lines: list[str] | str
+
+    @property
+    def count(self) -> int:
+        return line_count(self.lines)
+
+    def line_list(self) -> list[str]:
+        return line_list(self.lines)
+
+
+def line_count(lines: list[str] | str) -> int:
+    """How many lines a list or a version 2 string (every line ending in "\n") holds."""
+    return lines.count("\n") if type(lines) is str else len(lines)
+
+
+def line_list(lines: list[str] | str) -> list[str]:
+    return lines.split("\n")[:-1] if type(lines) is str else lines
 
 
 def valid_topic(topic: str) -> bool:
@@ -65,11 +89,17 @@ def valid_topic(topic: str) -> bool:
 
 
 def batch_frames(topic: bytes, agent: str, stream: str, base: int, path: str, file: str, seq: int,
-                 start: int, end: int, lines: list[str]) -> list[bytes]:
-    """Frames of one data message, from its fields (the agent's hot path: no Batch object)."""
-    return [topic, orjson.dumps({"v": VERSION, "agent": agent, "stream": stream, "base": base,
-                                 "path": path, "file": file, "seq": seq, "start": start, "end": end,
-                                 "lines": lines})]
+                 start: int, end: int, lines: list[str] | str) -> list[bytes]:
+    """Frames of one data message, from its fields (the agent's hot path: no Batch object).
+    ``lines`` as one string (every line ending in a newline) makes a version 2 body."""
+    doc: dict[str, Any] = {"v": 2, "agent": agent, "stream": stream, "base": base, "path": path,
+                           "file": file, "seq": seq, "start": start, "end": end}
+    if type(lines) is str:
+        doc["text"] = lines
+    else:
+        doc["v"] = 1
+        doc["lines"] = lines
+    return [topic, orjson.dumps(doc)]
 
 
 def encode_batch(batch: Batch) -> list[bytes]:
@@ -112,11 +142,17 @@ def decode_batch(frames: list[bytes] | list[memoryview], max_bytes: int = DEFAUL
         raise WireError("bad_json", str(exc)[:80]) from None
     if type(doc) is not dict:
         raise WireError("bad_json", "not an object")
-    if doc.get("v") != VERSION:
-        raise WireError("bad_version", repr(doc.get("v"))[:20])
-    lines = doc.get("lines")
-    if type(lines) is not list:
-        raise WireError("bad_field", "lines")
+    version = doc.get("v")
+    if version == 2:
+        lines = doc.get("text")
+        if type(lines) is not str or (lines and lines[-1] != "\n"):
+            raise WireError("bad_field", "text")
+    elif version == 1:
+        lines = doc.get("lines")
+        if type(lines) is not list:
+            raise WireError("bad_field", "lines")
+    else:
+        raise WireError("bad_version", repr(version)[:20])
     batch = Batch(
         topic=topic_raw.decode(),
         agent=_str_field(doc, "agent"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -147,6 +148,37 @@ def test_ctl_tail_prints_a_topics_lines(h: Harness) -> None:
             proc.wait()
     assert proc.returncode == 0
     assert len(out.splitlines()) == 3 and all(x.startswith("t#") for x in out.splitlines())
+
+
+def test_xpub_subscribers_get_lists_of_lines(h: Harness) -> None:
+    """The agent sends version 2 batches (the lines as one string); subscribers on XPUB still
+    get version 1, the lines as a list."""
+    ep = h.endpoints()
+    log = h.path("logs", "s.log")
+    h.aggregator(ep)
+    h.agent(ep, [{"paths": [str(log)], "topic": "subs"}])
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVTIMEO, 200)
+    sub.setsockopt(zmq.SUBSCRIBE, b"subs")
+    sub.connect(ep.xpub)
+    try:
+        frames: list[bytes] = []
+        n = 0
+        deadline = time.monotonic() + 20
+        while not frames and time.monotonic() < deadline:
+            append_lines(log, make_lines("s", n, 2))  # until the subscription has reached it
+            n += 2
+            with contextlib.suppress(zmq.Again):
+                frames = sub.recv_multipart()
+        assert frames, "no batch reached the subscriber"
+        doc = orjson.loads(frames[1])
+        assert frames[0] == b"subs" and doc["v"] == 1
+        assert doc["lines"] and all(type(x) is str and x.startswith("s#") for x in doc["lines"])
+    finally:
+        sub.close()
+        ctx.term()
 
 
 @pytest.mark.parametrize("daemon", ["agent", "aggregator"])

@@ -28,7 +28,7 @@ def ship(t: Tailer, now: float = 0.0, max_bytes: int = 1 << 20, max_lines: int =
     while (chunk := t.read(max_bytes, max_lines, now)) is not None:
         assert chunk.start == t.ship_pos
         t.ship_pos = chunk.end
-        lines += chunk.lines
+        lines += chunk.line_list()
         if chunk.start == chunk.end:
             break
     return lines
@@ -91,7 +91,7 @@ def test_batches_respect_max_lines(tmp_path: Path) -> None:
     p.write_bytes(b"".join(b"%d\n" % i for i in range(25)))
     t = tailer(p)
     chunk = t.read(1 << 20, 10, 0.0)
-    assert chunk is not None and chunk.lines == [str(i) for i in range(10)]
+    assert chunk is not None and chunk.line_list() == [str(i) for i in range(10)]
     assert chunk.end == len(b"".join(b"%d\n" % i for i in range(10)))
     t.close()
 

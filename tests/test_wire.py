@@ -21,12 +21,22 @@ def sample(**changes: object) -> wire.Batch:
     return wire.Batch(**fields)  # type: ignore[arg-type]
 
 
-def test_round_trip_keeps_every_field() -> None:
-    batch = sample()
+@pytest.mark.parametrize("lines, version", [(["é one", "two\x00", ""], 1), ("é one\ntwo\x00\n\n", 2)])
+def test_round_trip_keeps_every_field(lines: list[str] | str, version: int) -> None:
+    batch = sample(lines=lines)
     frames = wire.encode_batch(batch)
     assert frames[0] == b"nginx"
     assert wire.decode_batch(frames) == batch
-    assert orjson.loads(frames[1])["v"] == wire.VERSION
+    assert orjson.loads(frames[1])["v"] == version
+    assert batch.count == 3 and batch.line_list() == ["é one", "two\x00", ""]
+
+
+@pytest.mark.parametrize("text", ["no newline at the end", 5, None, ["a list"]])
+def test_version_2_text_must_be_lines_ending_in_newlines(text: object) -> None:
+    body = orjson.loads(wire.encode_batch(sample(lines="a\n"))[1])
+    body["text"] = text
+    with pytest.raises(wire.WireError):
+        wire.decode_batch([b"nginx", orjson.dumps(body)])
 
 
 @pytest.mark.parametrize("topic, ok", [
