@@ -56,7 +56,7 @@ class AgentConfig:
     # Where `fleetlog-agent status` finds this agent; default ipc://<state_dir>/agent.sock.
     status_socket: str = ""
     batch_max_lines: int = 10_000
-    batch_max_bytes: int = 1024 * 1024
+    batch_max_bytes: int = 512 * 1024
     batch_max_delay_ms: int = 5
     # Backpressure: the agent stops reading when this much is shipped but not acknowledged.
     max_inflight_bytes: int = 16 * 1024 * 1024
