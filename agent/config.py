@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,9 @@ from fleetlog.tomlconf import (
     apply_overrides,
     dir_problem,
     listen_problem,
+    nearest_existing,
     read_toml,
+    unreachable,
 )
 
 DEFAULT_PATH = "/etc/fleetlog/agent.toml"
@@ -185,16 +188,28 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     if check_dirs:
         for i, src in enumerate(sources):
             for pattern in src.paths:
-                root = glob_root(pattern)
-                # A directory that does not exist yet is fine (the rescan finds it later);
-                # one the agent may not read is a mistake to report now.
-                if os.path.isdir(root) and not os.access(root, os.R_OK | os.X_OK):
-                    problems.append(f"sources[{i}].paths: {root} is not readable by this user")
+                if (message := _root_problem(glob_root(pattern))) is not None:
+                    problems.append(f"sources[{i}].paths: {message}")
     if not cfg.status_socket and len(cfg.status_endpoint) - len("ipc://") >= IPC_PATH_MAX:
         problems.append("agent.state_dir: too long for the default status socket; set agent.status_socket")
     if problems:
         raise ConfigError(problems)
     return Config(agent=cfg, sources=sources, source=source)
+
+
+def _root_problem(root: str) -> str | None:
+    """Why the agent could never read files under ``root``, or None. A directory that does not
+    exist yet is fine (the rescan finds it when it appears); one behind a directory this user
+    may not enter, or one it may not list, is not."""
+    try:
+        found, st = nearest_existing(root)
+    except PermissionError:
+        return unreachable(root)
+    except OSError as exc:
+        return f"{root}: {exc.strerror}"
+    if stat.S_ISDIR(st.st_mode) and not os.access(found, os.R_OK | os.X_OK):
+        return f"{found} is not readable by this user"
+    return None
 
 
 def _check_keys(cfg: AgentConfig, problems: list[str]) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -168,20 +168,41 @@ class Section:
             self.problem(name, "unknown key")
 
 
+def nearest_existing(path: str) -> tuple[str, os.stat_result]:
+    """``path`` or its nearest ancestor that exists, with its stat. Raises PermissionError
+    when a directory on the way is closed to this user (then nothing below it can be known)."""
+    while True:
+        try:
+            return path, os.stat(path)
+        except FileNotFoundError:
+            parent = os.path.dirname(path) or "."
+            if parent == path:
+                raise
+            path = parent
+
+
+def unreachable(path: str) -> str:
+    return f"{path} cannot be reached by this user (a directory above it is closed to it)"
+
+
 def dir_problem(path: str, *, create: bool) -> str | None:
     """Whether a directory can be used (created if missing when ``create``)."""
-    p = Path(path)
-    if p.exists():
-        if not p.is_dir():
+    try:
+        found, st = nearest_existing(path)
+    except PermissionError:
+        return unreachable(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if found == path:
+        if not stat.S_ISDIR(st.st_mode):
             return f"{path} is not a directory"
-        if not os.access(p, os.W_OK | os.X_OK):
+        if not os.access(path, os.W_OK | os.X_OK):
             return f"{path} is not writable"
         return None
     if not create:
         return f"{path} does not exist"
-    parent = next((a for a in p.parents if a.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
-        return f"{path} does not exist and cannot be created under {parent}"
+    if not stat.S_ISDIR(st.st_mode) or not os.access(found, os.W_OK | os.X_OK):
+        return f"{path} does not exist and cannot be created under {found}"
     return None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +124,74 @@ def test_endpoints_used_twice_are_refused(short_tmp: Path) -> None:
         load_aggregator(None, [f"aggregator.state_dir={short_tmp}/s", f"aggregator.output_dir={short_tmp}/o",
                                "aggregator.xsub=tcp://127.0.0.1:5555"])
     assert any("used twice" in p for p in exc.value.problems)
+
+
+# Tests run as root, for whom every directory is readable and writable. setpriv runs the check
+# as root without capabilities: then a directory owned by another user with mode 0700 is closed
+# to it, as it would be to the fleetlog service user.
+SETPRIV = shutil.which("setpriv")
+NOBODY = 65534
+
+
+def check_unprivileged(module: str, path: Path) -> subprocess.CompletedProcess[str]:
+    argv = [SETPRIV, "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m", module,
+            "--check-config", "--config", str(path)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(SETPRIV is None or os.geteuid() != 0, reason="needs root and setpriv (util-linux)")
+def test_directories_closed_to_the_service_user_are_reported(short_tmp: Path) -> None:
+    short_tmp.chmod(0o755)
+    closed = short_tmp / "closed"       # another user's, mode 0700: neither readable nor writable
+    (closed / "logs").mkdir(parents=True)
+    foreign = short_tmp / "foreign"     # another user's, mode 0755: readable, not writable
+    foreign.mkdir()
+    for d in (closed, closed / "logs", foreign):
+        os.chown(d, NOBODY, NOBODY)
+    closed.chmod(0o700)
+    agent = short_tmp / "agent.toml"
+    agent.write_text(f"""
+[agent]
+state_dir = "{foreign}/agent"
+[[sources]]
+paths = ["{closed}/logs/*.log"]
+topic = "t"
+""")
+    aggregator = short_tmp / "aggregator.toml"
+    aggregator.write_text(f"""
+[aggregator]
+output_dir = "{foreign}"
+state_dir  = "{closed}/state"
+""")
+    r = check_unprivileged("agent", agent)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"{closed}" in r.stderr and "agent.state_dir" in r.stderr, r.stderr
+    r = check_unprivileged("aggregator", aggregator)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "aggregator.output_dir" in r.stderr and "aggregator.state_dir" in r.stderr, r.stderr
+    # The same configs pass for a user who may use the directories (root with its privileges).
+    assert check("agent", agent).returncode == 0
+    assert check("aggregator", aggregator).returncode == 0
+
+
+def test_a_secret_key_others_can_read_is_refused(short_tmp: Path) -> None:
+    keys = short_tmp / "keys"
+    keys.mkdir()
+    r = subprocess.run([sys.executable, "-m", "aggregator.ctl", "keygen", "web-01", "--dir", str(keys)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    secret = keys / "web-01.key_secret"
+    agent = short_tmp / "agent.toml"
+    agent.write_text(f"""
+[agent]
+state_dir = "{short_tmp}/agent"
+curve_secret_key = "{secret}"
+curve_server_key = "{keys}/web-01.key"
+[[sources]]
+paths = ["{short_tmp}/logs/*.log"]
+topic = "t"
+""")
+    assert check("agent", agent).returncode == 0
+    secret.chmod(0o644)
+    r = check("agent", agent)
+    assert r.returncode != 0 and "agent.curve_secret_key" in r.stderr and "chmod 600" in r.stderr, r.stderr
