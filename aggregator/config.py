@@ -31,7 +31,7 @@ class AggregatorConfig:
     topics: dict[str, TopicConfig] = field(default_factory=dict)
     # Group commit: how long written lines may wait for fsync+ack, and how many bytes.
     commit_interval_ms: int = 200
-    commit_max_bytes: int = 8 * 1024 * 1024
+    commit_max_bytes: int = 4 * 1024 * 1024
     # false: commits are journaled and acknowledged without fsync (benchmarks, throwaway data):
     # a crash of the machine (not of the process) can then lose acknowledged lines.
     fsync: bool = True
