@@ -261,15 +261,19 @@ class Aggregator(Rolling):
         readable = self.readable[via] = Wakeup()
         fd = raw.getsockopt(zmq.FD)
         loop.add_reader(fd, readable.set)
-        recv, ingest = raw.recv_multipart, self.ingest
+        recv, ingest = raw.recv, self.ingest
         try:
             while True:
                 readable.clear()
                 for _ in range(256):
                     try:
-                        frames = recv(_NOW, copy=False)
+                        frames = [recv(_NOW, copy=False)]
                     except zmq.Again:
                         break
+                    # A message's later parts are there once its first is; Frame.more spares
+                    # recv_multipart's getsockopt(RCVMORE) and its enum per part.
+                    while frames[-1].more:
+                        frames.append(recv(_NOW, copy=False))
                     ingest(frames, via)
                 else:
                     await asyncio.sleep(0)  # more is waiting: let the rest of the daemon run first
