@@ -62,7 +62,7 @@ class AgentConfig:
     batch_max_bytes: int = 512 * 1024
     batch_max_delay_ms: int = 5
     # Backpressure: the agent stops reading when this much is shipped but not acknowledged.
-    max_inflight_bytes: int = 16 * 1024 * 1024
+    max_inflight_bytes: int = 32 * 1024 * 1024
     ack_timeout_ms: int = 3000
     heartbeat_interval_ms: int = 1000
     checkpoint_interval_ms: int = 1000
