@@ -26,9 +26,13 @@ _MORE_NOW = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOW = int(zmq.NOBLOCK)
 
 # Messages queued in ZeroMQ per connection. The data socket queues only on a live connection
-# (IMMEDIATE): with the aggregator down a send waits instead of piling up batches, so the
-# agent's bound on unacknowledged bytes (max_inflight_bytes) is what limits its memory.
-DATA_SNDHWM = 64
+# (IMMEDIATE): with the aggregator down a send waits instead of piling up batches. PUSH waits
+# for room at its high-water mark, so a few batches are enough, and what is in flight is in
+# the network and the aggregator rather than in the agent's memory (with 64, a catch-up slower
+# on the aggregator's side held the whole 32 MiB window here). PUB drops at the mark instead,
+# which costs a resync and a reread: it may queue as many batches as the window allows.
+PUSH_SNDHWM = 8
+PUB_SNDHWM = 64
 
 
 class Transport:
@@ -56,7 +60,7 @@ class Transport:
     def connect(self) -> None:
         kind = zmq.PUSH if self.cfg.mode == "push" else zmq.PUB
         data = self.ctx.socket(kind)
-        data.setsockopt(zmq.SNDHWM, DATA_SNDHWM)
+        data.setsockopt(zmq.SNDHWM, PUSH_SNDHWM if kind == zmq.PUSH else PUB_SNDHWM)
         data.setsockopt(zmq.IMMEDIATE, 1)
         data.setsockopt(zmq.LINGER, 0)
         data.setsockopt(zmq.RECONNECT_IVL, 100)

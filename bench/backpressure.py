@@ -5,7 +5,7 @@ agent starts with the aggregator DOWN (its endpoints are reserved, nothing liste
 ``--down-s`` seconds the agent's resident set (VmRSS) is sampled every ``--sample-ms``; at the end
 ``fleetlog-agent status --json`` (the agent's local status socket) tells what it holds in flight.
 The contract says the agent stops reading with bounded memory: ``agent.max_inflight_bytes``
-(16 MiB by default) bounds what is shipped but not acknowledged. Then the aggregator starts on the
+(32 MiB by default) bounds what is shipped but not acknowledged. Then the aggregator starts on the
 reserved endpoints and the catch-up time runs until every byte of the backlog is in the output,
 which is then checked: every line exactly once, in order, byte-identical.
 
@@ -19,6 +19,7 @@ backlog 10 times larger; its corpus alone takes about a minute to write and 3 GB
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -30,11 +31,13 @@ from typing import Any
 import orjson
 import zmq
 
+from agent.config import AgentConfig
 from bench import corpus
 from bench.backlog import TOPIC, agent_argv, aggregator_argv, wait_output
 from bench.procs import ControlClient, Proc, Sampler, free_port, wait_for
 
-DEFAULT_INFLIGHT_BOUND = 16 * 1024 * 1024  # agent.max_inflight_bytes' default (agent/config.py)
+DEFAULT_INFLIGHT_BOUND: int = next(f.default for f in dataclasses.fields(AgentConfig)
+                                   if f.name == "max_inflight_bytes")  # type: ignore[assignment]
 MIB = 1024 * 1024
 
 
