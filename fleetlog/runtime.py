@@ -68,9 +68,6 @@ class Wakeup:
     def clear(self) -> None:
         self._flag = False
 
-    def is_set(self) -> bool:
-        return self._flag
-
     async def wait(self, timeout: float) -> bool:
         """Until set (True) or ``timeout`` seconds pass (False)."""
         if self._flag:
