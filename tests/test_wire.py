@@ -67,7 +67,7 @@ def test_decoder_never_crashes_on_bytes(topic: bytes, body: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(topic=st.sampled_from([b"ok", b"../etc", b"a/b", b".x", b"good.topic"]),
        doc=st.fixed_dictionaries({}, optional={k: JSONISH for k in (
-           "v", "agent", "stream", "base", "path", "file", "seq", "start", "end", "lines")}),
+           "v", "agent", "stream", "base", "path", "file", "seq", "start", "end", "lines", "text")}),
        version=st.sampled_from([1, 1, 2, None]))
 def test_decoded_batches_are_safe_to_write(topic: bytes, doc: dict[str, object], version: object) -> None:
     if version is not None:
@@ -80,6 +80,9 @@ def test_decoded_batches_are_safe_to_write(topic: bytes, doc: dict[str, object],
     target = (out / batch.topic / f"{batch.topic}.log").resolve()
     assert target.is_relative_to(out) and target.parent.parent == out
     assert 0 <= batch.base <= batch.start <= batch.end
+    if type(batch.lines) is str:  # version 2: lines that each end in a newline
+        assert batch.lines == "" or batch.lines.endswith("\n")
+        assert batch.count == len(batch.line_list())
 
 
 def test_journal_survives_a_torn_tail(tmp_path: Path) -> None:
