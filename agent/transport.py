@@ -27,11 +27,11 @@ _NOW = int(zmq.NOBLOCK)
 
 # Messages queued in ZeroMQ per connection. The data socket queues only on a live connection
 # (IMMEDIATE): with the aggregator down a send waits instead of piling up batches. PUSH waits
-# for room at its high-water mark, so a few batches are enough, and what is in flight is in
-# the network and the aggregator rather than in the agent's memory (with 64, a catch-up slower
-# on the aggregator's side held the whole 32 MiB window here). PUB drops at the mark instead,
-# which costs a resync and a reread: it may queue as many batches as the window allows.
-PUSH_SNDHWM = 8
+# for room at its high-water mark: 32 lets a burst of 32 files' batches go out without waiting
+# (with 8, a tenth of the sends of 8 busy files waited, through a pyzmq future) and keeps a
+# catch-up's queue in the agent small (45 MiB peak RSS catching up 15M lines; 62 MiB with 64).
+# PUB drops at the mark instead, which costs a resync and a reread: it queues up to 64.
+PUSH_SNDHWM = 32
 PUB_SNDHWM = 64
 
 
