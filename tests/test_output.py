@@ -84,12 +84,15 @@ class Sender:
         self.agent = agent
         self.streams: dict[str, tuple[int, int]] = {}
 
-    def send(self, topic: str, lines: list[str], stream: str = "s1", path: str = "/var/log/app.log") -> None:
+    def send(self, topic: str, lines: list[str], stream: str = "s1", path: str = "/var/log/app.log",
+             version: int = 1) -> None:
+        """``version`` 2 sends the lines as one string, as the agent does."""
         start, seq = self.streams.get(stream, (0, 0))
         end = start + sum(len(line.encode()) + 1 for line in lines)
+        body: list[str] | str = "".join(x + "\n" for x in lines) if version == 2 else lines
         self.sock.send_multipart(wire.encode_batch(wire.Batch(
             topic=topic, agent=self.agent, stream=stream, base=0, path=path, file="1:2:abcd",
-            seq=seq, start=start, end=end, lines=lines)))
+            seq=seq, start=start, end=end, lines=body)))
         self.streams[stream] = (end, seq + 1)
 
     def close(self) -> None:
@@ -188,14 +191,15 @@ async def test_rotated_names_sort_oldest_first_and_retention_keeps_the_newest(
         assert topic_files(out, "r") == [*names[1:3], "r.20240505T120101Z.log.gz", "r.log"]
 
 
-async def test_json_format_per_topic(short_tmp: Path, sender: Sender) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+async def test_json_format_per_topic(short_tmp: Path, sender: Sender, version: int) -> None:
     out = short_tmp / "out"
     clock = FakeClock(utc(2024, 1, 2, 3, 4, 5) + 0.25)
     cfg = make_config(short_tmp, topics={"j": {"format": "json"}})
     async with running_aggregator(cfg, clock):
-        lines = ["plain line", 'with "quotes" and \\ and \t tab', "ünïcödé ✓", ""]
-        sender.send("j", lines, path="/var/log/j.log")
-        sender.send("raw", lines, stream="s2")
+        lines = ["plain line", 'with "quotes" and \\ and \t tab', "ünïcödé ✓ 😀", ""]
+        sender.send("j", lines, path="/var/log/j.log", version=version)
+        sender.send("raw", lines, stream="s2", version=version)
         await until(lambda: count_lines(out / "j" / "j.log") == 4
                     and count_lines(out / "raw" / "raw.log") == 4, what="both topics written")
     docs = [orjson.loads(x) for x in (out / "j" / "j.log").read_bytes().splitlines()]
