@@ -12,9 +12,11 @@ from agent.tail import Chunk, Tailer
 from fleetlog import wire
 
 
-def frames_for(agent: str, tailer: Tailer, chunk: Chunk) -> list[bytes]:
+def frames_for(agent: str, tailer: Tailer, chunk: Chunk, v2: bool) -> list[bytes]:
+    """The batch's frames: version 2 if ``v2`` (the aggregator reads it), else version 1."""
+    lines = chunk.lines if v2 or type(chunk.lines) is list else chunk.line_list()
     return wire.batch_frames(tailer.source.topic_bytes, agent, tailer.stream, tailer.base, tailer.path,
-                             tailer.identity, tailer.seq, chunk.start, chunk.end, chunk.lines)
+                             tailer.identity, tailer.seq, chunk.start, chunk.end, lines)
 
 
 def next_read_at(now: float, delay_s: float, read_full: bool) -> float:

@@ -54,6 +54,8 @@ class Agent(Following):
         self.queued: set[Tailer] = set()
         self.wake = Wakeup()
         self.acked_event = Wakeup()
+        # Batches as one string (wire version 2) once the aggregator's hello reply says it reads them.
+        self.wire_v2 = False
         self.scan_soon = asyncio.Event()
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
@@ -231,7 +233,7 @@ class Agent(Following):
         cfg = self.cfg
         if self.unsaved_streams:
             self.save_checkpoints()
-        frames = batch.frames_for(cfg.name, t, chunk)
+        frames = batch.frames_for(cfg.name, t, chunk, self.wire_v2)
         t.seq += 1
         self.inflight += max(0, chunk.end - max(t.ship_pos, t.acked))
         t.ship_pos = chunk.end
@@ -354,7 +356,10 @@ class Agent(Following):
             log.info("aggregator restarted: shipping everything not acknowledged again")
             self.rewind_unacked()
         self.inflight = self.inflight_bytes()
-        log.info("connected to aggregator %s", result.get("instance"))
+        versions = result.get("wire")
+        self.wire_v2 = isinstance(versions, list) and 2 in versions
+        log.info("connected to aggregator %s (wire version %d)", result.get("instance"),
+                 2 if self.wire_v2 else 1)
 
     def hello_args(self) -> dict[str, Any]:
         """Ask where the streams with something not yet acknowledged stand (at most 20,000, so

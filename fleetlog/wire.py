@@ -16,8 +16,10 @@ Version 2 carries the lines as one string, each line followed by a newline; vers
 them as a list (``"lines": ["first line", "second line"]``). Both are read. The agent sends
 version 2 for plain lines: one string per batch is decoded, encoded and written without a
 Python object per line (on the benchmark's backlog the agent's CPU per line fell by a fifth).
-It sends version 1 for multi-line records, whose lines contain newlines. Subscribers on XPUB
-always receive version 1 (the aggregator converts), so consumers see one shape.
+It sends version 1 for multi-line records, whose lines contain newlines, and to an aggregator
+whose hello reply does not list version 2 in ``"wire"`` (one older than this format, during a
+rolling upgrade), and until the reply has come. Subscribers on XPUB always receive version 1
+(the aggregator converts), so consumers see one shape.
 
 ``start``/``end`` are the byte offsets in the source file that the batch covers (always on line
 boundaries); ``base`` is the offset the stream started at. The aggregator accepts a batch only if
@@ -37,7 +39,8 @@ from typing import Any
 
 import orjson
 
-VERSION = 2  # what the agent writes; versions 1 and 2 are read
+VERSION = 2  # the newest version; the agent writes it to aggregators that read it
+READS = (1, 2)  # what the aggregator reads (its hello reply says so, as "wire")
 
 # Topic names: the contract's alphabet, never starting with a dot (no "..", no hidden files).
 TOPIC_RE = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")

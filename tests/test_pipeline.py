@@ -181,6 +181,56 @@ def test_xpub_subscribers_get_lists_of_lines(h: Harness) -> None:
         ctx.term()
 
 
+@pytest.mark.parametrize("advertised, version", [(None, 1), ([1, 2], 2)])
+def test_agent_sends_version_2_only_to_an_aggregator_that_reads_it(
+        h: Harness, advertised: list[int] | None, version: int) -> None:
+    """A rolling upgrade: an agent newer than its aggregator keeps to version 1. Here the
+    aggregator is the test's own PULL and ROUTER, answering hello with or without "wire"."""
+    ep = h.endpoints()
+    log = h.path("logs", "u.log")
+    ctx = zmq.Context()
+    pull, router = ctx.socket(zmq.PULL), ctx.socket(zmq.ROUTER)
+    try:
+        pull.bind(ep.pull)
+        router.bind(ep.control)
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        poller.register(router, zmq.POLLIN)
+        append_lines(log, make_lines("u", 0, 5))
+        h.agent(ep, [{"paths": [str(log)], "topic": "up"}])
+        before_hello: list[int] = []
+        after_hello: list[int] = []
+        answered = False
+        n = 5
+        deadline = time.monotonic() + 20
+        while len(after_hello) < 3 and time.monotonic() < deadline:
+            for sock, _ in poller.poll(50):
+                if sock is router:
+                    ident, body = router.recv_multipart()
+                    req = orjson.loads(body)
+                    result: dict[str, object] = {"instance": "older-1", "committed": {}}
+                    if advertised is not None:
+                        result["wire"] = advertised
+                    reply = {"id": req["id"], "ok": True, "result": result}
+                    router.send_multipart([ident, orjson.dumps(reply)])
+                    answered = answered or req["command"] == "hello"
+                else:
+                    doc = orjson.loads(pull.recv_multipart()[1])
+                    (after_hello if answered else before_hello).append(doc["v"])
+            if answered:
+                append_lines(log, make_lines("u", n, 2))  # batches made after the reply
+                n += 2
+        assert len(after_hello) >= 3, f"batches before/after hello: {before_hello}/{after_hello}"
+        assert set(before_hello) <= {1}  # until the aggregator says what it reads
+        assert after_hello[-1] == version and after_hello[-2] == version
+        if version == 1:
+            assert set(after_hello) == {1}
+    finally:
+        pull.close(linger=0)
+        router.close(linger=0)
+        ctx.term()
+
+
 @pytest.mark.parametrize("daemon", ["agent", "aggregator"])
 def test_sigterm_exits_zero_and_flushes(h: Harness, daemon: str) -> None:
     ep = h.endpoints()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aggregator.journal import stream_key
+from fleetlog import wire
 
 HELP = "(agents) register, and learn the committed offset of each of the agent's streams"
 ADMIN = False
@@ -21,4 +22,4 @@ async def run(agg: Any, args: dict[str, Any], peer: Any) -> dict[str, Any]:
             durable = agg.journal.state.streams.get(stream_key(info.name, stream))
             if durable is not None:
                 committed[stream] = int(durable[0])
-    return {"instance": agg.instance, "committed": committed}
+    return {"instance": agg.instance, "committed": committed, "wire": list(wire.READS)}
