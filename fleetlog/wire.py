@@ -39,8 +39,7 @@ from typing import Any
 
 import orjson
 
-VERSION = 2  # the newest version; the agent writes it to aggregators that read it
-READS = (1, 2)  # what the aggregator reads (its hello reply says so, as "wire")
+READS = (1, 2)  # the versions the aggregator reads (its hello reply says so, as "wire")
 
 # Topic names: the contract's alphabet, never starting with a dot (no "..", no hidden files).
 TOPIC_RE = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
