@@ -20,7 +20,6 @@ from fleetlog.tomlconf import (
     listen_problem,
     nearest_existing,
     read_toml,
-    unreachable,
 )
 
 DEFAULT_PATH = "/etc/fleetlog/agent.toml"
@@ -201,12 +200,10 @@ def _root_problem(root: str) -> str | None:
     """Why the agent could never read files under ``root``, or None. A directory that does not
     exist yet is fine (the rescan finds it when it appears); one behind a directory this user
     may not enter, or one it may not list, is not."""
-    try:
-        found, st = nearest_existing(root)
-    except PermissionError:
-        return unreachable(root)
-    except OSError as exc:
-        return f"{root}: {exc.strerror}"
+    located = nearest_existing(root)
+    if isinstance(located, str):
+        return located
+    found, st = located
     if stat.S_ISDIR(st.st_mode) and not os.access(found, os.R_OK | os.X_OK):
         return f"{found} is not readable by this user"
     return None

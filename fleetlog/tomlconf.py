@@ -168,31 +168,30 @@ class Section:
             self.problem(name, "unknown key")
 
 
-def nearest_existing(path: str) -> tuple[str, os.stat_result]:
-    """``path`` or its nearest ancestor that exists, with its stat. Raises PermissionError
-    when a directory on the way is closed to this user (then nothing below it can be known)."""
+def nearest_existing(path: str) -> tuple[str, os.stat_result] | str:
+    """``path`` or its nearest ancestor that exists, with its stat; or why that cannot be known
+    (a directory on the way is closed to this user)."""
+    current = path
     while True:
         try:
-            return path, os.stat(path)
+            return current, os.stat(current)
         except FileNotFoundError:
-            parent = os.path.dirname(path) or "."
-            if parent == path:
-                raise
-            path = parent
-
-
-def unreachable(path: str) -> str:
-    return f"{path} cannot be reached by this user (a directory above it is closed to it)"
+            parent = os.path.dirname(current) or "."
+            if parent == current:
+                return f"{path}: no existing directory above it"
+            current = parent
+        except PermissionError:
+            return f"{path} cannot be reached by this user (a directory above it is closed to it)"
+        except OSError as exc:
+            return f"{path}: {exc.strerror}"
 
 
 def dir_problem(path: str, *, create: bool) -> str | None:
     """Whether a directory can be used (created if missing when ``create``)."""
-    try:
-        found, st = nearest_existing(path)
-    except PermissionError:
-        return unreachable(path)
-    except OSError as exc:
-        return f"{path}: {exc.strerror}"
+    located = nearest_existing(path)
+    if isinstance(located, str):
+        return located
+    found, st = located
     if found == path:
         if not stat.S_ISDIR(st.st_mode):
             return f"{path} is not a directory"

@@ -94,14 +94,10 @@ def batch_frames(topic: bytes, agent: str, stream: str, base: int, path: str, fi
                  start: int, end: int, lines: list[str] | str) -> list[bytes]:
     """Frames of one data message, from its fields (the agent's hot path: no Batch object).
     ``lines`` as one string (every line ending in a newline) makes a version 2 body."""
-    doc: dict[str, Any] = {"v": 2, "agent": agent, "stream": stream, "base": base, "path": path,
-                           "file": file, "seq": seq, "start": start, "end": end}
-    if type(lines) is str:
-        doc["text"] = lines
-    else:
-        doc["v"] = 1
-        doc["lines"] = lines
-    return [topic, orjson.dumps(doc)]
+    text = type(lines) is str
+    return [topic, orjson.dumps({"v": 2 if text else 1, "agent": agent, "stream": stream, "base": base,
+                                 "path": path, "file": file, "seq": seq, "start": start, "end": end,
+                                 "text" if text else "lines": lines})]
 
 
 def encode_batch(batch: Batch) -> list[bytes]:
