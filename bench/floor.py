@@ -5,8 +5,14 @@ splits in C, and sends 2,000 lines per orjson message (a list of str lines and a
 PUSH -> PULL over loopback TCP. The receiver decodes each message and appends the lines to its
 topic's file. No acknowledgements, no checkpoints, no fsync, no guarantees.
 
+For the live workload the follower is the floor's sender: every ``--poll-ms`` it asks each file for
+its size and sends what was added since, up to the last newline, as one message per file. It polls
+rather than watches (no thread, no inotify): the least a Python follower can do per wake-up. It and
+a receiver started with ``--expect 0`` run until they are stopped.
+
     python -m bench.floor recv --bind tcp://127.0.0.1:P --out DIR --expect LINES --ready F --result F
     python -m bench.floor send --connect tcp://127.0.0.1:P --result F FILE...
+    python -m bench.floor follow --connect tcp://127.0.0.1:P [--poll-ms 5] FILE...
 
 Each side writes its own CPU time and peak RSS (and the receiver the time its last line was
 written, on the system-wide monotonic clock) as JSON to ``--result``.
@@ -77,6 +83,29 @@ def send(endpoint: str, paths: list[str], result: str) -> None:
                          "peak_rss_kb": _peak_rss_kb()})
 
 
+def follow(endpoint: str, paths: list[str], poll_s: float) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(endpoint)
+    fds = [os.open(path, os.O_RDONLY) for path in paths]
+    pos = [0] * len(fds)
+    topic = TOPIC.encode()
+    seq = 0
+    while True:
+        time.sleep(poll_s)
+        for i, fd in enumerate(fds):
+            if os.fstat(fd).st_size <= pos[i]:
+                continue
+            block = os.pread(fd, BLOCK_BYTES, pos[i])
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                continue
+            pos[i] += cut + 1
+            seq += 1
+            lines = block[:cut].decode("utf-8", "replace").split("\n")
+            sock.send_multipart([topic, orjson.dumps({"file": paths[i], "seq": seq, "lines": lines})])
+
+
 def receive(endpoint: str, out_dir: str, expect: int, ready: str, result: str) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
@@ -86,7 +115,7 @@ def receive(endpoint: str, out_dir: str, expect: int, ready: str, result: str) -
     with open(ready, "wb"):
         pass
     lines = 0
-    while lines < expect:
+    while lines < expect or not expect:
         topic_raw, body = sock.recv_multipart()
         doc = orjson.loads(body)
         topic = topic_raw.decode()
@@ -116,15 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--connect", required=True)
     s.add_argument("--result", required=True)
     s.add_argument("files", nargs="+")
+    f = sub.add_parser("follow", help="follow files as they grow and push what is added")
+    f.add_argument("--connect", required=True)
+    f.add_argument("--poll-ms", type=float, default=5.0)
+    f.add_argument("files", nargs="+")
     r = sub.add_parser("recv", help="pull batches and append them to per-topic files")
     r.add_argument("--bind", required=True)
     r.add_argument("--out", required=True)
-    r.add_argument("--expect", type=int, required=True, help="exit after this many lines")
+    r.add_argument("--expect", type=int, required=True,
+                   help="exit after this many lines (0: run until stopped)")
     r.add_argument("--ready", required=True, help="created once bound")
     r.add_argument("--result", required=True)
     args = p.parse_args(argv)
     if args.role == "send":
         send(args.connect, args.files, args.result)
+    elif args.role == "follow":
+        follow(args.connect, args.files, args.poll_ms / 1000)
     else:
         receive(args.bind, args.out, args.expect, args.ready, args.result)
     return 0

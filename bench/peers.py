@@ -18,7 +18,7 @@ Workloads:
   starting the agent to the last byte in the output. The bare floor (``bench/floor.py``) runs too.
 * live: 20,000 lines/s for 20 s spread over the 8 files, each line starting with its write time;
   a reader process tails the output file and timestamps each line as it appears: latency = arrival
-  minus write time.
+  minus write time. The floor follows the files by polling them every 5 ms (``bench.floor follow``).
 
 Every output is checked (each line exactly once, per-file order, byte-identical). A shipper that
 cannot be installed or run here gets a row saying why, and the run goes on.
@@ -275,8 +275,16 @@ def _build(shipper: str, peer: Peer | None, d: str, logs: str) -> tuple[Pipeline
         pl.ctx = zmq.Context()
         control = pl.control = ControlClient(pl.ctx, f"ipc://{d}/c.sock")
         return pl, "aggregator status", lambda: control.call("status", 0.5)
-    assert peer is not None
     out = os.path.join(d, "out", TOPIC, f"{TOPIC}.log")
+    if shipper == "floor":  # live only: the backlog floor runs through run_floor
+        port, ready = free_port(), os.path.join(d, "ready")
+        me = [sys.executable, "-m", "bench.floor"]
+        recv = Proc("floor-recv", [*me, "recv", "--bind", f"tcp://127.0.0.1:{port}", "--out", f"{d}/out",
+                                   "--expect", "0", "--ready", ready, "--result", f"{d}/recv.json"], d)
+        follow = Proc("floor-follow", [*me, "follow", "--connect", f"tcp://127.0.0.1:{port}",
+                                       *sorted(glob.glob(os.path.join(logs, "*.log")))], d)
+        return Pipeline(recv, follow, out), "the floor receiver", lambda: os.path.exists(ready)
+    assert peer is not None
     aggregator, agent, port = peer_procs(peer, d, logs, out)
     return Pipeline(aggregator, agent, out), f"{peer.name} listening on {port}", lambda: _port_open(port)
 
@@ -605,8 +613,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.live_s:g}s; {os.cpu_count()} CPUs; in {d}", flush=True)
         for workload in workloads:
             for shipper in wanted:
-                if workload == "live" and shipper == "floor":
-                    continue  # the floor reads files once; it does not follow them
                 r = one_run(workload, shipper, peers.get(shipper), d, sources, size, args)
                 rows.append((workload, shipper, r))
                 if workload == "live":
