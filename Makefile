@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench bench-peers bench-backpressure bench-fleet dist clean system-deps
+.PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-catchup dist clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench-backpressure: $(STAMP)
 # 1,000 simulated agents against one aggregator.
 bench-fleet: $(STAMP)
 	$(BIN)/python -m bench.fleet
+
+# 24 real agents with backlogs catching up at once: the aggregator's memory.
+bench-catchup: $(STAMP)
+	$(BIN)/python -m bench.catchup
 
 dist: $(STAMP)
 	rm -rf dist

@@ -23,6 +23,7 @@ from agent.transport import Transport
 from agent.watch import Watcher
 from fleetlog.runtime import SystemdNotifier, Wakeup, supervise
 from fleetlog.tomlconf import ConfigError
+from fleetlog.wire import MIN_WINDOW
 
 log = logging.getLogger("fleetlog.agent")
 
@@ -56,6 +57,11 @@ class Agent(Following):
         self.acked_event = Wakeup()
         # Batches as one string (wire version 2) once the aggregator's hello reply says it reads them.
         self.wire_v2 = False
+        # The in-flight window: max_inflight_bytes, or less while the aggregator asks for less
+        # (its share for each agent catching up at once, so that its memory stays bounded).
+        # Until the aggregator's hello reply says which, the least it may ask for: an agent
+        # starting with a backlog would otherwise ship a whole window before hearing its share.
+        self.window = min(MIN_WINDOW, self.cfg.max_inflight_bytes)
         self.scan_soon = asyncio.Event()
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
@@ -81,7 +87,7 @@ class Agent(Following):
         for cp in cps.values():
             self.pending_checkpoints[(cp.dev, cp.ino)] = cp
         self.ctx = zmq.asyncio.Context()
-        self.transport = Transport(self.ctx, self.cfg, self.on_event, self.on_hello,
+        self.transport = Transport(self.ctx, self.cfg, self.on_event, self.on_hello, self.on_window,
                                    self.hello_args, self.heartbeat_args)
         self.transport.connect()
         self.status_server = StatusServer(self, self.ctx, self.cfg.status_endpoint)
@@ -198,7 +204,7 @@ class Agent(Following):
                 last_timers = now
                 self.rearm_timers()
                 self.check_ack_timeout(now)
-            if self.unacked and self.inflight >= cfg.max_inflight_bytes:
+            if self.unacked and self.inflight >= self.window:
                 self.acked_event.clear()
                 await self.acked_event.wait(timers_every)
                 continue
@@ -311,7 +317,20 @@ class Agent(Following):
                     self.ack(stream, end)
         elif event == "resync":
             self.resync(msg.get("stream"), msg.get("offset"), msg.get("seq"))
+        if "window" in msg:
+            self.on_window(msg["window"])
         self.inflight = self.inflight_bytes()
+
+    def on_window(self, window: Any) -> None:
+        """The aggregator's share for this agent (in hello and heartbeat replies and in acks)."""
+        if type(window) is not int or window < MIN_WINDOW:
+            return
+        window = min(window, self.cfg.max_inflight_bytes)
+        if window != self.window:
+            log.debug("in-flight window %d -> %d bytes (the aggregator's share)", self.window, window)
+            if window > self.window:
+                self.acked_event.set()  # room again: the read loop may be waiting for it
+            self.window = window
 
     def ack(self, stream: str, end: Any) -> None:
         t = self.tailers.get(stream)
@@ -358,6 +377,8 @@ class Agent(Following):
         self.inflight = self.inflight_bytes()
         versions = result.get("wire")
         self.wire_v2 = isinstance(versions, list) and 2 in versions
+        if "window" not in result:
+            self.window = self.cfg.max_inflight_bytes  # an aggregator that sets no window
         log.info("connected to aggregator %s (wire version %d)", result.get("instance"),
                  2 if self.wire_v2 else 1)
 
@@ -366,7 +387,8 @@ class Agent(Following):
         the message stays far below the control socket's 1 MiB limit; the rest learn it from
         resyncs)."""
         streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
-        return {"agent": self.cfg.name, "mode": self.cfg.mode, "streams": streams[:20_000]}
+        return {"agent": self.cfg.name, "mode": self.cfg.mode, "streams": streams[:20_000],
+                "lag_bytes": self.lag_bytes()}
 
     def heartbeat_args(self) -> dict[str, Any]:
         return {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.lag_bytes(),
@@ -417,8 +439,9 @@ class Agent(Following):
             "agent": self.cfg.name, "mode": self.cfg.mode, "data": self.cfg.data,
             "aggregator": transport.instance if transport else None,
             "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files),
-            "inflight_bytes": self.inflight_bytes(), "lines_shipped": self.lines_shipped,
-            "batches_shipped": self.batches_shipped, "resends": self.resends,
+            "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
+            "lines_shipped": self.lines_shipped, "batches_shipped": self.batches_shipped,
+            "resends": self.resends,
             "open_files": sum(1 for t in self.tailers.values() if t.fd is not None),
             "copies_ignored": len(self.shadows),
         }

@@ -39,12 +39,14 @@ class Transport:
     def __init__(self, ctx: zmq.asyncio.Context, cfg: AgentConfig,
                  on_event: Callable[[dict[str, Any]], None],
                  on_hello: Callable[[dict[str, Any], bool], None],
+                 on_window: Callable[[Any], None],
                  hello_args: Callable[[], dict[str, Any]],
                  heartbeat_args: Callable[[], dict[str, Any]]) -> None:
         self.ctx = ctx
         self.cfg = cfg
         self.on_event = on_event
         self.on_hello = on_hello
+        self.on_window = on_window
         self.hello_args = hello_args
         self.heartbeat_args = heartbeat_args
         self.data: zmq.asyncio.Socket | None = None
@@ -158,6 +160,9 @@ class Transport:
                 log.info("aggregator instance changed (%s -> %s): saying hello again",
                          self.instance, instance)
                 self.hello()
+                continue
+            if "window" in result:
+                self.on_window(result["window"])
 
     def close(self) -> None:
         for sock in (self.data, self.control):

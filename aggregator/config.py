@@ -36,6 +36,11 @@ class AggregatorConfig:
     # a crash of the machine (not of the process) can then lose acknowledged lines.
     fsync: bool = True
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    # Flow control: what all agents together may have shipped and not yet had acknowledged,
+    # shared out equally among those catching up (at least wire.MIN_WINDOW each). It bounds the
+    # memory of the aggregator's receive queues when a fleet catches up at once. 0: agents use
+    # their own max_inflight_bytes.
+    window_budget_bytes: int = 64 * 1024 * 1024
     # Rolling output files.
     rotate_max_bytes: int = 256 * 1024 * 1024
     rotate_interval_s: int = 86400
@@ -91,6 +96,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         commit_max_bytes=s.int("commit_max_bytes", d.commit_max_bytes, 4096),
         fsync=s.bool("fsync", d.fsync),
         max_message_bytes=s.int("max_message_bytes", d.max_message_bytes, 1024, 1 << 30),
+        window_budget_bytes=s.int("window_budget_bytes", d.window_budget_bytes, 0),
         rotate_max_bytes=s.int("rotate_max_bytes", d.rotate_max_bytes, 0),
         rotate_interval_s=s.int("rotate_interval_s", d.rotate_interval_s, 0),
         compress=s.choice("compress", d.compress, COMPRESSIONS),

@@ -139,6 +139,10 @@ def render_status(s: dict[str, Any]) -> str:
     if t.get("pending_bytes") or t.get("compressions_running"):
         out.append(f"in progress: {_size(t.get('pending_bytes', 0))} not committed yet, "
                    f"{t.get('compressions_running', 0)} files being compressed")
+    flow = s.get("flow") or {}
+    if flow.get("agents_catching_up"):
+        out.append(f"catching up: {flow['agents_catching_up']} agents, each with a window of "
+                   f"{_size(flow.get('agent_window_bytes'))} in flight")
     if s.get("malformed"):
         out.append("malformed by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(s["malformed"].items())))
     return "\n".join(out)

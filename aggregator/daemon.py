@@ -98,6 +98,10 @@ class Aggregator(Rolling):
         self.pending: dict[str, int] = {}
         self.pending_bytes = 0
         self.owed_acks: dict[str, dict[str, int]] = {}
+        # Flow control: agents catching up (lag of at least wire.MIN_WINDOW) share the window budget.
+        self.catching_up = 0
+        self.window: int | None = None
+        self.share_window()
         self.disk_error: str | None = None
         self.commit_wake = Wakeup()
         self.readable: dict[str, Wakeup] = {}
@@ -417,13 +421,35 @@ class Aggregator(Rolling):
         mode = args.get("mode")
         if mode in ("push", "pub"):
             info.mode = mode
+        was_catching_up = info.connected and info.lag_bytes >= wire.MIN_WINDOW
         for attr in ("lag_bytes", "files"):
             value = args.get(attr)
             if type(value) is int and value >= 0:
                 setattr(info, attr, value)
         info.last_seen = time.monotonic()
         info.connected = True
+        if not was_catching_up and info.lag_bytes >= wire.MIN_WINDOW:
+            # Counted at once, not at the next tick: when a whole fleet reconnects with
+            # backlogs, each hello already gets a smaller share.
+            self.catching_up += 1
+            self.share_window()
         return info
+
+    def share_window(self) -> None:
+        """Each agent's in-flight window: an equal share of the budget among those catching up.
+        What sits in the receive queues stays near the budget, however many agents there are
+        (at worst wire.MIN_WINDOW each, when more than budget / MIN_WINDOW catch up at once)."""
+        budget = self.cfg.window_budget_bytes
+        window = max(wire.MIN_WINDOW, budget // max(1, self.catching_up)) if budget else None
+        if window != self.window:
+            log.debug("each agent's window is now %s bytes (%d catching up)", window, self.catching_up)
+            self.window = window
+
+    def replies(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A hello or heartbeat reply, with this agent's window when there is one."""
+        if self.window is not None:
+            result["window"] = self.window
+        return result
 
     def send_event(self, agent: str, body: bytes) -> None:
         info = self.agents.get(agent)
@@ -463,8 +489,9 @@ class Aggregator(Rolling):
                 self.owe_ack(agent, stream, end)
         if self.owed_acks:
             owed, self.owed_acks = self.owed_acks, {}
+            window = {} if self.window is None else {"window": self.window}
             for agent, streams in owed.items():
-                self.send_event(agent, wire.encode_event("ack", streams=streams))
+                self.send_event(agent, wire.encode_event("ack", streams=streams, **window))
 
     def _sync_and_journal(self, dirty: list[Any], positions: dict[str, int], pending: dict[str, int]) -> None:
         try:
@@ -524,6 +551,9 @@ class Aggregator(Rolling):
                 stats.rate = 0.7 * stats.rate + 0.3 * delta
             for agent in self.agents.values():
                 agent.connected = now - agent.last_seen < self.cfg.agent_timeout_s
+            self.catching_up = sum(1 for a in self.agents.values()
+                                   if a.connected and a.lag_bytes >= wire.MIN_WINDOW)
+            self.share_window()
 
     def status_line(self) -> str:
         connected = sum(1 for a in self.agents.values() if a.connected)
@@ -577,6 +607,8 @@ class Aggregator(Rolling):
                 "pending_bytes": self.pending_bytes, "compressions_running": len(self._compressions),
             },
             "malformed": dict(t.malformed),
+            "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,
+                     "agents_catching_up": self.catching_up},
         }
 
 

@@ -58,13 +58,13 @@ def aggregator_argv(d: str, ports: dict[str, int], extra: tuple[str, ...] = (),
 
 
 def agent_argv(d: str, logs: str, ports: dict[str, int], mode: str, extra: tuple[str, ...] = (),
-               control: str | None = None) -> list[str]:
-    """The agent with its state under ``d/st``, following ``logs/*.log`` into topic ``bench``."""
+               control: str | None = None, topic: str = TOPIC, name: str = "bench") -> list[str]:
+    """The agent with its state under ``d/st``, following ``logs/*.log`` into ``topic``."""
     data_port = ports["pull"] if mode == "push" else ports["xsub"]
     sets = [
         f'agent.state_dir="{d}/st"', f'agent.data="tcp://127.0.0.1:{data_port}"',
-        f'agent.control="{control or f"ipc://{d}/c.sock"}"', 'agent.name="bench"', f'agent.mode="{mode}"',
-        f'sources=[{{paths=["{logs}/*.log"], topic="{TOPIC}"}}]', *extra,
+        f'agent.control="{control or f"ipc://{d}/c.sock"}"', f'agent.name="{name}"', f'agent.mode="{mode}"',
+        f'sources=[{{paths=["{logs}/*.log"], topic="{topic}"}}]', *extra,
     ]
     return [sys.executable, "-m", "agent", *(a for s in sets for a in ("--set", s))]
 

@@ -41,6 +41,11 @@ import orjson
 
 READS = (1, 2)  # the versions the aggregator reads (its hello reply says so, as "wire")
 
+# Flow control: the aggregator's replies and acks may carry "window", the bytes this agent may
+# have shipped and not yet had acknowledged (its share of the aggregator's window_budget_bytes).
+# Agents take the smaller of it and their own max_inflight_bytes, and ignore less than this.
+MIN_WINDOW = 1024 * 1024
+
 # Topic names: the contract's alphabet, never starting with a dot (no "..", no hidden files).
 TOPIC_RE = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _NAME_MAX = 256

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import time
 
+import orjson
 import pytest
-from harness import Harness, Writer, check_exactly_once, count_lines, output_lines, wait_for
+from harness import (
+    PY,
+    Harness,
+    Writer,
+    append_lines,
+    check_exactly_once,
+    count_lines,
+    make_lines,
+    output_lines,
+    wait_for,
+)
 
 
 def start_writer(h: Harness, n_files: int = 3, **kw: object) -> Writer:
@@ -104,3 +116,51 @@ def test_soak_random_kills_of_either_side(h: Harness, mode: str) -> None:
         procs[victim] = h.aggregator(ep) if victim == "aggregator" else h.agent(ep, sources(h), mode=mode)
     finish(h, writer, timeout=120)
     assert writer.total == 200_000
+
+
+def agent_status(h: Harness, name: str) -> dict[str, object] | None:
+    r = subprocess.run([PY, "-m", "agent", "status", "--json", "--timeout", "2",
+                        "--set", f"agent.state_dir={h.path(f'st-{name}')}"],
+                       capture_output=True, text=True, timeout=20)
+    return orjson.loads(r.stdout) if r.returncode == 0 else None
+
+
+def test_agents_catching_up_share_the_aggregators_window(h: Harness) -> None:
+    """Two agents with backlogs share window_budget_bytes: each may have half in flight, so the
+    aggregator's receive queues stay bounded however many agents reconnect at once."""
+    ep = h.endpoints()
+    mib = 1024 * 1024
+    # Commits (and so acks) only every 2 s: both agents stay behind, with their windows full.
+    h.aggregator(ep, f"aggregator.window_budget_bytes={2 * mib}", "aggregator.commit_interval_ms=2000",
+                 f"aggregator.commit_max_bytes={1 << 30}")
+    counts = {}
+    for name in ("a", "b"):
+        path = h.path(f"logs-{name}", "big.log")
+        path.parent.mkdir()
+        lines = make_lines(name, 0, 60_000, width=150)  # about 9 MiB each
+        append_lines(path, lines)
+        counts[name] = len(lines)
+        h.agent(ep, [{"paths": [str(path)], "topic": "app"}], "agent.ack_timeout_ms=10000",
+                "agent.batch_max_bytes=131072", name=name)
+
+    def shared() -> bool:
+        statuses = [agent_status(h, n) for n in ("a", "b")]
+        return all(s is not None and s["window_bytes"] == mib and 0 < s["inflight_bytes"] <= mib + 131072
+                   for s in statuses)
+    wait_for(shared, timeout=30, what="both agents at half the budget, their windows full")
+    flow = h.status(ep)["flow"]
+    assert flow == {"window_budget_bytes": 2 * mib, "agent_window_bytes": mib, "agents_catching_up": 2}
+    out = h.path("out", "app", "app.log")
+    total = sum(counts.values())
+    wait_for(lambda: count_lines(out) >= total, timeout=120, what=f"{total} lines in the output")
+    check_exactly_once(output_lines(h.path("out"), "app"), counts)
+
+
+def test_without_a_budget_agents_keep_their_own_window(h: Harness) -> None:
+    ep = h.endpoints()
+    h.aggregator(ep, "aggregator.window_budget_bytes=0")
+    h.agent(ep, sources(h), "agent.max_inflight_bytes=3000000")
+    wait_for(lambda: (s := agent_status(h, "node1")) is not None and s["aggregator"] is not None,
+             what="the agent connected")
+    assert agent_status(h, "node1")["window_bytes"] == 3_000_000  # type: ignore[index]
+    assert h.status(ep)["flow"]["agent_window_bytes"] is None

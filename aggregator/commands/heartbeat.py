@@ -10,4 +10,4 @@ ADMIN = False
 
 async def run(agg: Any, args: dict[str, Any], peer: Any) -> dict[str, Any]:
     agg.touch_agent(args, peer)
-    return {"instance": agg.instance}
+    return agg.replies({"instance": agg.instance})
