@@ -10,7 +10,8 @@ Metrics (all prefixed ``fleetlog_agent_``):
     lines_shipped_total, batches_shipped_total, bytes_shipped_total
     resends_total                     batches shipped again (no ack in time, resync, reconnect)
     unacked_bytes                     shipped, not yet acknowledged as durable (bounded by
-                                      max_inflight_bytes: the agent stops reading there)
+                                      window_bytes: the agent stops reading there)
+    window_bytes                      max_inflight_bytes, or the aggregator's smaller share
     lag_bytes{topic}                  in the files, not yet acknowledged
     files{topic}, open_files, copies_ignored
     connected                         1 once the aggregator answered the hello
@@ -64,6 +65,9 @@ class AgentCollector:
             inflight = sum(t.ship_pos - t.acked for t in unacked)
         yield one(GaugeMetricFamily(PREFIX + "unacked_bytes",
                                     "Bytes shipped but not acknowledged as durable yet"), inflight)
+        yield one(GaugeMetricFamily(PREFIX + "window_bytes",
+                                    "In-flight window: max_inflight_bytes or the aggregator's share"),
+                  a.window)
         lag = GaugeMetricFamily(PREFIX + "lag_bytes", "Bytes in the files not acknowledged yet, per topic",
                                 labels=["topic"])
         files = GaugeMetricFamily(PREFIX + "files", "Files followed, per topic", labels=["topic"])

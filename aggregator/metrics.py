@@ -17,6 +17,7 @@ Metrics (all prefixed ``fleetlog_aggregator_``):
     resyncs_total, write_errors_total, batches_total, commits_total
     commit_seconds (histogram)                      fsync of the files + journal record
     pending_bytes                                   accepted, not yet committed
+    agent_window_bytes, agents_catching_up          flow control: each agent's share of the budget
     active_file_bytes{topic}, compressions_running, streams
     output_free_bytes, output_writable              disk of output_dir
     info{instance, version}
@@ -139,6 +140,11 @@ class AggregatorCollector:
                                     buckets=buckets, sum_value=hist.sum)
 
         yield gauge("pending_bytes", "Bytes accepted but not committed yet", value=agg.pending_bytes)
+        if agg.window is not None:
+            yield gauge("agent_window_bytes", "Each agent's in-flight window, a share of window_budget_bytes",
+                        value=agg.window)
+        yield gauge("agents_catching_up", "Agents with at least 1 MiB of lag, sharing the window budget",
+                    value=agg.catching_up)
         active = gauge("active_file_bytes", "Size of each topic's active file", ["topic"])
         for name, tf in files:
             active.add_metric([name], tf.size)

@@ -150,6 +150,7 @@ def test_agents_catching_up_share_the_aggregators_window(h: Harness) -> None:
     wait_for(shared, timeout=30, what="both agents at half the budget, their windows full")
     flow = h.status(ep)["flow"]
     assert flow == {"window_budget_bytes": 2 * mib, "agent_window_bytes": mib, "agents_catching_up": 2}
+    assert "catching up: 2 agents, each with a window of 1.0MiB in flight" in h.ctl(ep, "status").stdout
     out = h.path("out", "app", "app.log")
     total = sum(counts.values())
     wait_for(lambda: count_lines(out) >= total, timeout=120, what=f"{total} lines in the output")

@@ -298,6 +298,8 @@ def test_aggregator_metrics(h: Harness) -> None:
     commits = m["fleetlog_aggregator_commit_seconds_count"]
     assert commits >= 1 and m['fleetlog_aggregator_commit_seconds_bucket{le="+Inf"}'] == commits
     assert m["fleetlog_aggregator_pending_bytes"] == 0
+    assert m["fleetlog_aggregator_agent_window_bytes"] == 64 * 1024 * 1024  # the whole budget: none catch up
+    assert m["fleetlog_aggregator_agents_catching_up"] == 0
     assert m["fleetlog_aggregator_output_free_bytes"] > 0
     assert m["fleetlog_aggregator_output_writable"] == 1
     assert m["process_resident_memory_bytes"] > 0
@@ -319,11 +321,13 @@ def test_agent_metrics(h: Harness) -> None:
     assert m['fleetlog_agent_lag_bytes{topic="am"}'] == size
     assert m['fleetlog_agent_files{topic="am"}'] == 1
     assert m["fleetlog_agent_connected"] == 0
+    assert m["fleetlog_agent_window_bytes"] == 1024 * 1024  # the least, until the aggregator says
     h.aggregator(ep)
     m = wait_for(lambda: (x := scrape(port))['fleetlog_agent_lag_bytes{topic="am"}'] == 0 and x,
                  what="lag gone once acknowledged")
     assert m["fleetlog_agent_lines_shipped_total"] >= 500
     assert m["fleetlog_agent_unacked_bytes"] == 0
+    assert m["fleetlog_agent_window_bytes"] == 32 * 1024 * 1024  # its own: below the aggregator's share
     assert m["fleetlog_agent_connected"] == 1
     assert agent.stop() == 0
 
