@@ -21,7 +21,7 @@ from agent.status import StatusServer
 from agent.tail import Chunk, Tailer
 from agent.transport import Transport
 from agent.watch import Watcher
-from fleetlog.runtime import SystemdNotifier, Wakeup, supervise
+from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
 from fleetlog.wire import MIN_WINDOW
 
@@ -87,6 +87,7 @@ class Agent(Following):
         for cp in cps.values():
             self.pending_checkpoints[(cp.dev, cp.ino)] = cp
         self.ctx = zmq.asyncio.Context()
+        start_zmq_threads(self.ctx)
         self.transport = Transport(self.ctx, self.cfg, self.on_event, self.on_hello, self.on_window,
                                    self.hello_args, self.heartbeat_args)
         self.transport.connect()

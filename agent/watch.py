@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 import watchfiles
 
 from agent.config import COMPRESSED_SUFFIXES, SourceConfig, glob_root
+from fleetlog.runtime import background_thread
 
 log = logging.getLogger("fleetlog.agent.watch")
 
@@ -85,6 +86,7 @@ class Watcher:
             self._thread.start()
 
     def _run(self, roots: list[str], stop: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
+        background_thread()  # and so the thread watchfiles starts to read inotify
         recursive = any("**" in p for s in self.sources for p in s.paths) or any(
             glob.has_magic(os.path.dirname(p)) for s in self.sources for p in s.paths)
         try:

@@ -27,7 +27,7 @@ from aggregator.rolling import Rolling
 from aggregator.security import Guard
 from aggregator.writer import RollingFileSink, SinkError, uncompressed_rotated
 from fleetlog import curve, wire
-from fleetlog.runtime import SystemdNotifier, Wakeup, supervise
+from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
 
 log = logging.getLogger("fleetlog.aggregator")
@@ -139,6 +139,7 @@ class Aggregator(Rolling):
         self.rotate_due()
         self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
         self.ctx = zmq.asyncio.Context()
+        start_zmq_threads(self.ctx)
         self.guard.start(self.ctx)
         self.sockets = proxy.bind_data_sockets(self.ctx, cfg, self.guard.protect)
         self.control = ControlServer(self, self.ctx, cfg.control, self.guard)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
+
+import zmq
 
 log = logging.getLogger("fleetlog")
 
@@ -43,6 +46,42 @@ def run(main: Coroutine[Any, Any, int], loop: str = "uvloop") -> int:
         else:
             return uvloop.run(main)
     return asyncio.run(main)
+
+
+# Helper threads (ZeroMQ's I/O thread, the file watcher and the thread watchfiles starts) run as
+# SCHED_BATCH: a woken SCHED_BATCH thread does not preempt the event loop in the middle of its
+# pass, it runs when a core is free. The I/O thread then sends a pass's batches with one wake-up
+# instead of one per batch. Live load (8 files written every 10 ms): the agent's main thread went
+# from 715 to 0.2 involuntary context switches a second, its I/O thread from 748 to 106 wake-ups,
+# and agent + aggregator from 2.40 to 2.15 CPU s per million lines (medians of 5).
+def background_thread() -> None:
+    """Make the calling thread, and the threads it starts from now on, SCHED_BATCH (Linux)."""
+    with contextlib.suppress(AttributeError, OSError):
+        if os.sched_getscheduler(0) == os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
+@contextlib.contextmanager
+def starting_background_threads() -> Iterator[None]:
+    """Threads started inside inherit SCHED_BATCH; the calling thread gets its policy back."""
+    try:
+        before = os.sched_getscheduler(0)
+        if before == os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        yield  # not Linux, or not allowed here: threads as usual
+        return
+    try:
+        yield
+    finally:
+        if before == os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+def start_zmq_threads(ctx: zmq.Context[Any]) -> None:
+    """ZeroMQ starts a context's I/O thread with its first socket: make one, as SCHED_BATCH."""
+    with starting_background_threads():
+        ctx.socket(zmq.PAIR).close(linger=0)
 
 
 class Wakeup:
