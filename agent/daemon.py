@@ -389,7 +389,7 @@ class Agent(Following):
         resyncs)."""
         streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
         return {"agent": self.cfg.name, "mode": self.cfg.mode, "streams": streams[:20_000],
-                "lag_bytes": self.lag_bytes()}
+                "lag_bytes": self.lag_bytes(), "max_inflight_bytes": self.cfg.max_inflight_bytes}
 
     def heartbeat_args(self) -> dict[str, Any]:
         return {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.lag_bytes(),

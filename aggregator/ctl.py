@@ -121,9 +121,11 @@ def render_status(s: dict[str, Any]) -> str:
     agents = s["agents"]
     out.append(f"agents ({len(agents)})")
     if agents:
-        out += _table(["name", "address", "mode", "connected", "last seen", "lines/s", "lag", "files"],
+        out += _table(["name", "address", "mode", "connected", "last seen", "lines/s", "lag", "window",
+                       "files"],
                       [[a["name"], a["address"] or "-", a["mode"] or "-", "yes" if a["connected"] else "no",
-                        _age(a["last_seen_s"]), f"{a['lines_per_s']:.0f}", _size(a["lag_bytes"]), a["files"]]
+                        _age(a["last_seen_s"]), f"{a['lines_per_s']:.0f}", _size(a["lag_bytes"]),
+                        _size(a.get("window_bytes")), a["files"]]
                        for a in agents])
     out.append("")
     topics = s["topics"]
@@ -141,8 +143,9 @@ def render_status(s: dict[str, Any]) -> str:
                    f"{t.get('compressions_running', 0)} files being compressed")
     flow = s.get("flow") or {}
     if flow.get("agents_catching_up"):
-        out.append(f"catching up: {flow['agents_catching_up']} agents, each with a window of "
-                   f"{_size(flow.get('agent_window_bytes'))} in flight")
+        out.append(f"catching up: {flow['agents_catching_up']} agents, a share of "
+                   f"{_size(flow.get('agent_window_bytes'))} each ({_size(flow.get('granted_bytes'))} "
+                   f"granted of {_size(flow.get('window_budget_bytes'))})")
     if s.get("malformed"):
         out.append("malformed by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(s["malformed"].items())))
     return "\n".join(out)

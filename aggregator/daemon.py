@@ -47,6 +47,10 @@ class AgentInfo:
     connected: bool = False
     lag_bytes: int = 0
     files: int = 0
+    # Flow control: the window last granted to it, and the most it asked for (its own
+    # max_inflight_bytes, from its hello; 0: not said).
+    window: int = 0
+    max_window: int = 0
     lines: int = 0
     bytes: int = 0
     rate: float = 0.0
@@ -98,9 +102,11 @@ class Aggregator(Rolling):
         self.pending: dict[str, int] = {}
         self.pending_bytes = 0
         self.owed_acks: dict[str, dict[str, int]] = {}
-        # Flow control: agents catching up (lag of at least wire.MIN_WINDOW) share the window budget.
+        # Flow control: agents catching up (lag of at least wire.MIN_WINDOW) share the window budget;
+        # ``window`` is each one's share, ``granted`` the sum of the windows granted.
         self.catching_up = 0
         self.window: int | None = None
+        self.granted = 0
         self.share_window()
         self.disk_error: str | None = None
         self.commit_wake = Wakeup()
@@ -423,8 +429,9 @@ class Aggregator(Rolling):
         if mode in ("push", "pub"):
             info.mode = mode
         was_catching_up = info.connected and info.lag_bytes >= wire.MIN_WINDOW
-        for attr in ("lag_bytes", "files"):
-            value = args.get(attr)
+        fields = (("lag_bytes", "lag_bytes"), ("files", "files"), ("max_window", "max_inflight_bytes"))
+        for attr, key in fields:
+            value = args.get(key)
             if type(value) is int and value >= 0:
                 setattr(info, attr, value)
         info.last_seen = time.monotonic()
@@ -437,19 +444,39 @@ class Aggregator(Rolling):
         return info
 
     def share_window(self) -> None:
-        """Each agent's in-flight window: an equal share of the budget among those catching up.
-        What sits in the receive queues stays near the budget, however many agents there are
-        (at worst wire.MIN_WINDOW each, when more than budget / MIN_WINDOW catch up at once)."""
+        """Each catching-up agent's share: an equal part of the budget (wire.MIN_WINDOW at least)."""
         budget = self.cfg.window_budget_bytes
         window = max(wire.MIN_WINDOW, budget // max(1, self.catching_up)) if budget else None
         if window != self.window:
             log.debug("each agent's window is now %s bytes (%d catching up)", window, self.catching_up)
             self.window = window
 
-    def replies(self, result: dict[str, Any]) -> dict[str, Any]:
+    def grant(self, info: AgentInfo) -> int | None:
+        """The window for ``info``'s next reply or ack (None: no budget, agents keep their own).
+
+        An agent catching up is given its share, and one that is not wire.MIN_WINDOW (it has
+        less than that in flight). A window shrinks at once but grows only into what the
+        others' windows leave of the budget: otherwise agents arriving one after the other
+        would each get the share of the moment, and the early ones keep theirs in flight until
+        their next ack. So the windows granted stay within the budget, plus MIN_WINDOW for each
+        agent beyond budget / MIN_WINDOW, which is what bounds the receive queues.
+        """
+        if self.window is None:
+            return None
+        target = self.window if info.lag_bytes >= wire.MIN_WINDOW else wire.MIN_WINDOW
+        if info.max_window:
+            target = max(wire.MIN_WINDOW, min(target, info.max_window))
+        free = self.cfg.window_budget_bytes - (self.granted - info.window)
+        window = min(target, max(info.window, free, wire.MIN_WINDOW))
+        self.granted += window - info.window
+        info.window = window
+        return window
+
+    def replies(self, info: AgentInfo, result: dict[str, Any]) -> dict[str, Any]:
         """A hello or heartbeat reply, with this agent's window when there is one."""
-        if self.window is not None:
-            result["window"] = self.window
+        window = self.grant(info)
+        if window is not None:
+            result["window"] = window
         return result
 
     def send_event(self, agent: str, body: bytes) -> None:
@@ -490,9 +517,11 @@ class Aggregator(Rolling):
                 self.owe_ack(agent, stream, end)
         if self.owed_acks:
             owed, self.owed_acks = self.owed_acks, {}
-            window = {} if self.window is None else {"window": self.window}
             for agent, streams in owed.items():
-                self.send_event(agent, wire.encode_event("ack", streams=streams, **window))
+                info = self.agents.get(agent)
+                window = self.grant(info) if info is not None else None
+                self.send_event(agent, wire.encode_event("ack", streams=streams) if window is None else
+                                wire.encode_event("ack", streams=streams, window=window))
 
     def _sync_and_journal(self, dirty: list[Any], positions: dict[str, int], pending: dict[str, int]) -> None:
         try:
@@ -552,8 +581,11 @@ class Aggregator(Rolling):
                 stats.rate = 0.7 * stats.rate + 0.3 * delta
             for agent in self.agents.values():
                 agent.connected = now - agent.last_seen < self.cfg.agent_timeout_s
+                if not agent.connected:
+                    agent.window = 0  # granted again at its next hello
             self.catching_up = sum(1 for a in self.agents.values()
                                    if a.connected and a.lag_bytes >= wire.MIN_WINDOW)
+            self.granted = sum(a.window for a in self.agents.values())
             self.share_window()
 
     def status_line(self) -> str:
@@ -591,7 +623,7 @@ class Aggregator(Rolling):
                 {"name": a.name, "address": a.address, "mode": a.mode, "connected": a.connected,
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
-                 "lag_bytes": a.lag_bytes,
+                 "lag_bytes": a.lag_bytes, "window_bytes": a.window or None,
                  "files": a.files}
                 for a in sorted(self.agents.values(), key=lambda a: a.name)
             ],
@@ -609,7 +641,7 @@ class Aggregator(Rolling):
             },
             "malformed": dict(t.malformed),
             "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,
-                     "agents_catching_up": self.catching_up},
+                     "agents_catching_up": self.catching_up, "granted_bytes": self.granted},
         }
 
 

@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -20,6 +21,10 @@ from harness import (
     output_lines,
     wait_for,
 )
+
+from aggregator.config import Config, parse
+from aggregator.daemon import AgentInfo, Aggregator
+from fleetlog import wire
 
 
 def start_writer(h: Harness, n_files: int = 3, **kw: object) -> Writer:
@@ -149,8 +154,11 @@ def test_agents_catching_up_share_the_aggregators_window(h: Harness) -> None:
                    for s in statuses)
     wait_for(shared, timeout=30, what="both agents at half the budget, their windows full")
     flow = h.status(ep)["flow"]
-    assert flow == {"window_budget_bytes": 2 * mib, "agent_window_bytes": mib, "agents_catching_up": 2}
-    assert "catching up: 2 agents, each with a window of 1.0MiB in flight" in h.ctl(ep, "status").stdout
+    assert flow == {"window_budget_bytes": 2 * mib, "agent_window_bytes": mib, "agents_catching_up": 2,
+                    "granted_bytes": 2 * mib}
+    assert {a["name"]: a["window_bytes"] for a in h.status(ep)["agents"]} == {"a": mib, "b": mib}
+    readable = h.ctl(ep, "status").stdout
+    assert "catching up: 2 agents, a share of 1.0MiB each (2.0MiB granted of 2.0MiB)" in readable
     out = h.path("out", "app", "app.log")
     total = sum(counts.values())
     wait_for(lambda: count_lines(out) >= total, timeout=120, what=f"{total} lines in the output")
@@ -165,3 +173,31 @@ def test_without_a_budget_agents_keep_their_own_window(h: Harness) -> None:
              what="the agent connected")
     assert agent_status(h, "node1")["window_bytes"] == 3_000_000  # type: ignore[index]
     assert h.status(ep)["flow"]["agent_window_bytes"] is None
+
+
+def test_windows_granted_stay_within_the_budget_as_agents_arrive(tmp_path: Path) -> None:
+    """The grant bookkeeping, in-process: agents catching up arrive one by one, each acked
+    after every arrival. A window grows only into what the others leave, so the sum stays
+    within the budget (plus the least window for an agent that found none left), and all
+    converge on equal shares."""
+    mib = wire.MIN_WINDOW
+    cfg = parse({"aggregator": {"output_dir": str(tmp_path / "out"), "state_dir": str(tmp_path / "st"),
+                                "window_budget_bytes": 64 * mib}}, "<test>").aggregator
+    agg = Aggregator(Config(aggregator=cfg))
+    arrived: list[AgentInfo] = []
+    for i in range(8):
+        info = agg.agents[f"a{i}"] = AgentInfo(f"a{i}", connected=True, lag_bytes=500 * mib,
+                                              max_window=32 * mib)
+        agg.catching_up += 1
+        agg.share_window()
+        arrived.insert(0, info)  # its hello reply first, then the acks of those there before
+        for a in arrived:
+            agg.grant(a)
+            assert agg.granted == sum(x.window for x in arrived)
+            assert agg.granted <= 64 * mib + len(arrived) * mib
+    assert max(a.window for a in arrived) <= 32 * mib  # never beyond what an agent said it takes
+    for a in arrived:
+        agg.grant(a)
+    assert [a.window for a in arrived] == [8 * mib] * 8
+    arrived[0].lag_bytes = 0  # caught up: the least is enough
+    assert agg.grant(arrived[0]) == mib

@@ -327,7 +327,7 @@ def test_agent_metrics(h: Harness) -> None:
                  what="lag gone once acknowledged")
     assert m["fleetlog_agent_lines_shipped_total"] >= 500
     assert m["fleetlog_agent_unacked_bytes"] == 0
-    assert m["fleetlog_agent_window_bytes"] == 32 * 1024 * 1024  # its own: below the aggregator's share
+    assert m["fleetlog_agent_window_bytes"] == 1024 * 1024  # not catching up: the least
     assert m["fleetlog_agent_connected"] == 1
     assert agent.stop() == 0
 

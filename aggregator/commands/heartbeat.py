@@ -9,5 +9,5 @@ ADMIN = False
 
 
 async def run(agg: Any, args: dict[str, Any], peer: Any) -> dict[str, Any]:
-    agg.touch_agent(args, peer)
-    return agg.replies({"instance": agg.instance})
+    info = agg.touch_agent(args, peer)
+    return agg.replies(info, {"instance": agg.instance})
