@@ -96,8 +96,7 @@ class Agent(Following):
         self.metrics = metrics.serve(self)
         self.scan()
         self.resume_rotated_while_down()
-        self.watcher = Watcher(self.config.sources, self.on_change, self.cfg.watch_debounce_ms,
-                               self.cfg.force_polling, self.cfg.watch_step_ms)
+        self.watcher = Watcher(self.config.sources, self.on_change, self.cfg)
         self.watcher.refresh()
         self._tasks = [
             asyncio.create_task(self.read_loop(), name="read"),
@@ -144,8 +143,7 @@ class Agent(Following):
         self.config = Config(agent=self.cfg, sources=new.sources, source=new.source)
         if self.watcher is not None:
             self.watcher.stop()
-            self.watcher = Watcher(self.config.sources, self.on_change, self.cfg.watch_debounce_ms,
-                                   self.cfg.force_polling, self.cfg.watch_step_ms)
+            self.watcher = Watcher(self.config.sources, self.on_change, self.cfg)
             self.watcher.refresh()
         self.scan_soon.set()
         log.info("reloaded %s: %d sources", new.source, len(new.sources))
@@ -211,7 +209,10 @@ class Agent(Following):
                 continue
             if not self.ready:
                 self.wake.clear()
-                await self.wake.wait(timers_every)
+                # The timers look after partial lines and acknowledgements: with none of
+                # either, sleep until a file changes (an idle agent's loop wakes 4 times a
+                # second instead of 24).
+                await self.wake.wait(timers_every if self.timed or self.unacked else None)
                 continue
             t = self.ready.popleft()
             if t.next_read > now:

@@ -4,10 +4,13 @@ Events only tell the agent *where to look sooner*; the periodic rescan is what g
 nothing is missed (an inotify queue overflow, a network filesystem that sends no events, a
 directory that appeared later). ``force_polling`` makes watchfiles poll instead of using inotify.
 
-watchfiles' blocking ``watch()`` runs in a thread of its own and hands each set of changes to
-the event loop with ``call_soon_threadsafe``. ``awatch()`` would do the same through an anyio
-worker thread per hand-over (a capacity limiter, a cancel scope and a future each time); under a
-steady 20,000 lines/s that hand-over was a fifth of the agent's CPU.
+watchfiles' Rust watcher (``RustNotify``, its documented backend) is asked for changes in a thread
+of its own, which hands each set to the event loop with ``call_soon_threadsafe``. ``awatch()``
+would do the same through an anyio worker thread per hand-over (a capacity limiter, a cancel
+scope and a future each time); under a steady 20,000 lines/s that hand-over was a fifth of the
+agent's CPU. The watcher sleeps in steps, taking the GIL after each: ``watch_step_ms`` (3) while
+files change, ``watch_idle_step_ms`` (20) after a second without a change, which keeps the same
+``RustNotify`` (its inotify thread collects events all along, so none is lost in between).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 
-import watchfiles
+from watchfiles._rust_notify import RustNotify
 
-from agent.config import COMPRESSED_SUFFIXES, SourceConfig, glob_root
+from agent.config import COMPRESSED_SUFFIXES, AgentConfig, SourceConfig, glob_root
 from fleetlog.runtime import background_thread
 
 log = logging.getLogger("fleetlog.agent.watch")
+
+IDLE_AFTER_MS = 1000  # without a change for this long, the watcher steps watch_idle_step_ms
 
 
 def expand(source: SourceConfig) -> Iterator[tuple[str, os.stat_result]]:
@@ -54,12 +59,10 @@ class Watcher:
     """Runs watchfiles over the sources' root directories and reports changed paths."""
 
     def __init__(self, sources: tuple[SourceConfig, ...], on_change: Callable[[set[str]], None],
-                 debounce_ms: int, force_polling: bool, step_ms: int = 3) -> None:
+                 cfg: AgentConfig) -> None:
         self.sources = sources
         self.on_change = on_change
-        self.debounce_ms = debounce_ms
-        self.step_ms = step_ms
-        self.force_polling = force_polling
+        self.cfg = cfg
         self.roots: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,15 +92,19 @@ class Watcher:
         background_thread()  # and so the thread watchfiles starts to read inotify
         recursive = any("**" in p for s in self.sources for p in s.paths) or any(
             glob.has_magic(os.path.dirname(p)) for s in self.sources for p in s.paths)
+        cfg = self.cfg
         try:
-            for changes in watchfiles.watch(
-                *roots, watch_filter=None, debounce=self.debounce_ms, step=self.step_ms,
-                stop_event=stop, recursive=recursive, force_polling=self.force_polling,
-                poll_delay_ms=100, ignore_permission_denied=True, raise_interrupt=False,
-            ):
-                if stop.is_set():
-                    return
-                loop.call_soon_threadsafe(self.on_change, {path for _, path in changes})
+            with RustNotify(roots, False, cfg.force_polling, 100, recursive, True) as notify:
+                step, timeout = cfg.watch_step_ms, IDLE_AFTER_MS
+                while True:
+                    changes = notify.watch(cfg.watch_debounce_ms, step, timeout, stop)
+                    if changes == "timeout":
+                        step, timeout = cfg.watch_idle_step_ms, 0  # quiet: look less often
+                        continue
+                    if isinstance(changes, str) or stop.is_set():
+                        return  # "stop" (or "signal", which only the main thread receives)
+                    step, timeout = cfg.watch_step_ms, IDLE_AFTER_MS
+                    loop.call_soon_threadsafe(self.on_change, {path for _, path in changes})
         except (OSError, RuntimeError) as exc:
             if stop.is_set() or loop.is_closed():
                 return

@@ -107,17 +107,18 @@ class Wakeup:
     def clear(self) -> None:
         self._flag = False
 
-    async def wait(self, timeout: float) -> bool:
-        """Until set (True) or ``timeout`` seconds pass (False)."""
+    async def wait(self, timeout: float | None) -> bool:
+        """Until set (True) or ``timeout`` seconds pass (False); None: until set."""
         if self._flag:
             return True
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(max(0.0, timeout), _expire, waiter)
+        timer = None if timeout is None else loop.call_later(max(0.0, timeout), _expire, waiter)
         try:
             return await waiter
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._waiter = None
 
 
