@@ -154,6 +154,13 @@ class Harness:
         assert r.returncode == 0, r.stderr
         return orjson.loads(r.stdout)
 
+    def agent_status(self, name: str = "node1") -> dict[str, Any] | None:
+        """What ``fleetlog-agent status --json`` says for agent ``name``; None if it does not answer."""
+        r = subprocess.run([PY, "-m", "agent", "status", "--json", "--timeout", "2",
+                            "--set", f"agent.state_dir={self.root / f'st-{name}'}"],
+                           capture_output=True, text=True, timeout=20)
+        return orjson.loads(r.stdout) if r.returncode == 0 else None
+
     def cleanup(self) -> list[str]:
         """Stop what the test left running; return the names of processes that would not die."""
         for p in self.procs:

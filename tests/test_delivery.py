@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
-import orjson
 import pytest
 from harness import (
-    PY,
     Harness,
     Writer,
     append_lines,
@@ -123,13 +120,6 @@ def test_soak_random_kills_of_either_side(h: Harness, mode: str) -> None:
     assert writer.total == 200_000
 
 
-def agent_status(h: Harness, name: str) -> dict[str, object] | None:
-    r = subprocess.run([PY, "-m", "agent", "status", "--json", "--timeout", "2",
-                        "--set", f"agent.state_dir={h.path(f'st-{name}')}"],
-                       capture_output=True, text=True, timeout=20)
-    return orjson.loads(r.stdout) if r.returncode == 0 else None
-
-
 def test_agents_catching_up_share_the_aggregators_window(h: Harness) -> None:
     """Two agents with backlogs share window_budget_bytes: each may have half in flight, so the
     aggregator's receive queues stay bounded however many agents reconnect at once."""
@@ -149,7 +139,7 @@ def test_agents_catching_up_share_the_aggregators_window(h: Harness) -> None:
                 "agent.batch_max_bytes=131072", name=name)
 
     def shared() -> bool:
-        statuses = [agent_status(h, n) for n in ("a", "b")]
+        statuses = [h.agent_status(n) for n in ("a", "b")]
         return all(s is not None and s["window_bytes"] == mib and 0 < s["inflight_bytes"] <= mib + 131072
                    for s in statuses)
     wait_for(shared, timeout=30, what="both agents at half the budget, their windows full")
@@ -169,9 +159,9 @@ def test_without_a_budget_agents_keep_their_own_window(h: Harness) -> None:
     ep = h.endpoints()
     h.aggregator(ep, "aggregator.window_budget_bytes=0")
     h.agent(ep, sources(h), "agent.max_inflight_bytes=3000000")
-    wait_for(lambda: (s := agent_status(h, "node1")) is not None and s["aggregator"] is not None,
+    wait_for(lambda: (s := h.agent_status()) is not None and s["aggregator"] is not None,
              what="the agent connected")
-    assert agent_status(h, "node1")["window_bytes"] == 3_000_000  # type: ignore[index]
+    assert h.agent_status()["window_bytes"] == 3_000_000  # type: ignore[index]
     assert h.status(ep)["flow"]["agent_window_bytes"] is None
 
 

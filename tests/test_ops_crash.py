@@ -12,13 +12,10 @@ import gzip
 import os
 import random
 import signal
-import subprocess
 import time
 
-import orjson
 import pytest
 from harness import (
-    PY,
     Harness,
     Writer,
     append_lines,
@@ -49,12 +46,9 @@ def rotations(h: Harness) -> set[str]:
 def all_acknowledged(h: Harness) -> bool:
     """The agent has every line acknowledged as durable. (Lines visible in the output are not
     enough: a killed aggregator leaves uncommitted ones that its successor cuts.)"""
-    state = f"agent.state_dir={h.path('st-node1')}"
-    r = subprocess.run([PY, "-m", "agent", "status", "--json", "--set", state],
-                       capture_output=True, text=True, timeout=20)
-    if r.returncode != 0:
+    s = h.agent_status()
+    if s is None:
         return False
-    s = orjson.loads(r.stdout)
     return s["lag_bytes"] == 0 and s["inflight_bytes"] == 0 and all(f["lag_bytes"] == 0 for f in s["files"])
 
 
