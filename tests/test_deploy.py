@@ -355,6 +355,7 @@ def test_rendered_configs_hold_the_inventory(dry_run: DryRun) -> None:
     assert aggregator["state_dir"] == f"{dry_run.root}/var/lib/fleetlog/aggregator"
     assert aggregator["pull"] == "tcp://0.0.0.0:5555"
     assert aggregator["control"] == ["tcp://0.0.0.0:5558", "ipc:///run/fleetlog/control.sock"]
+    assert aggregator["window_budget_bytes"] == 64 * 1024 * 1024
     assert "curve_secret_key" not in aggregator  # fleetlog_curve defaults to false
     agent = tomllib.loads(dry_run.configs["agent"])
     assert "curve_secret_key" not in agent["agent"]
