@@ -231,6 +231,60 @@ def test_agent_sends_version_2_only_to_an_aggregator_that_reads_it(
         ctx.term()
 
 
+def test_agent_keeps_within_the_window_its_aggregator_grants(h: Harness) -> None:
+    """Flow control seen from the agent, against the test's own PULL and ROUTER, which never
+    acknowledge: the agent fills the window the replies grant and stops there, ignores windows
+    that are not sizes or are below 1 MiB, and goes on when a reply grants more."""
+    mib, batch = 1024 * 1024, 128 * 1024
+    ep = h.endpoints()
+    log = h.path("logs", "w.log")
+    append_lines(log, make_lines("w", 0, 40_000, width=150))  # about 6 MiB
+    ctx = zmq.Context()
+    pull, router = ctx.socket(zmq.PULL), ctx.socket(zmq.ROUTER)
+    grant: list[object] = [2 * mib]  # what every reply carries as "window" (None: no window)
+    try:
+        pull.bind(ep.pull)
+        router.bind(ep.control)
+        h.agent(ep, [{"paths": [str(log)], "topic": "fc"}], "agent.ack_timeout_ms=600000",
+                "agent.heartbeat_interval_ms=100", f"agent.batch_max_bytes={batch}")
+
+        def serve(seconds: float) -> None:
+            """Answer hello and heartbeats, and take batches, for a while."""
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                if router.poll(10):
+                    ident, body = router.recv_multipart()
+                    req = orjson.loads(body)
+                    result: dict[str, object] = {"instance": "fake-1", "committed": {}, "wire": [1, 2]}
+                    if grant[0] is not None:
+                        result["window"] = grant[0]
+                    router.send_multipart([ident, orjson.dumps({"id": req["id"], "ok": True,
+                                                                "result": result})])
+                while pull.poll(0):
+                    pull.recv_multipart()
+
+        def settled(window: int) -> dict[str, object] | None:
+            serve(0.3)
+            s = h.agent_status()
+            return s if s and s["window_bytes"] == window and s["inflight_bytes"] >= window else None
+
+        s = wait_for(lambda: settled(2 * mib), what="the agent at the 2 MiB granted")
+        assert s["inflight_bytes"] <= 2 * mib + batch  # one batch past the window at most
+        assert s["lag_bytes"] > 3 * mib  # it stopped with more to read
+        for bogus in ("lots", 10, -5, None):
+            grant[0] = bogus
+            serve(0.5)  # five heartbeats
+        s = h.agent_status()
+        assert s is not None and s["window_bytes"] == 2 * mib and s["inflight_bytes"] <= 2 * mib + batch
+        grant[0] = 3 * mib
+        s = wait_for(lambda: settled(3 * mib), what="the agent going on to the 3 MiB granted")
+        assert s["inflight_bytes"] <= 3 * mib + batch
+    finally:
+        pull.close(linger=0)
+        router.close(linger=0)
+        ctx.term()
+
+
 @pytest.mark.parametrize("daemon", ["agent", "aggregator"])
 def test_sigterm_exits_zero_and_flushes(h: Harness, daemon: str) -> None:
     ep = h.endpoints()
