@@ -105,7 +105,7 @@ class Watcher:
                         return  # "stop" (or "signal", which only the main thread receives)
                     step, timeout = cfg.watch_step_ms, IDLE_AFTER_MS
                     loop.call_soon_threadsafe(self.on_change, {path for _, path in changes})
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, TypeError) as exc:  # TypeError: a RustNotify we do not know
             if stop.is_set() or loop.is_closed():
                 return
             # The rescan still finds everything; only wake-ups are slower.
