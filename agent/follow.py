@@ -178,7 +178,7 @@ class Following:
         if t.fd is None or t.rotated_at is not None:
             return True
         try:
-            if fingerprint(t.fd, t.fp_len)[0] != t.fp:
+            if not t.head_unchanged():
                 return False
             if t.fp_len < FP_LEN and size > t.fp_len:
                 t.fp, t.fp_len = fingerprint(t.fd)

@@ -32,7 +32,11 @@ FP_LEN = 1024
 def fingerprint(fd: int, length: int = FP_LEN) -> tuple[str, int]:
     """Hash of the first ``length`` bytes (fewer if the file is shorter) and how many there were."""
     head = os.pread(fd, length, 0)
-    return hashlib.blake2b(head, digest_size=8).hexdigest(), len(head)
+    return head_hash(head), len(head)
+
+
+def head_hash(head: bytes) -> str:
+    return hashlib.blake2b(head, digest_size=8).hexdigest()
 
 
 def new_stream_id() -> str:
@@ -91,6 +95,10 @@ class Tailer:
     # whether its successor waits (then a partial last line is final and ships at once).
     predecessor: Tailer | None = None
     successor_waiting: bool = False
+    # The head last found to hash to ``fp``, and that ``fp``: comparing the bytes costs a fifth
+    # of hashing them again, which a busy file's every change did.
+    _head: bytes = field(default=b"", repr=False)
+    _head_fp: str = ""
 
     def __post_init__(self) -> None:
         self.ship_pos = self.acked
@@ -104,6 +112,16 @@ class Tailer:
     @property
     def lag_bytes(self) -> int:
         return max(0, self.size - self.acked)
+
+    def head_unchanged(self) -> bool:
+        """Whether the file (open) still starts with the ``fp_len`` bytes hashed as ``fp``."""
+        head = os.pread(self.fd, self.fp_len, 0)  # type: ignore[arg-type]
+        if head == self._head and self._head_fp == self.fp:
+            return True
+        if head_hash(head) != self.fp:
+            return False
+        self._head, self._head_fp = head, self.fp
+        return True
 
     def open(self) -> bool:
         """(Re)open by name, only if the name still leads to our inode."""

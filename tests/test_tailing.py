@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,11 +47,9 @@ def settle(h: Harness, topic: str, total: int, timeout: float = 30) -> list[str]
 
 
 def agent_status(h: Harness, name: str = "node1") -> dict[str, object]:
-    r = subprocess.run([sys.executable, "-m", "agent", "status", "--json",
-                        "--set", f"agent.state_dir={h.path('st-' + name)}"],
-                       capture_output=True, text=True, timeout=20)
-    assert r.returncode == 0, r.stderr
-    return orjson.loads(r.stdout)
+    s = h.agent_status(name)
+    assert s is not None, "the agent does not answer on its status socket"
+    return s
 
 
 @needs_logrotate
@@ -117,6 +116,25 @@ def test_truncate_in_place(h: Harness) -> None:
         fh.truncate(0)
     append_lines(log, make_lines("a", 300, 100))
     check_exactly_once(settle(h, "app", 400), {"a": 400})
+
+
+def test_truncated_and_rewritten_past_the_offset_while_the_agent_stalls(h: Harness) -> None:
+    """The agent is stopped (SIGSTOP) while the file is cut and written again, longer than
+    before: when it goes on, the size alone looks like growth. The changed head tells it to
+    read the new content from 0."""
+    ep = h.endpoints()
+    log = h.path("logs", "app.log")
+    h.aggregator(ep)
+    agent = h.agent(ep, [{"paths": [str(log)], "topic": "app"}])
+    append_lines(log, make_lines("a", 0, 100))
+    settle(h, "app", 100)
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        with open(log, "wb") as fh:  # truncated, then longer than the agent's offset
+            fh.write("".join(f"{line}\n" for line in make_lines("b", 0, 300)).encode())
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    check_exactly_once(settle(h, "app", 400), {"a": 100, "b": 300})
 
 
 def test_rotated_while_the_agent_was_down_is_finished(h: Harness) -> None:
