@@ -62,6 +62,9 @@ class Agent(Following):
         # Until the aggregator's hello reply says which, the least it may ask for: an agent
         # starting with a backlog would otherwise ship a whole window before hearing its share.
         self.window = min(MIN_WINDOW, self.cfg.max_inflight_bytes)
+        # The lag the aggregator last heard of (hello, heartbeat): it grants a share of its
+        # budget only to agents whose lag says they are catching up.
+        self.reported_lag = 0
         self.scan_soon = asyncio.Event()
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
@@ -204,6 +207,7 @@ class Agent(Following):
                 self.rearm_timers()
                 self.check_ack_timeout(now)
             if self.unacked and self.inflight >= self.window:
+                self.say_catching_up()
                 self.acked_event.clear()
                 await self.acked_event.wait(timers_every)
                 continue
@@ -389,12 +393,24 @@ class Agent(Following):
         the message stays far below the control socket's 1 MiB limit; the rest learn it from
         resyncs)."""
         streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
+        self.reported_lag = self.lag_bytes()
         return {"agent": self.cfg.name, "mode": self.cfg.mode, "streams": streams[:20_000],
-                "lag_bytes": self.lag_bytes(), "max_inflight_bytes": self.cfg.max_inflight_bytes}
+                "lag_bytes": self.reported_lag, "max_inflight_bytes": self.cfg.max_inflight_bytes}
 
     def heartbeat_args(self) -> dict[str, Any]:
-        return {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.lag_bytes(),
+        self.reported_lag = self.lag_bytes()
+        return {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.reported_lag,
                 "files": len(self.tailers)}
+
+    def say_catching_up(self) -> None:
+        """Stopped at its window: if the aggregator still thinks this agent is not catching up
+        (a quiet one that now has a backlog, granted the least window), tell it at once with a
+        heartbeat, whose reply grants a share, rather than at the next beat."""
+        transport = self.transport
+        if (self.reported_lag >= MIN_WINDOW or self.window >= self.cfg.max_inflight_bytes
+                or transport is None or transport.instance is None or self.lag_bytes() < MIN_WINDOW):
+            return
+        transport.request("heartbeat", self.heartbeat_args())
 
     def lag_bytes(self) -> int:
         return sum(t.lag_bytes for t in self.tailers.values())

@@ -191,3 +191,24 @@ def test_windows_granted_stay_within_the_budget_as_agents_arrive(tmp_path: Path)
     assert [a.window for a in arrived] == [8 * mib] * 8
     arrived[0].lag_bytes = 0  # caught up: the least is enough
     assert agg.grant(arrived[0]) == mib
+
+
+def test_a_quiet_agent_with_a_sudden_backlog_is_granted_a_share_at_once(h: Harness) -> None:
+    """A quiet agent is granted the least window. When a burst fills it, the agent says so
+    with a heartbeat of its own instead of waiting for the next beat (a minute here), and the
+    reply grants it its share."""
+    ep = h.endpoints()
+    mib = wire.MIN_WINDOW
+    h.aggregator(ep, "aggregator.commit_interval_ms=2000", f"aggregator.commit_max_bytes={1 << 30}")
+    log = h.path("logs", "burst.log")
+    append_lines(log, make_lines("q", 0, 10))
+    h.agent(ep, [{"paths": [str(log)], "topic": "app"}], "agent.heartbeat_interval_ms=60000",
+            "agent.ack_timeout_ms=600000")
+    wait_for(lambda: (s := h.agent_status()) is not None and s["aggregator"] is not None
+             and s["window_bytes"] == mib and s["lag_bytes"] == 0, what="a quiet agent at the least window")
+    append_lines(log, make_lines("q", 10, 60_000, width=150))  # about 9 MiB at once
+    wait_for(lambda: (s := h.agent_status()) is not None and s["window_bytes"] == 32 * mib,
+             what="the agent granted its share (its own 32 MiB, under the 64 MiB budget)")
+    out = h.path("out", "app", "app.log")
+    wait_for(lambda: count_lines(out) >= 60_010, timeout=60, what="every line")
+    check_exactly_once(output_lines(h.path("out"), "app"), {"q": 60_010})
