@@ -56,6 +56,11 @@ class AgentInfo:
     rate: float = 0.0
     _last_lines: int = 0
 
+    @property
+    def catching_up(self) -> bool:
+        """Connected with a backlog (by its last hello or heartbeat): it shares the window budget."""
+        return self.connected and self.lag_bytes >= wire.MIN_WINDOW
+
 
 @dataclass
 class TopicStats:
@@ -428,7 +433,7 @@ class Aggregator(Rolling):
         mode = args.get("mode")
         if mode in ("push", "pub"):
             info.mode = mode
-        was_catching_up = info.connected and info.lag_bytes >= wire.MIN_WINDOW
+        was_catching_up = info.catching_up
         fields = (("lag_bytes", "lag_bytes"), ("files", "files"), ("max_window", "max_inflight_bytes"))
         for attr, key in fields:
             value = args.get(key)
@@ -436,7 +441,7 @@ class Aggregator(Rolling):
                 setattr(info, attr, value)
         info.last_seen = time.monotonic()
         info.connected = True
-        if not was_catching_up and info.lag_bytes >= wire.MIN_WINDOW:
+        if info.catching_up and not was_catching_up:
             # Counted at once, not at the next tick: when a whole fleet reconnects with
             # backlogs, each hello already gets a smaller share.
             self.catching_up += 1
@@ -463,7 +468,7 @@ class Aggregator(Rolling):
         """
         if self.window is None:
             return None
-        target = self.window if info.lag_bytes >= wire.MIN_WINDOW else wire.MIN_WINDOW
+        target = self.window if info.catching_up else wire.MIN_WINDOW
         if info.max_window:
             target = max(wire.MIN_WINDOW, min(target, info.max_window))
         free = self.cfg.window_budget_bytes - (self.granted - info.window)
@@ -583,8 +588,7 @@ class Aggregator(Rolling):
                 agent.connected = now - agent.last_seen < self.cfg.agent_timeout_s
                 if not agent.connected:
                     agent.window = 0  # granted again at its next hello
-            self.catching_up = sum(1 for a in self.agents.values()
-                                   if a.connected and a.lag_bytes >= wire.MIN_WINDOW)
+            self.catching_up = sum(1 for a in self.agents.values() if a.catching_up)
             self.granted = sum(a.window for a in self.agents.values())
             self.share_window()
 
