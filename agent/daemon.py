@@ -117,7 +117,11 @@ class Agent(Following):
                  len(self.config.sources), self.cfg.mode, self.cfg.data)
 
     async def serve(self) -> None:
-        await self.startup()
+        try:
+            await self.startup()
+        except BaseException:
+            await self.release()  # what startup opened before it failed; checkpoints stay as they were
+            raise
         try:
             await self.stopping.wait()
         finally:
@@ -171,6 +175,15 @@ class Agent(Following):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.save_checkpoints()
+        await self.release()
+
+    async def release(self) -> None:
+        """Cancel the tasks and close the files and sockets."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.watcher is not None:
+            self.watcher.stop()
         for t in self.tailers.values():
             t.close()
         if self.status_server is not None:

@@ -143,6 +143,9 @@ class Aggregator(Rolling):
         self.journal.compact(cfg.stream_ttl_s)
         self.recover_rotations(state.rotations)
         self.sink.recover(state.topics)
+        # Before anything is compressed: the scan removes stale temporaries, and must not take
+        # one a compression started below is still writing.
+        leftovers = uncompressed_rotated(cfg.output_dir)
         # A file whose period ended while we were down rolls over before it takes a new line.
         for topic in self.sink.topics_on_disk():
             if wire.valid_topic(topic):
@@ -156,7 +159,7 @@ class Aggregator(Rolling):
         self.control = ControlServer(self, self.ctx, cfg.control, self.guard)
         self.control.bind()
         self.metrics = metrics.serve(self)
-        for name in uncompressed_rotated(cfg.output_dir):
+        for name in leftovers:
             self._compress_later(name)
         self._tasks = [
             asyncio.create_task(self.receive_loop(self.sockets["pull"], "pull"), name="pull"),
@@ -176,7 +179,11 @@ class Aggregator(Rolling):
                  self.instance, cfg.pull, cfg.xsub, cfg.xpub, ", ".join(cfg.control), cfg.output_dir)
 
     async def serve(self) -> None:
-        await self.startup()
+        try:
+            await self.startup()
+        except BaseException:
+            await self.release()  # what startup opened before it failed
+            raise
         try:
             await self.stopping.wait()
         finally:
@@ -200,6 +207,10 @@ class Aggregator(Rolling):
         except (TimeoutError, SinkError) as exc:
             log.warning("final commit did not finish (%s); agents will resend what was not acknowledged",
                         exc or "timeout")
+        await self.release()
+
+    async def release(self) -> None:
+        """Cancel the tasks, finish compressions within budget, close files and sockets."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

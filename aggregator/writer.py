@@ -290,7 +290,8 @@ def uncompressed_rotated(output_dir: str) -> list[str]:
         for name in os.listdir(directory):
             path = os.path.join(directory, name)
             if name.endswith(".gz.tmp"):
-                os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             elif name.startswith(f"{topic}.") and name.endswith(".log") and name != f"{topic}.log":
                 found.append(path)
     return sorted(found)

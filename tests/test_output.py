@@ -251,3 +251,49 @@ async def test_a_file_left_from_an_earlier_day_rolls_over_at_start(
     rotated = gzip.decompress((out / "old" / "old.20240402T093000Z.log.gz").read_bytes()).decode()
     assert rotated.splitlines() == make_lines("o", 0, 5)
     assert output_lines(out, "old") == make_lines("o", 5, 5)
+
+
+async def test_files_from_an_earlier_day_and_a_crashed_compression_are_all_compressed_at_start(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The start-up scan removes temporaries a crash left; it once ran while the rollovers below
+    # were already compressing, took their temporaries and sometimes crashed the start.
+    out = short_tmp / "out"
+    yesterday = utc(2024, 4, 1, 18, 0, 0)
+    topics = [f"t{i:02d}" for i in range(12)]
+    for topic in topics:
+        (out / topic).mkdir(parents=True)
+        left = out / topic / f"{topic}.log"
+        left.write_text("".join(line + "\n" for line in make_lines(topic, 0, 20_000)))
+        os.utime(left, (yesterday, yesterday))
+    crashed = out / "t00" / "t00.20240330T000000Z.log"
+    crashed.write_text("".join(line + "\n" for line in make_lines("c", 0, 100)))
+    (out / "t00" / "t00.20240330T000000Z.log.gz.tmp").write_bytes(b"\x1f\x8b half written")
+    clock = FakeClock(utc(2024, 4, 2, 9, 30, 0))
+    async with running_aggregator(make_config(short_tmp), clock) as agg:
+        await until(lambda: not agg._compressions, timeout=30, what="compressions done")
+    def gunzipped(path: Path) -> list[str]:
+        return gzip.decompress(path.read_bytes()).decode().splitlines()
+
+    for topic in topics:
+        assert gunzipped(out / topic / f"{topic}.20240402T093000Z.log.gz") == make_lines(topic, 0, 20_000)
+    assert gunzipped(Path(f"{crashed}.gz")) == make_lines("c", 0, 100)
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".log")) and p.stat().st_size]
+    assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+
+
+async def test_a_failed_start_closes_what_it_opened(short_tmp: Path) -> None:
+    # The control endpoint is taken: start-up fails after the data sockets are bound.
+    blocker = zmq.Context()
+    taken = blocker.socket(zmq.PULL)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        cfg = make_config(short_tmp, control=[f"tcp://127.0.0.1:{port}"])
+        agg = Aggregator(cfg, clock=FakeClock(utc(2024, 4, 2, 9, 30, 0)))
+        with pytest.raises(zmq.ZMQError):
+            await asyncio.wait_for(agg.serve(), timeout=15)
+        assert set(agg.sockets) == {"pull", "xsub", "xpub"}
+        assert all(sock.closed for sock in agg.sockets.values())
+        assert agg.ctx is not None and agg.ctx.closed
+    finally:
+        taken.close(linger=0)
+        blocker.term()
