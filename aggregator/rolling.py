@@ -117,6 +117,8 @@ class Rolling:
                     if os.path.getmtime(os.path.join(directory, name)) < horizon:
                         doomed.add(name)
         for name in sorted(doomed):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
-                log.info("retention removed %s/%s", topic, name)
+            # Both forms: a compression in progress, seeing its original gone, removes its result.
+            for form in {name, name.removesuffix(".gz")}:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, form))
+                    log.info("retention removed %s/%s", topic, form)

@@ -237,15 +237,18 @@ class RollingFileSink:
         self._open(topic)
 
     def rotated_files(self, topic: str) -> list[str]:
+        """The topic's rotated files, oldest first, each once: while ``X.log`` is being compressed
+        (or after a crash in between) ``X.log`` and ``X.log.gz`` both exist; only the ``.gz`` is
+        listed, so retention does not count one file twice."""
         directory = os.path.join(self.output_dir, topic)
         try:
-            names = os.listdir(directory)
+            names = set(os.listdir(directory))
         except FileNotFoundError:
             return []
         prefix = f"{topic}."
         active = f"{topic}.log"
         return sorted(n for n in names if n.startswith(prefix) and n != active
-                      and (n.endswith(".log") or n.endswith(".log.gz")))
+                      and (n.endswith(".log.gz") or (n.endswith(".log") and f"{n}.gz" not in names)))
 
 
 def compress_file(path: str) -> str | None:

@@ -191,6 +191,26 @@ async def test_rotated_names_sort_oldest_first_and_retention_keeps_the_newest(
         assert topic_files(out, "r") == [*names[1:3], "r.20240505T120101Z.log.gz", "r.log"]
 
 
+async def test_retention_counts_a_file_caught_between_compression_and_unlink_once(
+        short_tmp: Path) -> None:
+    # X.log and X.log.gz both exist for a moment while X is compressed (or after a crash then).
+    # Counting them as two rotated files made retention remove X.log, and the compression,
+    # finding its original gone, then removed X.log.gz: a file within retention lost.
+    topic = short_tmp / "out" / "r"
+    topic.mkdir(parents=True)
+    names = ["r.20240501T000000Z.log", "r.20240502T000000Z.log.gz", "r.20240503T000000Z.log.gz"]
+    for name in [*names, "r.20240501T000000Z.log.gz"]:
+        (topic / name).write_bytes(b"x\n")
+    cfg = make_config(short_tmp, retain_files=3, compress="none")
+    async with running_aggregator(cfg, FakeClock(utc(2024, 5, 5, 12, 0, 0))) as agg:
+        assert agg.sink.rotated_files("r") == ["r.20240501T000000Z.log.gz", *names[1:]]
+        agg.apply_retention("r")
+        assert sorted(os.listdir(topic)) == sorted([*names, "r.20240501T000000Z.log.gz"])
+        agg.cfg = dataclasses.replace(agg.cfg, retain_files=2)  # as a reload would
+        agg.apply_retention("r")
+        assert sorted(os.listdir(topic)) == names[1:]
+
+
 @pytest.mark.parametrize("version", [1, 2])
 async def test_json_format_per_topic(short_tmp: Path, sender: Sender, version: int) -> None:
     out = short_tmp / "out"
