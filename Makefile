@@ -31,10 +31,12 @@ run: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check agent aggregator fleetlog tests bench
+	$(BIN)/mypy agent aggregator fleetlog
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent aggregator fleetlog tests bench
+	$(BIN)/mypy agent aggregator fleetlog
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.backlog

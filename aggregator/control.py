@@ -95,13 +95,13 @@ class ControlServer:
             envelope = [f.bytes for f in frames[:-1]]
             body = frames[-1]
             try:
-                address = body.get("Peer-Address")
+                address = str(body.get("Peer-Address"))
             except zmq.ZMQError:
                 address = ""
             user_id = ""
             if secure:
                 try:
-                    user_id = body.get("User-Id")
+                    user_id = str(body.get("User-Id"))
                 except zmq.ZMQError:
                     user_id = ""
             peer = Peer(envelope[0], address or "local", sock, secure, user_id)

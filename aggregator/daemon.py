@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import zmq
@@ -120,7 +120,7 @@ class Aggregator(Rolling):
         self.ready = asyncio.Event()
         self._warned_peers: set[tuple[str, str]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._compressions: set[asyncio.Task[Any]] = set()
+        self._compressions: set[asyncio.Future[Any]] = set()
         # Its own thread: a backlog of big files to compress never delays a commit's fsync.
         self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
@@ -216,8 +216,8 @@ class Aggregator(Rolling):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._compressions:
             _, pending = await asyncio.wait(self._compressions, timeout=self.cfg.shutdown_timeout_s)
-            for task in pending:
-                task.cancel()
+            for compression in pending:
+                compression.cancel()
         self._compressor.shutdown(wait=False, cancel_futures=True)
         self.sink.close()
         self.journal.close()
@@ -283,10 +283,10 @@ class Aggregator(Rolling):
         ``EAGAIN`` (the descriptor only signals again after that). Receiving until ``EAGAIN``
         costs less than asking ``ZMQ_EVENTS`` before each message (2.7 against 4.2 us).
         """
-        raw = zmq.Socket.shadow(sock.underlying)
+        raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         loop = asyncio.get_running_loop()
         readable = self.readable[via] = Wakeup()
-        fd = raw.getsockopt(zmq.FD)
+        fd = cast(int, raw.getsockopt(zmq.FD))
         loop.add_reader(fd, readable.set)
         recv, ingest = raw.recv, self.ingest
         try:
@@ -375,12 +375,12 @@ class Aggregator(Rolling):
         agent.last_seen = time.monotonic()
         if self.subscriptions:
             # Subscribers always get version 1 (a list of lines): one shape for consumers.
-            proxy.publish(self.sockets["xpub"], frames if type(batch.lines) is list else
+            proxy.publish(self.sockets["xpub"], frames if isinstance(batch.lines, list) else
                           wire.encode_batch(dataclasses.replace(batch, lines=batch.line_list())))
 
     def format_batch(self, batch: wire.Batch, fmt: str) -> bytes:
         if fmt == "raw":
-            if type(batch.lines) is str:
+            if isinstance(batch.lines, str):
                 return batch.lines.encode()  # version 2: the lines as written, newlines included
             if not batch.lines:
                 return b""
@@ -591,7 +591,8 @@ class Aggregator(Rolling):
                 for topic in self.sink.topics_on_disk():
                     self.apply_retention(topic)
             now = time.monotonic()
-            for stats in (*self.topics.values(), *self.agents.values()):
+            counted: list[TopicStats | AgentInfo] = [*self.topics.values(), *self.agents.values()]
+            for stats in counted:
                 delta = stats.lines - stats._last_lines
                 stats._last_lines = stats.lines
                 stats.rate = 0.7 * stats.rate + 0.3 * delta

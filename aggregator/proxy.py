@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import zmq
 import zmq.asyncio
@@ -65,7 +65,7 @@ def bind_data_sockets(ctx: zmq.asyncio.Context, cfg: AggregatorConfig,
     return sockets
 
 
-def publish(xpub: zmq.asyncio.Socket, frames: list[bytes]) -> None:
+def publish(xpub: zmq.asyncio.Socket, frames: Sequence[zmq.Frame | bytes]) -> None:
     """Hand an accepted batch to subscribers; a slow subscriber loses messages, never blocks us."""
     with contextlib.suppress(zmq.Again):
         xpub.send_multipart(frames, flags=zmq.NOBLOCK)
@@ -83,7 +83,7 @@ async def forward_subscriptions(xpub: zmq.asyncio.Socket, xsub: zmq.asyncio.Sock
     through a plain socket (an awaited send would take that descriptor over); ``sent`` tells the
     receive loop to look again, as a send can consume the descriptor's signal.
     """
-    raw = zmq.Socket.shadow(xsub.underlying)
+    raw: zmq.Socket[bytes] = zmq.Socket.shadow(xsub.underlying)
     while True:
         try:
             msg = await xpub.recv()

@@ -99,7 +99,7 @@ class Rolling:
         self._compressions.add(task)
 
         def done(t: asyncio.Future[Any]) -> None:
-            self._compressions.discard(t)  # type: ignore[arg-type]
+            self._compressions.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 log.warning("compressing %s failed (it stays uncompressed): %s", path, t.exception())
 

@@ -11,7 +11,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -97,26 +97,11 @@ class Section:
         if check is not None and (message := check(value)) is not None:
             self.problem(name, message)
             return default
-        return value
-
-    def str(self, name: str, default: str, check: Callable[[Any], str | None] | None = None) -> str:
-        return self.get(name, str, default, check)
+        return cast(T, value)
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         return self.str(name, default, lambda v: None if v in choices
                         else f"must be one of {', '.join(choices)}, not {v!r}")
-
-    def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-        def check(value: int) -> str | None:
-            if value < minimum:
-                return f"must be at least {minimum}, not {value}"
-            if maximum is not None and value > maximum:
-                return f"must be at most {maximum}, not {value}"
-            return None
-        return self.get(name, int, default, check)
-
-    def bool(self, name: str, default: bool) -> bool:
-        return self.get(name, bool, default)
 
     def endpoint(self, name: str, default: str) -> str:
         return self.str(name, default, endpoint_problem)
@@ -166,6 +151,23 @@ class Section:
         """Report the keys nobody asked for: a typo must not pass silently."""
         for name in sorted(set(self.data) - self._seen):
             self.problem(name, "unknown key")
+
+    # Last in the class: below them, these names would stand for the methods, not the types,
+    # in every annotation (for mypy).
+    def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        def check(value: int) -> str | None:
+            if value < minimum:
+                return f"must be at least {minimum}, not {value}"
+            if maximum is not None and value > maximum:
+                return f"must be at most {maximum}, not {value}"
+            return None
+        return self.get(name, int, default, check)
+
+    def bool(self, name: str, default: bool) -> bool:
+        return self.get(name, bool, default)
+
+    def str(self, name: str, default: str, check: Callable[[Any], str | None] | None = None) -> str:
+        return self.get(name, str, default, check)
 
 
 def nearest_existing(path: str) -> tuple[str, os.stat_result] | str:

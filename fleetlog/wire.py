@@ -84,11 +84,11 @@ class Batch:
 
 def line_count(lines: list[str] | str) -> int:
     """How many lines a list or a version 2 string (every line ending in "\n") holds."""
-    return lines.count("\n") if type(lines) is str else len(lines)
+    return lines.count("\n") if isinstance(lines, str) else len(lines)
 
 
 def line_list(lines: list[str] | str) -> list[str]:
-    return lines.split("\n")[:-1] if type(lines) is str else lines
+    return lines.split("\n")[:-1] if isinstance(lines, str) else lines
 
 
 def valid_topic(topic: str) -> bool:
