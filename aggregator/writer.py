@@ -252,7 +252,8 @@ class RollingFileSink:
 
 
 def compress_file(path: str) -> str | None:
-    """gzip ``path`` to ``path.gz`` crash-safely (tmp, fsync, rename, then unlink the original).
+    """gzip ``path`` to ``path.gz`` crash-safely (tmp, fsync, rename, then unlink the original),
+    keeping its modification time.
 
     Blocking: the daemon runs it in an executor thread. A crash at any point leaves either the
     original (compressed again at the next start) or both (the same), never neither. If retention
@@ -264,9 +265,13 @@ def compress_file(path: str) -> str | None:
     except FileNotFoundError:
         return None
     with src, open(tmp, "wb") as raw:
-        with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, compresslevel=6) as gz:
+        st = os.fstat(src.fileno())
+        with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, compresslevel=6,
+                           mtime=int(st.st_mtime)) as gz:
             shutil.copyfileobj(src, gz, 1024 * 1024)
         raw.flush()
+        # As gzip(1) does: the file keeps its age, which retain_days goes by.
+        os.utime(raw.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
         os.fsync(raw.fileno())
     os.rename(tmp, f"{path}.gz")
     try:

@@ -270,6 +270,8 @@ async def test_a_file_left_from_an_earlier_day_rolls_over_at_start(
     # Yesterday's lines stay in yesterday's file; today's start the new one.
     rotated = gzip.decompress((out / "old" / "old.20240402T093000Z.log.gz").read_bytes()).decode()
     assert rotated.splitlines() == make_lines("o", 0, 5)
+    # Compressed, it keeps its age: retention by days goes by it.
+    assert (out / "old" / "old.20240402T093000Z.log.gz").stat().st_mtime == yesterday
     assert output_lines(out, "old") == make_lines("o", 5, 5)
 
 
