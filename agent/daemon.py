@@ -120,7 +120,7 @@ class Agent(Following):
         try:
             await self.startup()
         except BaseException:
-            await self.release()  # what startup opened before it failed; checkpoints stay as they were
+            self.release()  # what startup opened before it failed; checkpoints stay as they were
             raise
         try:
             await self.stopping.wait()
@@ -175,13 +175,10 @@ class Agent(Following):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.save_checkpoints()
-        await self.release()
+        self.release()
 
-    async def release(self) -> None:
-        """Cancel the tasks and close the files and sockets."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    def release(self) -> None:
+        """Close the files and sockets (the tasks are done by now, or were never started)."""
         if self.watcher is not None:
             self.watcher.stop()
         for t in self.tailers.values():
