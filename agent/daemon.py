@@ -472,4 +472,6 @@ class Agent(Following):
             "resends": self.resends,
             "open_files": sum(1 for t in self.tailers.values() if t.fd is not None),
             "copies_ignored": len(self.shadows),
+            "control": {"messages_sent": transport.control_sent if transport else 0,
+                        "messages_received": transport.control_received if transport else 0},
         }

@@ -55,9 +55,13 @@ class Transport:
         self.instance: str | None = None
         self.last_reply = 0.0  # loop.time() of the aggregator's last message
         self._ids = itertools.count(1)
-        self._hello_id: int | None = None
+        self._hellos: set[int] = set()  # ids of the hellos sent since the last answered one
+        self._hello_sent_at = 0.0
         self.sent_batches = 0
         self.sent_bytes = 0
+        # Control messages each way: steady at one heartbeat and its reply a beat (plus acks).
+        self.control_sent = 0
+        self.control_received = 0
 
     def connect(self) -> None:
         kind = zmq.PUSH if self.cfg.mode == "push" else zmq.PUB
@@ -74,6 +78,9 @@ class Transport:
         control.setsockopt(zmq.RECONNECT_IVL, 100)
         control.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         control.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        # Nothing queues while disconnected: heartbeats sent during an outage would otherwise all
+        # reach the restarted aggregator at once, and all their replies name a new instance.
+        control.setsockopt(zmq.IMMEDIATE, 1)
         if self.cfg.curve_secret_key:
             keys = curve.load_secret(self.cfg.curve_secret_key)
             server = curve.load_public(self.cfg.curve_server_key)
@@ -108,6 +115,7 @@ class Transport:
         req_id = next(self._ids)
         try:
             self.control.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK)
+            self.control_sent += 1
         except zmq.Again:
             pass  # not connected yet; the next heartbeat tries again
         return req_id
@@ -117,17 +125,32 @@ class Transport:
         return asyncio.get_running_loop().time() - self.last_reply < within_s
 
     def hello(self) -> None:
-        self._hello_id = self.request("hello", self.hello_args())
+        """Introduce ourselves. Every hello sent since the last one answered is remembered: a
+        reply to any of them is the answer (the aggregator may answer an older one first)."""
+        self._hellos.add(self.request("hello", self.hello_args()))
+        self._hello_sent_at = asyncio.get_running_loop().time()
+
+    def hello_in_flight(self) -> bool:
+        return bool(self._hellos) and (asyncio.get_running_loop().time() - self._hello_sent_at
+                                       < self.cfg.heartbeat_interval_ms / 1000)
 
     async def heartbeat_loop(self) -> None:
         interval = self.cfg.heartbeat_interval_ms / 1000
+        # Until the first hello is answered, ask again sooner (the connection may not be up when
+        # the first one goes: the control socket queues nothing while disconnected).
+        retry = min(0.1, interval)
         self.hello()
         while True:
+            if self.instance is None:
+                await asyncio.sleep(retry)
+                retry = min(2 * retry, interval)
+                if not self.hello_in_flight() or retry >= interval:
+                    self.hello()  # no answer yet: the aggregator may be down; ask again
+                continue
             await asyncio.sleep(interval)
-            if self._hello_id is not None and self.instance is None:
-                self.hello()  # no answer yet: the aggregator may be down; ask again
-            else:
-                self.request("heartbeat", self.heartbeat_args())
+            if self.instance is None:
+                continue
+            self.request("heartbeat", self.heartbeat_args())
 
     async def receive_loop(self) -> None:
         assert self.control is not None
@@ -137,6 +160,7 @@ class Transport:
                 body = await self.control.recv()
             except zmq.Again:
                 continue  # woken with nothing to read (seen with CURVE handshakes)
+            self.control_received += 1
             try:
                 msg = wire.decode_control(body)
             except wire.WireError as exc:
@@ -149,20 +173,36 @@ class Transport:
             if not msg.get("ok"):
                 log.warning("aggregator refused a request: %s", msg.get("error"))
                 continue
-            result = msg.get("result") or {}
-            instance = result.get("instance")
-            if msg.get("id") == self._hello_id and instance:
-                restarted = self.instance is not None and instance != self.instance
+            self.on_reply(msg.get("id"), msg.get("result") or {})
+
+    def on_reply(self, req_id: Any, result: dict[str, Any]) -> None:
+        """A hello or heartbeat reply. The state machine, which never loops on stale replies:
+
+        * a reply to one of the hellos in flight is the answer: the instance it names is the
+          aggregator we talk to (a restart if it differs from the one before);
+        * any other reply naming another instance (a heartbeat answered by a restarted
+          aggregator, or a stale hello reply) asks for one hello, unless one is in flight;
+          replies queued during an outage therefore cost one hello, not one each.
+        """
+        instance = result.get("instance")
+        if not isinstance(instance, str) or not instance:
+            return
+        if req_id in self._hellos:
+            self._hellos.clear()
+            if instance == self.instance:
+                pass  # an answer to a hello we sent again while the first was on its way
+            else:
+                restarted = self.instance is not None
                 self.instance = instance
-                self._hello_id = None
                 self.on_hello(result, restarted)
-            elif instance and instance != self.instance:
+        elif instance != self.instance:
+            if not self.hello_in_flight():
                 log.info("aggregator instance changed (%s -> %s): saying hello again",
                          self.instance, instance)
                 self.hello()
-                continue
-            if "window" in result:
-                self.on_window(result["window"])
+            return
+        if "window" in result:
+            self.on_window(result["window"])
 
     def close(self) -> None:
         for sock in (self.data, self.control):

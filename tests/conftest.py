@@ -21,12 +21,28 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_PASSED] = report.passed
+    return report
+
+
+CALL_PASSED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def h(short_tmp: Path) -> Iterator[Harness]:
+def h(short_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """The harness; a test that passes with daemons still running must also leave them quiet
+    (see ``Harness.assert_quiet``), unless it is marked ``not_quiet`` with its reason."""
     harness = Harness(short_tmp)
     (short_tmp / "logs").mkdir()
     try:
         yield harness
+        if (request.node.stash.get(CALL_PASSED, False) and harness.daemons()
+                and request.node.get_closest_marker("not_quiet") is None):
+            harness.assert_quiet()
     finally:
         stuck = harness.cleanup()
         for proc in harness.procs:  # shown by pytest only when the test failed

@@ -50,6 +50,7 @@ class Proc:
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
     env: dict[str, str] | None = None  # added to (not instead of) the test's environment
+    state_dir: Path | None = None      # an agent's, for its status socket
 
     def start(self) -> Proc:
         env = {**os.environ, **self.env} if self.env else None
@@ -71,6 +72,19 @@ class Proc:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def log_line_count(self) -> int:
+        try:
+            with open(self.log_path, "rb") as fh:
+                return fh.read().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the process has used so far, from /proc."""
+        with open(f"/proc/{self.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         assert self.popen is not None
@@ -101,6 +115,7 @@ class Harness:
     root: Path
     procs: list[Proc] = field(default_factory=list)
     counter: int = 0
+    ep: Endpoints | None = None  # the last aggregator's, for the health check
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -126,6 +141,7 @@ class Harness:
                 "--set", "aggregator.log_level=debug"]
         for item in extra:
             args += ["--set", item]
+        self.ep = ep
         return self._proc("aggregator", args, env).start()
 
     def agent(self, ep: Endpoints, sources: list[dict[str, Any]], *extra: str, name: str = "node1",
@@ -143,7 +159,9 @@ class Harness:
                 "--set", f"sources={sources_toml}"]
         for item in extra:
             args += ["--set", item]
-        return self._proc(f"agent-{name}", args, env).start()
+        proc = self._proc(f"agent-{name}", args, env)
+        proc.state_dir = state_dir
+        return proc.start()
 
     def ctl(self, ep: Endpoints, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PY, "-m", "aggregator.ctl", "--control", ep.control, *args],
@@ -156,10 +174,70 @@ class Harness:
 
     def agent_status(self, name: str = "node1") -> dict[str, Any] | None:
         """What ``fleetlog-agent status --json`` says for agent ``name``; None if it does not answer."""
+        state_dir = next((p.state_dir for p in reversed(self.procs)
+                          if p.name == f"agent-{name}" and p.state_dir), self.root / f"st-{name}")
         r = subprocess.run([PY, "-m", "agent", "status", "--json", "--timeout", "2",
-                            "--set", f"agent.state_dir={self.root / f'st-{name}'}"],
+                            "--set", f"agent.state_dir={state_dir}"],
                            capture_output=True, text=True, timeout=20)
         return orjson.loads(r.stdout) if r.returncode == 0 else None
+
+    def daemons(self) -> list[Proc]:
+        """The aggregators and agents still running."""
+        return [p for p in self.procs if p.alive() and p.name.startswith(("aggregator", "agent-"))]
+
+    def measure(self, ep: Endpoints | None, window_s: float) -> Health:
+        """What each running daemon does over ``window_s``: CPU, log lines, control messages."""
+        procs = self.daemons()
+        ep = ep or self.ep
+
+        def control_counts() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for p in procs:
+                if p.name.startswith("agent-"):
+                    s = self.agent_status(p.name[len("agent-"):])
+                    if s is not None and "control" in s:
+                        counts[p.name] = s["control"]["messages_sent"] + s["control"]["messages_received"]
+                elif ep is not None:
+                    r = self.ctl(ep, "status", "--json")
+                    if r.returncode == 0:
+                        counts[p.name] = orjson.loads(r.stdout)["control"]["messages_received"]
+            return counts
+
+        cpu0 = {p.name: p.cpu_s() for p in procs}
+        logs0 = {p.name: p.log_line_count() for p in procs}
+        ctl0 = control_counts()
+        t0 = time.monotonic()
+        time.sleep(window_s)  # the window being measured, not a wait for a condition
+        ctl1 = control_counts()
+        elapsed = time.monotonic() - t0
+        live = [p for p in procs if p.alive()]
+        return Health(
+            window_s=elapsed,
+            cpu={p.name: (p.cpu_s() - cpu0[p.name]) / elapsed for p in live},
+            log_lines={p.name: p.log_line_count() - logs0[p.name] for p in live},
+            control_per_s={n: (ctl1[n] - ctl0[n]) / elapsed for n in ctl1 if n in ctl0},
+            exited=[p.name for p in procs if not p.alive()],
+        )
+
+    def assert_quiet(self, ep: Endpoints | None = None, *, within_s: float = 15.0, window_s: float = 1.5,
+                     max_cpu: float = 0.2, max_log_lines: int = 6,
+                     max_control_per_s: float | None = None) -> Health:
+        """The system is healthy again: within ``within_s``, one window of ``window_s`` in which
+        every running agent and aggregator uses at most ``max_cpu`` of a core, logs at most
+        ``max_log_lines`` lines, and the control channel carries a steady trickle (heartbeats,
+        their replies and acks: by default 3 messages a second per agent plus the measurement's
+        own queries). A restart storm, a resync loop or a log flood fails here even when every
+        line arrived."""
+        agents = sum(1 for p in self.daemons() if p.name.startswith("agent-"))
+        bound = max_control_per_s if max_control_per_s is not None else 3.0 * max(1, agents) + 8.0
+        deadline = time.monotonic() + within_s
+        while True:
+            health = self.measure(ep, window_s)
+            problems = health.problems(max_cpu, max_log_lines, bound)
+            if not problems:
+                return health
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not quiet {within_s}s after the fault: " + "; ".join(problems))
 
     def cleanup(self) -> list[str]:
         """Stop what the test left running; return the names of processes that would not die."""
@@ -175,6 +253,25 @@ class Harness:
                 except subprocess.TimeoutExpired:
                     stuck.append(p.name)
         return stuck
+
+
+@dataclass
+class Health:
+    """Per daemon over one window: cores used, log lines written, control messages a second."""
+    window_s: float
+    cpu: dict[str, float]
+    log_lines: dict[str, int]
+    control_per_s: dict[str, float]
+    exited: list[str]
+
+    def problems(self, max_cpu: float, max_log_lines: int, max_control_per_s: float) -> list[str]:
+        out = [f"{name} exited" for name in self.exited]
+        out += [f"{n} used {c:.2f} cores" for n, c in self.cpu.items() if c > max_cpu]
+        out += [f"{n} logged {k} lines in {self.window_s:.1f}s" for n, k in self.log_lines.items()
+                if k > max_log_lines]
+        out += [f"{n} carried {r:.1f} control messages/s" for n, r in self.control_per_s.items()
+                if r > max_control_per_s]
+        return out
 
 
 def _inline_table(d: dict[str, Any]) -> str:
