@@ -17,6 +17,7 @@ import zmq
 from agent.config import Config, load_config
 from agent.daemon import Agent
 from fleetlog import __version__, curve, runtime, wire
+from fleetlog.dirlock import DirectoryInUse
 from fleetlog.tomlconf import ConfigError
 
 log = logging.getLogger("fleetlog.agent")
@@ -61,7 +62,7 @@ async def _serve(config: Config) -> int:
     try:
         runtime.install_signals(agent.request_stop, agent.reload)
         await agent.serve()
-    except (zmq.ZMQError, OSError, curve.KeyError_) as exc:
+    except (zmq.ZMQError, OSError, curve.KeyError_, DirectoryInUse) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

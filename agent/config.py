@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import socket
@@ -90,7 +91,17 @@ class AgentConfig:
 
     @property
     def status_endpoint(self) -> str:
-        return self.status_socket or f"ipc://{os.path.abspath(self.state_dir)}/agent.sock"
+        """``status_socket``, else ``ipc://<state_dir>/agent.sock``; where that path is too long
+        for a Unix socket (about 100 bytes), a Linux abstract socket named after the state
+        directory, so that no state_dir can keep the agent from starting."""
+        if self.status_socket:
+            return self.status_socket
+        state_dir = os.path.abspath(self.state_dir)
+        path = f"{state_dir}/agent.sock"
+        if len(path.encode()) < IPC_PATH_MAX:
+            return f"ipc://{path}"
+        digest = hashlib.sha256(os.fsencode(state_dir)).hexdigest()[:20]
+        return f"ipc://@fleetlog-agent-{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +205,6 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
             for pattern in src.paths:
                 if (message := _root_problem(glob_root(pattern))) is not None:
                     problems.append(f"sources[{i}].paths: {message}")
-    if not cfg.status_socket and len(cfg.status_endpoint) - len("ipc://") >= IPC_PATH_MAX:
-        problems.append("agent.state_dir: too long for the default status socket; set agent.status_socket")
     if problems:
         raise ConfigError(problems)
     return Config(agent=cfg, sources=sources, source=source)

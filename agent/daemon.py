@@ -21,6 +21,7 @@ from agent.status import StatusServer
 from agent.tail import Chunk, Tailer
 from agent.transport import Transport
 from agent.watch import Watcher
+from fleetlog.dirlock import DirectoryLock
 from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
 from fleetlog.wire import MIN_WINDOW
@@ -33,6 +34,7 @@ class Agent(Following):
         self.config = config
         self.cfg = config.agent
         self.store = CheckpointStore(self.cfg.state_dir)
+        self.lock = DirectoryLock(self.cfg.state_dir, "agent.state_dir")
         self.notifier = SystemdNotifier()
         self.ctx: zmq.asyncio.Context | None = None
         self.transport: Transport | None = None
@@ -85,6 +87,10 @@ class Agent(Following):
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def startup(self) -> None:
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        # Before the checkpoints are read: a second agent here would overwrite them (and take
+        # over the status socket).
+        self.lock.acquire()
         cps = self.store.load()
         self.first_run = not self.store.existed
         for cp in cps.values():
@@ -192,6 +198,7 @@ class Agent(Following):
         if self.metrics is not None:
             self.metrics.close()
         self.notifier.close()
+        self.lock.release()
         log.info("agent stopped")
 
     # -- reading and shipping -------------------------------------------------------------------

@@ -30,6 +30,8 @@ class StatusServer:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
         path = self.endpoint[len("ipc://"):] if self.endpoint.startswith("ipc://") else None
+        if path and path.startswith("@"):
+            path = None  # Linux's abstract namespace: no file to clear or protect
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             with contextlib.suppress(FileNotFoundError):

@@ -11,6 +11,7 @@ import zmq
 from aggregator.config import load_config
 from aggregator.daemon import Aggregator
 from fleetlog import __version__, curve, runtime
+from fleetlog.dirlock import DirectoryInUse
 from fleetlog.tomlconf import ConfigError
 
 log = logging.getLogger("fleetlog.aggregator")
@@ -48,6 +49,9 @@ async def _serve(config, overrides: list[str]) -> int:  # type: ignore[no-untype
     try:
         runtime.install_signals(agg.request_stop, lambda: _spawn(agg.reload()))
         await agg.serve()
+    except DirectoryInUse as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     except zmq.ZMQError as exc:
         log.error("cannot start: %s (is another aggregator using the endpoint?)", exc)
         return 1

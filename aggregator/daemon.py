@@ -27,6 +27,7 @@ from aggregator.rolling import Rolling
 from aggregator.security import Guard
 from aggregator.writer import RollingFileSink, SinkError, uncompressed_rotated
 from fleetlog import curve, wire
+from fleetlog.dirlock import DirectoryLock
 from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
 
@@ -95,6 +96,8 @@ class Aggregator(Rolling):
         self.started = time.monotonic()
         self.ctx: zmq.asyncio.Context | None = None
         self.sink = RollingFileSink(self.cfg.output_dir, clock=clock)
+        self.locks = [DirectoryLock(self.cfg.state_dir, "aggregator.state_dir"),
+                      DirectoryLock(self.cfg.output_dir, "aggregator.output_dir")]
         self.journal = Journal(self.cfg.state_dir, stream_ttl_s=self.cfg.stream_ttl_s)
         self.notifier = SystemdNotifier()
         self.guard = Guard(self.cfg)
@@ -137,6 +140,10 @@ class Aggregator(Rolling):
         cfg = self.cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
         os.makedirs(cfg.state_dir, exist_ok=True)
+        # Before reading or repairing anything: a second aggregator on the same directories
+        # would replay the journal and cut the live one's files back.
+        for lock in self.locks:
+            lock.acquire()
         self.guard.load(cfg)
         state = self.journal.recover()
         # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction.
@@ -231,6 +238,8 @@ class Aggregator(Rolling):
         if self.ctx is not None:
             self.ctx.term()
         self.notifier.close()
+        for lock in self.locks:
+            lock.release()
         log.info("aggregator stopped")
 
     async def reload(self, path: str | None = None) -> dict[str, Any]:

@@ -11,7 +11,9 @@ import pytest
 from harness import (
     Harness,
     Writer,
+    append_lines,
     check_exactly_once,
+    make_lines,
     output_lines,
     wait_for,
 )
@@ -37,3 +39,65 @@ def test_aggregator_restart_does_not_start_a_hello_storm(h: Harness, tcp: bool) 
     wait_for(lambda: acknowledged(h), what="every line acknowledged by the new aggregator")
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.path("out"), "app"), counts)
+
+
+def lines_of(h: Harness, topic: str = "app") -> list[str]:
+    return output_lines(h.path("out"), topic)
+
+
+@pytest.mark.parametrize("same_ports", [True, False], ids=["same-config", "other-ports"])
+def test_second_aggregator_on_the_same_state_is_refused_and_the_first_keeps_its_lines(
+        h: Harness, same_ports: bool) -> None:
+    ep = h.endpoints()
+    first = h.aggregator(ep)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 500))
+    h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
+    wait_for(lambda: acknowledged(h), what="500 lines acknowledged")
+    second = h.aggregator(ep if same_ports else h.endpoints(tcp=True))
+    assert second.popen is not None
+    assert second.popen.wait(timeout=20) == 1
+    said = second.log()
+    assert f"aggregator.state_dir {h.path('agg')} is in use by pid {first.pid}" in said, said
+    assert first.alive()
+    check_exactly_once(lines_of(h), {"a": 500})
+    # The live aggregator's journal was not touched: after its kill -9 nothing is cut back.
+    first.kill9()
+    h.aggregator(ep)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 500, 100))
+    wait_for(lambda: len(lines_of(h)) >= 600, what="the lines after the restart")
+    wait_for(lambda: acknowledged(h), what="every line acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(lines_of(h), {"a": 600})
+
+
+def test_second_agent_on_the_same_state_is_refused_and_the_first_keeps_shipping(h: Harness) -> None:
+    ep = h.endpoints()
+    h.aggregator(ep)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 100))
+    first = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
+    wait_for(lambda: acknowledged(h), what="100 lines acknowledged")
+    second = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "other"}], state="st-node1",
+                     name="node2")
+    assert second.popen is not None
+    assert second.popen.wait(timeout=20) == 1
+    assert f"agent.state_dir {h.path('st-node1')} is in use by pid {first.pid}" in second.log()
+    # The first agent's status socket is still its own, and it goes on shipping.
+    s = h.agent_status()
+    assert s is not None and s["agent"] == "node1"
+    append_lines(h.path("logs", "a.log"), make_lines("a", 100, 100))
+    wait_for(lambda: len(lines_of(h)) >= 200, what="more lines")
+    h.assert_quiet(ep)
+    check_exactly_once(lines_of(h), {"a": 200})
+    assert not h.path("out", "other").exists()
+
+
+def test_agent_with_a_long_state_dir_ships_and_answers_status(h: Harness) -> None:
+    ep = h.endpoints()
+    h.aggregator(ep)
+    state = "state-" + "d" * 120
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 50))
+    h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}], state=state)
+    wait_for(lambda: len(lines_of(h)) == 50, what="50 lines")
+    s = wait_for(lambda: h.agent_status(), what="the agent's status")
+    assert s["agent"] == "node1" and len(s["files"]) == 1
+    h.assert_quiet(ep)
