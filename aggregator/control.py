@@ -51,6 +51,7 @@ class ControlServer:
         # Every message taken off a control socket (hello, heartbeat, aggregatorctl...): a fleet in
         # a hello storm shows here first, and the tests' health check reads it.
         self.messages_received = 0
+        self.commands: dict[str, int] = {}  # requests taken, by command
 
     def bind(self) -> None:
         if self.guard.enabled:
@@ -121,6 +122,8 @@ class ControlServer:
             return  # a stray reply or event; nothing to answer
         req_id = request.get("id")
         command = COMMANDS.get(request["command"])
+        if command is not None:
+            self.commands[request["command"]] = self.commands.get(request["command"], 0) + 1
         if command is None:
             known = ", ".join(sorted(COMMANDS))
             self.reply(peer.sock, envelope, wire.encode_reply(

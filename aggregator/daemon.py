@@ -96,8 +96,9 @@ class Aggregator(Rolling):
         self.started = time.monotonic()
         self.ctx: zmq.asyncio.Context | None = None
         self.sink = RollingFileSink(self.cfg.output_dir, clock=clock)
-        self.locks = [DirectoryLock(self.cfg.state_dir, "aggregator.state_dir"),
-                      DirectoryLock(self.cfg.output_dir, "aggregator.output_dir")]
+        self.locks = [DirectoryLock(self.cfg.state_dir, "aggregator.state_dir")]
+        if os.path.realpath(self.cfg.output_dir) != os.path.realpath(self.cfg.state_dir):
+            self.locks.append(DirectoryLock(self.cfg.output_dir, "aggregator.output_dir"))
         self.journal = Journal(self.cfg.state_dir, stream_ttl_s=self.cfg.stream_ttl_s)
         self.notifier = SystemdNotifier()
         self.guard = Guard(self.cfg)
@@ -665,7 +666,8 @@ class Aggregator(Rolling):
                 "pending_bytes": self.pending_bytes, "compressions_running": len(self._compressions),
             },
             "malformed": dict(t.malformed),
-            "control": {"messages_received": self.control.messages_received if self.control else 0},
+            "control": {"messages_received": self.control.messages_received if self.control else 0,
+                        "commands": dict(self.control.commands) if self.control else {}},
             "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,
                      "agents_catching_up": self.catching_up, "granted_bytes": self.granted},
         }

@@ -23,6 +23,7 @@ checked: each agent's lines exactly once and in order.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import re
@@ -77,7 +78,8 @@ class SimAgent:
     shipped: int = 0           # how many of ``pending`` (from the left) are on the wire
     last_progress: float = 0.0
     last_heartbeat: float = 0.0
-    hello_id: int = 0
+    hellos: set[int] = field(default_factory=set)  # hellos sent since the last one answered
+    hello_at: float = 0.0
     instance: str = ""
 
     def generate(self, upto_lines: int, now_wall: float) -> None:
@@ -158,7 +160,7 @@ class Simulator:
         self.poller = zmq.Poller()
         self.stats = dict.fromkeys((
             "batches", "hwm_waits", "resyncs", "resync_unknown_offset", "ack_timeouts", "acks", "hellos",
-            "heartbeats", "bad_control", "refused"), 0)
+            "heartbeats", "bad_control", "refused", "restarts_seen"), 0)
         self.latencies: list[float] = []
         self.req_ids = iter(range(1, 1 << 62))
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -169,6 +171,7 @@ class Simulator:
             a.dealer = self.ctx.socket(zmq.DEALER)
             a.dealer.setsockopt(zmq.LINGER, 0)
             a.dealer.setsockopt(zmq.IDENTITY, a.name.encode())
+            a.dealer.setsockopt(zmq.IMMEDIATE, 1)  # as the agent: nothing queues while disconnected
             a.dealer.connect(self.args.control)
             a.push = self.ctx.socket(zmq.PUSH)
             a.push.setsockopt(zmq.LINGER, 0)
@@ -185,15 +188,29 @@ class Simulator:
         self.ctx.term()
 
     def hello(self, a: SimAgent) -> None:
-        a.hello_id = next(self.req_ids)
-        a.dealer.send(wire.encode_request(a.hello_id, "hello",
-                                          {"agent": a.name, "mode": "push", "streams": [a.stream]}))
+        req_id = next(self.req_ids)
+        try:
+            a.dealer.send(wire.encode_request(req_id, "hello",
+                                              {"agent": a.name, "mode": "push", "streams": [a.stream]}),
+                          flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return  # not connected: the next heartbeat reply or the retry asks again
+        a.hellos.add(req_id)
+        a.hello_at = time.monotonic()
         self.stats["hellos"] += 1
 
     def heartbeat(self, a: SimAgent, now: float) -> None:
         a.last_heartbeat = now
-        a.dealer.send(wire.encode_request(next(self.req_ids), "heartbeat", {
-            "agent": a.name, "mode": "push", "lag_bytes": a.offset - a.acked, "files": 1}))
+        if not a.instance:
+            if now - a.hello_at >= HEARTBEAT_S:
+                self.hello(a)  # no answer yet: ask again, once a beat
+            return
+        try:
+            a.dealer.send(wire.encode_request(next(self.req_ids), "heartbeat", {
+                "agent": a.name, "mode": "push", "lag_bytes": a.offset - a.acked, "files": 1}),
+                flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return  # the aggregator is away (restarting)
         self.stats["heartbeats"] += 1
 
     def drain(self, timeout_ms: int) -> None:
@@ -224,22 +241,31 @@ class Simulator:
         elif not msg.get("ok"):
             self.stats["refused"] += 1
         else:
+            # The agent's state machine (agent/transport.py): a reply to any hello in flight is
+            # the answer; another instance named elsewhere asks for one hello, not one a reply.
             result = msg.get("result") or {}
             instance = result.get("instance", "")
-            if msg.get("id") == a.hello_id:
-                a.instance = instance
+            if msg.get("id") in a.hellos:
+                a.hellos.clear()
+                if instance != a.instance:
+                    if a.instance:
+                        a.shipped = 0  # the aggregator restarted: ship everything unacknowledged again
+                        self.stats["restarts_seen"] += 1
+                    a.instance = instance
                 a.on_ack((result.get("committed") or {}).get(a.stream), now, self.latencies)
-            elif instance and a.instance and instance != a.instance:
-                self.hello(a)  # the aggregator restarted: ship everything unacknowledged again
-                a.shipped = 0
+            elif (instance and a.instance and instance != a.instance
+                  and (not a.hellos or now - a.hello_at >= HEARTBEAT_S)):
+                self.hello(a)
 
     def say_hello(self, timeout_s: float) -> bool:
-        for a in self.agents:
-            self.hello(a)
         deadline = time.monotonic() + timeout_s
         while any(not a.instance for a in self.agents):
             if time.monotonic() > deadline:
                 return False
+            now = time.monotonic()
+            for a in self.agents:
+                if not a.instance and now - a.hello_at >= HEARTBEAT_S:
+                    self.hello(a)
             self.drain(100)
         return True
 
@@ -369,8 +395,9 @@ def verify(topic_dirs: list[str], expected: dict[int, int]) -> dict[str, int]:
 
 def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
     ports = {k: free_port() for k in ("pull", "xsub", "xpub", "control")}
-    control = f"tcp://127.0.0.1:{ports['control']}"
+    control = control_endpoint = f"tcp://127.0.0.1:{ports['control']}"
     aggregator = Proc("aggregator", aggregator_argv(d, ports, control=control), d)
+    restarted_at: float | None = None
     sims: list[Proc] = []
     ctx: zmq.Context[Any] = zmq.Context()
     client = ControlClient(ctx, control)
@@ -402,19 +429,33 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
         ctl_s: list[float] = []
         raw_s: list[float] = []
         ctl_failed = 0
+        # (seconds into the load, which aggregator process, its CPU seconds, control messages
+        # and hellos it has received): the health timeline around a restart.
+        timeline: list[tuple[float, int, float, int, int]] = []
+        restart_at = t0 + args.restart_at_s if args.restart_at_s else None
+        status_bytes = 0
+        generation, cpu_before_restart = 0, 0.0
+        next_ctl = t0
         while time.monotonic() < t0 + args.duration_s:
             t = time.monotonic()
-            s = client.call("status", 10)
-            if s is not None:
-                raw_s.append(time.monotonic() - t)
-                written.append((time.monotonic(), s["totals"]["lines_written"]))
-                status_bytes = len(orjson.dumps(s))
-            took = ctl_status(control)
-            if took is None:
-                ctl_failed += 1
-            else:
-                ctl_s.append(took)
-            time.sleep(max(0.0, args.status_every_s - (time.monotonic() - t)))
+            if restart_at is not None and t >= restart_at:
+                restart_at = None
+                cpu_before_restart = aggregator.cpu_s() - cpu0
+                aggregator.stop(timeout_s=30)
+                aggregator = Proc("aggregator", aggregator.argv, d).start()
+                generation, cpu0 = generation + 1, 0.0
+                restarted_at = time.monotonic() - t0
+                wait_for("the restarted aggregator", lambda: client.call("status", 0.5), 30, [aggregator])
+            size = sample(client, aggregator, generation, t0, written, raw_s, timeline)
+            status_bytes = size or status_bytes
+            if time.monotonic() >= next_ctl:
+                next_ctl = time.monotonic() + args.status_every_s
+                took = ctl_status(control_endpoint)
+                if took is None:
+                    ctl_failed += 1
+                else:
+                    ctl_s.append(took)
+            time.sleep(max(0.0, args.sample_every_s - (time.monotonic() - t)))
         t_load_end = time.monotonic()
         cpu1 = aggregator.cpu_s()
         for p in sims:
@@ -459,7 +500,8 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
         "aggregator_rss_kb": {"first": rss[0] if rss else 0, "peak": max(rss, default=0),
                               "last": rss[-1] if rss else 0, "hwm": hwm},
         "aggregator_rss_timeline_kb": [(round(t - t0, 1), x) for t, x in sampler.samples],
-        "aggregator_cpu_per_s": (cpu1 - cpu0) / (t_load_end - t0),
+        "aggregator_cpu_per_s": (cpu_before_restart + cpu1 - cpu0) / (t_load_end - t0),
+        "restart": restart_health(timeline, restarted_at, args.warmup_s),
         "sim_cpu_per_s": sum(r["cpu_s"] for r in results) / max(r["load_s"] for r in results),
         "ctl_status_s": ctl_s, "ctl_failed": ctl_failed, "raw_status_s": raw_s,
         "status_reply_bytes": status_bytes,
@@ -469,6 +511,61 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
             "lines_written", "batches", "commits", "duplicates_dropped", "resyncs", "malformed_dropped")},
         "agents_in_status": len(final.get("agents", [])), "exit_code": code, "verify": v,
     }
+
+
+def sample(client: ControlClient, aggregator: Proc, generation: int, t0: float,
+           written: list[tuple[float, int]], raw_s: list[float],
+           timeline: list[tuple[float, int, float, int, int]]) -> int | None:
+    """One status request on the open socket: lines written, its latency, the health timeline.
+    Returns the reply's size in bytes (None: no reply)."""
+    t = time.monotonic()
+    s = client.call("status", 10)
+    if s is None:
+        return None
+    now = time.monotonic()
+    raw_s.append(now - t)
+    written.append((now, s["totals"]["lines_written"]))
+    control = s.get("control", {})
+    timeline.append((now - t0, generation, aggregator.cpu_s(), control.get("messages_received", 0),
+                     control.get("commands", {}).get("hello", 0)))
+    return len(orjson.dumps(s))
+
+
+def restart_health(timeline: list[tuple[float, int, float, int, int]], restarted_at: float | None,
+                   warmup_s: float) -> dict[str, Any] | None:
+    """The aggregator's CPU (cores) and control messages/s (hellos/s apart) per sampling interval,
+    their steady level before the restart (medians after the warm-up), and how long after the
+    restart until every later interval is back within 1.5x that level (plus a small floor)."""
+    if restarted_at is None:
+        return None
+    rates = []
+    for (t0, g0, c0, m0, h0), (t1, g1, c1, m1, h1) in itertools.pairwise(timeline):
+        if g0 == g1 and t1 > t0:
+            dt = t1 - t0
+            rates.append((t1, (c1 - c0) / dt, (m1 - m0) / dt, (h1 - h0) / dt))
+    before = [r for r in rates if warmup_s <= r[0] < restarted_at]
+    after = [r for r in rates if r[0] > restarted_at]
+    if not before or not after:
+        return {"restarted_at_s": restarted_at, "recovered_after_s": None}
+    cpu = statistics.median(r[1] for r in before)
+    msgs = statistics.median(r[2] for r in before)
+    hellos = statistics.median(r[3] for r in before)
+
+    def steady(r: tuple[float, float, float, float]) -> bool:
+        return r[1] <= 1.5 * cpu + 0.05 and r[2] <= 1.5 * msgs + 20 and r[3] <= 1.5 * hellos + 5
+
+    recovered = None
+    for i, r in enumerate(after):
+        if all(steady(x) for x in after[i:]):
+            recovered = r[0] - restarted_at
+            break
+    return {"restarted_at_s": round(restarted_at, 1), "recovered_after_s": recovered,
+            "steady_cpu_cores": cpu, "steady_control_per_s": msgs, "steady_hellos_per_s": hellos,
+            "peak_after_cpu_cores": max(r[1] for r in after),
+            "peak_after_control_per_s": max(r[2] for r in after),
+            "peak_after_hellos_per_s": max(r[3] for r in after),
+            "last_cpu_cores": after[-1][1], "last_control_per_s": after[-1][2],
+            "timeline": [(round(t, 1), round(c, 3), round(m), round(h)) for t, c, m, h in rates]}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -502,6 +599,16 @@ def report(r: dict[str, Any]) -> str:
     rows.append("  aggregator: " + ", ".join(f"{k} {x}" for k, x in r["aggregator_totals"].items())
                 + f", agents listed {r['agents_in_status']}")
     rows.append("  simulators: " + ", ".join(f"{k} {x}" for k, x in r["stats"].items()))
+    rs = r.get("restart")
+    if rs is not None and rs.get("steady_cpu_cores") is not None:
+        back = rs["recovered_after_s"]
+        rows.append(
+            f"  restart at {rs['restarted_at_s']}s: steady CPU {rs['steady_cpu_cores']:.2f} cores, "
+            f"{rs['steady_control_per_s']:.0f} control msgs/s, {rs['steady_hellos_per_s']:.0f} hellos/s; "
+            f"peak after {rs['peak_after_cpu_cores']:.2f} cores, "
+            f"{rs['peak_after_control_per_s']:.0f} msgs/s, "
+            f"{rs['peak_after_hellos_per_s']:.0f} hellos/s; back to steady after "
+            + (f"{back:.1f}s" if back is not None else "NEVER"))
     rows.append(f"  check: {'ok' if ok else 'FAILED'} ({r['generated']:,} lines generated; " +
                 ", ".join(f"{k} {x}" for k, x in v.items()) + ")")
     return "\n".join(rows)
@@ -519,6 +626,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--topics", type=int, default=10)
     p.add_argument("--warmup-s", type=float, default=5, help="not counted in the steady rate")
     p.add_argument("--status-every-s", type=float, default=2, help="how often to time aggregatorctl status")
+    p.add_argument("--sample-every-s", type=float, default=0.5,
+                   help="how often to sample the aggregator's status, CPU and control messages")
+    p.add_argument("--restart-at-s", type=float, default=0,
+                   help="SIGTERM the aggregator this far into the load and start it again (0: never)")
     p.add_argument("--settle-s", type=float, default=30, help="after the load, time to get every ack")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (printed)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")

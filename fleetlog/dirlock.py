@@ -1,10 +1,11 @@
 """An exclusive lock on a daemon's directory, so two daemons never share one.
 
 Two aggregators on one ``state_dir`` would each replay the journal and cut the other's files
-back; two agents on one ``state_dir`` would overwrite each other's checkpoints. Each daemon takes
-``<dir>/.fleetlog.lock`` with ``flock(LOCK_EX | LOCK_NB)`` before it reads or repairs anything,
-and holds it until it exits. The kernel drops the lock when the process dies, kill -9 included,
-so a stale lock file never blocks a restart. The file holds the holder's pid, for the message.
+back; two agents on one ``state_dir`` would overwrite each other's checkpoints. Each daemon
+``flock``s the directory itself (``LOCK_EX | LOCK_NB`` on a descriptor of the directory) before it
+reads or repairs anything, and holds it until it exits. Nothing is written into the directory
+(the output directory holds only topics), and the kernel drops the lock when the process dies,
+kill -9 included, so nothing stale can block a restart. Who holds it is read from /proc/locks.
 """
 
 from __future__ import annotations
@@ -13,50 +14,62 @@ import contextlib
 import fcntl
 import os
 
-LOCK_NAME = ".fleetlog.lock"
-
 
 class DirectoryInUse(Exception):
     """Another live process holds the directory's lock."""
 
-    def __init__(self, what: str, directory: str, pid: str) -> None:
-        holder = f"pid {pid}" if pid else "another process (pid unknown)"
+    def __init__(self, what: str, directory: str, pid: int | None) -> None:
+        holder = f"pid {pid}" if pid else "another process"
         super().__init__(f"{what} {directory} is in use by {holder}; two daemons on one directory "
                          "would undo each other's work: stop it, or give this one its own directory")
         self.directory = directory
         self.pid = pid
 
 
+def lock_holder(st: os.stat_result) -> int | None:
+    """The pid holding a flock on the file ``st`` describes, from /proc/locks (Linux), or None.
+
+    Lines look like ``1: FLOCK  ADVISORY  WRITE 18197 fe:00:260072 0 EOF``: the device as hex
+    major:minor, then the inode (proc(5), /proc/locks)."""
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class DirectoryLock:
-    """Hold ``<directory>/.fleetlog.lock`` for this process's lifetime.
+    """Hold an exclusive flock on ``directory`` for this process's lifetime.
 
     ``acquire()`` raises :class:`DirectoryInUse` (naming the directory and the holder's pid) when
-    another process holds it, and ``OSError`` when the file cannot be created.
+    another process holds it, and ``OSError`` when the directory cannot be opened.
     """
 
     def __init__(self, directory: str, what: str) -> None:
         self.directory = os.path.abspath(directory)
         self.what = what  # the config key, for the message: "aggregator.state_dir"
-        self.path = os.path.join(self.directory, LOCK_NAME)
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            pid = lock_holder(os.fstat(fd))
             os.close(fd)
             raise DirectoryInUse(self.what, self.directory, pid) from None
         except OSError:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
             with contextlib.suppress(OSError):
-                os.close(self.fd)  # closing drops the flock; the file stays for the next holder
+                os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None

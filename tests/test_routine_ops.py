@@ -101,3 +101,31 @@ def test_agent_with_a_long_state_dir_ships_and_answers_status(h: Harness) -> Non
     s = wait_for(lambda: h.agent_status(), what="the agent's status")
     assert s["agent"] == "node1" and len(s["files"]) == 1
     h.assert_quiet(ep)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["push", "pub"])
+def test_rolling_restarts_of_the_aggregator_lose_double_and_storm_nothing(h: Harness, mode: str) -> None:
+    ep = h.endpoints(tcp=True)
+    agg = h.aggregator(ep)
+    names = ("n1", "n2", "n3")
+    writer = Writer({n: h.path("logs", f"{n}.log") for n in names}, lines_per_tick=2, tick_s=0.02).start()
+    for n in names:
+        h.agent(ep, [{"paths": [str(h.path("logs", f"{n}.log"))], "topic": "app"}], name=n, mode=mode)
+    for i in range(5):
+        before = len(lines_of(h))
+        wait_for(lambda b=before: len(lines_of(h)) > b + 50, what="lines flowing")
+        if i % 2:
+            agg.kill9()
+        else:
+            assert agg.stop(signal.SIGTERM) == 0
+        agg = h.aggregator(ep)
+        instance = wait_for(lambda: h.status(ep)["instance"], what="the new aggregator answering")
+        for n in names:
+            wait_for(lambda n=n, i=instance: (s := h.agent_status(n)) is not None and s["aggregator"] == i,
+                     what=f"{n} connected to the new aggregator")
+        h.assert_quiet(ep)
+    counts = writer.stop()
+    for n in names:
+        wait_for(lambda n=n: acknowledged(h, n), what=f"{n}: every line acknowledged")
+    check_exactly_once(lines_of(h), counts)
