@@ -21,6 +21,7 @@ from agent.status import StatusServer
 from agent.tail import Chunk, Tailer
 from agent.transport import Transport
 from agent.watch import Watcher
+from fleetlog import wire
 from fleetlog.dirlock import DirectoryLock
 from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
@@ -70,8 +71,12 @@ class Agent(Following):
         self.scan_soon = asyncio.Event()
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
-        self.last_ack_progress = time.monotonic()
         self.checkpoints_dirty = True
+        # The aggregator's max_message_bytes (its hello reply says; the default until then): no
+        # batch is read larger than what encodes within it (see read_bytes).
+        self.max_message_bytes = wire.DEFAULT_MAX_MESSAGE_BYTES
+        self.read_bytes = read_bytes_for(self.cfg.batch_max_bytes, self.max_message_bytes)
+        self.oversized_batches = 0
         # Streams whose identity is not on disk yet: saved before their first batch ships, so a
         # crash can never make the agent ship the same bytes again under a new stream id.
         self.unsaved_streams = False
@@ -247,7 +252,7 @@ class Agent(Following):
             if t.predecessor is not None and self.predecessor_first(t):
                 continue
             try:
-                chunk = t.read(cfg.batch_max_bytes, cfg.batch_max_lines, now,
+                chunk = t.read(self.read_bytes, cfg.batch_max_lines, now,
                                final=t.rotated_at is not None and t.successor_waiting)
             except OSError as exc:
                 log.warning("reading %s failed: %s", t.path, exc)
@@ -263,17 +268,19 @@ class Agent(Following):
         if self.unsaved_streams:
             self.save_checkpoints()
         frames = batch.frames_for(cfg.name, t, chunk, self.wire_v2)
+        if len(frames[1]) > self.max_message_bytes:
+            self.refuse_oversized(t, chunk, len(frames[1]), now)
+            return
         t.seq += 1
         self.inflight += max(0, chunk.end - max(t.ship_pos, t.acked))
         t.ship_pos = chunk.end
-        if chunk.end > t.acked:
-            if not self.unacked:
-                self.last_ack_progress = now
+        if chunk.end > t.acked and t not in self.unacked:
+            t.ack_progress = now  # its ack timeout starts with its first unacknowledged batch
             self.unacked.add(t)
         lines = chunk.count
         self.lines_shipped += lines
         self.batches_shipped += 1
-        read_full = chunk.end - chunk.start >= cfg.batch_max_bytes // 2 or \
+        read_full = chunk.end - chunk.start >= self.read_bytes // 2 or \
             lines >= cfg.batch_max_lines
         t.next_read = batch.next_read_at(now, delay, read_full)
         if read_full:
@@ -309,17 +316,41 @@ class Agent(Following):
         return True
 
     def check_ack_timeout(self, now: float) -> None:
-        """Nothing acknowledged for ack_timeout_ms while batches are out: ship them again."""
-        if not self.unacked or now - self.last_ack_progress < self.cfg.ack_timeout_ms / 1000:
+        """Streams with nothing acknowledged for ack_timeout_ms while batches are out: ship them
+        again. Per stream: one lost batch (PUB dropped it) is resent after the timeout even while
+        the agent's other files are acknowledged all along."""
+        timeout = self.cfg.ack_timeout_ms / 1000
+        late = [t for t in self.unacked if now - t.ack_progress >= timeout]
+        if not late:
             return
         assert self.transport is not None
         if not self.transport.aggregator_alive(3 * self.cfg.heartbeat_interval_ms / 1000):
             return  # nobody to resend to: ship again once it answers (a restart also rewinds)
         self.resends += 1
-        log.info("no acknowledgement for %.1fs; shipping %d bytes again",
-                 now - self.last_ack_progress, self.inflight_bytes())
-        self.rewind_unacked()
-        self.last_ack_progress = now
+        log.info("no acknowledgement for %.1fs; shipping %d bytes of %d files again",
+                 timeout, sum(t.ship_pos - t.acked for t in late), len(late))
+        for t in late:
+            t.rewind(t.acked)
+            t.ack_progress = now
+            self.unacked.discard(t)
+            self.enqueue(t)
+        self.inflight = self.inflight_bytes()
+
+    def refuse_oversized(self, t: Tailer, chunk: Chunk, size: int, now: float) -> None:
+        """A batch that encodes larger than the aggregator takes (orjson writes a control
+        character as six bytes; one line is read whole however long): the aggregator would drop
+        it and the connection without a word. Not sent; the file waits, said once at ERROR."""
+        self.oversized_batches += 1
+        t.rewind(chunk.start)
+        t.next_read = now + 10.0
+        self.enqueue(t)
+        key = f"oversized:{t.stream}"
+        if key not in self._warned:
+            self._warned.add(key)
+            log.error("%s: the batch at offset %d (%d bytes) encodes to %d bytes, more than the "
+                      "aggregator's max_message_bytes (%d): not shipped, the file waits; raise the "
+                      "aggregator's max_message_bytes or lower this source's max_line_bytes",
+                      t.path, chunk.start, chunk.end - chunk.start, size, self.max_message_bytes)
 
     def rewind_unacked(self) -> None:
         """Ship everything not acknowledged again, from the files."""
@@ -364,7 +395,7 @@ class Agent(Following):
             t.ship_pos = end
         if t.ship_pos == t.acked:
             self.unacked.discard(t)
-        self.last_ack_progress = time.monotonic()
+        t.ack_progress = time.monotonic()
         self.checkpoints_dirty = True
         self.acked_event.set()
 
@@ -400,6 +431,11 @@ class Agent(Following):
         self.inflight = self.inflight_bytes()
         versions = result.get("wire")
         self.wire_v2 = isinstance(versions, list) and 2 in versions
+        limit = result.get("max_message_bytes")
+        if type(limit) is not int or limit < 1024:
+            limit = wire.DEFAULT_MAX_MESSAGE_BYTES  # an older aggregator: the documented default
+        self.max_message_bytes = limit
+        self.read_bytes = read_bytes_for(self.cfg.batch_max_bytes, self.max_message_bytes)
         if "window" not in result:
             self.window = self.cfg.max_inflight_bytes  # an aggregator that sets no window
         log.info("connected to aggregator %s (wire version %d)", result.get("instance"),
@@ -473,12 +509,21 @@ class Agent(Following):
         return {
             "agent": self.cfg.name, "mode": self.cfg.mode, "data": self.cfg.data,
             "aggregator": transport.instance if transport else None,
+            "aggregator_last_reply_s": transport.last_reply_age_s() if transport else None,
             "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files),
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
             "lines_shipped": self.lines_shipped, "batches_shipped": self.batches_shipped,
-            "resends": self.resends,
+            "resends": self.resends, "oversized_batches": self.oversized_batches,
             "open_files": sum(1 for t in self.tailers.values() if t.fd is not None),
             "copies_ignored": len(self.shadows),
             "control": {"messages_sent": transport.control_sent if transport else 0,
                         "messages_received": transport.control_received if transport else 0},
         }
+
+
+def read_bytes_for(batch_max_bytes: int, max_message_bytes: int) -> int:
+    """The most one read may take so that its batch always encodes within ``max_message_bytes``:
+    orjson writes a control character as six bytes (``\\u0001``), and the document's other fields
+    (a path, at most 4 KiB, escaped) fit in 32 KiB. The default 512 KiB batch is far below a
+    16 MiB aggregator's ~2.7 MiB; a line longer than this is still read whole."""
+    return max(1024, min(batch_max_bytes, (max_message_bytes - 32 * 1024) // 6))

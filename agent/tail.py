@@ -86,6 +86,9 @@ class Tailer:
     multiline_since: float | None = None
     multiline_seen: int = -1
     rewind_seq: int = 0
+    # loop.time()-like monotonic seconds of this stream's last acknowledgement progress (or of
+    # its first unacknowledged batch): the ack timeout is per stream.
+    ack_progress: float = 0.0
     last_data: float = field(default_factory=time.monotonic)
     next_read: float = 0.0
     discarded_bytes: int = 0

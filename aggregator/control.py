@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 
 from aggregator.commands import COMMANDS
-from aggregator.proxy import bind
+from aggregator.proxy import bind, detect_dead_links
 from fleetlog import wire
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class ControlServer:
         sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.LINGER, 1000)
+        detect_dead_links(sock)
         if secure:
             self.guard.protect(sock)
         try:

@@ -34,21 +34,36 @@ def bind(sock: zmq.Socket, endpoint: str) -> None:  # type: ignore[type-arg]
     sock.bind(endpoint)
 
 
+def detect_dead_links(sock: zmq.Socket, interval_ms: int = 1000) -> None:  # type: ignore[type-arg]
+    """ZMTP heartbeats (libzmq 4.2+): a PING every ``interval_ms``, and a connection whose peer
+    has not answered within five intervals is closed, so a link that died without FIN or RST
+    (a partition, a host that lost power) is noticed in seconds, not after TCP's retransmissions
+    give up (~15 min). Agents reconnect on their side (see agent/transport.py)."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * interval_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 5 * interval_ms)
+
+
 def bind_data_sockets(ctx: zmq.asyncio.Context, cfg: AggregatorConfig,
                       protect: Callable[[zmq.Socket], None],  # type: ignore[type-arg]
                       ) -> dict[str, zmq.asyncio.Socket]:
     """Bind pull, xsub and xpub; ``protect`` puts CURVE on each when keys are configured."""
     sockets: dict[str, zmq.asyncio.Socket] = {}
+    # MAXMSGSIZE is twice the limit: a message over the limit (from an agent too old to measure
+    # its batches) is then received, counted and logged as "oversized" by the decoder, rather than
+    # dropping the connection without a word. Only beyond twice the limit does libzmq do that.
     try:
         pull = sockets["pull"] = ctx.socket(zmq.PULL)
         protect(pull)
         pull.setsockopt(zmq.RCVHWM, RCVHWM)
-        pull.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 4096)
+        detect_dead_links(pull)
+        pull.setsockopt(zmq.MAXMSGSIZE, 2 * cfg.max_message_bytes + 4096)
         bind(pull, cfg.pull)
         xsub = sockets["xsub"] = ctx.socket(zmq.XSUB)
         protect(xsub)
         xsub.setsockopt(zmq.RCVHWM, RCVHWM)
-        xsub.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 4096)
+        detect_dead_links(xsub)
+        xsub.setsockopt(zmq.MAXMSGSIZE, 2 * cfg.max_message_bytes + 4096)
         bind(xsub, cfg.xsub)
         # Subscribe to everything: the aggregator writes every topic. XSUB replays this to
         # every publisher that connects later. (Plainly: the receive loop owns XSUB's descriptor.)

@@ -116,6 +116,9 @@ class Harness:
     procs: list[Proc] = field(default_factory=list)
     counter: int = 0
     ep: Endpoints | None = None  # the last aggregator's, for the health check
+    # Put before every command the harness runs, e.g. ["ip", "netns", "exec", NAME] to run the
+    # whole system in a network namespace of the test's own.
+    prefix: list[str] = field(default_factory=list)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -127,7 +130,7 @@ class Harness:
 
     def _proc(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         self.counter += 1
-        p = Proc(name, args, self.root / f"{name}.{self.counter}.out", env=env)
+        p = Proc(name, [*self.prefix, *args], self.root / f"{name}.{self.counter}.out", env=env)
         self.procs.append(p)
         return p
 
@@ -164,7 +167,7 @@ class Harness:
         return proc.start()
 
     def ctl(self, ep: Endpoints, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PY, "-m", "aggregator.ctl", "--control", ep.control, *args],
+        return subprocess.run([*self.prefix, PY, "-m", "aggregator.ctl", "--control", ep.control, *args],
                               capture_output=True, text=True, timeout=timeout)
 
     def status(self, ep: Endpoints) -> dict[str, Any]:
@@ -176,7 +179,7 @@ class Harness:
         """What ``fleetlog-agent status --json`` says for agent ``name``; None if it does not answer."""
         state_dir = next((p.state_dir for p in reversed(self.procs)
                           if p.name == f"agent-{name}" and p.state_dir), self.root / f"st-{name}")
-        r = subprocess.run([PY, "-m", "agent", "status", "--json", "--timeout", "2",
+        r = subprocess.run([*self.prefix, PY, "-m", "agent", "status", "--json", "--timeout", "2",
                             "--set", f"agent.state_dir={state_dir}"],
                            capture_output=True, text=True, timeout=20)
         return orjson.loads(r.stdout) if r.returncode == 0 else None

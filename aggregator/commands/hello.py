@@ -22,4 +22,5 @@ async def run(agg: Any, args: dict[str, Any], peer: Any) -> dict[str, Any]:
             durable = agg.journal.state.streams.get(stream_key(info.name, stream))
             if durable is not None:
                 committed[stream] = int(durable[0])
-    return agg.replies(info, {"instance": agg.instance, "committed": committed, "wire": list(wire.READS)})
+    return agg.replies(info, {"instance": agg.instance, "committed": committed, "wire": list(wire.READS),
+                              "max_message_bytes": agg.cfg.max_message_bytes})
