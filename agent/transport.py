@@ -57,6 +57,7 @@ class Transport:
         self._ids = itertools.count(1)
         self._hellos: set[int] = set()  # ids of the hellos sent since the last answered one
         self._hello_sent_at = 0.0
+        self._hello_backoff_s = 0.1
         self.sent_batches = 0
         self.sent_bytes = 0
         # Control messages each way: steady at one heartbeat and its reply a beat (plus acks).
@@ -119,14 +120,16 @@ class Transport:
         self.sent_batches += 1
         self.sent_bytes += len(frames[1])
 
-    def request(self, command: str, args: dict[str, Any]) -> int:
+    def request(self, command: str, args: dict[str, Any]) -> int | None:
+        """Send a request now; its id, or None when it could not go (not connected: the
+        control socket queues nothing then, and the caller tries again later)."""
         assert self.control is not None
         req_id = next(self._ids)
         try:
             self.control.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK)
-            self.control_sent += 1
         except zmq.Again:
-            pass  # not connected yet; the next heartbeat tries again
+            return None
+        self.control_sent += 1
         return req_id
 
     def aggregator_alive(self, within_s: float) -> bool:
@@ -143,29 +146,33 @@ class Transport:
     def hello(self) -> None:
         """Introduce ourselves. Every hello sent since the last one answered is remembered: a
         reply to any of them is the answer (the aggregator may answer an older one first)."""
-        self._hellos.add(self.request("hello", self.hello_args()))
-        self._hello_sent_at = asyncio.get_running_loop().time()
+        req_id = self.request("hello", self.hello_args())
+        if req_id is not None:
+            self._hellos.add(req_id)
+            self._hello_sent_at = asyncio.get_running_loop().time()
 
     def hello_in_flight(self) -> bool:
+        """A hello went out and may still be answered: within the current back-off, which
+        doubles from 0.1 s to the heartbeat interval while hellos go unanswered."""
         return bool(self._hellos) and (asyncio.get_running_loop().time() - self._hello_sent_at
-                                       < self.cfg.heartbeat_interval_ms / 1000)
+                                       < self._hello_backoff_s)
+
+    def ask_hello(self) -> None:
+        """Say hello unless one is in flight."""
+        if not self.hello_in_flight():
+            self.hello()
 
     async def heartbeat_loop(self) -> None:
         interval = self.cfg.heartbeat_interval_ms / 1000
-        # Until the first hello is answered, ask again sooner (the connection may not be up when
-        # the first one goes: the control socket queues nothing while disconnected).
-        retry = min(0.1, interval)
-        self.hello()
         while True:
             if self.instance is None:
-                await asyncio.sleep(retry)
-                retry = min(2 * retry, interval)
-                if not self.hello_in_flight() or retry >= interval:
-                    self.hello()  # no answer yet: the aggregator may be down; ask again
+                # Until the first hello is answered, ask again with back-off from 0.1 s to the
+                # heartbeat interval (the aggregator may be starting, or down).
+                self.ask_hello()
+                await asyncio.sleep(self._hello_backoff_s)
+                self._hello_backoff_s = min(2 * self._hello_backoff_s, interval)
                 continue
             await asyncio.sleep(interval)
-            if self.instance is None:
-                continue
             self.request("heartbeat", self.heartbeat_args())
 
     async def receive_loop(self) -> None:
@@ -205,6 +212,7 @@ class Transport:
             return
         if req_id in self._hellos:
             self._hellos.clear()
+            self._hello_backoff_s = 0.1
             if instance == self.instance:
                 pass  # an answer to a hello we sent again while the first was on its way
             else:
@@ -215,7 +223,7 @@ class Transport:
             if not self.hello_in_flight():
                 log.info("aggregator instance changed (%s -> %s): saying hello again",
                          self.instance, instance)
-                self.hello()
+                self.ask_hello()
             return
         if "window" in result:
             self.on_window(result["window"])

@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 import threading
+import time
 
 import pytest
 import zmq
@@ -65,7 +66,13 @@ def test_zmq_threads_start_as_sched_batch_and_the_caller_keeps_its_policy() -> N
     ctx = zmq.Context()
     try:
         start_zmq_threads(ctx)
-        new = {k: v for k, v in _policies().items() if k not in before}
+        # A new thread names itself a moment after it starts: wait for the I/O thread's name.
+        deadline = time.monotonic() + 5
+        while True:
+            new = {k: v for k, v in _policies().items() if k not in before}
+            if any(k.startswith("ZMQbg/IO") for k in new) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         assert any(k.startswith("ZMQbg/IO") for k in new), new
         assert all(v == os.SCHED_BATCH for v in new.values()), new
         assert os.sched_getscheduler(0) == os.SCHED_OTHER
