@@ -4,17 +4,24 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 PYTEST_ARGS ?=
 
 .PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-catchup dist clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,deploy]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,deploy]'
+	touch $(STAMP) $(RUN_STAMP)
+
+# make run needs the daemons alone (a 45 MB venv), not the test and deploy tools; a plain install
+# (the demo runs the code of this directory all the same, with python -m).
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check .
+	touch $(RUN_STAMP)
 
 # Programs the scenario tests drive for real (logrotate). Installed from Debian when we can;
 # the tests that need them skip with a reason elsewhere.
@@ -26,7 +33,7 @@ system-deps:
 	    echo "note: could not install logrotate; rotation tests will be skipped"; \
 	  else echo "note: logrotate missing and not root; rotation tests will be skipped"; fi; }
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/python -m fleetlog.demo
 
 test: $(STAMP) system-deps

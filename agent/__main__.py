@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 import orjson
 import zmq
@@ -17,6 +18,7 @@ import zmq
 from agent.config import Config, load_config
 from agent.daemon import Agent
 from fleetlog import __version__, curve, runtime, wire
+from fleetlog.cli import RefusalWatch, die_quietly_on_closed_pipe, nothing_listens
 from fleetlog.dirlock import DirectoryInUse
 from fleetlog.tomlconf import ConfigError
 
@@ -24,7 +26,15 @@ log = logging.getLogger("fleetlog.agent")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fleetlog-agent", description="Follow log files and ship them.")
+    p = argparse.ArgumentParser(
+        prog="fleetlog-agent",
+        description="Follow log files (and the systemd journal) on this host and ship every new "
+                    "line, exactly once, to a fleetlog aggregator.",
+        epilog="Run as a service (systemd unit fleetlog-agent). SIGTERM stops it cleanly, SIGHUP "
+               "reloads its [[sources]] ([agent] settings need a restart). Exit status: 0 ok, "
+               "1 could not start, 2 bad config or usage, 3 (status) no agent answered. "
+               "Examples: fleetlog-agent --check-config; fleetlog-agent status; "
+               "fleetlog-agent status --json | jq '.files[] | {path, lag_bytes}'")
     p.add_argument("command", nargs="?", choices=["run", "status"], default="run",
                    help="run the agent (default), or ask a running one for its status")
     p.add_argument("--config", metavar="PATH",
@@ -50,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fleetlog-agent: {config.source}: ok ({len(config.sources)} sources)")
         return 0
     if args.command == "status":
+        die_quietly_on_closed_pipe()
         return status(config, args.json, args.timeout)
     runtime.setup_logging(config.agent.log_level)
     if not config.sources:
@@ -70,18 +81,26 @@ async def _serve(config: Config) -> int:
 
 def status(config: Config, as_json: bool, timeout_s: float) -> int:
     endpoint = config.agent.status_endpoint
+    if (absent := nothing_listens(endpoint)) is not None:
+        print(f"fleetlog-agent: no agent at {endpoint}: {absent}; is it running?", file=sys.stderr)
+        return 3
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    watch = RefusalWatch(sock)
     try:
         sock.connect(endpoint)
         sock.send(wire.encode_request(1, "status"))
-        if not sock.poll(int(timeout_s * 1000)):
-            print(f"fleetlog-agent: no answer at {endpoint} within {timeout_s:g}s; is the agent running?",
-                  file=sys.stderr)
-            return 3
+        deadline = time.monotonic() + timeout_s
+        while not sock.poll(100):
+            if watch.refused() or time.monotonic() > deadline:
+                why = "nothing listens" if watch.refused() or not watch.connected else \
+                    f"no answer within {timeout_s:g}s"
+                print(f"fleetlog-agent: no agent at {endpoint}: {why}; is it running?", file=sys.stderr)
+                return 3
         reply = wire.decode_control(sock.recv())
     finally:
+        watch.close()
         sock.close(linger=0)
         ctx.term()
     if not reply.get("ok"):

@@ -206,7 +206,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
                 if (message := _root_problem(glob_root(pattern))) is not None:
                     problems.append(f"sources[{i}].paths: {message}")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([f"{source}: {problem}" for problem in problems])
     return Config(agent=cfg, sources=sources, source=source)
 
 

@@ -18,7 +18,16 @@ log = logging.getLogger("fleetlog.aggregator")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fleetlog-aggregator", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="fleetlog-aggregator",
+        description="The central fleetlog aggregator: takes batches from agents (push or pub), "
+                    "writes them exactly once into per-topic rolling files under output_dir, and "
+                    "answers aggregatorctl.",
+        epilog="Run as a service (systemd unit fleetlog-aggregator). SIGTERM stops it cleanly "
+               "(what it holds is committed and acknowledged), SIGHUP reopens its files and "
+               "reloads its config. Exit status: 0 stopped cleanly, 1 could not start or failed, "
+               "2 bad config or usage. Examples: fleetlog-aggregator --check-config; "
+               "fleetlog-aggregator --config /etc/fleetlog/aggregator.toml")
     p.add_argument("--config", metavar="PATH",
                    help="TOML config (default /etc/fleetlog/aggregator.toml if it exists, "
                         "else built-in loopback defaults)")

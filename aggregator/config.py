@@ -125,7 +125,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     if dupes:
         problems.append(f"aggregator: endpoints used twice: {', '.join(sorted(dupes))}")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([f"{source}: {problem}" for problem in problems])
     return Config(aggregator=cfg, source=source)
 
 

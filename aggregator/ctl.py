@@ -1,5 +1,5 @@
 """``aggregatorctl``: ask a running aggregator how it is doing, watch it live, tail a topic,
-rotate, reload."""
+rotate, reload, make CURVE keys."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import orjson
 import zmq
 
 from aggregator.config import load_config
-from fleetlog import curve, wire
-from fleetlog.tomlconf import ConfigError
+from fleetlog import __version__, curve, wire
+from fleetlog.cli import RefusalWatch, die_quietly_on_closed_pipe, nothing_listens
+from fleetlog.tomlconf import ConfigError, endpoint_problem
 
 EXIT_UNREACHABLE = 3
 
@@ -54,7 +55,12 @@ class Client:
         self.curve_keys = curve_keys
         self.ctx = zmq.Context()
         self.sock = self.socket(zmq.DEALER)
-        self.sock.connect(endpoint)
+        self.watch = RefusalWatch(self.sock)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError:
+            self.close()
+            raise
         self.ids = itertools.count(1)
 
     def socket(self, kind: int) -> zmq.Socket:  # type: ignore[type-arg]
@@ -70,8 +76,11 @@ class Client:
         self.sock.send(wire.encode_request(req_id, command, args))
         deadline = time.monotonic() + self.timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(int(left * 1000) + 1):
-                break
+            if self.watch.refused():
+                raise Unreachable(f"no aggregator at {self.endpoint}: connection refused")
+            # Short polls: a refusal shows on the monitor, not on this socket.
+            if not self.sock.poll(min(100, int(left * 1000) + 1)):
+                continue
             reply = wire.decode_control(self.sock.recv())
             if reply.get("id") != req_id:
                 continue
@@ -81,6 +90,7 @@ class Client:
         raise Unreachable(f"no answer from the aggregator at {self.endpoint} within {self.timeout_s:g}s")
 
     def close(self) -> None:
+        self.watch.close()
         self.sock.close(linger=0)
         self.ctx.term()
 
@@ -302,8 +312,20 @@ def cmd_ping(client: Client, args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="aggregatorctl", description=__doc__)
-    p.add_argument("--control", metavar="ENDPOINT", help="the aggregator's control endpoint")
+    p = argparse.ArgumentParser(
+        prog="aggregatorctl",
+        description="Ask a running fleetlog aggregator how it is doing, follow a topic live, rotate "
+                    "its files, reload its config, or make CURVE keys.",
+        epilog="The aggregator is found from --control, else from --config (its ipc:// control "
+               "socket if it has one), else from /etc/fleetlog/aggregator.toml, else "
+               "tcp://127.0.0.1:5558. Exit status: 0 ok, 1 the command failed, 2 bad usage or "
+               "config, 3 no aggregator answered. Examples: aggregatorctl status; aggregatorctl "
+               "status --json | jq .totals; aggregatorctl tail nginx; aggregatorctl rotate nginx; "
+               "aggregatorctl keygen web-01 --dir /etc/fleetlog/keys")
+    p.add_argument("--version", action="version", version=f"aggregatorctl (fleetlog) {__version__}")
+    p.add_argument("--control", metavar="ENDPOINT",
+                   help="the aggregator's control endpoint, e.g. tcp://logs.example:5558 or "
+                        "ipc:///run/fleetlog/control.sock")
     p.add_argument("--config", metavar="PATH", help="find the control endpoint in this aggregator config")
     p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
                    help="how long to wait for an answer (default 3)")
@@ -348,11 +370,15 @@ def keygen(name: str, directory: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_quietly_on_closed_pipe()
     args = parse_args(argv)
     if args.command == "keygen":
         return keygen(args.name, args.dir)
     try:
         endpoint = find_control(args)
+        if (problem := endpoint_problem(endpoint)) is not None:
+            print(f"aggregatorctl: --control: {problem}", file=sys.stderr)
+            return 2
         keys = None
         if args.curve_key or args.server_key:
             if not (args.curve_key and args.server_key):
@@ -366,7 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     except curve.KeyError_ as exc:
         print(f"aggregatorctl: {exc}", file=sys.stderr)
         return 2
-    client = Client(endpoint, args.timeout, keys)
+    if (absent := nothing_listens(endpoint)) is not None:
+        print(f"aggregatorctl: no aggregator at {endpoint}: {absent}; is it running?", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    try:
+        client = Client(endpoint, args.timeout, keys)
+    except zmq.ZMQError as exc:
+        print(f"aggregatorctl: cannot connect to {endpoint}: {exc}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(client, args))
     except Unreachable as exc:

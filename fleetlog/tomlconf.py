@@ -6,6 +6,7 @@ Both daemons' ``config.py`` use this so that ``--check-config`` reports all mist
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import stat
@@ -148,9 +149,12 @@ class Section:
         return [Section(item, f"{self.key(name)}[{i}]", self.problems) for i, item in enumerate(value)]
 
     def finish(self) -> None:
-        """Report the keys nobody asked for: a typo must not pass silently."""
+        """Report the keys nobody asked for: a typo must not pass silently, and the nearest
+        known key is suggested (``agent.rescan_intervall_ms: unknown key; did you mean
+        rescan_interval_ms?``)."""
         for name in sorted(set(self.data) - self._seen):
-            self.problem(name, "unknown key")
+            near = difflib.get_close_matches(name, sorted(self._seen), n=1, cutoff=0.7)
+            self.problem(name, f"unknown key; did you mean {near[0]}?" if near else "unknown key")
 
     # Last in the class: below them, these names would stand for the methods, not the types,
     # in every annotation (for mypy).
