@@ -364,8 +364,15 @@ def keygen(name: str, directory: str) -> int:
     except (curve.KeyError_, OSError) as exc:
         print(f"aggregatorctl: {exc}", file=sys.stderr)
         return 1
-    print(f"public key  {public}  (copy it to the aggregator's authorized_keys_dir)")
-    print(f"secret key  {secret}  (mode 0600; stays on this host)")
+    print(f"public key  {public}")
+    print(f"secret key  {secret}  (mode 0600: it never leaves this host)")
+    print("Where they go:")
+    print(f"  an agent's key:       {public} into the aggregator's authorized_keys_dir;")
+    print(f"                        agent.curve_secret_key = \"{secret}\" on the agent")
+    print(f"  the aggregator's key: aggregator.curve_secret_key = \"{secret}\";")
+    print(f"                        agent.curve_server_key = \"{public}\" on every agent")
+    print(f"  an admin's key:       {public} into the aggregator's admin_keys_dir;")
+    print(f"                        aggregatorctl --curve-key {secret} --server-key AGGREGATOR.key")
     return 0
 
 

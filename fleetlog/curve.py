@@ -47,19 +47,24 @@ def generate(directory: str, name: str) -> tuple[str, str]:
 
 
 def load_secret(path: str) -> KeyPair:
-    """A key pair from a ``.key_secret`` file, refusing files others may read."""
+    """A key pair from a ``.key_secret`` file, refusing files others may read.
+
+    A public ``.key`` file given instead is named as such (the usual mix-up), before any
+    complaint about its mode (a public key file is rightly readable by all)."""
     try:
         st = os.stat(path)
     except OSError as exc:
         raise KeyError_(f"{path}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
-        raise KeyError_(f"{path}: secret key readable or writable by others (chmod 600 or 640)")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise KeyError_(f"{path}: not a key file ({exc})") from None
     if not secret:
-        raise KeyError_(f"{path}: holds no secret key (use the .key_secret file)")
+        hint = f" ({path}_secret?)" if path.endswith(".key") else ""
+        raise KeyError_(f"{path} is a public key file; a secret key is needed here: the "
+                        f".key_secret file that aggregatorctl keygen wrote beside it{hint}")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
+        raise KeyError_(f"{path}: secret key readable or writable by others (chmod 600 or 640)")
     return KeyPair(public, secret)
 
 
