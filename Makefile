@@ -23,15 +23,21 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check .
 	touch $(RUN_STAMP)
 
-# Programs the scenario tests drive for real (logrotate). Installed from Debian when we can;
-# the tests that need them skip with a reason elsewhere.
+# Programs the scenario tests drive for real, as command:Debian-package. Installed from Debian
+# when missing (as root); the tests that need one skip with a reason where it cannot be had.
+SYSTEM_DEPS := logrotate:logrotate promtool:prometheus
+
 system-deps:
-	@command -v logrotate >/dev/null 2>&1 || { \
+	@missing=""; for dep in $(SYSTEM_DEPS); do \
+	  command -v "$${dep%%:*}" >/dev/null 2>&1 || missing="$$missing $${dep#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get install -y -qq logrotate >/dev/null 2>&1 || \
-	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq logrotate >/dev/null 2>&1)) || \
-	    echo "note: could not install logrotate; rotation tests will be skipped"; \
-	  else echo "note: logrotate missing and not root; rotation tests will be skipped"; fi; }
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    (apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && \
+	      apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1)) || \
+	    echo "note: could not install$$missing; the tests that need them will be skipped"; \
+	  else echo "note: missing$$missing and not root; the tests that need them will be skipped"; fi; fi
 
 run: $(RUN_STAMP)
 	$(BIN)/python -m fleetlog.demo

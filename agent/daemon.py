@@ -77,6 +77,9 @@ class Agent(Following):
         self.max_message_bytes = wire.DEFAULT_MAX_MESSAGE_BYTES
         self.read_bytes = read_bytes_for(self.cfg.batch_max_bytes, self.max_message_bytes)
         self.oversized_batches = 0
+        # Lag in time: per stream with a lag, (monotonic time, size) samples; see measure_lag_s.
+        self.size_seen: dict[str, deque[tuple[float, int]]] = {}
+        self.lag_s = 0.0
         # Streams whose identity is not on disk yet: saved before their first batch ships, so a
         # crash can never make the agent ship the same bytes again under a new stream id.
         self.unsaved_streams = False
@@ -448,12 +451,13 @@ class Agent(Following):
         streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
         self.reported_lag = self.lag_bytes()
         return {"agent": self.cfg.name, "mode": self.cfg.mode, "streams": streams[:20_000],
-                "lag_bytes": self.reported_lag, "max_inflight_bytes": self.cfg.max_inflight_bytes}
+                "lag_bytes": self.reported_lag, "lag_s": self.measure_lag_s(),
+                "max_inflight_bytes": self.cfg.max_inflight_bytes}
 
     def heartbeat_args(self) -> dict[str, Any]:
         self.reported_lag = self.lag_bytes()
         return {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.reported_lag,
-                "files": len(self.tailers)}
+                "lag_s": self.measure_lag_s(), "files": len(self.tailers)}
 
     def say_catching_up(self) -> None:
         """Stopped at its window: if the aggregator still thinks this agent is not catching up
@@ -467,6 +471,37 @@ class Agent(Following):
 
     def lag_bytes(self) -> int:
         return sum(t.lag_bytes for t in self.tailers.values())
+
+    def measure_lag_s(self) -> float:
+        """How old the oldest line not yet acknowledged is, in seconds (0: everything is).
+
+        Each stream with a lag keeps (when, size) samples, one per call (heartbeats: once a
+        second) when its size grew; the oldest unacknowledged byte was first seen at the first
+        sample larger than the acknowledged offset. So the figure is exact to a heartbeat, and
+        a file written to all the time still shows a small lag, not the time since it was last
+        caught up. Called on the loop only; the result is kept for the metrics thread."""
+        now = time.monotonic()
+        oldest = now
+        seen = self.size_seen
+        for stream, t in self.tailers.items():
+            samples = seen.get(stream)
+            if t.size <= t.acked:
+                if samples is not None:
+                    del seen[stream]
+                continue
+            if samples is None:
+                samples = seen[stream] = deque()
+            if not samples or samples[-1][1] < t.size:
+                samples.append((now, t.size))
+                if len(samples) > 600:
+                    del samples[1]  # keep the oldest exact, thin the middle
+            while samples[0][1] <= t.acked:
+                samples.popleft()
+            oldest = min(oldest, samples[0][0])
+        for stream in [s for s in seen if s not in self.tailers]:
+            del seen[stream]
+        self.lag_s = round(now - oldest, 1)
+        return self.lag_s
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -510,7 +545,7 @@ class Agent(Following):
             "agent": self.cfg.name, "mode": self.cfg.mode, "data": self.cfg.data,
             "aggregator": transport.instance if transport else None,
             "aggregator_last_reply_s": transport.last_reply_age_s() if transport else None,
-            "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files),
+            "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files), "lag_s": self.measure_lag_s(),
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
             "lines_shipped": self.lines_shipped, "batches_shipped": self.batches_shipped,
             "resends": self.resends, "oversized_batches": self.oversized_batches,

@@ -13,6 +13,7 @@ Metrics (all prefixed ``fleetlog_agent_``):
                                       window_bytes: the agent stops reading there)
     window_bytes                      max_inflight_bytes, or the aggregator's smaller share
     lag_bytes{topic}                  in the files, not yet acknowledged
+    lag_seconds                       how old the oldest line not yet acknowledged is
     files{topic}, open_files, copies_ignored
     connected                         1 once the aggregator answered the hello
     info{agent, mode, version}
@@ -51,7 +52,8 @@ class AgentCollector:
             family.add_metric([], value)
             return family
 
-        yield InfoMetricFamily(PREFIX + "info", "The running agent",
+        # InfoMetricFamily appends _info itself: fleetlog_agent_info.
+        yield InfoMetricFamily(PREFIX.rstrip("_"), "The running agent",
                                value={"agent": a.cfg.name, "mode": a.cfg.mode, "version": __version__})
         yield one(CounterMetricFamily(PREFIX + "lines_shipped", "Lines shipped (resends included)"),
                   a.lines_shipped)
@@ -81,6 +83,8 @@ class AgentCollector:
             files.add_metric([topic], count)
         yield lag
         yield files
+        yield one(GaugeMetricFamily(PREFIX + "lag_seconds",
+                                    "How old the oldest line not yet acknowledged is (0: none)"), a.lag_s)
         yield one(GaugeMetricFamily(PREFIX + "open_files", "Followed files with an open descriptor"),
                   sum(1 for t in tailers if t.fd is not None))
         yield one(GaugeMetricFamily(PREFIX + "copies_ignored", "Copies of followed files not shipped"),

@@ -32,6 +32,7 @@ _NOW = int(zmq.NOBLOCK)
 # catch-up's queue in the agent small (45 MiB peak RSS catching up 15M lines; 62 MiB with 64).
 # PUB drops at the mark instead, which costs a resync and a reread: it queues up to 64.
 PUSH_SNDHWM = 32
+HELLO_FIRST_RETRY_S = 0.02
 PUB_SNDHWM = 64
 
 
@@ -57,7 +58,7 @@ class Transport:
         self._ids = itertools.count(1)
         self._hellos: set[int] = set()  # ids of the hellos sent since the last answered one
         self._hello_sent_at = 0.0
-        self._hello_backoff_s = 0.1
+        self._hello_backoff_s = HELLO_FIRST_RETRY_S
         self.sent_batches = 0
         self.sent_bytes = 0
         # Control messages each way: steady at one heartbeat and its reply a beat (plus acks).
@@ -153,7 +154,7 @@ class Transport:
 
     def hello_in_flight(self) -> bool:
         """A hello went out and may still be answered: within the current back-off, which
-        doubles from 0.1 s to the heartbeat interval while hellos go unanswered."""
+        doubles from 20 ms to the heartbeat interval while hellos go unanswered."""
         return bool(self._hellos) and (asyncio.get_running_loop().time() - self._hello_sent_at
                                        < self._hello_backoff_s)
 
@@ -166,8 +167,9 @@ class Transport:
         interval = self.cfg.heartbeat_interval_ms / 1000
         while True:
             if self.instance is None:
-                # Until the first hello is answered, ask again with back-off from 0.1 s to the
-                # heartbeat interval (the aggregator may be starting, or down).
+                # Until the first hello is answered, ask again with back-off from 20 ms (the
+                # connection is usually up within a few) to the heartbeat interval (the
+                # aggregator may be starting, or down).
                 self.ask_hello()
                 await asyncio.sleep(self._hello_backoff_s)
                 self._hello_backoff_s = min(2 * self._hello_backoff_s, interval)
@@ -212,7 +214,7 @@ class Transport:
             return
         if req_id in self._hellos:
             self._hellos.clear()
-            self._hello_backoff_s = 0.1
+            self._hello_backoff_s = HELLO_FIRST_RETRY_S
             if instance == self.instance:
                 pass  # an answer to a hello we sent again while the first was on its way
             else:

@@ -47,6 +47,8 @@ class AgentInfo:
     last_seen: float = 0.0
     connected: bool = False
     lag_bytes: int = 0
+    # How old the oldest line the agent has not had acknowledged is (its heartbeats say; 0: none).
+    lag_s: float = 0.0
     files: int = 0
     # Flow control: the window last granted to it, and the most it asked for (its own
     # max_inflight_bytes, from its hello; 0: not said).
@@ -81,6 +83,8 @@ class Totals:
     resyncs: int = 0
     commits: int = 0
     write_errors: int = 0
+    rotations: int = 0
+    retention_removed: int = 0   # rotated files removed by retention
     malformed: dict[str, int] = field(default_factory=dict)
 
 
@@ -460,6 +464,9 @@ class Aggregator(Rolling):
             value = args.get(key)
             if type(value) is int and value >= 0:
                 setattr(info, attr, value)
+        lag_s = args.get("lag_s")
+        if isinstance(lag_s, int | float) and 0 <= lag_s < 1e9:
+            info.lag_s = float(lag_s)
         info.last_seen = time.monotonic()
         info.connected = True
         if info.catching_up and not was_catching_up:
@@ -649,7 +656,7 @@ class Aggregator(Rolling):
                 {"name": a.name, "address": a.address, "mode": a.mode, "connected": a.connected,
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
-                 "lag_bytes": a.lag_bytes, "window_bytes": a.window or None,
+                 "lag_bytes": a.lag_bytes, "lag_s": a.lag_s, "window_bytes": a.window or None,
                  "files": a.files}
                 for a in sorted(self.agents.values(), key=lambda a: a.name)
             ],
@@ -663,6 +670,7 @@ class Aggregator(Rolling):
                 "batches": t.batches, "duplicates_dropped": t.duplicates_dropped,
                 "malformed_dropped": t.malformed_dropped, "resyncs": t.resyncs,
                 "commits": t.commits, "write_errors": t.write_errors, "streams": len(self.accepted),
+                "rotations": t.rotations, "retention_removed": t.retention_removed,
                 "pending_bytes": self.pending_bytes, "compressions_running": len(self._compressions),
             },
             "malformed": dict(t.malformed),

@@ -10,23 +10,30 @@ Metrics (all prefixed ``fleetlog_aggregator_``):
 
     lines_total{topic}, bytes_total{topic}          written to the topic's files (bytes as written)
     agent_lines_total{agent}, agent_bytes_total{agent}
-    agent_lag_bytes{agent}                          what the agent has not shipped yet (heartbeats)
+    agent_lag_bytes{agent}                          what the agent has not had acknowledged (heartbeats)
+    agent_lag_seconds{agent}                        how old its oldest unacknowledged line is
     agent_connected{agent}, agent_last_seen_seconds{agent}
     dropped_lines_total{reason="duplicate"}         resent lines already committed
     dropped_messages_total{reason}                  malformed frames, by reason
     resyncs_total, write_errors_total, batches_total, commits_total
     commit_seconds (histogram)                      fsync of the files + journal record
     pending_bytes                                   accepted, not yet committed
-    agent_window_bytes, agents_catching_up          flow control: each agent's share of the budget
+    agent_window_bytes{agent}                       flow control: the window granted to each agent
+    window_share_bytes, agents_catching_up          each catching-up agent's share of the budget
+    rotations_total, retention_removed_total        rotated files made, and removed by retention
+    journal_bytes                                   the commit journal's size
+    output_used_bytes, output_total_bytes           the output_dir file system
     active_file_bytes{topic}, compressions_running, streams
     output_free_bytes, output_writable              disk of output_dir
-    info{instance, version}
+    info{instance, version}                         (fleetlog_aggregator_info)
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -89,7 +96,8 @@ class AggregatorCollector:
         def gauge(name: str, doc: str, labels: list[str] | None = None, value: float | None = None) -> Any:
             return GaugeMetricFamily(PREFIX + name, doc, labels=labels, value=value)
 
-        yield InfoMetricFamily(PREFIX + "info", "The running aggregator",
+        # InfoMetricFamily appends _info itself: fleetlog_aggregator_info.
+        yield InfoMetricFamily(PREFIX.rstrip("_"), "The running aggregator",
                                value={"instance": agg.instance, "version": __version__})
         lines = counter("lines", "Lines written, per topic", ["topic"])
         nbytes = counter("bytes", "Bytes written (as formatted), per topic", ["topic"])
@@ -108,14 +116,19 @@ class AggregatorCollector:
                        ["agent"])
         a_seen = gauge("agent_last_seen_seconds", "Seconds since the agent was last heard from",
                        ["agent"])
+        a_lag_s = gauge("agent_lag_seconds", "How old the agent's oldest unacknowledged line is (heartbeats)",
+                        ["agent"])
+        a_window = gauge("agent_window_bytes", "The in-flight window last granted to the agent", ["agent"])
         for a in agents:
+            a_lag_s.add_metric([a.name], a.lag_s)
+            a_window.add_metric([a.name], a.window)
             a_lines.add_metric([a.name], a.lines)
             a_bytes.add_metric([a.name], getattr(a, "bytes", 0))
             a_lag.add_metric([a.name], a.lag_bytes)
             a_conn.add_metric([a.name], 1 if a.connected else 0)
             if a.last_seen:
                 a_seen.add_metric([a.name], round(now - a.last_seen, 3))
-        yield from (a_lines, a_bytes, a_lag, a_conn, a_seen)
+        yield from (a_lines, a_bytes, a_lag, a_conn, a_seen, a_lag_s, a_window)
 
         dup = counter("dropped_lines", "Lines dropped, by reason (duplicate: resent, already committed)",
                       ["reason"])
@@ -131,6 +144,8 @@ class AggregatorCollector:
             _value(counter("write_errors", "Writes to the output that failed"), t.write_errors),
             _value(counter("batches", "Batches accepted"), t.batches),
             _value(counter("commits", "Group commits (fsync + journal record)"), t.commits),
+            _value(counter("rotations", "Active files rolled over"), t.rotations),
+            _value(counter("retention_removed", "Rotated files removed by retention"), t.retention_removed),
         )
 
         hist = agg.commit_latency
@@ -141,7 +156,7 @@ class AggregatorCollector:
 
         yield gauge("pending_bytes", "Bytes accepted but not committed yet", value=agg.pending_bytes)
         if agg.window is not None:
-            yield gauge("agent_window_bytes", "Each agent's in-flight window, a share of window_budget_bytes",
+            yield gauge("window_share_bytes", "Each catching-up agent's share of window_budget_bytes",
                         value=agg.window)
         yield gauge("agents_catching_up", "Agents with at least 1 MiB of lag, sharing the window budget",
                     value=agg.catching_up)
@@ -154,11 +169,16 @@ class AggregatorCollector:
         yield gauge("streams", "Streams (agent file incarnations) known", value=len(agg.accepted))
         yield gauge("output_writable", "0 while writes to the output fail (nothing is acknowledged)",
                     value=0 if agg.disk_error else 1)
+        with contextlib.suppress(OSError):
+            yield gauge("journal_bytes", "Size of the commit journal",
+                        value=os.path.getsize(agg.journal.journal_path))
         try:
-            free = shutil.disk_usage(agg.cfg.output_dir).free
+            usage = shutil.disk_usage(agg.cfg.output_dir)
         except OSError:
             return
-        yield gauge("output_free_bytes", "Free space on the output_dir file system", value=free)
+        yield gauge("output_free_bytes", "Free space on the output_dir file system", value=usage.free)
+        yield gauge("output_used_bytes", "Used space on the output_dir file system", value=usage.used)
+        yield gauge("output_total_bytes", "Size of the output_dir file system", value=usage.total)
 
 
 def _value(family: Any, value: float) -> Any:

@@ -33,6 +33,7 @@ class Rolling:
     pending_bytes: int
     _compressor: concurrent.futures.ThreadPoolExecutor
     _compressions: set[asyncio.Future[Any]]
+    totals: Any  # the daemon's Totals: rotations and retention_removed are counted here
 
     def owe_ack(self, agent: str, stream: str, end: int) -> None:
         raise NotImplementedError
@@ -70,6 +71,7 @@ class Rolling:
         self.sink.rename_active(topic, name)
         self.journal.append({topic: 0}, {}, rotations={topic: None})
         log.info("rotated %s to %s", topic, name)
+        self.totals.rotations += 1
         self._compress_later(os.path.join(self.cfg.output_dir, topic, name))
         self.apply_retention(topic)
         return name
@@ -117,8 +119,11 @@ class Rolling:
                     if os.path.getmtime(os.path.join(directory, name)) < horizon:
                         doomed.add(name)
         for name in sorted(doomed):
+            removed = False
             # Both forms: a compression in progress, seeing its original gone, removes its result.
             for form in {name, name.removesuffix(".gz")}:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, form))
                     log.info("retention removed %s/%s", topic, form)
+                    removed = True
+            self.totals.retention_removed += removed

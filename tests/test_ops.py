@@ -284,6 +284,7 @@ def test_aggregator_metrics(h: Harness) -> None:
     # Settled: the lines committed (lines reach the file before their group commit) and the
     # agent's heartbeat reporting no lag.
     m = wait_for(lambda: (x := scrape(port)).get('fleetlog_aggregator_agent_lag_bytes{agent="node-m"}') == 0
+                 and x.get('fleetlog_aggregator_agent_connected{agent="node-m"}') == 1
                  and x.get("fleetlog_aggregator_pending_bytes") == 0
                  and x.get("fleetlog_aggregator_commit_seconds_count", 0) >= 1 and x,
                  what="metrics with the lines committed and the agent's heartbeat")
@@ -298,7 +299,13 @@ def test_aggregator_metrics(h: Harness) -> None:
     commits = m["fleetlog_aggregator_commit_seconds_count"]
     assert commits >= 1 and m['fleetlog_aggregator_commit_seconds_bucket{le="+Inf"}'] == commits
     assert m["fleetlog_aggregator_pending_bytes"] == 0
-    assert m["fleetlog_aggregator_agent_window_bytes"] == 64 * 1024 * 1024  # the whole budget: none catch up
+    assert m["fleetlog_aggregator_window_share_bytes"] == 64 * 1024 * 1024  # the whole budget: none catch up
+    assert m['fleetlog_aggregator_agent_window_bytes{agent="node-m"}'] == 1024 * 1024  # not catching up
+    assert m['fleetlog_aggregator_agent_lag_seconds{agent="node-m"}'] == 0
+    assert m["fleetlog_aggregator_journal_bytes"] > 0
+    assert m["fleetlog_aggregator_output_used_bytes"] > 0
+    assert m["fleetlog_aggregator_rotations_total"] == 0
+    assert 'fleetlog_aggregator_info{instance="' in "\n".join(m)
     assert m["fleetlog_aggregator_agents_catching_up"] == 0
     assert m["fleetlog_aggregator_output_free_bytes"] > 0
     assert m["fleetlog_aggregator_output_writable"] == 1
