@@ -179,7 +179,10 @@ class Agent(Following):
         if self.watcher is not None:
             self.watcher.stop()
         deadline = time.monotonic() + min(self.cfg.shutdown_timeout_s, self.cfg.ack_timeout_ms / 1000 + 1)
-        while self.unacked and time.monotonic() < deadline:
+        alive = self.transport is not None and self.transport.aggregator_alive(
+            3 * self.cfg.heartbeat_interval_ms / 1000)
+        # Waiting for acknowledgements only makes sense with an aggregator that answers.
+        while alive and self.unacked and time.monotonic() < deadline:
             self.acked_event.clear()
             await self.acked_event.wait(deadline - time.monotonic())
         if self.unacked:
@@ -188,6 +191,8 @@ class Agent(Following):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.transport is not None and self.transport.instance is not None:
+            self.transport.goodbye()  # shown as stopped at once, not after agent_timeout_s
         self.save_checkpoints()
         self.release()
 

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -59,6 +59,7 @@ class Transport:
         self._hellos: set[int] = set()  # ids of the hellos sent since the last answered one
         self._hello_sent_at = 0.0
         self._hello_backoff_s = HELLO_FIRST_RETRY_S
+        self._goodbye_sent = False
         self.sent_batches = 0
         self.sent_bytes = 0
         # Control messages each way: steady at one heartbeat and its reply a beat (plus acks).
@@ -106,18 +107,22 @@ class Transport:
         """Send now if ZeroMQ has room (no future needed), else wait for room."""
         assert self.data is not None and self._data_raw is not None
         raw = self._data_raw
-        try:
-            # Plain sends with int flags: send_multipart's loop and enum arithmetic cost more
-            # than the sends themselves (2.5 -> 1.3 us a message).
-            raw.send(frames[0], _MORE_NOW)
-        except zmq.Again:
-            await self.data.send_multipart(frames)
-        else:
-            # ZeroMQ takes a message's later parts once it took its first (the high-water mark
-            # counts whole messages), so this never raises Again. Copied even when large: a
-            # zero-copy send hands the buffer to pyzmq's garbage-collector thread, which cost
-            # more than the copy (backlog: 88% -> 94% of the floor's throughput).
-            raw.send(frames[1], _NOW)
+        while True:
+            try:
+                # Plain sends with int flags: send_multipart's loop and enum arithmetic cost more
+                # than the sends themselves (2.5 -> 1.3 us a message).
+                raw.send(frames[0], _MORE_NOW)
+                break
+            except zmq.Again:
+                # No room (or no connection: IMMEDIATE): wait until there is, with a poll
+                # rather than a send future, which, cancelled at shutdown, would be left
+                # holding an exception nobody retrieves.
+                await self.data.poll(1000, zmq.POLLOUT)  # type: ignore[call-arg]
+        # ZeroMQ takes a message's later parts once it took its first (the high-water mark
+        # counts whole messages), so this never raises Again. Copied even when large: a
+        # zero-copy send hands the buffer to pyzmq's garbage-collector thread, which cost
+        # more than the copy (backlog: 88% -> 94% of the floor's throughput).
+        raw.send(frames[1], _NOW)
         self.sent_batches += 1
         self.sent_bytes += len(frames[1])
 
@@ -126,9 +131,14 @@ class Transport:
         control socket queues nothing then, and the caller tries again later)."""
         assert self.control is not None
         req_id = next(self._ids)
-        try:
-            self.control.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK)
-        except zmq.Again:
+        # The asyncio socket answers a send with a future, even with NOBLOCK: settled at once,
+        # holding Again when the message could not go. Its exception is read here, so none is
+        # ever left unretrieved (asyncio would log a traceback for each).
+        sent = cast("asyncio.Future[Any]",
+                    self.control.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK))
+        if not sent.done():
+            sent.add_done_callback(_retrieve)
+        elif sent.exception() is not None:
             return None
         self.control_sent += 1
         return req_id
@@ -230,8 +240,22 @@ class Transport:
         if "window" in result:
             self.on_window(result["window"])
 
+    def goodbye(self) -> None:
+        """Tell the aggregator we stop cleanly (best effort: the control socket lingers a
+        moment on close so that it goes out)."""
+        if self.control is not None and self.request("goodbye", {"agent": self.cfg.name}) is not None:
+            self._goodbye_sent = True
+
     def close(self) -> None:
+        if self.control is not None and self._goodbye_sent:
+            self.control.close(linger=300)
+            self.control = None
         for sock in (self.data, self.control):
             if sock is not None:
                 sock.close(linger=0)
         self.data = self.control = None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -26,7 +26,7 @@ from aggregator.journal import Journal, stream_key
 from aggregator.rolling import Rolling
 from aggregator.security import Guard
 from aggregator.writer import RollingFileSink, SinkError, uncompressed_rotated
-from fleetlog import curve, wire
+from fleetlog import __version__, curve, wire
 from fleetlog.dirlock import DirectoryLock
 from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
@@ -46,6 +46,7 @@ class AgentInfo:
     mode: str = ""
     last_seen: float = 0.0
     connected: bool = False
+    stopped: bool = False  # said goodbye: stopped cleanly, not lost
     lag_bytes: int = 0
     # How old the oldest line the agent has not had acknowledged is (its heartbeats say; 0: none).
     lag_s: float = 0.0
@@ -469,12 +470,23 @@ class Aggregator(Rolling):
             info.lag_s = float(lag_s)
         info.last_seen = time.monotonic()
         info.connected = True
+        info.stopped = False
         if info.catching_up and not was_catching_up:
             # Counted at once, not at the next tick: when a whole fleet reconnects with
             # backlogs, each hello already gets a smaller share.
             self.catching_up += 1
             self.share_window()
         return info
+
+    def say_goodbye(self, name: str, peer: Any) -> None:
+        """An agent stopping cleanly: disconnected at once, its window back in the budget."""
+        info = self.agents.get(name)
+        if info is None or info.routing_id != peer.routing_id:
+            return  # not the connection we know for that name (a clash, or a stale one)
+        info.connected, info.stopped = False, True
+        self.granted -= info.window
+        info.window = 0
+        log.info("agent %s (%s) stopped", name, info.address)
 
     def share_window(self) -> None:
         """Each catching-up agent's share: an equal part of the budget (wire.MIN_WINDOW at least)."""
@@ -614,7 +626,7 @@ class Aggregator(Rolling):
                 stats._last_lines = stats.lines
                 stats.rate = 0.7 * stats.rate + 0.3 * delta
             for agent in self.agents.values():
-                agent.connected = now - agent.last_seen < self.cfg.agent_timeout_s
+                agent.connected = not agent.stopped and now - agent.last_seen < self.cfg.agent_timeout_s
                 if not agent.connected:
                     agent.window = 0  # granted again at its next hello
             self.catching_up = sum(1 for a in self.agents.values() if a.catching_up)
@@ -646,6 +658,7 @@ class Aggregator(Rolling):
         t = self.totals
         return {
             "instance": self.instance,
+            "version": __version__,
             "uptime_s": round(now - self.started, 1),
             "endpoints": {"pull": self.cfg.pull, "xsub": self.cfg.xsub, "xpub": self.cfg.xpub,
                           "control": list(self.cfg.control)},
@@ -654,6 +667,7 @@ class Aggregator(Rolling):
             "disk_error": self.disk_error,
             "agents": [
                 {"name": a.name, "address": a.address, "mode": a.mode, "connected": a.connected,
+                 "stopped": a.stopped,
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
                  "lag_bytes": a.lag_bytes, "lag_s": a.lag_s, "window_bytes": a.window or None,

@@ -129,3 +129,26 @@ def test_rolling_restarts_of_the_aggregator_lose_double_and_storm_nothing(h: Har
     for n in names:
         wait_for(lambda n=n: acknowledged(h, n), what=f"{n}: every line acknowledged")
     check_exactly_once(lines_of(h), counts)
+
+
+def test_cleanly_stopped_agent_says_goodbye_and_shows_stopped_at_once(h: Harness) -> None:
+    ep = h.endpoints()
+    h.aggregator(ep)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 10))
+    agent = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
+    wait_for(lambda: acknowledged(h), what="lines acknowledged")
+    assert agent.stop(signal.SIGTERM) == 0
+    # Within a few seconds, not agent_timeout_s (30 s): the goodbye said so.
+    wait_for(lambda: (a := h.status(ep)["agents"][0])["stopped"] and not a["connected"], timeout=5,
+             what="the agent shown as stopped")
+    assert "agent node1" in h.procs[0].log() and "stopped" in h.procs[0].log()
+
+
+def test_agent_without_an_aggregator_stops_at_once_and_cleanly(h: Harness) -> None:
+    ep = h.endpoints()
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 10))
+    agent = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
+    wait_for(lambda: (s := h.agent_status()) is not None and s["inflight_bytes"] > 0, what="lines shipped")
+    assert agent.stop(signal.SIGTERM, timeout=5) == 0
+    log = agent.log()
+    assert "Traceback" not in log and "never retrieved" not in log, log

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from aggregator.commands import heartbeat, hello, ping, reload, rotate, status, tail
+from aggregator.commands import goodbye, heartbeat, hello, ping, reload, rotate, status, tail
 
 COMMANDS: dict[str, ModuleType] = {
+    "goodbye": goodbye,
     "hello": hello,
     "heartbeat": heartbeat,
     "ping": ping,
