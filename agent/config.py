@@ -92,16 +92,18 @@ class AgentConfig:
     @property
     def status_endpoint(self) -> str:
         """``status_socket``, else ``ipc://<state_dir>/agent.sock``; where that path is too long
-        for a Unix socket (about 100 bytes), a Linux abstract socket named after the state
-        directory, so that no state_dir can keep the agent from starting."""
+        for a Unix socket (about 100 bytes), a short one named after the state directory:
+        ``/tmp/fleetlog-agent-<hash>/agent.sock`` (a directory of the agent's own, mode 0750,
+        see agent/status.py), so that no state_dir can keep the agent from starting and the
+        socket keeps file permissions (an abstract socket would be open to every local user)."""
         if self.status_socket:
             return self.status_socket
         state_dir = os.path.abspath(self.state_dir)
         path = f"{state_dir}/agent.sock"
         if len(path.encode()) < IPC_PATH_MAX:
             return f"ipc://{path}"
-        digest = hashlib.sha256(os.fsencode(state_dir)).hexdigest()[:20]
-        return f"ipc://@fleetlog-agent-{digest}"
+        digest = hashlib.sha256(os.fsencode(state_dir)).hexdigest()[:16]
+        return f"ipc:///tmp/fleetlog-agent-{digest}/agent.sock"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from agent.status import StatusServer
 from agent.tail import Chunk, Tailer
 from agent.transport import Transport
 from agent.watch import Watcher
-from fleetlog import wire
+from fleetlog import __version__, wire
 from fleetlog.dirlock import DirectoryLock
 from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
@@ -80,6 +80,7 @@ class Agent(Following):
         # Lag in time: per stream with a lag, (monotonic time, size) samples; see measure_lag_s.
         self.size_seen: dict[str, deque[tuple[float, int]]] = {}
         self.lag_s = 0.0
+        self.started_at = time.time()
         # Streams whose identity is not on disk yet: saved before their first batch ships, so a
         # crash can never make the agent ship the same bytes again under a new stream id.
         self.unsaved_streams = False
@@ -277,8 +278,10 @@ class Agent(Following):
             self.save_checkpoints()
         frames = batch.frames_for(cfg.name, t, chunk, self.wire_v2)
         if len(frames[1]) > self.max_message_bytes:
-            self.refuse_oversized(t, chunk, len(frames[1]), now)
-            return
+            if chunk.count != 1:
+                self.refuse_oversized(t, chunk, len(frames[1]), now)
+                return
+            frames = self.cut_to_fit(t, chunk)
         t.seq += 1
         self.inflight += max(0, chunk.end - max(t.ship_pos, t.acked))
         t.ship_pos = chunk.end
@@ -343,6 +346,24 @@ class Agent(Following):
             self.unacked.discard(t)
             self.enqueue(t)
         self.inflight = self.inflight_bytes()
+
+    def cut_to_fit(self, t: Tailer, chunk: Chunk) -> list[bytes]:
+        """One line (or record) that encodes larger than the aggregator takes, although it is
+        within max_line_bytes: cut it further, as max_line_bytes would (the rest is counted in
+        cut_lines and discarded_bytes), rather than let the file wait for good."""
+        line = chunk.line_list()[0]
+        keep = max(1, (self.max_message_bytes - 64 * 1024) // 6)  # characters, six bytes each at worst
+        cut = Chunk(chunk.start, chunk.end, [line[:keep]], 1)
+        t.cut_lines += 1
+        t.discarded_bytes += len(line[keep:].encode())
+        key = f"cut:{t.stream}"
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s: a line at offset %d encodes larger than the aggregator's max_message_bytes "
+                        "(%d): cut to its first %d characters (lower max_line_bytes for this source, or "
+                        "raise the aggregator's max_message_bytes)", t.path, chunk.start,
+                        self.max_message_bytes, keep)
+        return batch.frames_for(self.cfg.name, t, cut, self.wire_v2)
 
     def refuse_oversized(self, t: Tailer, chunk: Chunk, size: int, now: float) -> None:
         """A batch that encodes larger than the aggregator takes (orjson writes a control
@@ -455,7 +476,8 @@ class Agent(Following):
         resyncs)."""
         streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
         self.reported_lag = self.lag_bytes()
-        return {"agent": self.cfg.name, "mode": self.cfg.mode, "streams": streams[:20_000],
+        return {"agent": self.cfg.name, "mode": self.cfg.mode, "version": __version__,
+                "started_at": self.started_at, "streams": streams[:20_000],
                 "lag_bytes": self.reported_lag, "lag_s": self.measure_lag_s(),
                 "max_inflight_bytes": self.cfg.max_inflight_bytes}
 
@@ -547,7 +569,8 @@ class Agent(Following):
                           "discarded_bytes": t.discarded_bytes})
         transport = self.transport
         return {
-            "agent": self.cfg.name, "mode": self.cfg.mode, "data": self.cfg.data,
+            "agent": self.cfg.name, "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1), "mode": self.cfg.mode, "data": self.cfg.data,
             "aggregator": transport.instance if transport else None,
             "aggregator_last_reply_s": transport.last_reply_age_s() if transport else None,
             "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files), "lag_s": self.measure_lag_s(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from typing import TYPE_CHECKING
 
 import zmq
@@ -33,7 +34,13 @@ class StatusServer:
         if path and path.startswith("@"):
             path = None  # Linux's abstract namespace: no file to clear or protect
         if path:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            directory = os.path.dirname(path) or "."
+            os.makedirs(directory, mode=0o750, exist_ok=True)
+            if (problem := unsafe_directory(directory)) is not None:
+                sock.close(linger=0)
+                log.warning("status socket %s not bound: %s; `fleetlog-agent status` will not answer "
+                            "(set agent.status_socket)", self.endpoint, problem)
+                return
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # left by a killed agent; binding would fail or hijack it
         try:
@@ -72,3 +79,17 @@ class StatusServer:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+
+
+def unsafe_directory(directory: str) -> str | None:
+    """Why a socket must not go into ``directory`` (under a shared /tmp: owned by someone else,
+    a symlink, or writable by others), or None."""
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        return f"{directory}: {exc.strerror}"
+    if not directory.startswith("/tmp/"):
+        return None  # the operator's own choice of place (state_dir, status_socket)
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return f"{directory} is not this user's own directory"
+    return None

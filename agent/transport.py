@@ -68,13 +68,15 @@ class Transport:
 
     def connect(self) -> None:
         kind = zmq.PUSH if self.cfg.mode == "push" else zmq.PUB
-        data = self.ctx.socket(kind)
+        # Kept at once, so that close() closes them when a setting below fails (an open socket
+        # would hold ctx.term(), and with it the exit, for ever).
+        data = self.data = self.ctx.socket(kind)
         data.setsockopt(zmq.SNDHWM, PUSH_SNDHWM if kind == zmq.PUSH else PUB_SNDHWM)
         data.setsockopt(zmq.IMMEDIATE, 1)
         data.setsockopt(zmq.LINGER, 0)
         data.setsockopt(zmq.RECONNECT_IVL, 100)
         data.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        control = self.ctx.socket(zmq.DEALER)
+        control = self.control = self.ctx.socket(zmq.DEALER)
         control.setsockopt(zmq.IDENTITY, self.cfg.name.encode()[:255])
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.SNDHWM, 100)
@@ -90,17 +92,17 @@ class Transport:
             curve.as_client(data, keys, server)
             curve.as_client(control, keys, server)
         beat = self.cfg.heartbeat_interval_ms
+        ttl = min(3 * beat, 6_553_500)  # libzmq's HEARTBEAT_TTL is at most 6553.5 s
         for sock in (data, control):
             # A link that dies without FIN or RST (a partition) is noticed within three beats by
             # ZMTP heartbeats, and each reconnect attempt gives up after 2 s instead of waiting
             # out TCP's SYN back-off: shipping resumes within seconds of the network healing.
             sock.setsockopt(zmq.HEARTBEAT_IVL, beat)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
-            sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * beat)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, ttl)
             sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
         data.connect(self.cfg.data)
         control.connect(self.cfg.control)
-        self.data, self.control = data, control
         self._data_raw = zmq.Socket.shadow(data.underlying)
 
     async def send(self, frames: list[bytes]) -> None:

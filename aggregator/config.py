@@ -50,6 +50,8 @@ class AggregatorConfig:
     # Streams (agent file incarnations) forgotten after this long without a batch.
     stream_ttl_s: int = 30 * 86400
     agent_timeout_s: int = 30
+    # Agents that should be connected: status lists those that are not (never seen, or down).
+    expected_agents: tuple[str, ...] = ()
     shutdown_timeout_s: int = 10
     metrics_listen: str = ""
     # CurveZMQ: the aggregator's secret key file (aggregatorctl keygen); empty runs open.
@@ -104,6 +106,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         retain_days=s.int("retain_days", d.retain_days, 0),
         stream_ttl_s=s.int("stream_ttl_s", d.stream_ttl_s, 60),
         agent_timeout_s=s.int("agent_timeout_s", d.agent_timeout_s, 1),
+        expected_agents=s.str_list("expected_agents", d.expected_agents),
         shutdown_timeout_s=s.int("shutdown_timeout_s", d.shutdown_timeout_s, 1, 3600),
         metrics_listen=s.str("metrics_listen", d.metrics_listen,
                              listen_problem),

@@ -105,6 +105,12 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _connected(agent: dict[str, Any]) -> str:
+    if agent["connected"]:
+        return "yes"
+    return "stopped" if agent.get("stopped") else "NO"
+
+
 def _size(n: float | None) -> str:
     if n is None:
         return "-"
@@ -123,7 +129,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def render_status(s: dict[str, Any]) -> str:
     disk = s["disk"]
-    out = [f"aggregator {s['instance']}  up {_age(s['uptime_s'])}  output {s['output_dir']}  "
+    out = [f"aggregator {s['instance']} (fleetlog {s.get('version', '?')})  up {_age(s['uptime_s'])}  "
+           f"output {s['output_dir']}  "
            f"disk free {_size(disk.get('output_free_bytes'))} of {_size(disk.get('output_total_bytes'))}"]
     if s.get("disk_error"):
         out.append(f"!! output not writable, nothing is being acknowledged: {s['disk_error']}")
@@ -131,12 +138,15 @@ def render_status(s: dict[str, Any]) -> str:
     agents = s["agents"]
     out.append(f"agents ({len(agents)})")
     if agents:
-        out += _table(["name", "address", "mode", "connected", "last seen", "lines/s", "lag", "window",
-                       "files"],
-                      [[a["name"], a["address"] or "-", a["mode"] or "-", "yes" if a["connected"] else "no",
-                        _age(a["last_seen_s"]), f"{a['lines_per_s']:.0f}", _size(a["lag_bytes"]),
+        out += _table(["name", "address", "mode", "version", "connected", "last seen", "lines/s", "lag",
+                       "lag age", "window", "files"],
+                      [[a["name"], a["address"] or "-", a["mode"] or "-", a.get("version") or "-",
+                        _connected(a), _age(a["last_seen_s"]) + (" ago" if a["last_seen_s"] else ""),
+                        f"{a['lines_per_s']:.0f}", _size(a["lag_bytes"]), _age(a.get("lag_s")),
                         _size(a.get("window_bytes")), a["files"]]
                        for a in agents])
+    if s.get("expected_missing"):
+        out.append("!! expected but not connected: " + ", ".join(s["expected_missing"]))
     out.append("")
     topics = s["topics"]
     out.append(f"topics ({len(topics)})")
@@ -307,7 +317,8 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_ping(client: Client, args: argparse.Namespace) -> int:
-    print(f"aggregator {client.call('ping')['instance']} at {client.endpoint}")
+    pong = client.call("ping")
+    print(f"aggregator {pong['instance']} (fleetlog {pong.get('version', '?')}) at {client.endpoint}")
     return 0
 
 

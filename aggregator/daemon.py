@@ -19,7 +19,7 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from aggregator import metrics, proxy
+from aggregator import metrics, proxy, registry
 from aggregator.config import Config, load_config
 from aggregator.control import ControlServer
 from aggregator.journal import Journal, stream_key
@@ -47,6 +47,9 @@ class AgentInfo:
     last_seen: float = 0.0
     connected: bool = False
     stopped: bool = False  # said goodbye: stopped cleanly, not lost
+    heard: bool = True     # by this instance (False: remembered from before a restart)
+    version: str = ""
+    started_at: float = 0.0   # wall-clock time the agent started (from its hello)
     lag_bytes: int = 0
     # How old the oldest line the agent has not had acknowledged is (its heartbeats say; 0: none).
     lag_s: float = 0.0
@@ -101,9 +104,8 @@ class Aggregator(Rolling):
         self.started = time.monotonic()
         self.ctx: zmq.asyncio.Context | None = None
         self.sink = RollingFileSink(self.cfg.output_dir, clock=clock)
-        self.locks = [DirectoryLock(self.cfg.state_dir, "aggregator.state_dir")]
-        if os.path.realpath(self.cfg.output_dir) != os.path.realpath(self.cfg.state_dir):
-            self.locks.append(DirectoryLock(self.cfg.output_dir, "aggregator.output_dir"))
+        self.locks = [DirectoryLock(self.cfg.state_dir, "aggregator.state_dir"),
+                      DirectoryLock(self.cfg.output_dir, "aggregator.output_dir")]
         self.journal = Journal(self.cfg.state_dir, stream_ttl_s=self.cfg.stream_ttl_s)
         self.notifier = SystemdNotifier()
         self.guard = Guard(self.cfg)
@@ -128,6 +130,7 @@ class Aggregator(Rolling):
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._warned_peers: set[tuple[str, str]] = set()
+        self._registry_error = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._compressions: set[asyncio.Future[Any]] = set()
         # Its own thread: a backlog of big files to compress never delays a commit's fsync.
@@ -149,7 +152,8 @@ class Aggregator(Rolling):
         # Before reading or repairing anything: a second aggregator on the same directories
         # would replay the journal and cut the live one's files back.
         for lock in self.locks:
-            lock.acquire()
+            if not lock.same_directory_as(self.locks[0]) or lock is self.locks[0]:
+                lock.acquire()  # (output_dir may be state_dir itself, by another path)
         self.guard.load(cfg)
         state = self.journal.recover()
         # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction.
@@ -165,6 +169,7 @@ class Aggregator(Rolling):
                 self.sink.open_existing(topic)
         self.rotate_due()
         self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
+        self.remember(registry.load(cfg.state_dir))
         self.ctx = zmq.asyncio.Context()
         start_zmq_threads(self.ctx)
         self.guard.start(self.ctx)
@@ -205,6 +210,40 @@ class Aggregator(Rolling):
     def request_stop(self) -> None:
         self.stopping.set()
 
+    def remember(self, known: registry.Remembered) -> None:
+        """Agents and topics seen before the restart: listed as disconnected until they speak."""
+        mono, wall = time.monotonic(), time.time()
+        for name, a in known.agents.items():
+            seen = a.get("last_seen")
+            if name in self.agents or not isinstance(seen, int | float):
+                continue
+            self.agents[name] = AgentInfo(
+                name, address=str(a.get("address", "")), mode=str(a.get("mode", "")),
+                version=str(a.get("version", "")), last_seen=mono - max(0.0, wall - seen),
+                lines=int(a.get("lines", 0)), bytes=int(a.get("bytes", 0)),
+                stopped=bool(a.get("stopped", False)), heard=False)
+            self.agents[name]._last_lines = self.agents[name].lines  # no rate from the old count
+        for name, t in known.topics.items():
+            if name not in self.topics:
+                lines = int(t.get("lines", 0))
+                self.topics[name] = TopicStats(lines=lines, bytes=int(t.get("bytes", 0)), _last_lines=lines)
+
+    def save_registry(self) -> None:
+        mono, wall = time.monotonic(), time.time()
+        agents = {a.name: {"address": a.address, "mode": a.mode, "version": a.version,
+                           "last_seen": wall - (mono - a.last_seen), "lines": a.lines, "bytes": a.bytes,
+                           "stopped": a.stopped}
+                  for a in self.agents.values() if a.last_seen}
+        topics = {name: {"lines": t.lines, "bytes": t.bytes} for name, t in self.topics.items()}
+        try:
+            registry.save(self.cfg.state_dir, agents, topics)
+            self._registry_error = False
+        except OSError as exc:
+            if not self._registry_error:
+                log.warning("cannot save %s/%s (%s): status will forget agents that are down at the "
+                            "next restart; no line is at risk", self.cfg.state_dir, registry.FILE, exc)
+            self._registry_error = True
+
     async def shutdown(self) -> None:
         """Stop taking batches, commit and acknowledge what we hold, then close, within budget."""
         self.notifier.notify("STOPPING=1")
@@ -220,6 +259,7 @@ class Aggregator(Rolling):
         except (TimeoutError, SinkError) as exc:
             log.warning("final commit did not finish (%s); agents will resend what was not acknowledged",
                         exc or "timeout")
+        self.save_registry()
         await self.release()
 
     async def release(self) -> None:
@@ -256,8 +296,10 @@ class Aggregator(Rolling):
         except ConfigError as exc:
             log.warning("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             return {"reloaded": False, "problems": exc.problems}
+        # max_message_bytes too: agents size their batches by the value their hello was told,
+        # and the sockets' MAXMSGSIZE is set at bind.
         fixed = ("output_dir", "state_dir", "pull", "xsub", "xpub", "control", "metrics_listen", "loop",
-                 "curve_secret_key")
+                 "curve_secret_key", "max_message_bytes")
         changed = [k for k in fixed if getattr(new.aggregator, k) != getattr(self.cfg, k)]
         if changed:
             log.warning("reload: %s need a restart to change; keeping the running values",
@@ -388,6 +430,7 @@ class Aggregator(Rolling):
         agent.lines += n
         agent.bytes += len(data)
         agent.last_seen = time.monotonic()
+        agent.heard = True
         if self.subscriptions:
             # Subscribers always get version 1 (a list of lines): one shape for consumers.
             proxy.publish(self.sockets["xpub"], frames if isinstance(batch.lines, list) else
@@ -459,6 +502,11 @@ class Aggregator(Rolling):
         mode = args.get("mode")
         if mode in ("push", "pub"):
             info.mode = mode
+        version, started_at = args.get("version"), args.get("started_at")
+        if isinstance(version, str) and len(version) <= 64:
+            info.version = version
+        if isinstance(started_at, int | float) and started_at > 0:
+            info.started_at = float(started_at)
         was_catching_up = info.catching_up
         fields = (("lag_bytes", "lag_bytes"), ("files", "files"), ("max_window", "max_inflight_bytes"))
         for attr, key in fields:
@@ -469,7 +517,7 @@ class Aggregator(Rolling):
         if isinstance(lag_s, int | float) and 0 <= lag_s < 1e9:
             info.lag_s = float(lag_s)
         info.last_seen = time.monotonic()
-        info.connected = True
+        info.connected = info.heard = True
         info.stopped = False
         if info.catching_up and not was_catching_up:
             # Counted at once, not at the next tick: when a whole fleet reconnects with
@@ -614,6 +662,7 @@ class Aggregator(Rolling):
             ticks += 1
             if ticks % 10 == 0:
                 self.notifier.notify("STATUS=" + self.status_line())
+                self.save_registry()
             if ticks % 3600 == 0:
                 self.forget_old_streams()
             if ticks % 60 == 0 and (self.cfg.retain_days or self.cfg.retain_files):
@@ -626,7 +675,8 @@ class Aggregator(Rolling):
                 stats._last_lines = stats.lines
                 stats.rate = 0.7 * stats.rate + 0.3 * delta
             for agent in self.agents.values():
-                agent.connected = not agent.stopped and now - agent.last_seen < self.cfg.agent_timeout_s
+                agent.connected = (agent.heard and not agent.stopped
+                                   and now - agent.last_seen < self.cfg.agent_timeout_s)
                 if not agent.connected:
                     agent.window = 0  # granted again at its next hello
             self.catching_up = sum(1 for a in self.agents.values() if a.catching_up)
@@ -665,9 +715,12 @@ class Aggregator(Rolling):
             "output_dir": self.cfg.output_dir,
             "disk": disk,
             "disk_error": self.disk_error,
+            "expected_missing": sorted(n for n in self.cfg.expected_agents
+                                       if n not in self.agents or not self.agents[n].connected),
             "agents": [
                 {"name": a.name, "address": a.address, "mode": a.mode, "connected": a.connected,
-                 "stopped": a.stopped,
+                 "stopped": a.stopped, "version": a.version or None,
+                 "uptime_s": round(time.time() - a.started_at, 1) if a.started_at and a.connected else None,
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
                  "lag_bytes": a.lag_bytes, "lag_s": a.lag_s, "window_bytes": a.window or None,

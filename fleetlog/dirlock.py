@@ -68,6 +68,13 @@ class DirectoryLock:
             raise
         self.fd = fd
 
+    def same_directory_as(self, other: DirectoryLock) -> bool:
+        """Both name one directory (by device and inode: a bind mount or a symlink is the same)."""
+        try:
+            return os.path.samefile(self.directory, other.directory)
+        except OSError:
+            return False
+
     def release(self) -> None:
         if self.fd is not None:
             with contextlib.suppress(OSError):

@@ -166,9 +166,18 @@ class Harness:
         proc.state_dir = state_dir
         return proc.start()
 
-    def ctl(self, ep: Endpoints, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.prefix, PY, "-m", "aggregator.ctl", "--control", ep.control, *args],
-                              capture_output=True, text=True, timeout=timeout)
+    def ctl(self, ep: Endpoints, *args: str, timeout: float = 20,
+            starting_s: float = 10.0) -> subprocess.CompletedProcess[str]:
+        """``aggregatorctl --control <ep.control> ARGS``. aggregatorctl answers at once when
+        nothing listens; an aggregator just started may not have bound yet, so that answer is
+        retried for up to ``starting_s`` (0: never)."""
+        deadline = time.monotonic() + starting_s
+        while True:
+            r = subprocess.run([*self.prefix, PY, "-m", "aggregator.ctl", "--control", ep.control, *args],
+                               capture_output=True, text=True, timeout=timeout)
+            if r.returncode != 3 or "no aggregator at" not in r.stderr or time.monotonic() > deadline:
+                return r
+            time.sleep(0.05)
 
     def status(self, ep: Endpoints) -> dict[str, Any]:
         r = self.ctl(ep, "status", "--json")

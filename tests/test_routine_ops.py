@@ -152,3 +152,27 @@ def test_agent_without_an_aggregator_stops_at_once_and_cleanly(h: Harness) -> No
     assert agent.stop(signal.SIGTERM, timeout=5) == 0
     log = agent.log()
     assert "Traceback" not in log and "never retrieved" not in log, log
+
+
+def test_status_after_a_restart_remembers_the_agent_that_is_down(h: Harness) -> None:
+    ep = h.endpoints()
+    expect = 'aggregator.expected_agents=["n1", "n2", "n3"]'
+    agg = h.aggregator(ep, expect)
+    for n in ("n1", "n2"):
+        append_lines(h.path("logs", f"{n}.log"), make_lines(n, 0, 20))
+    h.agent(ep, [{"paths": [str(h.path("logs", "n1.log"))], "topic": "app"}], name="n1")
+    n2 = h.agent(ep, [{"paths": [str(h.path("logs", "n2.log"))], "topic": "app"}], name="n2")
+    wait_for(lambda: acknowledged(h, "n1") and acknowledged(h, "n2"), what="both acknowledged")
+    n2.kill9()  # down without a goodbye
+    assert agg.stop(signal.SIGTERM) == 0
+    agg = h.aggregator(ep, expect)
+    s = wait_for(lambda: (x := h.status(ep))
+                 and any(a["name"] == "n1" and a["connected"] for a in x["agents"]) and x, what="n1 back")
+    agents = {a["name"]: a for a in s["agents"]}
+    assert not agents["n2"]["connected"] and agents["n2"]["last_seen_s"] > 0
+    assert agents["n2"]["lines"] == 20 and agents["n1"]["version"]
+    assert s["expected_missing"] == ["n2", "n3"]
+    assert [t["name"] for t in s["topics"]] == ["app"] and s["topics"][0]["lines"] == 40
+    shown = h.ctl(ep, "status").stdout
+    print(shown)  # for the record
+    assert "!! expected but not connected: n2, n3" in shown and " ago" in shown
