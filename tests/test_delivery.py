@@ -100,6 +100,8 @@ def test_sigterm_mid_stream(h: Harness, victim: str) -> None:
         time.sleep(0.3)
         assert procs[victim].stop(signal.SIGTERM) == 0
         procs[victim] = h.aggregator(ep) if victim == "aggregator" else h.agent(ep, sources(h))
+        # Up (its signal handlers in place) before the next SIGTERM.
+        wait_for(lambda: h.status(ep) if victim == "aggregator" else h.agent_status(), what=f"{victim} up")
     finish(h, writer)
 
 
