@@ -112,8 +112,8 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
         return 0
     print(f"agent {s['agent']} ({s['mode']} to {s['data']}, aggregator {s['aggregator'] or 'not connected'})")
     print(f"{len(s['files'])} files, {s['open_files']} open, lag {s['lag_bytes']} bytes, in flight "
-          f"{s['inflight_bytes']} of a {s['window_bytes']} byte window, {s['lines_shipped']} lines shipped, "
-          f"{s['resends']} resends")
+          f"{s['inflight_bytes']} of a {s['window_bytes']} byte window, {s['lines_shipped']} lines shipped "
+          f"(acknowledged), {s['resends']} resends")
     for f in s["files"]:
         flags = ("rotated " if f["rotated"] else "") + ("" if f["open"] else "closed")
         print(f"  {f['path']}  [{f['topic']}] id {f['identity']}  offset {f['offset']}/{f['size']}  "

@@ -81,12 +81,15 @@ class Agent(Following):
         self.size_seen: dict[str, deque[tuple[float, int]]] = {}
         self.lag_s = 0.0
         self.started_at = time.time()
+        self.reported_paths: list[str] = []  # the file list the aggregator last heard
         # Streams whose identity is not on disk yet: saved before their first batch ships, so a
         # crash can never make the agent ship the same bytes again under a new stream id.
         self.unsaved_streams = False
         self.pending_checkpoints: dict[tuple[int, int], Checkpoint] = {}
         self.first_run = False
-        self.lines_shipped = 0
+        self.lines_shipped = 0   # acknowledged as durable
+        self.lines_sent = 0      # sent, resends included
+        self.batch_lines: dict[str, deque[tuple[int, int]]] = {}
         self.batches_shipped = 0
         self.resends = 0
         self._warned: set[str] = set()
@@ -289,7 +292,14 @@ class Agent(Following):
             t.ack_progress = now  # its ack timeout starts with its first unacknowledged batch
             self.unacked.add(t)
         lines = chunk.count
-        self.lines_shipped += lines
+        self.lines_sent += lines
+        # Lines count as shipped once acknowledged: (end offset, lines) of each batch in flight.
+        sent = self.batch_lines.get(t.stream)
+        if sent is None:
+            sent = self.batch_lines[t.stream] = deque()
+        while sent and sent[-1][0] > chunk.start:
+            sent.pop()  # shipped again from an earlier offset: those batches went into the void
+        sent.append((chunk.end, lines))
         self.batches_shipped += 1
         read_full = chunk.end - chunk.start >= self.read_bytes // 2 or \
             lines >= cfg.batch_max_lines
@@ -420,6 +430,9 @@ class Agent(Following):
         if t is None or type(end) is not int or end <= t.acked:
             return
         t.acked = end
+        sent = self.batch_lines.get(stream)
+        while sent and sent[0][0] <= end:
+            self.lines_shipped += sent.popleft()[1]
         if t.ship_pos < end:
             t.ship_pos = end
         if t.ship_pos == t.acked:
@@ -476,6 +489,7 @@ class Agent(Following):
         resyncs)."""
         streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
         self.reported_lag = self.lag_bytes()
+        self.reported_paths = []  # a new aggregator instance: tell it the file list again
         return {"agent": self.cfg.name, "mode": self.cfg.mode, "version": __version__,
                 "started_at": self.started_at, "streams": streams[:20_000],
                 "lag_bytes": self.reported_lag, "lag_s": self.measure_lag_s(),
@@ -483,8 +497,23 @@ class Agent(Following):
 
     def heartbeat_args(self) -> dict[str, Any]:
         self.reported_lag = self.lag_bytes()
-        return {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.reported_lag,
-                "lag_s": self.measure_lag_s(), "files": len(self.tailers)}
+        args: dict[str, Any] = {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.reported_lag,
+                                "lag_s": self.measure_lag_s(), "files": len(self.tailers),
+                                "errors": self.error_counts()}
+        paths = sorted({t.path for t in self.tailers.values()})
+        if paths != self.reported_paths:
+            # The files followed, only when they changed (and at most 1,000 of them).
+            self.reported_paths = paths
+            args["file_list"] = paths[:1000]
+        return args
+
+    def error_counts(self) -> dict[str, int]:
+        """What went wrong with the files, for the aggregator's status: lines cut at their limit,
+        bytes discarded with them (over-long lines), batches too large to ship."""
+        tailers = self.tailers.values()
+        return {"cut_lines": sum(t.cut_lines for t in tailers),
+                "discarded_bytes": sum(t.discarded_bytes for t in tailers),
+                "oversized_batches": self.oversized_batches}
 
     def say_catching_up(self) -> None:
         """Stopped at its window: if the aggregator still thinks this agent is not catching up
@@ -527,6 +556,8 @@ class Agent(Following):
             oldest = min(oldest, samples[0][0])
         for stream in [s for s in seen if s not in self.tailers]:
             del seen[stream]
+        for stream in [s for s in self.batch_lines if s not in self.tailers]:
+            del self.batch_lines[stream]
         self.lag_s = round(now - oldest, 1)
         return self.lag_s
 
@@ -575,7 +606,8 @@ class Agent(Following):
             "aggregator_last_reply_s": transport.last_reply_age_s() if transport else None,
             "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files), "lag_s": self.measure_lag_s(),
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
-            "lines_shipped": self.lines_shipped, "batches_shipped": self.batches_shipped,
+            "lines_shipped": self.lines_shipped, "lines_sent": self.lines_sent,
+            "batches_shipped": self.batches_shipped,
             "resends": self.resends, "oversized_batches": self.oversized_batches,
             "open_files": sum(1 for t in self.tailers.values() if t.fd is not None),
             "copies_ignored": len(self.shadows),

@@ -7,7 +7,8 @@ metrics are turned on.
 
 Metrics (all prefixed ``fleetlog_agent_``):
 
-    lines_shipped_total, batches_shipped_total, bytes_shipped_total
+    lines_shipped_total               lines acknowledged as durable by the aggregator
+    lines_sent_total, batches_shipped_total, bytes_shipped_total   sent, resends included
     resends_total                     batches shipped again (no ack in time, resync, reconnect)
     unacked_bytes                     shipped, not yet acknowledged as durable (bounded by
                                       window_bytes: the agent stops reading there)
@@ -55,8 +56,9 @@ class AgentCollector:
         # InfoMetricFamily appends _info itself: fleetlog_agent_info.
         yield InfoMetricFamily(PREFIX.rstrip("_"), "The running agent",
                                value={"agent": a.cfg.name, "mode": a.cfg.mode, "version": __version__})
-        yield one(CounterMetricFamily(PREFIX + "lines_shipped", "Lines shipped (resends included)"),
+        yield one(CounterMetricFamily(PREFIX + "lines_shipped", "Lines acknowledged as durable"),
                   a.lines_shipped)
+        yield one(CounterMetricFamily(PREFIX + "lines_sent", "Lines sent (resends included)"), a.lines_sent)
         yield one(CounterMetricFamily(PREFIX + "batches_shipped", "Batches shipped (resends included)"),
                   a.batches_shipped)
         yield one(CounterMetricFamily(PREFIX + "bytes_shipped", "Bytes of batch bodies sent"),

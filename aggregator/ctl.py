@@ -105,6 +105,12 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _errors(errors: dict[str, int]) -> str:
+    """``cut_lines=2 oversized_batches=1`` (byte counts left to --json), or ``-``."""
+    shown = [f"{k}={v}" for k, v in sorted(errors.items()) if v and not k.endswith("_bytes")]
+    return " ".join(shown) or "-"
+
+
 def _connected(agent: dict[str, Any]) -> str:
     if agent["connected"]:
         return "yes"
@@ -139,11 +145,11 @@ def render_status(s: dict[str, Any]) -> str:
     out.append(f"agents ({len(agents)})")
     if agents:
         out += _table(["name", "address", "mode", "version", "connected", "last seen", "lines/s", "lag",
-                       "lag age", "window", "files"],
+                       "lag age", "window", "files", "errors"],
                       [[a["name"], a["address"] or "-", a["mode"] or "-", a.get("version") or "-",
                         _connected(a), _age(a["last_seen_s"]) + (" ago" if a["last_seen_s"] else ""),
                         f"{a['lines_per_s']:.0f}", _size(a["lag_bytes"]), _age(a.get("lag_s")),
-                        _size(a.get("window_bytes")), a["files"]]
+                        _size(a.get("window_bytes")), a["files"], _errors(a.get("errors") or {})]
                        for a in agents])
     if s.get("expected_missing"):
         out.append("!! expected but not connected: " + ", ".join(s["expected_missing"]))

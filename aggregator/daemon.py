@@ -50,6 +50,8 @@ class AgentInfo:
     heard: bool = True     # by this instance (False: remembered from before a restart)
     version: str = ""
     started_at: float = 0.0   # wall-clock time the agent started (from its hello)
+    errors: dict[str, int] = field(default_factory=dict)  # its files' troubles (heartbeats)
+    file_list: list[str] = field(default_factory=list)     # what it follows (heartbeats, on change)
     lag_bytes: int = 0
     # How old the oldest line the agent has not had acknowledged is (its heartbeats say; 0: none).
     lag_s: float = 0.0
@@ -513,6 +515,11 @@ class Aggregator(Rolling):
             value = args.get(key)
             if type(value) is int and value >= 0:
                 setattr(info, attr, value)
+        errors, file_list = args.get("errors"), args.get("file_list")
+        if isinstance(errors, dict):
+            info.errors = {str(k)[:64]: v for k, v in list(errors.items())[:16] if type(v) is int}
+        if isinstance(file_list, list):
+            info.file_list = [p for p in file_list[:1000] if isinstance(p, str)]
         lag_s = args.get("lag_s")
         if isinstance(lag_s, int | float) and 0 <= lag_s < 1e9:
             info.lag_s = float(lag_s)
@@ -724,7 +731,7 @@ class Aggregator(Rolling):
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
                  "lag_bytes": a.lag_bytes, "lag_s": a.lag_s, "window_bytes": a.window or None,
-                 "files": a.files}
+                 "files": a.files, "file_list": a.file_list, "errors": a.errors}
                 for a in sorted(self.agents.values(), key=lambda a: a.name)
             ],
             "topics": [
