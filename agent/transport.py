@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from agent.config import AgentConfig
+from agent.link import Link
 from fleetlog import curve, wire
 
 log = logging.getLogger("fleetlog.agent.transport")
@@ -33,6 +36,29 @@ _NOW = int(zmq.NOBLOCK)
 # PUB drops at the mark instead, which costs a resync and a reread: it queues up to 64.
 PUSH_SNDHWM = 32
 PUB_SNDHWM = 64
+AGENT_ID_FILE = "agent-id"
+
+
+def load_agent_id(state_dir: str) -> str:
+    """This agent's id: random, made once and kept in ``state_dir``, so a restart keeps it and
+    another host that uses the same name has another (the aggregator tells the two apart)."""
+    path = os.path.join(state_dir, AGENT_ID_FILE)
+    try:
+        with open(path) as fh:
+            found = fh.read().strip()
+        if 0 < len(found) <= 64 and found.isalnum():
+            return found
+    except OSError:
+        pass
+    new = uuid.uuid4().hex[:16]
+    try:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(new + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.info("cannot keep the agent id in %s (%s): using %s for this run", path, exc.strerror, new)
+    return new
 
 
 class Transport:
@@ -52,6 +78,7 @@ class Transport:
         self.data: zmq.asyncio.Socket | None = None
         self._data_raw: zmq.Socket | None = None  # type: ignore[type-arg]
         self.control: zmq.asyncio.Socket | None = None
+        self._control_raw: zmq.Socket | None = None  # type: ignore[type-arg]
         self.instance: str | None = None
         self.last_reply = 0.0  # loop.time() of the aggregator's last message
         self._ids = itertools.count(1)
@@ -62,6 +89,15 @@ class Transport:
         # Control messages each way: steady at one heartbeat and its reply a beat (plus acks).
         self.control_sent = 0
         self.control_received = 0
+        self.agent_id = ""
+        self.links: list[Link] = []
+        # The aggregator refused our last request (a name clash, a revoked key): its reason, until
+        # a request is answered again. Logged once per change of reason.
+        self.refusal: str | None = None
+        self._refused = False  # since the last hello answered: ship everything again after it
+        # What the aggregator's replies say is wrong with this agent (e.g. another agent uses
+        # its name); logged when it changes.
+        self.told: tuple[str, ...] = ()
 
     def connect(self) -> None:
         kind = zmq.PUSH if self.cfg.mode == "push" else zmq.PUB
@@ -72,7 +108,10 @@ class Transport:
         data.setsockopt(zmq.RECONNECT_IVL, 100)
         data.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         control = self.ctx.socket(zmq.DEALER)
-        control.setsockopt(zmq.IDENTITY, self.cfg.name.encode()[:255])
+        # The name and this agent's id: two agents given one name by mistake get two routes at
+        # the aggregator (one identity would take the other's replies), which can tell both.
+        self.agent_id = load_agent_id(self.cfg.state_dir)
+        control.setsockopt(zmq.IDENTITY, f"{self.cfg.name[:200]}/{self.agent_id}".encode()[:255])
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.SNDHWM, 100)
         control.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -81,14 +120,30 @@ class Transport:
         # Nothing queues while disconnected: heartbeats sent during an outage would otherwise all
         # reach the restarted aggregator at once, and all their replies name a new instance.
         control.setsockopt(zmq.IMMEDIATE, 1)
+        public = None
         if self.cfg.curve_secret_key:
             keys = curve.load_secret(self.cfg.curve_secret_key)
             server = curve.load_public(self.cfg.curve_server_key)
             curve.as_client(data, keys, server)
             curve.as_client(control, keys, server)
+            public = keys.public
+        self.data, self.control = data, control
+        # Requests go through a plain (shadow) socket: an asyncio socket's send returns a future,
+        # and one that failed with EAGAIN (nothing connected) was never awaited, which asyncio
+        # reports as "Future exception was never retrieved" with a traceback, once a request.
+        self._control_raw = zmq.Socket.shadow(control.underlying)
+        kind_name = "pull" if self.cfg.mode == "push" else "xsub"
+        self.links = [
+            Link("control", control, self.cfg.control,
+                 f"is `control` ({self.cfg.control}) the aggregator's control endpoint?", public),
+            Link("data", data, self.cfg.data,
+                 f"is `data` ({self.cfg.data}) the aggregator's {kind_name} endpoint ({self.cfg.mode}"
+                 " mode)?", public),
+        ]
+        for link in self.links:
+            link.monitor()
         data.connect(self.cfg.data)
         control.connect(self.cfg.control)
-        self.data, self.control = data, control
         self._data_raw = zmq.Socket.shadow(data.underlying)
 
     async def send(self, frames: list[bytes]) -> None:
@@ -111,10 +166,10 @@ class Transport:
         self.sent_bytes += len(frames[1])
 
     def request(self, command: str, args: dict[str, Any]) -> int:
-        assert self.control is not None
+        assert self._control_raw is not None
         req_id = next(self._ids)
         try:
-            self.control.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK)
+            self._control_raw.send(wire.encode_request(req_id, command, args), _NOW)
             self.control_sent += 1
         except zmq.Again:
             pass  # not connected yet; the next heartbeat tries again
@@ -153,6 +208,10 @@ class Transport:
             self.request("heartbeat", self.heartbeat_args())
 
     async def receive_loop(self) -> None:
+        """Control messages from the aggregator, and the connections' monitors, until cancelled."""
+        await asyncio.gather(self._receive(), *(link.watch() for link in self.links))
+
+    async def _receive(self) -> None:
         assert self.control is not None
         loop = asyncio.get_running_loop()
         while True:
@@ -166,14 +225,46 @@ class Transport:
             except wire.WireError as exc:
                 log.warning("ignoring a malformed control message from the aggregator: %s", exc)
                 continue
-            self.last_reply = loop.time()
             if "event" in msg:
+                self.last_reply = loop.time()
                 self.on_event(msg)
                 continue
             if not msg.get("ok"):
-                log.warning("aggregator refused a request: %s", msg.get("error"))
+                self.on_refused(msg.get("id"), str(msg.get("error")))
                 continue
+            self.last_reply = loop.time()
             self.on_reply(msg.get("id"), msg.get("result") or {})
+
+    def on_refused(self, req_id: Any, error: str) -> None:
+        """A request refused (another live agent has our name, our key was revoked...). The
+        aggregator is not talking to us: no resending to it, say hello again every beat until it
+        answers, then ship everything unacknowledged again. Logged once per reason."""
+        if error != self.refusal:
+            log.warning("the aggregator refuses this agent: %s (asking again every %gs)",
+                        error, self.cfg.heartbeat_interval_ms / 1000)
+            self.refusal = error
+        self._hellos.discard(req_id)
+        self._refused = True
+        self.instance = None
+        self.last_reply = 0.0
+
+    def problems(self) -> list[str]:
+        """What is wrong with this agent's connection now, for status and heartbeats."""
+        out = [link.problem for link in self.links if link.problem]
+        if self.refusal:
+            out.append(f"refused by the aggregator: {self.refusal}")
+        return out + list(self.told)
+
+    def on_told(self, result: dict[str, Any]) -> None:
+        warnings = result.get("warnings")
+        told = tuple(str(w) for w in warnings[:10]) if isinstance(warnings, list) else ()
+        if told != self.told:
+            for warning in told:
+                if warning not in self.told:
+                    log.warning("the aggregator says: %s", warning)
+            if not told:
+                log.info("the aggregator reports nothing wrong with this agent any more")
+            self.told = told
 
     def on_reply(self, req_id: Any, result: dict[str, Any]) -> None:
         """A hello or heartbeat reply. The state machine, which never loops on stale replies:
@@ -187,12 +278,19 @@ class Transport:
         instance = result.get("instance")
         if not isinstance(instance, str) or not instance:
             return
+        if self.refusal is not None:
+            log.info("the aggregator answers this agent again")
+            self.refusal = None
+        self.on_told(result)
         if req_id in self._hellos:
             self._hellos.clear()
             if instance == self.instance:
                 pass  # an answer to a hello we sent again while the first was on its way
             else:
-                restarted = self.instance is not None
+                # After a refusal, what was shipped meanwhile may have been dropped: as after a
+                # restart of the aggregator, everything unacknowledged goes again.
+                restarted = self.instance is not None or self._refused
+                self._refused = False
                 self.instance = instance
                 self.on_hello(result, restarted)
         elif instance != self.instance:
@@ -205,6 +303,8 @@ class Transport:
             self.on_window(result["window"])
 
     def close(self) -> None:
+        for link in self.links:
+            link.close()
         for sock in (self.data, self.control):
             if sock is not None:
                 sock.close(linger=0)

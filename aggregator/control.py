@@ -73,7 +73,7 @@ class ControlServer:
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.LINGER, 1000)
         if secure:
-            self.guard.protect(sock)
+            self.guard.protect(sock, endpoints, "control " + ", ".join(endpoints))
         try:
             for endpoint in endpoints:
                 bind(sock, endpoint)
@@ -109,7 +109,22 @@ class ControlServer:
                 except zmq.ZMQError:
                     user_id = ""
             peer = Peer(envelope[0], address or "local", sock, secure, user_id)
+            if secure and self.guard.refuse_revoked(peer.address, user_id, "control"):
+                # Admitted at its handshake, revoked since (the reload also cuts the connection;
+                # this covers what arrives before the client reconnects).
+                self.refuse(envelope, body.bytes, peer, "this agent's CURVE key is no longer authorised"
+                            " (removed from the aggregator's key directories)")
+                continue
             await self.handle(envelope, body.bytes, peer)
+
+    def refuse(self, envelope: list[bytes], body: bytes, peer: Peer, error: str) -> None:
+        """Answer a request with an error and nothing else."""
+        try:
+            request = wire.decode_control(body)
+        except wire.WireError:
+            return
+        if "command" in request and request.get("id") is not None:
+            self.reply(peer.sock, envelope, wire.encode_reply(request.get("id"), error=error))
 
     async def handle(self, envelope: list[bytes], body: bytes, peer: Peer) -> None:
         try:

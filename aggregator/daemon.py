@@ -656,6 +656,7 @@ class Aggregator(Rolling):
                 "pending_bytes": self.pending_bytes, "compressions_running": len(self._compressions),
             },
             "malformed": dict(t.malformed),
+            "refusals": self.guard.refusals.status(),
             "control": {"messages_received": self.control.messages_received if self.control else 0},
             "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,
                      "agents_catching_up": self.catching_up, "granted_bytes": self.granted},

@@ -281,3 +281,39 @@ def test_sighup_reloads_the_authorised_keys(h: Harness, keys: Keys) -> None:
     assert h.ctl(local, "reload").returncode == 0
     assert h.ctl(tcp, "--timeout", "1", "--curve-key", keys.secret("stranger"), *server,
                  "status").returncode == 3
+
+
+# --- roll-out, revocation and refusals (issue 13) --------------------------------------------------
+
+
+def authorise(h: Harness, keys: Keys, local: Endpoints, *names: str) -> None:
+    """Copy agents' public keys into authorized_keys_dir and reload the aggregator."""
+    for name in names:
+        shutil.copy(keys.public(name), keys.agents)
+    r = h.ctl(local, "reload")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("mode", ["push", "pub"])
+def test_agent_refused_then_authorised_ships_without_restart(h: Harness, keys: Keys, mode: str) -> None:
+    tcp, local = secure_aggregator(h, keys)
+    curve.generate(str(keys.private), "web-02")
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 500))
+    agent = h.agent(tcp, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "sec"}],
+                    *agent_keys(keys, "web-02"), name="web-02", mode=mode)
+    public = curve.load_secret(keys.secret("web-02")).public.decode()
+    wait_for(lambda: "refuses this agent's CURVE key" in agent.log(), what="the agent saying it is refused")
+    assert public in agent.log()
+    status = wait_for(lambda: h.agent_status("web-02"), what="agent status")
+    assert any("refuses this agent's CURVE key" in p for p in status["problems"]), status
+    # Refused again and again while it waits, but said once (per socket), and never a traceback.
+    wait_for(lambda: h.status(local)["refusals"]["total"] >= 4, what="the agent retrying its handshake")
+    assert agent.log().count("refuses this agent's CURVE key") <= 2
+    assert "Traceback" not in agent.log() and "never retrieved" not in agent.log()
+    authorise(h, keys, local, "web-02")
+    wait_for(lambda: count_lines(h.path("out", "sec", "sec.log")) >= 500, timeout=30,
+             what="lines once the key is authorised")
+    check_exactly_once(output_lines(h.path("out"), "sec"), {"a": 500})
+    assert wait_for(lambda: (s := h.agent_status("web-02")) and not s["problems"] and s, what="no problem")
+    assert agent.alive()
+    h.assert_quiet(tcp)
