@@ -108,7 +108,9 @@ class Link:
             # ZeroMQ reconnects by itself here. One such failure can be an aggregator going down
             # in mid-handshake; every attempt failing is a peer that cannot read our hello.
             self.failures += 1
-            if self.failures >= 2:
+            if self.failures >= 2 and self.problem is None:
+                # Never instead of a refusal already said: a refused client sometimes sees the
+                # peer close before it reads the reason, and the log would flip between the two.
                 self.set_problem(self._no_detail_text())
         elif event == zmq.EVENT_DISCONNECTED:
             self.up = False
@@ -140,8 +142,9 @@ class Link:
         if self.up or self._retry is not None:
             return
         self.failures += 1
-        self.set_problem(f"{self.endpoint} closes the {self.role} connection as soon as it is made, and"
-                         f" ZeroMQ gives up on it (a socket of another type answers there): {self.hint}")
+        if self.problem is None:
+            self.set_problem(f"{self.endpoint} closes the {self.role} connection as soon as it is made, and"
+                             f" ZeroMQ gives up on it (a socket of another type answers there): {self.hint}")
         self._reconnect_later()
 
     def _reconnect_later(self) -> None:

@@ -4,6 +4,7 @@ rotate, reload."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import sys
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import orjson
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from aggregator.config import load_config
 from fleetlog import curve, wire
@@ -54,6 +56,9 @@ class Client:
         self.curve_keys = curve_keys
         self.ctx = zmq.Context()
         self.sock = self.socket(zmq.DEALER)
+        # Watched from before the connect: when nothing answers, what the handshakes did tells
+        # "refused" from "not running".
+        self.monitor = self.sock.get_monitor_socket()
         self.sock.connect(endpoint)
         self.ids = itertools.count(1)
 
@@ -78,9 +83,41 @@ class Client:
             if not reply.get("ok"):
                 raise CommandFailed(reply.get("error", "failed"))
             return reply.get("result")
-        raise Unreachable(f"no answer from the aggregator at {self.endpoint} within {self.timeout_s:g}s")
+        raise Unreachable(self.why_no_answer())
+
+    def why_no_answer(self) -> str:
+        """What the connection's handshakes say about the silence, as a sentence."""
+        seen: dict[int, int] = {}
+        while self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())
+            seen[int(event["event"])] = int(event["value"])
+        where, within = f"the aggregator at {self.endpoint}", f"within {self.timeout_s:g}s"
+        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in seen:
+            return (f"{where} refused this client's CURVE key (it is in neither its authorized_keys_dir"
+                    " nor its admin_keys_dir)")
+        protocol = seen.get(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        if protocol == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            if self.curve_keys is not None:
+                return f"{where} does not use CURVE: leave out --curve-key and --server-key"
+            return (f"{where} requires CURVE: give --curve-key and --server-key, or use its ipc://"
+                    " control socket")
+        if protocol is not None:
+            return f"the handshake with {self.endpoint} fails (ZeroMQ protocol error {protocol:#x})"
+        if zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL in seen:
+            if self.curve_keys is not None:
+                return (f"{where} closes the connection during the CURVE handshake: is --server-key"
+                        " the aggregator's current public key?")
+            return (f"{where} closes the connection during the handshake: it probably requires CURVE"
+                    " (give --curve-key and --server-key, or use its ipc:// control socket)")
+        if zmq.EVENT_HANDSHAKE_SUCCEEDED in seen:
+            return (f"connected to {self.endpoint}, but no answer {within}: is it an aggregator's"
+                    " control endpoint, and is that aggregator responsive?")
+        return f"no answer from the aggregator at {self.endpoint} {within}; is it running?"
 
     def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close(linger=0)
         self.ctx.term()
 
@@ -370,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(client, args))
     except Unreachable as exc:
-        print(f"aggregatorctl: {exc}; is it running?", file=sys.stderr)
+        print(f"aggregatorctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except CommandFailed as exc:
         print(f"aggregatorctl: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ from harness import (
     append_lines,
     check_exactly_once,
     count_lines,
+    free_port,
     make_lines,
     output_lines,
     wait_for,
@@ -317,3 +318,91 @@ def test_agent_refused_then_authorised_ships_without_restart(h: Harness, keys: K
     assert wait_for(lambda: (s := h.agent_status("web-02")) and not s["problems"] and s, what="no problem")
     assert agent.alive()
     h.assert_quiet(tcp)
+
+
+def test_revoked_agent_is_cut_off_within_seconds(h: Harness, keys: Keys) -> None:
+    """ZAP runs only at the handshake: removing a key and reloading must still stop a connected
+    agent (its connections are cut and its handshakes refused), and authorising it again lets it
+    ship the rest, exactly once."""
+    tcp, local = secure_aggregator(h, keys)
+    log_path = h.path("logs", "a.log")
+    append_lines(log_path, make_lines("a", 0, 300))
+    agent = h.agent(tcp, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "sec"}], *agent_keys(keys))
+    out = h.path("out", "sec", "sec.log")
+    wait_for(lambda: count_lines(out) >= 300, what="lines before the revocation")
+    os.unlink(keys.agents / "web-01.key")
+    assert h.ctl(local, "reload").returncode == 0
+    revoked_at = time.monotonic()
+    wait_for(lambda: any("CURVE key" in p for p in (h.agent_status() or {}).get("problems", [])),
+             timeout=10, what="the agent saying it is refused")
+    assert time.monotonic() - revoked_at < 10
+    public = curve.load_secret(keys.secret("web-01")).public.decode()
+    refused = h.status(local)["refusals"]
+    assert any(p["key"] == public and p["address"] == "127.0.0.1" for p in refused["peers"]), refused
+    append_lines(log_path, make_lines("a", 300, 200))
+    before = count_lines(out)
+    h.assert_quiet(local)  # a window in which the revoked agent retries quietly...
+    assert count_lines(out) == before  # ...and nothing of its is written
+    authorise(h, keys, local, "web-01")
+    wait_for(lambda: count_lines(out) >= 500, timeout=30, what="the rest once authorised again")
+    check_exactly_once(output_lines(h.path("out"), "sec"), {"a": 500})
+    assert "Traceback" not in agent.log()
+    h.assert_quiet(local)
+
+
+def test_refusals_counted_with_peer_and_key(h: Harness, keys: Keys) -> None:
+    """Each kind of refused client is counted in status and metrics with its address (and key
+    when it has one), logged once, and the client is told where it can be."""
+    from test_ops import scrape
+
+    tcp = h.endpoints(tcp=True)
+    port = free_port()
+    ipc_control = f"ipc://{h.root}/ctl.sock"
+    agg = h.aggregator(tcp, f"aggregator.control=[\"{tcp.control}\", \"{ipc_control}\"]",
+                       f"aggregator.curve_secret_key={keys.secret('aggregator')}",
+                       f"aggregator.authorized_keys_dir={keys.agents}",
+                       f"aggregator.admin_keys_dir={keys.admins}",
+                       f"aggregator.metrics_listen=127.0.0.1:{port}")
+    local = Endpoints(tcp.pull, tcp.xsub, tcp.xpub, ipc_control)
+    wait_for(lambda: h.ctl(local, "ping").returncode == 0, what="aggregator up")
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 10))
+    sources = [{"paths": [f"{h.path('logs')}/*.log"], "topic": "sec"}]
+    # A stranger's key; an authorised agent holding a stale server key; a plain client.
+    stranger = h.agent(tcp, sources, *agent_keys(keys, "stranger"), name="stranger")
+    stale = h.agent(tcp, sources, f"agent.curve_secret_key={keys.secret('web-01')}",
+                    f"agent.curve_server_key={keys.public('stranger')}", name="stale")
+    plain = h.agent(tcp, sources, name="plain")
+    stranger_key = curve.load_secret(keys.secret("stranger")).public.decode()
+
+    def refusals() -> dict[tuple[str, str, str], int]:
+        peers = h.status(local)["refusals"]["peers"]
+        return {(p["address"], p["key"], p["reason"]): p["count"] for p in peers}
+
+    wait_for(lambda: {("127.0.0.1", stranger_key, "unknown_key"), ("127.0.0.1", "", "no_curve"),
+                      ("127.0.0.1", "", "bad_server_key")} <= set(refusals()), timeout=30,
+             what="each refusal counted with its peer")
+    no_curve = 'fleetlog_aggregator_refusals_total{reason="no_curve"}'
+    m = wait_for(lambda: (x := scrape(port)).get(no_curve) and x, what="refusals in the metrics")
+    assert m[f'fleetlog_aggregator_refused_peer_total{{address="127.0.0.1",key="{stranger_key}",'
+             'reason="unknown_key"}'] >= 1
+    text = agg.log()
+    assert f"from 127.0.0.1 with key {stranger_key}" in text
+    assert "without CURVE keys" in text and "curve_server_key is not this aggregator's" in text
+    assert "refuses this agent's CURVE key" in stranger.log()
+    wait_for(lambda: "stale server key" in stale.log(), what="the stale server key named")
+    wait_for(lambda: "requires CURVE" in plain.log(), what="the plain agent told CURVE is required")
+    # aggregatorctl says why too, rather than "is it running?".
+    server = ["--server-key", keys.public("aggregator")]
+    r = h.ctl(tcp, "--timeout", "2", "--curve-key", keys.secret("stranger"), *server, "status")
+    assert r.returncode == 3 and "refused this client's CURVE key" in r.stderr, r.stderr
+    r = h.ctl(tcp, "--timeout", "2", "status")
+    assert r.returncode == 3 and "requires CURVE" in r.stderr, r.stderr
+    r = h.ctl(tcp, "--timeout", "2", "--curve-key", keys.secret("web-01"), "--server-key",
+              keys.public("stranger"), "status")
+    assert r.returncode == 3 and "--server-key" in r.stderr, r.stderr
+    h.assert_quiet(local)
+    # Retrying, but each logged once.
+    for proc, phrase in ((stranger, "refuses this agent's CURVE key"), (stale, "stale server key"),
+                         (plain, "requires CURVE")):
+        assert proc.log().count(phrase) <= 2, proc.log()
+    assert agg.log().count(f"with key {stranger_key}") == 1
