@@ -411,7 +411,8 @@ class Agent(Following):
         assert self.transport is not None
         return {"agent": self.cfg.name, "agent_id": self.transport.agent_id, "mode": self.cfg.mode,
                 "streams": streams[:20_000], "lag_bytes": self.reported_lag,
-                "max_inflight_bytes": self.cfg.max_inflight_bytes, "problems": self.problems()}
+                "max_inflight_bytes": self.cfg.max_inflight_bytes, "problems": self.problems(),
+                "heartbeat_interval_ms": self.cfg.heartbeat_interval_ms}
 
     def heartbeat_args(self) -> dict[str, Any]:
         """A heartbeat's content; once a beat, it also looks at whether acks are flowing."""
@@ -433,7 +434,7 @@ class Agent(Following):
         limit = max(5.0, 3 * self.cfg.ack_timeout_ms / 1000)
         transport = self.transport
         stalled = (self.stalled_since is not None and now - self.stalled_since >= limit
-                   and transport is not None and transport.aggregator_alive(limit))
+                   and transport is not None and transport.answers(limit))
         if stalled and self.ack_problem is None:
             endpoint = "pull" if self.cfg.mode == "push" else "xsub"
             self.ack_problem = (

@@ -176,7 +176,13 @@ class Transport:
         return req_id
 
     def aggregator_alive(self, within_s: float) -> bool:
-        """Heard from the aggregator lately (resending to nobody only fills queues)."""
+        """Heard from the aggregator lately, and the data connection not known to be refused
+        (resending to nobody only fills queues, and a PUB socket drops it all)."""
+        return self.answers(within_s) and not any(link.problem for link in self.links
+                                                  if link.role == "data")
+
+    def answers(self, within_s: float) -> bool:
+        """Heard from the aggregator on the control channel within ``within_s``."""
         return asyncio.get_running_loop().time() - self.last_reply < within_s
 
     def hello(self) -> None:

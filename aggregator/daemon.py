@@ -41,6 +41,12 @@ class AgentInfo:
     routing_id: bytes = b""
     route: Any = None  # the control socket the agent talks on
     name_clash_warned: bool = False
+    agent_id: str = ""     # the agent's own id (kept in its state_dir): two hosts, two ids
+    heartbeat_s: float = 1.0
+    problems: list[str] = field(default_factory=list)  # what the agent says is wrong
+    # Another live agent with this name, refused while this one is connected: its address and id,
+    # and when it last tried (monotonic).
+    clash: tuple[str, str, float] | None = None
     address: str = ""
     mode: str = ""
     last_seen: float = 0.0
@@ -430,9 +436,15 @@ class Aggregator(Rolling):
         info = self.agents.get(name)
         if info is None:
             info = self.agents[name] = AgentInfo(name)
+        agent_id = args.get("agent_id")
+        agent_id = agent_id if type(agent_id) is str and 0 < len(agent_id) <= 64 else ""
+        now = time.monotonic()
+        if agent_id and info.agent_id and agent_id != info.agent_id and info.last_seen \
+                and now - info.last_seen < min(3 * info.heartbeat_s, self.cfg.agent_timeout_s):
+            self.refuse_name_clash(info, agent_id, peer.address, now)
         host = peer.address.rsplit(":", 1)[0]
-        if (info.address and info.address.rsplit(":", 1)[0] != host and not info.name_clash_warned
-                and time.monotonic() - info.last_seen < 2 * self.cfg.agent_timeout_s):
+        if (not agent_id and info.address and info.address.rsplit(":", 1)[0] != host
+                and not info.name_clash_warned and now - info.last_seen < 2 * self.cfg.agent_timeout_s):
             # Identities are agent names: two hosts with one name take each other's acks (they
             # resend, so nothing is lost, but both crawl). Say so once.
             info.name_clash_warned = True
@@ -441,9 +453,17 @@ class Aggregator(Rolling):
         info.routing_id = peer.routing_id
         info.route = peer.sock
         info.address = peer.address
+        if agent_id:
+            info.agent_id = agent_id
         mode = args.get("mode")
         if mode in ("push", "pub"):
             info.mode = mode
+        problems = args.get("problems")
+        if isinstance(problems, list):
+            info.problems = [str(p)[:1000] for p in problems[:10]]
+        beat = args.get("heartbeat_interval_ms")
+        if type(beat) is int and beat > 0:
+            info.heartbeat_s = beat / 1000
         was_catching_up = info.catching_up
         fields = (("lag_bytes", "lag_bytes"), ("files", "files"), ("max_window", "max_inflight_bytes"))
         for attr, key in fields:
@@ -458,6 +478,27 @@ class Aggregator(Rolling):
             self.catching_up += 1
             self.share_window()
         return info
+
+    def refuse_name_clash(self, info: AgentInfo, agent_id: str, address: str, now: float) -> None:
+        """A second live agent with ``info``'s name (another id, so another host or state_dir):
+        refused, told why (the error of its hello or heartbeat), and the first told in its
+        replies (``warnings``) while the second keeps trying. Raises ValueError."""
+        if info.clash is None or info.clash[1] != agent_id or now - info.clash[2] > 10 * info.heartbeat_s:
+            log.warning("agent name %r is used by two live agents: %s (id %s, connected) and %s (id %s,"
+                        " refused while the first is connected): give each agent its own agent.name",
+                        info.name, info.address, info.agent_id, address, agent_id)
+        info.clash = (address, agent_id, now)
+        raise ValueError(f"agent name {info.name!r} is in use by another live agent at {info.address}"
+                         f" (id {info.agent_id}; this agent is {agent_id}): give each agent its own"
+                         " agent.name; refused while the other is connected")
+
+    def agent_warnings(self, info: AgentInfo) -> list[str]:
+        """What the aggregator tells an agent about itself in its replies."""
+        clash = info.clash
+        if clash is None or time.monotonic() - clash[2] > 5 * info.heartbeat_s:
+            return []
+        return [f"agent name {info.name!r} is also used by another agent at {clash[0]} (id {clash[1]}),"
+                " refused while this one is connected: give each agent its own agent.name"]
 
     def share_window(self) -> None:
         """Each catching-up agent's share: an equal part of the budget (wire.MIN_WINDOW at least)."""
@@ -489,10 +530,12 @@ class Aggregator(Rolling):
         return window
 
     def replies(self, info: AgentInfo, result: dict[str, Any]) -> dict[str, Any]:
-        """A hello or heartbeat reply, with this agent's window when there is one."""
+        """A hello or heartbeat reply, with this agent's window when there is one, and what is
+        wrong with it (``warnings``, always present: an empty list says it is over)."""
         window = self.grant(info)
         if window is not None:
             result["window"] = window
+        result["warnings"] = self.agent_warnings(info)
         return result
 
     def send_event(self, agent: str, body: bytes) -> None:
@@ -640,7 +683,8 @@ class Aggregator(Rolling):
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
                  "lag_bytes": a.lag_bytes, "window_bytes": a.window or None,
-                 "files": a.files}
+                 "files": a.files, "agent_id": a.agent_id or None,
+                 "problems": a.problems + self.agent_warnings(a)}
                 for a in sorted(self.agents.values(), key=lambda a: a.name)
             ],
             "topics": [
