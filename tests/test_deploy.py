@@ -447,6 +447,15 @@ def test_curve_run_succeeds_then_changes_nothing(curve_run: CurveRun) -> None:
     assert reload not in curve_run.runs[1].stdout
 
 
+def test_curve_rollout_reloads_the_aggregator_before_agents_restart(curve_run: CurveRun) -> None:
+    """On the first CURVE run the aggregator reads the new agent keys before the agents restart
+    with them (handlers run in the order the role lists them)."""
+    out = curve_run.runs[0].stdout
+    reload = out.find("RUNNING HANDLER [fleetlog_agent : Reload fleetlog-aggregator for new agent keys]")
+    restart = out.find("RUNNING HANDLER [fleetlog_agent : Restart fleetlog-agent]")
+    assert 0 <= reload < restart, output(curve_run.runs[0])
+
+
 def test_curve_key_files_have_safe_modes(curve_run: CurveRun) -> None:
     keys = curve_run.keys
 

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -19,6 +20,7 @@ import zmq
 from harness import (
     Endpoints,
     Harness,
+    Writer,
     append_lines,
     check_exactly_once,
     count_lines,
@@ -406,3 +408,55 @@ def test_refusals_counted_with_peer_and_key(h: Harness, keys: Keys) -> None:
                          (plain, "requires CURVE")):
         assert proc.log().count(phrase) <= 2, proc.log()
     assert agg.log().count(f"with key {stranger_key}") == 1
+
+
+def test_curve_rollout_in_ansible_order_ends_shipping(h: Harness, keys: Keys) -> None:
+    """A first `fleetlog_curve: true` run as the roles did it: the aggregator restarted with CURVE
+    (no agent key known yet), then each agent restarted with its new key before the aggregator
+    reloads the key directory. Every agent ships in the end, without another restart, every line
+    exactly once."""
+    import signal
+
+    tcp = h.endpoints(tcp=True)
+    ipc_control = f"ipc://{h.root}/ctl.sock"
+    local = Endpoints(tcp.pull, tcp.xsub, tcp.xpub, ipc_control)
+    control = f"aggregator.control=[\"{tcp.control}\", \"{ipc_control}\"]"
+    names = ["web-02", "web-03", "web-04"]
+    for name in names:
+        curve.generate(str(keys.private), name)
+    for f in keys.agents.iterdir():
+        f.unlink()
+    paths = {name: h.path("logs", name, "app.log") for name in names}
+    for p in paths.values():
+        p.parent.mkdir()
+    writer = Writer(dict(paths), lines_per_tick=2, tick_s=0.02).start()
+
+    def start_agents(with_keys: bool = False) -> list[Any]:
+        return [h.agent(tcp, [{"paths": [str(paths[n])], "topic": "app"}],
+                        *(agent_keys(keys, n) if with_keys else []), name=n) for n in names]
+
+    agg = h.aggregator(tcp, control)
+    agents = start_agents()
+    wait_for(lambda: len(output_lines(h.path("out"), "app")) > 100, what="plain shipping")
+    # The aggregator play: CURVE on, a restart, no agent key yet.
+    assert agg.stop(signal.SIGTERM) == 0
+    agg = h.aggregator(tcp, control, f"aggregator.curve_secret_key={keys.secret('aggregator')}",
+                       f"aggregator.authorized_keys_dir={keys.agents}",
+                       f"aggregator.admin_keys_dir={keys.admins}")
+    wait_for(lambda: h.ctl(local, "ping").returncode == 0, what="aggregator up with CURVE")
+    # The agent play, as the handlers used to run: each agent restarted with its key first...
+    for a in agents:
+        assert a.stop(signal.SIGTERM) == 0
+    agents = start_agents(with_keys=True)
+    wait_for(lambda: all("refuses this agent's CURVE key" in a.log() for a in agents), what="agents refused")
+    # ...then the aggregator reloaded (systemctl reload: SIGHUP) with their keys.
+    for n in names:
+        shutil.copy(keys.public(n), keys.agents)
+    agg.popen.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    counts = writer.stop()
+    wait_for(lambda: all((s := h.agent_status(n)) and s["lag_bytes"] == 0 and s["inflight_bytes"] == 0
+                         and not s["problems"] for n in names), timeout=40,
+             what="every agent shipping and acknowledged, without a restart")
+    check_exactly_once(output_lines(h.path("out"), "app"), counts)
+    assert all(a.alive() for a in agents)
+    h.assert_quiet(local)
