@@ -138,7 +138,7 @@ class Guard:
         zap.setsockopt(zmq.LINGER, 0)
         zap.bind(ZAP_ENDPOINT)
         self._zap = zap
-        self._tasks.append(asyncio.create_task(self._serve_zap(zap), name="zap"))
+        self._start(self._serve_zap(zap), "zap")
 
     def admitted(self, key: bytes) -> bool:
         return key in self.allowed or key in self.admins
@@ -199,7 +199,12 @@ class Guard:
             monitor.setsockopt(zmq.LINGER, 0)
             monitor.connect(address)
             self._monitors.append(monitor)
-            self._tasks.append(asyncio.create_task(self._watch(monitor, sock, name), name="handshakes"))
+            self._start(self._watch(monitor, sock, name), "handshakes")
+
+    def _start(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_log_failure)
+        self._tasks.append(task)
 
     @staticmethod
     def _endpoint(sock: zmq.Socket) -> str:  # type: ignore[type-arg]
@@ -281,6 +286,12 @@ class Guard:
         if self._zap is not None:
             self._zap.close(linger=0)
             self._zap = None
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the %s task failed: %r; CURVE clients may go unanswered", task.get_name(),
+                  task.exception())
 
 
 def _peer_of(fd: int) -> str:

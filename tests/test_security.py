@@ -460,3 +460,9 @@ def test_curve_rollout_in_ansible_order_ends_shipping(h: Harness, keys: Keys) ->
     check_exactly_once(output_lines(h.path("out"), "app"), counts)
     assert all(a.alive() for a in agents)
     h.assert_quiet(local)
+    # And both sides stop cleanly, monitors, ZAP handler and all.
+    for a in agents:
+        assert a.stop(signal.SIGTERM) == 0, a.log()[-3000:]
+    assert agg.stop(signal.SIGTERM) == 0, agg.log()[-3000:]
+    for proc in (agg, *agents):
+        assert "Traceback" not in proc.log() and "destroyed but it is pending" not in proc.log(), proc.log()
