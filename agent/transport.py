@@ -14,7 +14,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -78,7 +78,6 @@ class Transport:
         self.data: zmq.asyncio.Socket | None = None
         self._data_raw: zmq.Socket | None = None  # type: ignore[type-arg]
         self.control: zmq.asyncio.Socket | None = None
-        self._control_raw: zmq.Socket | None = None  # type: ignore[type-arg]
         self.instance: str | None = None
         self.last_reply = 0.0  # loop.time() of the aggregator's last message
         self._ids = itertools.count(1)
@@ -128,10 +127,6 @@ class Transport:
             curve.as_client(control, keys, server)
             public = keys.public
         self.data, self.control = data, control
-        # Requests go through a plain (shadow) socket: an asyncio socket's send returns a future,
-        # and one that failed with EAGAIN (nothing connected) was never awaited, which asyncio
-        # reports as "Future exception was never retrieved" with a traceback, once a request.
-        self._control_raw = zmq.Socket.shadow(control.underlying)
         kind_name = "pull" if self.cfg.mode == "push" else "xsub"
         self.links = [
             Link("control", control, self.cfg.control,
@@ -166,13 +161,17 @@ class Transport:
         self.sent_bytes += len(frames[1])
 
     def request(self, command: str, args: dict[str, Any]) -> int:
-        assert self._control_raw is not None
+        assert self.control is not None
         req_id = next(self._ids)
-        try:
-            self._control_raw.send(wire.encode_request(req_id, command, args), _NOW)
+        fut = cast("asyncio.Future[Any]",
+                   self.control.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK))
+        # A non-blocking send's future is done at once. Its error (EAGAIN: not connected yet; the
+        # next heartbeat tries again) must be read here: left unread, asyncio logged "Future
+        # exception was never retrieved" with a traceback for every request of a refused agent.
+        if not fut.done():
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        elif fut.cancelled() or fut.exception() is None:
             self.control_sent += 1
-        except zmq.Again:
-            pass  # not connected yet; the next heartbeat tries again
         return req_id
 
     def aggregator_alive(self, within_s: float) -> bool:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 import zmq.asyncio
@@ -157,10 +157,15 @@ class ControlServer:
 
     @staticmethod
     def reply(sock: zmq.asyncio.Socket, envelope: list[bytes], body: bytes) -> None:
-        try:
-            sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK)
-        except (zmq.Again, zmq.ZMQError) as exc:
-            log.debug("reply not sent: %s", exc)
+        fut = cast("asyncio.Future[Any]", sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK))
+        # A non-blocking send's future is done at once; its error (EAGAIN) must be read here, or
+        # asyncio reports "Future exception was never retrieved" with a traceback. (Sending
+        # through the asyncio socket, not a shadow: it wakes the receive loop if it must.)
+        if fut.done():
+            if not fut.cancelled() and fut.exception() is not None:
+                log.debug("reply not sent: %s", fut.exception())
+        else:
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def send_to(self, sock: zmq.asyncio.Socket, routing_id: bytes, body: bytes) -> None:
         self.reply(sock, [routing_id], body)
