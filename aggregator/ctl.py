@@ -185,6 +185,15 @@ def render_status(s: dict[str, Any]) -> str:
                    f"granted of {_size(flow.get('window_budget_bytes'))})")
     if s.get("malformed"):
         out.append("malformed by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(s["malformed"].items())))
+    refusals = s.get("refusals") or {}
+    if refusals.get("total"):
+        out.append(f"refused clients: {refusals['total']} ("
+                   + ", ".join(f"{k}={v}" for k, v in sorted(refusals["by_reason"].items())) + "); latest: "
+                   + ", ".join(f"{p['address'] or '?'} {p['key'] or '(no key)'} {p['reason']}"
+                               for p in refusals["peers"][:3]))
+    for a in agents:
+        for problem in a.get("problems") or []:
+            out.append(f"!! agent {a['name']}: {problem}")
     return "\n".join(out)
 
 

@@ -44,7 +44,7 @@ MAX_REFUSED_PEERS = 1000
 
 REASONS = {
     "unknown_key": "a CURVE key not in authorized_keys_dir or admin_keys_dir",
-    "revoked_key": "a key removed from the key directories, on a connection made before",
+    "revoked_key": "a key removed from the key directories by a reload",
     "no_curve": "a client without CURVE keys (plain ZeroMQ)",
     "bad_server_key": "a client whose curve_server_key is not this aggregator's public key",
     "protocol": "a ZeroMQ handshake error",
@@ -101,6 +101,7 @@ class Guard:
         self.allowed: set[bytes] = set()
         self.admins: set[bytes] = set()
         self.refusals = Refusals()
+        self.revoked: set[bytes] = set()  # keys removed by a reload since the start
         self._cfg = cfg
         self._ctx: zmq.asyncio.Context | None = None
         self._zap: zmq.asyncio.Socket | None = None
@@ -161,7 +162,8 @@ class Guard:
                     user_id, text = key, b"OK"
                 else:
                     text = b"key not authorised"
-                    self.refusals.add(address, key.decode(), "unknown_key", "the CURVE handshake")
+                    reason = "revoked_key" if key in self.revoked else "unknown_key"
+                    self.refusals.add(address, key.decode(), reason, "the CURVE handshake")
             elif len(request) >= 6 and request[5] == b"NULL":
                 text = b"CURVE required"  # a plain socket with our ZAP domain: not ours to admit
             reply = [b"1.0", request_id, b"200" if ok else b"400", text, user_id, b""]
@@ -177,6 +179,7 @@ class Guard:
         before = self.allowed | self.admins
         self.load(cfg)
         revoked = before - (self.allowed | self.admins)
+        self.revoked = (self.revoked | revoked) - self.allowed - self.admins
         if revoked:
             log.warning("%d keys revoked: closing every CURVE connection so that each shakes hands"
                         " again (agents reconnect and resend what was in flight)", len(revoked))

@@ -340,7 +340,8 @@ def test_revoked_agent_is_cut_off_within_seconds(h: Harness, keys: Keys) -> None
     assert time.monotonic() - revoked_at < 10
     public = curve.load_secret(keys.secret("web-01")).public.decode()
     refused = h.status(local)["refusals"]
-    assert any(p["key"] == public and p["address"] == "127.0.0.1" for p in refused["peers"]), refused
+    assert any(p["key"] == public and p["address"] == "127.0.0.1" and p["reason"] == "revoked_key"
+               for p in refused["peers"]), refused
     append_lines(log_path, make_lines("a", 300, 200))
     before = count_lines(out)
     h.assert_quiet(local)  # a window in which the revoked agent retries quietly...
