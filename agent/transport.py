@@ -170,7 +170,7 @@ class Transport:
         # exception was never retrieved" with a traceback for every request of a refused agent.
         if not fut.done():
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        elif fut.cancelled() or fut.exception() is None:
+        elif not fut.cancelled() and fut.exception() is None:
             self.control_sent += 1
         return req_id
 
