@@ -329,9 +329,17 @@ def test_revoked_agent_is_cut_off_within_seconds(h: Harness, keys: Keys) -> None
     tcp, local = secure_aggregator(h, keys)
     log_path = h.path("logs", "a.log")
     append_lines(log_path, make_lines("a", 0, 300))
-    agent = h.agent(tcp, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "sec"}], *agent_keys(keys))
+    agent = h.agent(tcp, [{"paths": [str(log_path)], "topic": "sec"}], *agent_keys(keys))
+    # Another agent, authorised throughout, ships all along: the cut costs it nothing.
+    curve.generate(str(keys.private), "web-03")
+    shutil.copy(keys.public("web-03"), keys.agents)
+    assert h.ctl(local, "reload").returncode == 0
+    other = Writer({"b": h.path("logs", "b.log")}, lines_per_tick=2, tick_s=0.01).start()
+    h.agent(tcp, [{"paths": [str(h.path("logs", "b.log"))], "topic": "other"}], *agent_keys(keys, "web-03"),
+            name="web-03")
     out = h.path("out", "sec", "sec.log")
     wait_for(lambda: count_lines(out) >= 300, what="lines before the revocation")
+    wait_for(lambda: count_lines(h.path("out", "other", "other.log")) > 50, what="the other agent shipping")
     os.unlink(keys.agents / "web-01.key")
     assert h.ctl(local, "reload").returncode == 0
     revoked_at = time.monotonic()
@@ -344,6 +352,12 @@ def test_revoked_agent_is_cut_off_within_seconds(h: Harness, keys: Keys) -> None
                for p in refused["peers"]), refused
     append_lines(log_path, make_lines("a", 300, 200))
     before = count_lines(out)
+    written = other.stop()
+    wait_for(lambda: (s := h.agent_status("web-03")) and s["lag_bytes"] == 0 and s["inflight_bytes"] == 0
+             and not s["problems"], what="the other agent acknowledged after the cut")
+    check_exactly_once(output_lines(h.path("out"), "other"), written)
+    links = h.agent_status("web-03")["links"]  # type: ignore[index]
+    assert links["data"]["handshakes"] >= 2 and links["control"]["handshakes"] >= 2, links  # cut, back
     h.assert_quiet(local)  # a window in which the revoked agent retries quietly...
     assert count_lines(out) == before  # ...and nothing of its is written
     authorise(h, keys, local, "web-01")
