@@ -10,6 +10,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,15 @@ def test_sighup_reloads_the_authorised_keys(h: Harness, keys: Keys) -> None:
 # --- roll-out, revocation and refusals (issue 13) --------------------------------------------------
 
 
+@pytest.fixture
+def writers() -> Iterator[list[Writer]]:
+    """Writers a test starts, stopped at teardown even when the test fails."""
+    started: list[Writer] = []
+    yield started
+    for writer in started:
+        writer.stop()
+
+
 def authorise(h: Harness, keys: Keys, local: Endpoints, *names: str) -> None:
     """Copy agents' public keys into authorized_keys_dir and reload the aggregator."""
     for name in names:
@@ -322,7 +332,7 @@ def test_agent_refused_then_authorised_ships_without_restart(h: Harness, keys: K
     h.assert_quiet(tcp)
 
 
-def test_revoked_agent_is_cut_off_within_seconds(h: Harness, keys: Keys) -> None:
+def test_revoked_agent_is_cut_off_within_seconds(h: Harness, keys: Keys, writers: list[Writer]) -> None:
     """ZAP runs only at the handshake: removing a key and reloading must still stop a connected
     agent (its connections are cut and its handshakes refused), and authorising it again lets it
     ship the rest, exactly once."""
@@ -335,6 +345,7 @@ def test_revoked_agent_is_cut_off_within_seconds(h: Harness, keys: Keys) -> None
     shutil.copy(keys.public("web-03"), keys.agents)
     assert h.ctl(local, "reload").returncode == 0
     other = Writer({"b": h.path("logs", "b.log")}, lines_per_tick=2, tick_s=0.01).start()
+    writers.append(other)
     h.agent(tcp, [{"paths": [str(h.path("logs", "b.log"))], "topic": "other"}], *agent_keys(keys, "web-03"),
             name="web-03")
     out = h.path("out", "sec", "sec.log")
@@ -425,7 +436,7 @@ def test_refusals_counted_with_peer_and_key(h: Harness, keys: Keys) -> None:
     assert agg.log().count(f"with key {stranger_key}") == 1
 
 
-def test_curve_rollout_in_ansible_order_ends_shipping(h: Harness, keys: Keys) -> None:
+def test_curve_rollout_in_ansible_order_ends_shipping(h: Harness, keys: Keys, writers: list[Writer]) -> None:
     """A first `fleetlog_curve: true` run as the roles did it: the aggregator restarted with CURVE
     (no agent key known yet), then each agent restarted with its new key before the aggregator
     reloads the key directory. Every agent ships in the end, without another restart, every line
@@ -445,6 +456,7 @@ def test_curve_rollout_in_ansible_order_ends_shipping(h: Harness, keys: Keys) ->
     for p in paths.values():
         p.parent.mkdir()
     writer = Writer(dict(paths), lines_per_tick=2, tick_s=0.02).start()
+    writers.append(writer)
 
     def start_agents(with_keys: bool = False) -> list[Any]:
         return [h.agent(tcp, [{"paths": [str(paths[n])], "topic": "app"}],
