@@ -93,6 +93,9 @@ class Agent(Following):
         self.batches_shipped = 0
         self.resends = 0
         self._warned: set[str] = set()
+        # Batches out and no ack since (monotonic), and what that means (see check_acks_flow).
+        self.stalled_since: float | None = None
+        self.ack_problem: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics: metrics.MetricsServer | None = None
 
@@ -408,6 +411,7 @@ class Agent(Following):
             if isinstance(streams, dict):
                 for stream, end in streams.items():
                     self.ack(stream, end)
+            self.stalled_since = None
         elif event == "resync":
             self.resync(msg.get("stream"), msg.get("offset"), msg.get("seq"))
         if "window" in msg:
@@ -490,16 +494,22 @@ class Agent(Following):
         streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
         self.reported_lag = self.lag_bytes()
         self.reported_paths = []  # a new aggregator instance: tell it the file list again
-        return {"agent": self.cfg.name, "mode": self.cfg.mode, "version": __version__,
-                "started_at": self.started_at, "streams": streams[:20_000],
+        assert self.transport is not None
+        return {"agent": self.cfg.name, "agent_id": self.transport.agent_id, "mode": self.cfg.mode,
+                "version": __version__, "started_at": self.started_at, "streams": streams[:20_000],
                 "lag_bytes": self.reported_lag, "lag_s": self.measure_lag_s(),
-                "max_inflight_bytes": self.cfg.max_inflight_bytes}
+                "max_inflight_bytes": self.cfg.max_inflight_bytes, "problems": self.problems(),
+                "heartbeat_interval_ms": self.cfg.heartbeat_interval_ms}
 
     def heartbeat_args(self) -> dict[str, Any]:
+        """A heartbeat's content; once a beat, it also looks at whether acks are flowing."""
         self.reported_lag = self.lag_bytes()
-        args: dict[str, Any] = {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.reported_lag,
+        self.check_acks_flow()
+        assert self.transport is not None
+        args: dict[str, Any] = {"agent": self.cfg.name, "agent_id": self.transport.agent_id,
+                                "mode": self.cfg.mode, "lag_bytes": self.reported_lag,
                                 "lag_s": self.measure_lag_s(), "files": len(self.tailers),
-                                "errors": self.error_counts()}
+                                "errors": self.error_counts(), "problems": self.problems()}
         paths = sorted({t.path for t in self.tailers.values()})
         if paths != self.reported_paths:
             # The files followed, only when they changed (and at most 1,000 of them).
@@ -514,6 +524,36 @@ class Agent(Following):
         return {"cut_lines": sum(t.cut_lines for t in tailers),
                 "discarded_bytes": sum(t.discarded_bytes for t in tailers),
                 "oversized_batches": self.oversized_batches}
+
+    def check_acks_flow(self) -> None:
+        """Batches out, the aggregator answering heartbeats, and no ack for a long while: the
+        batches go somewhere else (``data`` is not this aggregator's pull/xsub endpoint), or the
+        aggregator cannot write. Say so once, and clear it when acks flow again."""
+        now = time.monotonic()
+        if not self.unacked:
+            self.stalled_since = None
+        elif self.stalled_since is None:
+            self.stalled_since = now
+        limit = max(5.0, 3 * self.cfg.ack_timeout_ms / 1000)
+        transport = self.transport
+        stalled = (self.stalled_since is not None and now - self.stalled_since >= limit
+                   and transport is not None and transport.answers(limit))
+        if stalled and self.ack_problem is None:
+            endpoint = "pull" if self.cfg.mode == "push" else "xsub"
+            self.ack_problem = (
+                f"connected, but no acknowledgement for over {limit:g}s although the aggregator"
+                f" answers heartbeats: is `data` ({self.cfg.data}) the aggregator's {endpoint}"
+                f" endpoint ({self.cfg.mode} mode)? (if it is, `aggregatorctl status` says why it"
+                " does not acknowledge)")
+            log.warning("%s", self.ack_problem)
+        elif not stalled and self.ack_problem is not None and self.stalled_since is None:
+            log.info("acknowledgements arrive again")
+            self.ack_problem = None
+
+    def problems(self) -> list[str]:
+        """What is wrong now (connections, refusals, the aggregator's word, missing acks)."""
+        out = self.transport.problems() if self.transport is not None else []
+        return out + ([self.ack_problem] if self.ack_problem else [])
 
     def say_catching_up(self) -> None:
         """Stopped at its window: if the aggregator still thinks this agent is not catching up
@@ -604,6 +644,9 @@ class Agent(Following):
             "uptime_s": round(time.time() - self.started_at, 1), "mode": self.cfg.mode, "data": self.cfg.data,
             "aggregator": transport.instance if transport else None,
             "aggregator_last_reply_s": transport.last_reply_age_s() if transport else None,
+            "agent_id": transport.agent_id if transport else None,
+            "problems": self.problems(),
+            "links": {link.role: link.status() for link in transport.links} if transport else {},
             "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files), "lag_s": self.measure_lag_s(),
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
             "lines_shipped": self.lines_shipped, "lines_sent": self.lines_sent,

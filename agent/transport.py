@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -18,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from agent.config import AgentConfig
+from agent.link import Link
 from fleetlog import curve, wire
 
 log = logging.getLogger("fleetlog.agent.transport")
@@ -34,6 +37,29 @@ _NOW = int(zmq.NOBLOCK)
 PUSH_SNDHWM = 32
 HELLO_FIRST_RETRY_S = 0.02
 PUB_SNDHWM = 64
+AGENT_ID_FILE = "agent-id"
+
+
+def load_agent_id(state_dir: str) -> str:
+    """This agent's id: random, made once and kept in ``state_dir``, so a restart keeps it and
+    another host that uses the same name has another (the aggregator tells the two apart)."""
+    path = os.path.join(state_dir, AGENT_ID_FILE)
+    try:
+        with open(path) as fh:
+            found = fh.read().strip()
+        if 0 < len(found) <= 64 and found.isalnum():
+            return found
+    except OSError:
+        pass
+    new = uuid.uuid4().hex[:16]
+    try:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(new + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.info("cannot keep the agent id in %s (%s): using %s for this run", path, exc.strerror, new)
+    return new
 
 
 class Transport:
@@ -65,6 +91,15 @@ class Transport:
         # Control messages each way: steady at one heartbeat and its reply a beat (plus acks).
         self.control_sent = 0
         self.control_received = 0
+        self.agent_id = ""
+        self.links: list[Link] = []
+        # The aggregator refused our last request (a name clash, a revoked key): its reason, until
+        # a request is answered again. Logged once per change of reason.
+        self.refusal: str | None = None
+        self._refused = False  # since the last hello answered: ship everything again after it
+        # What the aggregator's replies say is wrong with this agent (e.g. another agent uses
+        # its name); logged when it changes.
+        self.told: tuple[str, ...] = ()
 
     def connect(self) -> None:
         kind = zmq.PUSH if self.cfg.mode == "push" else zmq.PUB
@@ -77,7 +112,10 @@ class Transport:
         data.setsockopt(zmq.RECONNECT_IVL, 100)
         data.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         control = self.control = self.ctx.socket(zmq.DEALER)
-        control.setsockopt(zmq.IDENTITY, self.cfg.name.encode()[:255])
+        # The name and this agent's id: two agents given one name by mistake get two routes at
+        # the aggregator (one identity would take the other's replies), which can tell both.
+        self.agent_id = load_agent_id(self.cfg.state_dir)
+        control.setsockopt(zmq.IDENTITY, f"{self.cfg.name[:200]}/{self.agent_id}".encode()[:255])
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.SNDHWM, 100)
         control.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -86,11 +124,13 @@ class Transport:
         # Nothing queues while disconnected: heartbeats sent during an outage would otherwise all
         # reach the restarted aggregator at once, and all their replies name a new instance.
         control.setsockopt(zmq.IMMEDIATE, 1)
+        public = None
         if self.cfg.curve_secret_key:
             keys = curve.load_secret(self.cfg.curve_secret_key)
             server = curve.load_public(self.cfg.curve_server_key)
             curve.as_client(data, keys, server)
             curve.as_client(control, keys, server)
+            public = keys.public
         beat = self.cfg.heartbeat_interval_ms
         ttl = min(3 * beat, 6_553_500)  # libzmq's HEARTBEAT_TTL is at most 6553.5 s
         for sock in (data, control):
@@ -101,6 +141,16 @@ class Transport:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
             sock.setsockopt(zmq.HEARTBEAT_TTL, ttl)
             sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
+        kind_name = "pull" if self.cfg.mode == "push" else "xsub"
+        self.links = [
+            Link("control", control, self.cfg.control,
+                 f"is `control` ({self.cfg.control}) the aggregator's control endpoint?", public),
+            Link("data", data, self.cfg.data,
+                 f"is `data` ({self.cfg.data}) the aggregator's {kind_name} endpoint ({self.cfg.mode}"
+                 " mode)?", public),
+        ]
+        for link in self.links:
+            link.monitor()
         data.connect(self.cfg.data)
         control.connect(self.cfg.control)
         self._data_raw = zmq.Socket.shadow(data.underlying)
@@ -134,19 +184,26 @@ class Transport:
         assert self.control is not None
         req_id = next(self._ids)
         # The asyncio socket answers a send with a future, even with NOBLOCK: settled at once,
-        # holding Again when the message could not go. Its exception is read here, so none is
-        # ever left unretrieved (asyncio would log a traceback for each).
+        # holding Again when the message could not go (not connected: the control socket
+        # queues nothing then). Its exception is read here, so none is ever left unretrieved
+        # (asyncio logged "Future exception was never retrieved" with a traceback for each).
         sent = cast("asyncio.Future[Any]",
                     self.control.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK))
         if not sent.done():
             sent.add_done_callback(_retrieve)
-        elif sent.exception() is not None:
+        elif sent.cancelled() or sent.exception() is not None:
             return None
         self.control_sent += 1
         return req_id
 
     def aggregator_alive(self, within_s: float) -> bool:
-        """Heard from the aggregator lately (resending to nobody only fills queues)."""
+        """Heard from the aggregator lately, and the data connection not known to be refused
+        (resending to nobody only fills queues, and a PUB socket drops it all)."""
+        return self.answers(within_s) and not any(link.problem for link in self.links
+                                                  if link.role == "data")
+
+    def answers(self, within_s: float) -> bool:
+        """Heard from the aggregator on the control channel within ``within_s``."""
         return asyncio.get_running_loop().time() - self.last_reply < within_s
 
     def last_reply_age_s(self) -> float | None:
@@ -190,6 +247,10 @@ class Transport:
             self.request("heartbeat", self.heartbeat_args())
 
     async def receive_loop(self) -> None:
+        """Control messages from the aggregator, and the connections' monitors, until cancelled."""
+        await asyncio.gather(self._receive(), *(link.watch() for link in self.links))
+
+    async def _receive(self) -> None:
         assert self.control is not None
         loop = asyncio.get_running_loop()
         while True:
@@ -203,14 +264,46 @@ class Transport:
             except wire.WireError as exc:
                 log.warning("ignoring a malformed control message from the aggregator: %s", exc)
                 continue
-            self.last_reply = loop.time()
             if "event" in msg:
+                self.last_reply = loop.time()
                 self.on_event(msg)
                 continue
             if not msg.get("ok"):
-                log.warning("aggregator refused a request: %s", msg.get("error"))
+                self.on_refused(msg.get("id"), str(msg.get("error")))
                 continue
+            self.last_reply = loop.time()
             self.on_reply(msg.get("id"), msg.get("result") or {})
+
+    def on_refused(self, req_id: Any, error: str) -> None:
+        """A request refused (another live agent has our name, our key was revoked...). The
+        aggregator is not talking to us: no resending to it, say hello again every beat until it
+        answers, then ship everything unacknowledged again. Logged once per reason."""
+        if error != self.refusal:
+            log.warning("the aggregator refuses this agent: %s (asking again every %gs)",
+                        error, self.cfg.heartbeat_interval_ms / 1000)
+            self.refusal = error
+        self._hellos.discard(req_id)
+        self._refused = True
+        self.instance = None
+        self.last_reply = 0.0
+
+    def problems(self) -> list[str]:
+        """What is wrong with this agent's connection now, for status and heartbeats."""
+        out = [link.problem for link in self.links if link.problem]
+        if self.refusal:
+            out.append(f"refused by the aggregator: {self.refusal}")
+        return out + list(self.told)
+
+    def on_told(self, result: dict[str, Any]) -> None:
+        warnings = result.get("warnings")
+        told = tuple(str(w) for w in warnings[:10]) if isinstance(warnings, list) else ()
+        if told != self.told:
+            for warning in told:
+                if warning not in self.told:
+                    log.warning("the aggregator says: %s", warning)
+            if not told:
+                log.info("the aggregator reports nothing wrong with this agent any more")
+            self.told = told
 
     def on_reply(self, req_id: Any, result: dict[str, Any]) -> None:
         """A hello or heartbeat reply. The state machine, which never loops on stale replies:
@@ -224,13 +317,20 @@ class Transport:
         instance = result.get("instance")
         if not isinstance(instance, str) or not instance:
             return
+        if self.refusal is not None:
+            log.info("the aggregator answers this agent again")
+            self.refusal = None
+        self.on_told(result)
         if req_id in self._hellos:
             self._hellos.clear()
             self._hello_backoff_s = HELLO_FIRST_RETRY_S
             if instance == self.instance:
                 pass  # an answer to a hello we sent again while the first was on its way
             else:
-                restarted = self.instance is not None
+                # After a refusal, what was shipped meanwhile may have been dropped: as after a
+                # restart of the aggregator, everything unacknowledged goes again.
+                restarted = self.instance is not None or self._refused
+                self._refused = False
                 self.instance = instance
                 self.on_hello(result, restarted)
         elif instance != self.instance:
@@ -249,6 +349,8 @@ class Transport:
             self._goodbye_sent = True
 
     def close(self) -> None:
+        for link in self.links:
+            link.close()
         if self.control is not None and self._goodbye_sent:
             self.control.close(linger=300)
             self.control = None

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 import zmq.asyncio
@@ -75,7 +75,7 @@ class ControlServer:
         sock.setsockopt(zmq.LINGER, 1000)
         detect_dead_links(sock)
         if secure:
-            self.guard.protect(sock)
+            self.guard.protect(sock, endpoints, "control " + ", ".join(endpoints))
         try:
             for endpoint in endpoints:
                 bind(sock, endpoint)
@@ -111,7 +111,22 @@ class ControlServer:
                 except zmq.ZMQError:
                     user_id = ""
             peer = Peer(envelope[0], address or "local", sock, secure, user_id)
+            if secure and self.guard.refuse_revoked(peer.address, user_id, "control"):
+                # Admitted at its handshake, revoked since (the reload also cuts the connection;
+                # this covers what arrives before the client reconnects).
+                self.refuse(envelope, body.bytes, peer, "this agent's CURVE key is no longer authorised"
+                            " (removed from the aggregator's key directories)")
+                continue
             await self.handle(envelope, body.bytes, peer)
+
+    def refuse(self, envelope: list[bytes], body: bytes, peer: Peer, error: str) -> None:
+        """Answer a request with an error and nothing else."""
+        try:
+            request = wire.decode_control(body)
+        except wire.WireError:
+            return
+        if "command" in request and request.get("id") is not None:
+            self.reply(peer.sock, envelope, wire.encode_reply(request.get("id"), error=error))
 
     async def handle(self, envelope: list[bytes], body: bytes, peer: Peer) -> None:
         try:
@@ -146,10 +161,15 @@ class ControlServer:
 
     @staticmethod
     def reply(sock: zmq.asyncio.Socket, envelope: list[bytes], body: bytes) -> None:
-        try:
-            sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK)
-        except (zmq.Again, zmq.ZMQError) as exc:
-            log.debug("reply not sent: %s", exc)
+        fut = cast("asyncio.Future[Any]", sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK))
+        # A non-blocking send's future is done at once; its error (EAGAIN) must be read here, or
+        # asyncio reports "Future exception was never retrieved" with a traceback. (Sending
+        # through the asyncio socket, not a shadow: it wakes the receive loop if it must.)
+        if fut.done():
+            if not fut.cancelled() and fut.exception() is not None:
+                log.debug("reply not sent: %s", fut.exception())
+        else:
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def send_to(self, sock: zmq.asyncio.Socket, routing_id: bytes, body: bytes) -> None:
         self.reply(sock, [routing_id], body)

@@ -55,6 +55,8 @@ class Client:
         self.curve_keys = curve_keys
         self.ctx = zmq.Context()
         self.sock = self.socket(zmq.DEALER)
+        # Watched from before the connect: a refused connection is said at once, and when
+        # nothing answers, what the handshakes did tells "refused" from "not running".
         self.watch = RefusalWatch(self.sock)
         try:
             self.sock.connect(endpoint)
@@ -77,7 +79,7 @@ class Client:
         deadline = time.monotonic() + self.timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if self.watch.refused():
-                raise Unreachable(f"no aggregator at {self.endpoint}: connection refused")
+                raise Unreachable(f"no aggregator at {self.endpoint}: connection refused; is it running?")
             # Short polls: a refusal shows on the monitor, not on this socket.
             if not self.sock.poll(min(100, int(left * 1000) + 1)):
                 continue
@@ -87,7 +89,34 @@ class Client:
             if not reply.get("ok"):
                 raise CommandFailed(reply.get("error", "failed"))
             return reply.get("result")
-        raise Unreachable(f"no answer from the aggregator at {self.endpoint} within {self.timeout_s:g}s")
+        raise Unreachable(self.why_no_answer())
+
+    def why_no_answer(self) -> str:
+        """What the connection's handshakes say about the silence, as a sentence."""
+        self.watch.refused()  # reads what the monitor has left
+        seen = self.watch.seen
+        where, within = f"the aggregator at {self.endpoint}", f"within {self.timeout_s:g}s"
+        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in seen:
+            return (f"{where} refused this client's CURVE key (it is in neither its authorized_keys_dir"
+                    " nor its admin_keys_dir)")
+        protocol = seen.get(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        if protocol == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            if self.curve_keys is not None:
+                return f"{where} does not use CURVE: leave out --curve-key and --server-key"
+            return (f"{where} requires CURVE: give --curve-key and --server-key, or use its ipc://"
+                    " control socket")
+        if protocol is not None:
+            return f"the handshake with {self.endpoint} fails (ZeroMQ protocol error {protocol:#x})"
+        if zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL in seen:
+            if self.curve_keys is not None:
+                return (f"{where} closes the connection during the CURVE handshake: is --server-key"
+                        " the aggregator's current public key?")
+            return (f"{where} closes the connection during the handshake: it probably requires CURVE"
+                    " (give --curve-key and --server-key, or use its ipc:// control socket)")
+        if zmq.EVENT_HANDSHAKE_SUCCEEDED in seen:
+            return (f"connected to {self.endpoint}, but no answer {within}: is it an aggregator's"
+                    " control endpoint, and is that aggregator responsive?")
+        return f"no answer from the aggregator at {self.endpoint} {within}; is it running?"
 
     def close(self) -> None:
         self.watch.close()
@@ -174,6 +203,15 @@ def render_status(s: dict[str, Any]) -> str:
                    f"granted of {_size(flow.get('window_budget_bytes'))})")
     if s.get("malformed"):
         out.append("malformed by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(s["malformed"].items())))
+    refusals = s.get("refusals") or {}
+    if refusals.get("total"):
+        out.append(f"refused clients: {refusals['total']} ("
+                   + ", ".join(f"{k}={v}" for k, v in sorted(refusals["by_reason"].items())) + "); latest: "
+                   + ", ".join(f"{p['address'] or '?'} {p['key'] or '(no key)'} {p['reason']}"
+                               for p in refusals["peers"][:3]))
+    for a in agents:
+        for problem in a.get("problems") or []:
+            out.append(f"!! agent {a['name']}: {problem}")
     return "\n".join(out)
 
 
@@ -427,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(client, args))
     except Unreachable as exc:
-        print(f"aggregatorctl: {exc}; is it running?", file=sys.stderr)
+        print(f"aggregatorctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except CommandFailed as exc:
         print(f"aggregatorctl: {exc}", file=sys.stderr)

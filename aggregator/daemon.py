@@ -42,6 +42,12 @@ class AgentInfo:
     routing_id: bytes = b""
     route: Any = None  # the control socket the agent talks on
     name_clash_warned: bool = False
+    agent_id: str = ""     # the agent's own id (kept in its state_dir): two hosts, two ids
+    heartbeat_s: float = 1.0
+    problems: list[str] = field(default_factory=list)  # what the agent says is wrong
+    # Another live agent with this name, refused while this one is connected: its address and id,
+    # and when it last tried (monotonic).
+    clash: tuple[str, str, float] | None = None
     address: str = ""
     mode: str = ""
     last_seen: float = 0.0
@@ -64,6 +70,36 @@ class AgentInfo:
     bytes: int = 0
     rate: float = 0.0
     _last_lines: int = 0
+
+    def take_report(self, args: dict[str, Any]) -> None:
+        """What a hello or heartbeat says of the agent (each field checked; bad ones ignored)."""
+        mode = args.get("mode")
+        if mode in ("push", "pub"):
+            self.mode = mode
+        version, started_at = args.get("version"), args.get("started_at")
+        if isinstance(version, str) and len(version) <= 64:
+            self.version = version
+        if isinstance(started_at, int | float) and started_at > 0:
+            self.started_at = float(started_at)
+        problems = args.get("problems")
+        if isinstance(problems, list):
+            self.problems = [str(p)[:1000] for p in problems[:10]]
+        beat = args.get("heartbeat_interval_ms")
+        if type(beat) is int and beat > 0:
+            self.heartbeat_s = beat / 1000
+        fields = (("lag_bytes", "lag_bytes"), ("files", "files"), ("max_window", "max_inflight_bytes"))
+        for attr, key in fields:
+            value = args.get(key)
+            if type(value) is int and value >= 0:
+                setattr(self, attr, value)
+        errors, file_list = args.get("errors"), args.get("file_list")
+        if isinstance(errors, dict):
+            self.errors = {str(k)[:64]: v for k, v in list(errors.items())[:16] if type(v) is int}
+        if isinstance(file_list, list):
+            self.file_list = [p for p in file_list[:1000] if isinstance(p, str)]
+        lag_s = args.get("lag_s")
+        if isinstance(lag_s, int | float) and 0 <= lag_s < 1e9:
+            self.lag_s = float(lag_s)
 
     @property
     def catching_up(self) -> bool:
@@ -490,9 +526,17 @@ class Aggregator(Rolling):
         info = self.agents.get(name)
         if info is None:
             info = self.agents[name] = AgentInfo(name)
+        agent_id = args.get("agent_id")
+        agent_id = agent_id if type(agent_id) is str and 0 < len(agent_id) <= 64 else ""
+        now = time.monotonic()
+        # Live: heard from within three of its heartbeats (5 s at least, for a loaded host).
+        live_s = min(max(3 * info.heartbeat_s, 5.0), self.cfg.agent_timeout_s)
+        if agent_id and info.agent_id and agent_id != info.agent_id and info.last_seen \
+                and now - info.last_seen < live_s:
+            self.refuse_name_clash(info, agent_id, peer.address, now)
         host = peer.address.rsplit(":", 1)[0]
-        if (info.address and info.address.rsplit(":", 1)[0] != host and not info.name_clash_warned
-                and time.monotonic() - info.last_seen < 2 * self.cfg.agent_timeout_s):
+        if (not agent_id and info.address and info.address.rsplit(":", 1)[0] != host
+                and not info.name_clash_warned and now - info.last_seen < 2 * self.cfg.agent_timeout_s):
             # Identities are agent names: two hosts with one name take each other's acks (they
             # resend, so nothing is lost, but both crawl). Say so once.
             info.name_clash_warned = True
@@ -501,28 +545,10 @@ class Aggregator(Rolling):
         info.routing_id = peer.routing_id
         info.route = peer.sock
         info.address = peer.address
-        mode = args.get("mode")
-        if mode in ("push", "pub"):
-            info.mode = mode
-        version, started_at = args.get("version"), args.get("started_at")
-        if isinstance(version, str) and len(version) <= 64:
-            info.version = version
-        if isinstance(started_at, int | float) and started_at > 0:
-            info.started_at = float(started_at)
+        if agent_id:
+            info.agent_id = agent_id
         was_catching_up = info.catching_up
-        fields = (("lag_bytes", "lag_bytes"), ("files", "files"), ("max_window", "max_inflight_bytes"))
-        for attr, key in fields:
-            value = args.get(key)
-            if type(value) is int and value >= 0:
-                setattr(info, attr, value)
-        errors, file_list = args.get("errors"), args.get("file_list")
-        if isinstance(errors, dict):
-            info.errors = {str(k)[:64]: v for k, v in list(errors.items())[:16] if type(v) is int}
-        if isinstance(file_list, list):
-            info.file_list = [p for p in file_list[:1000] if isinstance(p, str)]
-        lag_s = args.get("lag_s")
-        if isinstance(lag_s, int | float) and 0 <= lag_s < 1e9:
-            info.lag_s = float(lag_s)
+        info.take_report(args)
         info.last_seen = time.monotonic()
         info.connected = info.heard = True
         info.stopped = False
@@ -542,6 +568,27 @@ class Aggregator(Rolling):
         self.granted -= info.window
         info.window = 0
         log.info("agent %s (%s) stopped", name, info.address)
+
+    def refuse_name_clash(self, info: AgentInfo, agent_id: str, address: str, now: float) -> None:
+        """A second live agent with ``info``'s name (another id, so another host or state_dir):
+        refused, told why (the error of its hello or heartbeat), and the first told in its
+        replies (``warnings``) while the second keeps trying. Raises ValueError."""
+        if info.clash is None or info.clash[1] != agent_id or now - info.clash[2] > 10 * info.heartbeat_s:
+            log.warning("agent name %r is used by two live agents: %s (id %s, connected) and %s (id %s,"
+                        " refused while the first is connected): give each agent its own agent.name",
+                        info.name, info.address, info.agent_id, address, agent_id)
+        info.clash = (address, agent_id, now)
+        raise ValueError(f"agent name {info.name!r} is in use by another live agent at {info.address}"
+                         f" (id {info.agent_id}; this agent is {agent_id}): give each agent its own"
+                         " agent.name; refused while the other is connected")
+
+    def agent_warnings(self, info: AgentInfo) -> list[str]:
+        """What the aggregator tells an agent about itself in its replies."""
+        clash = info.clash
+        if clash is None or time.monotonic() - clash[2] > 5 * info.heartbeat_s:
+            return []
+        return [f"agent name {info.name!r} is also used by another agent at {clash[0]} (id {clash[1]}),"
+                " refused while this one is connected: give each agent its own agent.name"]
 
     def share_window(self) -> None:
         """Each catching-up agent's share: an equal part of the budget (wire.MIN_WINDOW at least)."""
@@ -573,10 +620,12 @@ class Aggregator(Rolling):
         return window
 
     def replies(self, info: AgentInfo, result: dict[str, Any]) -> dict[str, Any]:
-        """A hello or heartbeat reply, with this agent's window when there is one."""
+        """A hello or heartbeat reply, with this agent's window when there is one, and what is
+        wrong with it (``warnings``, always present: an empty list says it is over)."""
         window = self.grant(info)
         if window is not None:
             result["window"] = window
+        result["warnings"] = self.agent_warnings(info)
         return result
 
     def send_event(self, agent: str, body: bytes) -> None:
@@ -731,7 +780,8 @@ class Aggregator(Rolling):
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
                  "lag_bytes": a.lag_bytes, "lag_s": a.lag_s, "window_bytes": a.window or None,
-                 "files": a.files, "file_list": a.file_list, "errors": a.errors}
+                 "files": a.files, "file_list": a.file_list, "errors": a.errors,
+                 "agent_id": a.agent_id or None, "problems": a.problems + self.agent_warnings(a)}
                 for a in sorted(self.agents.values(), key=lambda a: a.name)
             ],
             "topics": [
@@ -748,6 +798,7 @@ class Aggregator(Rolling):
                 "pending_bytes": self.pending_bytes, "compressions_running": len(self._compressions),
             },
             "malformed": dict(t.malformed),
+            "refusals": self.guard.refusals.status(),
             "control": {"messages_received": self.control.messages_received if self.control else 0,
                         "commands": dict(self.control.commands) if self.control else {}},
             "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,

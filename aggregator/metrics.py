@@ -15,6 +15,9 @@ Metrics (all prefixed ``fleetlog_aggregator_``):
     agent_connected{agent}, agent_last_seen_seconds{agent}
     dropped_lines_total{reason="duplicate"}         resent lines already committed
     dropped_messages_total{reason}                  malformed frames, by reason
+    refusals_total{reason}                          clients refused (CURVE): unknown_key, revoked_key,
+                                                    no_curve, bad_server_key, protocol
+    refused_peer_total{address, key, reason}        the same per peer (the last 1000 distinct ones)
     resyncs_total, write_errors_total, batches_total, commits_total
     commit_seconds (histogram)                      fsync of the files + journal record
     pending_bytes                                   accepted, not yet committed
@@ -138,6 +141,17 @@ class AggregatorCollector:
         for reason, n in sorted(dict(t.malformed).items()):
             bad.add_metric([reason], n)
         yield bad
+        refusals = agg.guard.refusals
+        by_reason = counter("refusals", "Clients refused (CURVE: unknown or revoked key, no CURVE, a"
+                            " stale server key), by reason", ["reason"])
+        for reason, n in sorted(dict(refusals.by_reason).items()):
+            by_reason.add_metric([reason], n)
+        yield by_reason
+        peers = counter("refused_peer", "Refusals per peer address, key and reason (the last"
+                        " 1000 distinct ones)", ["address", "key", "reason"])
+        for r in list(refusals.peers.values()):
+            peers.add_metric([r.address, r.key, r.reason], r.count)
+        yield peers
         yield from (
             _value(counter("resyncs", "Batches refused because they did not continue their stream"),
                    t.resyncs),

@@ -4,6 +4,7 @@ listens, instead of a traceback or a wait for the full timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -39,23 +40,31 @@ def nothing_listens(endpoint: str) -> str | None:
 
 
 class RefusalWatch:
-    """Watches a client socket's connection attempts (a ZeroMQ socket monitor): a connection
+    """Watches a client socket's connection (a ZeroMQ socket monitor, every event): a connection
     refused before any succeeded means nothing listens, which the client says at once instead of
-    waiting out its timeout. Create it before ``connect``."""
+    waiting out its timeout; ``seen`` keeps the last value of each event, for a client that wants
+    to explain a silence (a CURVE handshake refused...). Create it before ``connect``."""
 
     def __init__(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED)
+        self.sock = sock
+        self.monitor = sock.get_monitor_socket()
         self.connected = False
+        self.seen: dict[int, int] = {}
 
     def refused(self) -> bool:
         """Read what the monitor has; True once a retry came before any connection."""
+        refused = False
         while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
-            if event == zmq.EVENT_CONNECTED:
+            event = recv_monitor_message(self.monitor)
+            kind = int(event["event"])
+            self.seen[kind] = int(event["value"])
+            if kind == zmq.EVENT_CONNECTED:
                 self.connected = True
-            elif event == zmq.EVENT_CONNECT_RETRIED and not self.connected:
-                return True
-        return False
+            elif kind == zmq.EVENT_CONNECT_RETRIED and not self.connected:
+                refused = True
+        return refused
 
     def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
         self.monitor.close(linger=0)

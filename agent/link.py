@@ -1,0 +1,204 @@
+"""The agent's view of its connections to the aggregator, through ZeroMQ socket monitors.
+
+A ZeroMQ socket says nothing when its connection fails: a refused CURVE key, a stale server
+key, or an endpoint of the wrong socket type all look like silence. And libzmq gives up on a
+connection whose handshake the peer refused (a ZAP denial, a protocol error, a socket-type
+mismatch): it does not reconnect, so an agent refused once stayed silent until restarted, even
+after its key was authorised. A ``Link`` watches one socket's monitor, says at WARNING what is
+wrong (once per change of problem, not per attempt) and reconnects with back-off itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger("fleetlog.agent.link")
+
+# Reconnecting after a refusal: from RETRY_MIN_S, doubling, to RETRY_MAX_S. An agent whose key
+# is authorised after it started ships within RETRY_MAX_S of the aggregator's reload.
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 5.0
+# After a disconnection, ZeroMQ schedules its reconnect at once (EVENT_CONNECT_RETRIED): none
+# within this long means it dropped the connection for good.
+GAVE_UP_AFTER_S = 1.0
+
+_PROTOCOL_ERRORS: dict[int, str] = {
+    int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH): "mechanism_mismatch",
+    int(zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC): "cryptographic",
+}
+
+
+class Link:
+    """One socket's connection to one endpoint.
+
+    ``problem`` is what is wrong now (None: nothing known); ``up`` is True between a successful
+    handshake and the next disconnection. ``role`` is "control" or "data"; ``hint`` is the
+    question to ask the operator when the endpoint looks like the wrong one.
+    """
+
+    def __init__(self, role: str, sock: zmq.asyncio.Socket, endpoint: str, hint: str,
+                 curve_public: bytes | None = None) -> None:
+        self.role = role
+        self.sock = sock
+        self.endpoint = endpoint
+        self.hint = hint
+        self.curve_public = curve_public
+        self.problem: str | None = None
+        self.up = False
+        self.handshakes = 0
+        self.failures = 0          # handshakes failed since the last one that succeeded
+        self.reconnects = 0        # reconnections made here after ZeroMQ gave up
+        self._retry_s = RETRY_MIN_S
+        self._retry: asyncio.TimerHandle | None = None
+        self._gave_up: asyncio.TimerHandle | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+
+    def monitor(self) -> None:
+        """Start the socket's monitor: before connecting, or the first refusal goes unseen."""
+        self._monitor = self.sock.get_monitor_socket()
+
+    async def watch(self) -> None:
+        """Read the socket's monitor until cancelled."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        try:
+            while True:
+                msg = await monitor.recv_multipart()
+                if len(msg) == 2 and len(msg[0]) == 6:
+                    event, value = struct.unpack("=hi", msg[0])
+                    self.on_event(event, value)
+        finally:
+            for handle in (self._retry, self._gave_up):
+                if handle is not None:
+                    handle.cancel()
+            self.close()
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def on_event(self, event: int, value: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.up = True
+            self.handshakes += 1
+            self.failures = 0
+            self._retry_s = RETRY_MIN_S
+            self._cancel_gave_up()
+            self.set_problem(None)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self.failures += 1
+            self.set_problem(self._refused_text(value))
+            self._reconnect_later()
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            self.failures += 1
+            self.set_problem(self._protocol_text(value))
+            self._reconnect_later()
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            # ZeroMQ reconnects by itself here. One such failure can be an aggregator going down
+            # in mid-handshake; every attempt failing is a peer that cannot read our hello.
+            self.failures += 1
+            if self.failures >= 2 and self.problem is None:
+                # Never instead of a refusal already said: a refused client sometimes sees the
+                # peer close before it reads the reason, and the log would flip between the two.
+                self.set_problem(self._no_detail_text())
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.up = False
+            if self._retry is None and self._gave_up is None:
+                loop = asyncio.get_running_loop()
+                self._gave_up = loop.call_later(GAVE_UP_AFTER_S, self._check_gave_up)
+        elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECTED, zmq.EVENT_CONNECT_DELAYED):
+            self._cancel_gave_up()
+
+    def set_problem(self, problem: str | None) -> None:
+        """Log a change of problem once: WARNING when one starts or changes, INFO when it ends."""
+        if problem == self.problem:
+            return
+        before, self.problem = self.problem, problem
+        if problem is not None:
+            log.warning("%s (retrying with back-off up to %gs)", problem, RETRY_MAX_S)
+        elif before is not None:
+            log.info("%s connection to %s works again", self.role, self.endpoint)
+
+    # -- reconnecting ---------------------------------------------------------------------------
+
+    def _cancel_gave_up(self) -> None:
+        if self._gave_up is not None:
+            self._gave_up.cancel()
+            self._gave_up = None
+
+    def _check_gave_up(self) -> None:
+        self._gave_up = None
+        if self.up or self._retry is not None:
+            return
+        self.failures += 1
+        if self.problem is None:
+            self.set_problem(f"{self.endpoint} closes the {self.role} connection as soon as it is made, and"
+                             f" ZeroMQ gives up on it (a socket of another type answers there): {self.hint}")
+        self._reconnect_later()
+
+    def _reconnect_later(self) -> None:
+        if self._retry is not None:
+            return
+        self._cancel_gave_up()
+        delay, self._retry_s = self._retry_s, min(2 * self._retry_s, RETRY_MAX_S)
+        self._retry = asyncio.get_running_loop().call_later(delay, self._reconnect)
+
+    def _reconnect(self) -> None:
+        self._retry = None
+        if self.sock.closed:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disconnect(self.endpoint)  # ENOENT once ZeroMQ dropped it
+        try:
+            self.sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            self.set_problem(f"cannot connect the {self.role} socket to {self.endpoint}: {exc}")
+            return
+        self.reconnects += 1
+        # A peer that refuses again says so through the monitor; one that is gone now is
+        # ZeroMQ's to retry (it does, for plain connection errors).
+
+    # -- what to tell the operator --------------------------------------------------------------
+
+    def _refused_text(self, status: int) -> str:
+        key = f" {self.curve_public.decode()}" if self.curve_public else ""
+        return (f"the aggregator at {self.endpoint} refuses this agent's CURVE key{key} on the"
+                f" {self.role} connection (ZAP status {status}): add the agent's public key to the"
+                " aggregator's authorized_keys_dir and reload the aggregator")
+
+    def _protocol_text(self, code: int) -> str:
+        reason = _PROTOCOL_ERRORS.get(code)
+        if reason == "mechanism_mismatch":
+            if self.curve_public:
+                return (f"the aggregator at {self.endpoint} does not use CURVE on the {self.role}"
+                        " connection, but this agent has keys (curve_secret_key): remove them, or turn"
+                        " CURVE on at the aggregator")
+            return (f"the aggregator at {self.endpoint} requires CURVE on the {self.role} connection:"
+                    " set curve_secret_key and curve_server_key")
+        if reason == "cryptographic":
+            return (f"the CURVE handshake with {self.endpoint} fails ({self.role} connection): is"
+                    " curve_server_key the aggregator's current public key?")
+        return (f"the {self.role} handshake with {self.endpoint} fails (ZeroMQ protocol error"
+                f" {code:#x}): {self.hint}")
+
+    def _no_detail_text(self) -> str:
+        if self.curve_public:
+            return (f"the aggregator at {self.endpoint} closes the {self.role} connection during the"
+                    " CURVE handshake: it cannot read our hello, so curve_server_key is probably not"
+                    " the aggregator's current public key (a stale server key)")
+        return f"the {self.role} handshake with {self.endpoint} fails without detail: {self.hint}"
+
+    def status(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "up": self.up, "problem": self.problem,
+                "handshakes": self.handshakes, "reconnects": self.reconnects}
