@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -123,6 +124,8 @@ class Aggregator(Rolling):
         self._compressions: set[asyncio.Future[Any]] = set()
         # Its own thread: a backlog of big files to compress never delays a commit's fsync.
         self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
+        # Set at shutdown: a compression stops within one chunk (the next start redoes it).
+        self._compress_cancel = threading.Event()
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.control: ControlServer | None = None
         # Prefixes XPUB subscribers asked for: no subscriber, nothing to publish.
@@ -193,31 +196,40 @@ class Aggregator(Rolling):
         self.stopping.set()
 
     async def shutdown(self) -> None:
-        """Stop taking batches, commit and acknowledge what we hold, then close, within budget."""
+        """Stop taking batches, commit and acknowledge what we hold, then close, all within
+        ``shutdown_timeout_s`` (systemd's stop timeout is longer, so we are never killed)."""
+        deadline = time.monotonic() + self.cfg.shutdown_timeout_s
         self.notifier.notify("STOPPING=1")
         log.info("aggregator stopping")
+        # Compressions are redone at the next start: never worth any of the budget.
+        self._compress_cancel.set()
         receivers = [t for t in self._tasks if t.get_name() in ("pull", "xsub", "ticker", "watchdog",
                                                                 "subscriptions")]
         for task in receivers:
             task.cancel()
         await asyncio.gather(*receivers, return_exceptions=True)
         try:
-            async with self.commit_lock:
-                await asyncio.wait_for(self.commit(), timeout=self.cfg.shutdown_timeout_s)
+            async with asyncio.timeout_at(_loop_deadline(deadline)):
+                async with self.commit_lock:
+                    await self.commit()
         except (TimeoutError, SinkError) as exc:
             log.warning("final commit did not finish (%s); agents will resend what was not acknowledged",
-                        exc or "timeout")
-        await self.release()
+                        exc or f"not within shutdown_timeout_s={self.cfg.shutdown_timeout_s}")
+        await self.release(deadline)
 
-    async def release(self) -> None:
-        """Cancel the tasks, finish compressions within budget, close files and sockets."""
+    async def release(self, deadline: float | None = None) -> None:
+        """Cancel the tasks and compressions, close files and sockets (by ``deadline``, a
+        time.monotonic() value, for what can wait: the compression thread's last chunk)."""
+        self._compress_cancel.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._compressions:
-            _, pending = await asyncio.wait(self._compressions, timeout=self.cfg.shutdown_timeout_s)
-            for compression in pending:
-                compression.cancel()
+            budget = self.cfg.shutdown_timeout_s if deadline is None else deadline - time.monotonic()
+            _, pending = await asyncio.wait(self._compressions, timeout=max(0.1, budget))
+            if pending:
+                log.warning("%d compressions did not stop in time; their files are compressed again"
+                            " at the next start", len(pending))
         self._compressor.shutdown(wait=False, cancel_futures=True)
         self.sink.close()
         self.journal.close()
@@ -660,6 +672,11 @@ class Aggregator(Rolling):
             "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,
                      "agents_catching_up": self.catching_up, "granted_bytes": self.granted},
         }
+
+
+def _loop_deadline(monotonic_deadline: float) -> float:
+    """A time.monotonic() deadline in the running loop's time (uvloop's clock differs)."""
+    return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
 
 
 def peer_address(frame: zmq.Frame) -> str:

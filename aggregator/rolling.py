@@ -12,12 +12,13 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from aggregator.config import AggregatorConfig
 from aggregator.journal import Journal
-from aggregator.writer import RollingFileSink, compress_file
+from aggregator.writer import CompressionCancelled, RollingFileSink, compress_file
 
 log = logging.getLogger("fleetlog.aggregator")
 
@@ -33,6 +34,7 @@ class Rolling:
     pending_bytes: int
     _compressor: concurrent.futures.ThreadPoolExecutor
     _compressions: set[asyncio.Future[Any]]
+    _compress_cancel: threading.Event
 
     def owe_ack(self, agent: str, stream: str, end: int) -> None:
         raise NotImplementedError
@@ -95,12 +97,15 @@ class Rolling:
         if self.cfg.compress != "gzip" or path.endswith(".gz"):
             return
         loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(loop.run_in_executor(self._compressor, compress_file, path))
+        task = asyncio.ensure_future(loop.run_in_executor(
+            self._compressor, compress_file, path, self._compress_cancel))
         self._compressions.add(task)
 
         def done(t: asyncio.Future[Any]) -> None:
             self._compressions.discard(t)
-            if not t.cancelled() and t.exception() is not None:
+            if t.cancelled() or isinstance(t.exception(), CompressionCancelled):
+                return  # stopping: the next start compresses it again
+            if t.exception() is not None:
                 log.warning("compressing %s failed (it stays uncompressed): %s", path, t.exception())
 
         task.add_done_callback(done)

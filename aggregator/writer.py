@@ -18,8 +18,8 @@ import contextlib
 import gzip
 import logging
 import os
-import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -251,13 +251,23 @@ class RollingFileSink:
                       and (n.endswith(".log.gz") or (n.endswith(".log") and f"{n}.gz" not in names)))
 
 
-def compress_file(path: str) -> str | None:
+class CompressionCancelled(Exception):
+    """A compression stopped between chunks because the daemon is stopping; its ``.gz.tmp`` is
+    left for the next start's scan, which removes it and compresses the file again."""
+
+
+_CHUNK_BYTES = 1024 * 1024
+
+
+def compress_file(path: str, cancel: threading.Event | None = None) -> str | None:
     """gzip ``path`` to ``path.gz`` crash-safely (tmp, fsync, rename, then unlink the original),
     keeping its modification time.
 
     Blocking: the daemon runs it in an executor thread. A crash at any point leaves either the
     original (compressed again at the next start) or both (the same), never neither. If retention
-    removed the original meanwhile, the result goes too; returns None then.
+    removed the original meanwhile, the result goes too; returns None then. ``cancel`` is looked
+    at between 1 MiB chunks: once set, raises CompressionCancelled within one chunk (a 2 GiB file
+    must not hold up a shutdown for a minute).
     """
     tmp = f"{path}.gz.tmp"
     try:
@@ -268,7 +278,10 @@ def compress_file(path: str) -> str | None:
         st = os.fstat(src.fileno())
         with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, compresslevel=6,
                            mtime=int(st.st_mtime)) as gz:
-            shutil.copyfileobj(src, gz, 1024 * 1024)
+            while chunk := src.read(_CHUNK_BYTES):
+                if cancel is not None and cancel.is_set():
+                    raise CompressionCancelled(path)
+                gz.write(chunk)
         raw.flush()
         # As gzip(1) does: the file keeps its age, which retain_days goes by.
         os.utime(raw.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
