@@ -126,12 +126,21 @@ class Aggregator(Rolling):
         self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
         # Set at shutdown: a compression stops within one chunk (the next start redoes it).
         self._compress_cancel = threading.Event()
+        # Retention passes run in a thread, one at a time (aggregator/rolling.py).
+        self._retention: asyncio.Future[Any] | None = None
+        self._retain_waiting: set[str] = set()
+        self._retain_all = False
+        self._ahead_warned: set[str] = set()
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.control: ControlServer | None = None
         # Prefixes XPUB subscribers asked for: no subscriber, nothing to publish.
         self.subscriptions: set[bytes] = set()
         self.commit_lock = asyncio.Lock()
         self.commit_latency = metrics.LatencyHistogram()
+        # How late the loop ran a 100 ms timer: the longest since start, and per 10 s window
+        # (this one and the last), so status shows stalls (a blocking call on the loop).
+        self.loop_stall_max_s = 0.0
+        self.loop_stall_windows = [0.0, 0.0]
         self.metrics: metrics.MetricsServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -153,7 +162,7 @@ class Aggregator(Rolling):
         for topic in self.sink.topics_on_disk():
             if wire.valid_topic(topic):
                 self.sink.open_existing(topic)
-        self.rotate_due()
+        await self.rotate_due()
         self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
         self.ctx = zmq.asyncio.Context()
         start_zmq_threads(self.ctx)
@@ -173,6 +182,7 @@ class Aggregator(Rolling):
             asyncio.create_task(self.control.serve(), name="control"),
             asyncio.create_task(self.commit_loop(), name="commit"),
             asyncio.create_task(self.ticker(), name="ticker"),
+            asyncio.create_task(self.loop_probe(), name="loop-probe"),
             asyncio.create_task(self.notifier.watchdog(), name="watchdog"),
         ]
         supervise(self._tasks, self.request_stop)
@@ -201,10 +211,8 @@ class Aggregator(Rolling):
         deadline = time.monotonic() + self.cfg.shutdown_timeout_s
         self.notifier.notify("STOPPING=1")
         log.info("aggregator stopping")
-        # Compressions are redone at the next start: never worth any of the budget.
-        self._compress_cancel.set()
         receivers = [t for t in self._tasks if t.get_name() in ("pull", "xsub", "ticker", "watchdog",
-                                                                "subscriptions")]
+                                                                "subscriptions", "loop-probe")]
         for task in receivers:
             task.cancel()
         await asyncio.gather(*receivers, return_exceptions=True)
@@ -218,15 +226,20 @@ class Aggregator(Rolling):
         await self.release(deadline)
 
     async def release(self, deadline: float | None = None) -> None:
-        """Cancel the tasks and compressions, close files and sockets (by ``deadline``, a
-        time.monotonic() value, for what can wait: the compression thread's last chunk)."""
-        self._compress_cancel.set()
+        """Cancel the tasks, let compressions finish until shortly before ``deadline`` (a
+        time.monotonic() value; default: shutdown_timeout_s from now) and stop the rest between
+        two chunks (the next start compresses those files again), close files and sockets."""
+        if deadline is None:
+            deadline = time.monotonic() + self.cfg.shutdown_timeout_s
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        margin = min(0.5, self.cfg.shutdown_timeout_s / 4)  # a chunk takes some 30 ms
         if self._compressions:
-            budget = self.cfg.shutdown_timeout_s if deadline is None else deadline - time.monotonic()
-            _, pending = await asyncio.wait(self._compressions, timeout=max(0.1, budget))
+            await asyncio.wait(self._compressions, timeout=max(0.0, deadline - margin - time.monotonic()))
+        self._compress_cancel.set()
+        if self._compressions:
+            _, pending = await asyncio.wait(self._compressions, timeout=margin)
             if pending:
                 log.warning("%d compressions did not stop in time; their files are compressed again"
                             " at the next start", len(pending))
@@ -283,7 +296,7 @@ class Aggregator(Rolling):
         """``aggregatorctl rotate [TOPIC]``: commit, then roll the topic (or all) over."""
         async with self.commit_lock:
             await self.commit()
-            return self.rotate_due({topic})
+            return await self.rotate_due({topic})
 
     # -- ingestion ----------------------------------------------------------------------------
 
@@ -520,7 +533,7 @@ class Aggregator(Rolling):
             try:
                 async with self.commit_lock:
                     await self.commit()
-                    self.rotate_due()
+                    await self.rotate_due()
             except SinkError as exc:
                 self.on_disk_error(exc)
             except OSError as exc:
@@ -592,16 +605,17 @@ class Aggregator(Rolling):
     async def ticker(self) -> None:
         """Once a second: rates, agent liveness; every 10 s a systemd STATUS=; every minute retention."""
         ticks = 0
+        wall, mono = self.clock(), time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
+            wall, mono = self.check_clock(wall, mono)
             if ticks % 10 == 0:
                 self.notifier.notify("STATUS=" + self.status_line())
             if ticks % 3600 == 0:
                 self.forget_old_streams()
-            if ticks % 60 == 0 and (self.cfg.retain_days or self.cfg.retain_files):
-                for topic in self.sink.topics_on_disk():
-                    self.apply_retention(topic)
+            if ticks % 60 == 0:
+                self._retain_later(None)
             now = time.monotonic()
             counted: list[TopicStats | AgentInfo] = [*self.topics.values(), *self.agents.values()]
             for stats in counted:
@@ -615,6 +629,32 @@ class Aggregator(Rolling):
             self.catching_up = sum(1 for a in self.agents.values() if a.catching_up)
             self.granted = sum(a.window for a in self.agents.values())
             self.share_window()
+
+    def check_clock(self, wall: float, mono: float) -> tuple[float, float]:
+        """Say so when the wall clock was stepped (NTP after a bad start, an operator, a VM
+        resumed): time-based rotation and rotated names follow the new time (README, Output)."""
+        now_wall, now_mono = self.clock(), time.monotonic()
+        step = (now_wall - wall) - (now_mono - mono)
+        if abs(step) >= 5.0:
+            log.warning("the wall clock was stepped %s by %.0f s: files roll over at the next period"
+                        " of the new time, and rotated names never sort before older ones",
+                        "forward" if step > 0 else "back", abs(step))
+        return now_wall, now_mono
+
+    async def loop_probe(self, interval_s: float = 0.1) -> None:
+        """Measure the event loop's stalls: how much later than asked a timer fires."""
+        window_end = time.monotonic() + 10
+        while True:
+            asked = time.monotonic()
+            await asyncio.sleep(interval_s)
+            now = time.monotonic()
+            stall = max(0.0, now - asked - interval_s)
+            if now >= window_end:
+                self.loop_stall_windows = [0.0, self.loop_stall_windows[0]]
+                window_end = now + 10
+            if stall > self.loop_stall_windows[0]:
+                self.loop_stall_windows[0] = stall
+                self.loop_stall_max_s = max(self.loop_stall_max_s, stall)
 
     def status_line(self) -> str:
         connected = sum(1 for a in self.agents.values() if a.connected)
@@ -669,6 +709,8 @@ class Aggregator(Rolling):
             },
             "malformed": dict(t.malformed),
             "control": {"messages_received": self.control.messages_received if self.control else 0},
+            "loop": {"stall_max_ms": round(1000 * self.loop_stall_max_s, 1),
+                     "stall_recent_ms": round(1000 * max(self.loop_stall_windows), 1)},
             "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,
                      "agents_catching_up": self.catching_up, "granted_bytes": self.granted},
         }

@@ -18,7 +18,7 @@ Metrics (all prefixed ``fleetlog_aggregator_``):
     commit_seconds (histogram)                      fsync of the files + journal record
     pending_bytes                                   accepted, not yet committed
     agent_window_bytes, agents_catching_up          flow control: each agent's share of the budget
-    active_file_bytes{topic}, compressions_running, streams
+    active_file_bytes{topic}, loop_stall_seconds, compressions_running, streams
     output_free_bytes, output_writable              disk of output_dir
     info{instance, version}
 """
@@ -149,6 +149,8 @@ class AggregatorCollector:
         for name, tf in files:
             active.add_metric([name], tf.size)
         yield active
+        yield gauge("loop_stall_seconds", "The event loop's longest stall in the last 10-20 s (a 100 ms"
+                    " timer's lateness)", value=max(agg.loop_stall_windows))
         yield gauge("compressions_running", "Rotated files being compressed",
                     value=len(agg._compressions))
         yield gauge("streams", "Streams (agent file incarnations) known", value=len(agg.accepted))
