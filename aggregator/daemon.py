@@ -400,8 +400,7 @@ class Aggregator(Rolling):
         agent.last_seen = time.monotonic()
         if self.subscriptions:
             # Subscribers always get version 1 (a list of lines): one shape for consumers.
-            proxy.publish(self.sockets["xpub"], frames if isinstance(batch.lines, list) else
-                          wire.encode_batch(dataclasses.replace(batch, lines=batch.line_list())))
+            proxy.publish(self.sockets["xpub"], frames, batch)
 
     def format_batch(self, batch: wire.Batch, fmt: str) -> bytes:
         if fmt == "raw":
@@ -709,6 +708,7 @@ class Aggregator(Rolling):
             },
             "malformed": dict(t.malformed),
             "control": {"messages_received": self.control.messages_received if self.control else 0},
+            "subscriptions": len(self.subscriptions),
             "loop": {"stall_max_ms": round(1000 * self.loop_stall_max_s, 1),
                      "stall_recent_ms": round(1000 * max(self.loop_stall_windows), 1)},
             "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,

@@ -2,17 +2,18 @@
 
 One real aggregator rotates every ``--interval-s`` (10) seconds (UTC boundaries, gzip on, fsync on)
 while ``--topics`` (2,000) simulated agents, one topic each, send ``--rate`` (5) lines/s each
-(10,000 lines/s in all) through the real protocol (``bench/fleet.py``'s simulator: hello,
-heartbeats, acks, resend after 3 s without an ack). Every second the aggregator's status is read:
-its loop probe (``loop.stall_recent_ms``, how late a 100 ms timer fired in the last 10-20 s) gives
-the longest stall of the event loop, and when it happened.
+(10,000 lines/s in all), shipped once a second (``--batch-ms``), through the real protocol
+(``bench/fleet.py``'s simulator: hello, heartbeats, acks, resend after 3 s without an ack).
+Every second the aggregator's status is read: its loop probe
+(``loop.stall_recent_ms``, how late a 100 ms timer fired in the last 10-20 s) gives the longest
+stall of the event loop, and when it happened.
 
 Reported: the loop's longest stall and its stall at each boundary, ack latency (p50 / p99 / max),
 batches the simulated agents resent after an ack timeout, rotated files written, the
 aggregator's CPU and peak RSS; every line is checked (exactly once, in order, across the rotated
 and compressed files).
 
-    python -m bench.rotation [--topics 2000] [--rate 5] [--interval-s 10] [--duration-s 35]
+    python -m bench.rotation [--topics 2000] [--rate 5] [--batch-ms 1000] [--interval-s 10] [--duration-s 35]
                              [--procs 4] [--keep] [--json PATH]
 """
 
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
             sims.append(Proc(f"sim{i}", [
                 sys.executable, "-m", "bench.fleet", "sim", "--first", str(first), "--count", str(count),
                 "--pull", f"tcp://127.0.0.1:{ports['pull']}", "--control", control,
-                "--rate", str(args.rate), "--batch-ms", "100", "--duration-s", str(args.duration_s),
+                "--rate", str(args.rate), "--batch-ms", str(args.batch_ms),
+                "--duration-s", str(args.duration_s),
                 "--topics", str(args.topics), "--settle-s", "30",
                 "--ready", os.path.join(d, f"ready{i}"), "--go", go,
                 "--result", os.path.join(d, f"result{i}.json")], d).start())
@@ -177,6 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--topics", type=int, default=2000, help="simulated agents, one topic each")
     p.add_argument("--rate", type=int, default=5, help="lines/s per agent")
+    p.add_argument("--batch-ms", type=int, default=1000, help="each agent ships what it has this often")
     p.add_argument("--interval-s", type=int, default=10, help="the aggregator's rotate_interval_s")
     p.add_argument("--duration-s", type=float, default=35)
     p.add_argument("--procs", type=int, default=4, help="simulator processes")
