@@ -5,6 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-catchup bench-rotation dist clean system-deps
 
@@ -45,8 +46,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check agent aggregator fleetlog tests bench
 	$(BIN)/mypy agent aggregator fleetlog
 
+# BENCH_ARGS: options of bench/backlog.py, e.g. --stuck-tail (a subscriber that stops reading).
 bench: $(STAMP)
-	$(BIN)/python -m bench.backlog
+	$(BIN)/python -m bench.backlog $(BENCH_ARGS)
 
 # rsyslog and syslog-ng side by side (installs them from Debian when missing; runs them privately).
 bench-peers: $(STAMP)

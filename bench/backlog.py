@@ -19,6 +19,8 @@ Wall time runs from starting the agent (the floor's sender) to the last line wri
 user+system of all threads from /proc/PID/stat: the agent's (the sender's) from its start, the
 aggregator's (the receiver's) from when it was ready; sampled after the last acknowledgement,
 just before stopping. Peak RSS is VmHWM. Output rotation is off so the run measures the pipeline.
+With ``--stuck-tail`` the fleetlog runs also have ``aggregatorctl tail`` of the topic writing into
+a pipe nobody reads (a subscriber that stopped), and the tail process's peak RSS is shown too.
 """
 
 from __future__ import annotations
