@@ -94,6 +94,7 @@ class Aggregator(Rolling):
         self.clock = clock
         self.instance = uuid.uuid4().hex[:12]
         self.started = time.monotonic()
+        self.started_wall = clock()
         self.ctx: zmq.asyncio.Context | None = None
         self.sink = RollingFileSink(self.cfg.output_dir, clock=clock)
         self.journal = Journal(self.cfg.state_dir, stream_ttl_s=self.cfg.stream_ttl_s)

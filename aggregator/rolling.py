@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,8 @@ class Rolling:
     _retain_waiting: set[str]
     _retain_all: bool
     _ahead_warned: set[str]
+    started: float  # time.monotonic() at start
+    started_wall: float  # the clock at start
 
     def owe_ack(self, agent: str, stream: str, end: int) -> None:
         raise NotImplementedError
@@ -237,6 +240,13 @@ class Rolling:
 
         task.add_done_callback(done)
 
+    def retention_now(self) -> float:
+        """The time retain_days counts back from: the clock, but never later than the clock at
+        start plus the time elapsed since (a monotonic clock), so that a step forward never
+        makes files seem old enough to delete (deleting cannot be undone; a step back only
+        keeps them longer). A clock set right while we were down counts from the next start."""
+        return min(self.clock(), self.started_wall + (time.monotonic() - self.started))
+
     def _retain_later(self, topics: list[str] | None) -> None:
         """Apply retention to ``topics`` (None: every topic on disk) in an executor thread: a
         directory scan per topic must not stall the loop. One pass at a time; topics asked for
@@ -255,11 +265,13 @@ class Rolling:
         self._retain_waiting.clear()
 
         def retain() -> None:
-            for topic in self.sink.topics_on_disk() if batch is None else batch:
+            topics = self.sink.topics_on_disk() if batch is None else batch
+            for topic in topics:
                 try:
                     self.apply_retention(topic)
                 except OSError as exc:
                     log.warning("retention of %s failed: %s", topic, exc)
+            log.debug("retention pass over %d topics done", len(topics))
 
         self._retention = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(None, retain))
 
@@ -278,7 +290,7 @@ class Rolling:
         directory = os.path.join(cfg.output_dir, topic)
         doomed = set(names[: max(0, len(names) - cfg.retain_files)]) if cfg.retain_files else set()
         if cfg.retain_days:
-            horizon = self.clock() - cfg.retain_days * 86400
+            horizon = self.retention_now() - cfg.retain_days * 86400
             for name in names:
                 with contextlib.suppress(FileNotFoundError):
                     if os.path.getmtime(os.path.join(directory, name)) < horizon:

@@ -130,3 +130,17 @@ def test_clock_stepped_forward_and_back_rotation_goes_on(h: Harness, clock: Step
     check_exactly_once(output_lines(h.path("out"), "app", include_rotated=True), {"a": 20})
     assert not agg.log().count("Traceback")
     h.assert_quiet(ep)
+
+
+def test_clock_stepped_forward_retention_by_age_keeps_the_files(h: Harness, clock: SteppedClock) -> None:
+    ep, agg, log = start(h, clock, "aggregator.retain_days=1", "aggregator.retain_files=0")
+    write(h, log, 0, 5)
+    assert h.ctl(ep, "rotate", "app").returncode == 0
+    clock.set(30 * 86400)  # a month ahead: every file would seem older than retain_days
+    wait_for(lambda: stepped(agg, "forward"), what="the aggregator to see the step")
+    write(h, log, 5, 5)
+    assert h.ctl(ep, "rotate", "app").returncode == 0
+    wait_for(lambda: agg.log().count("retention pass over") >= 2, what="retention after both rotations")
+    assert len(rotated(h)) == 2 and "retention removed" not in agg.log()
+    check_exactly_once(output_lines(h.path("out"), "app", include_rotated=True), {"a": 10})
+    h.assert_quiet(ep)
