@@ -1,8 +1,15 @@
 """Rolling the per-topic files over: by size and UTC time, on request, and after a crash.
 
-A mixin of ``Aggregator`` (aggregator/daemon.py). A rotation is journaled twice (the intent,
-with every topic's committed position, before the rename; its end after), so a crash at any
-point is finished at start by ``recover_rotations``; compression runs in its own thread.
+A mixin of ``Aggregator`` (aggregator/daemon.py). The topics due at one boundary roll over
+together and are journaled twice: the intent (each rotating topic's new name and committed size,
+with a commit of what was accepted) before the renames, the end (with a commit of what arrived
+meanwhile) after; a crash in between is finished at start by ``recover_rotations``. Nothing
+blocking runs on the event loop: fsyncs, renames and retention's directory scans run in executor
+threads, compression in its own (cancellable between chunks at shutdown).
+
+Clock steps: rotated names only grow (``RollingFileSink.rotate_name``), a period ends when the
+clock is in another one (earlier or later), and retention by age never counts from a clock that
+jumped ahead of the monotonic time since start.
 """
 
 from __future__ import annotations
