@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-catchup dist clean system-deps
+.PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-catchup bench-rotation dist clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,7 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 
 # Programs the scenario tests drive for real, as command:Debian-package. Installed from Debian
 # when missing (as root); the tests that need one skip with a reason where it cannot be had.
-SYSTEM_DEPS := logrotate:logrotate promtool:prometheus
+SYSTEM_DEPS := logrotate:logrotate promtool:prometheus faketime:faketime
 
 system-deps:
 	@missing=""; for dep in $(SYSTEM_DEPS); do \
@@ -51,8 +52,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check agent aggregator fleetlog tests bench
 	$(BIN)/mypy agent aggregator fleetlog
 
+# BENCH_ARGS: options of bench/backlog.py, e.g. --stuck-tail (a subscriber that stops reading).
 bench: $(STAMP)
-	$(BIN)/python -m bench.backlog
+	$(BIN)/python -m bench.backlog $(BENCH_ARGS)
 
 # rsyslog and syslog-ng side by side (installs them from Debian when missing; runs them privately).
 bench-peers: $(STAMP)
@@ -69,6 +71,10 @@ bench-fleet: $(STAMP)
 # 24 real agents with backlogs catching up at once: the aggregator's memory.
 bench-catchup: $(STAMP)
 	$(BIN)/python -m bench.catchup
+
+# 2,000 topics rotating at a 10 s boundary under 10,000 lines/s: the event loop's longest stall.
+bench-rotation: $(STAMP)
+	$(BIN)/python -m bench.rotation
 
 dist: $(STAMP)
 	rm -rf dist

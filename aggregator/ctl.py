@@ -13,11 +13,13 @@ import orjson
 import zmq
 
 from aggregator.config import load_config
+from aggregator.proxy import SUBSCRIBER_BUFFER_BYTES, SUBSCRIBER_HWM
 from fleetlog import __version__, curve, wire
 from fleetlog.cli import RefusalWatch, die_quietly_on_closed_pipe, nothing_listens
 from fleetlog.tomlconf import ConfigError, endpoint_problem
 
 EXIT_UNREACHABLE = 3
+EXIT_FELL_BEHIND = 4
 
 
 class Unreachable(Exception):
@@ -304,7 +306,12 @@ def cmd_top(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_tail(client: Client, args: argparse.Namespace) -> int:
-    """Subscribe to the topic on XPUB and print lines until interrupted (or --lines N)."""
+    """Subscribe to the topic on XPUB and print lines until interrupted (or --lines N).
+
+    A subscriber that does not keep up (its output blocked) is cut off by the aggregator past
+    proxy.SUBSCRIBER_BUFFER_BYTES; a stream's next batch then starts after where the last one
+    ended, and tail says so and exits EXIT_FELL_BEHIND (with --lossy: says so and goes on).
+    """
     if not wire.valid_topic(args.topic):
         print(f"aggregatorctl: not a topic name: {args.topic!r}", file=sys.stderr)
         return 2
@@ -313,10 +320,13 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
         else "127.0.0.1"
     sub = client.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
+    # Our own memory stays bounded too when stdout blocks: the rest waits in the aggregator.
+    sub.setsockopt(zmq.RCVHWM, SUBSCRIBER_HWM)
     # Prefix filtering would also match "nginx-errors" for "nginx": filter exactly below.
     sub.setsockopt(zmq.SUBSCRIBE, args.topic.encode())
     sub.connect(local_endpoint(xpub, host))
     want = args.topic.encode()
+    ends: dict[tuple[str, str], int] = {}  # (agent, stream) -> end offset of the last batch seen
     printed = 0
     try:
         while args.lines is None or printed < args.lines:
@@ -327,6 +337,15 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
                 batch = wire.decode_batch(frames)
             except wire.WireError:
                 continue
+            key = (batch.agent, batch.stream)
+            last = ends.get(key)
+            ends[key] = batch.end
+            if last is not None and batch.start > last:
+                print(f"aggregatorctl: tail fell behind: {batch.start - last} bytes of {batch.agent}:"
+                      f"{batch.path} were dropped (a subscriber that does not keep up is cut off past "
+                      f"{SUBSCRIBER_BUFFER_BYTES >> 20} MiB queued)", file=sys.stderr)
+                if not args.lossy:
+                    return EXIT_FELL_BEHIND
             for line in batch.line_list():
                 sys.stdout.write(line + "\n")
                 printed += 1
@@ -401,6 +420,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t = sub.add_parser("tail", help="print a topic's lines live")
     t.add_argument("topic")
     t.add_argument("-n", "--lines", type=int, default=None, help="stop after N lines")
+    t.add_argument("--lossy", action="store_true",
+                   help="when it falls behind (lines dropped), say so and go on instead of exiting 4")
     t.set_defaults(func=cmd_tail)
     r = sub.add_parser("rotate", help="roll a topic's file (or all) over now")
     r.add_argument("topic", nargs="?")

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -140,6 +141,7 @@ class Aggregator(Rolling):
         self.clock = clock
         self.instance = uuid.uuid4().hex[:12]
         self.started = time.monotonic()
+        self.started_wall = clock()
         self.ctx: zmq.asyncio.Context | None = None
         self.sink = RollingFileSink(self.cfg.output_dir, clock=clock)
         self.locks = [DirectoryLock(self.cfg.state_dir, "aggregator.state_dir"),
@@ -173,12 +175,23 @@ class Aggregator(Rolling):
         self._compressions: set[asyncio.Future[Any]] = set()
         # Its own thread: a backlog of big files to compress never delays a commit's fsync.
         self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
+        # Set at shutdown: a compression stops within one chunk (the next start redoes it).
+        self._compress_cancel = threading.Event()
+        # Retention passes run in a thread, one at a time (aggregator/rolling.py).
+        self._retention: asyncio.Future[Any] | None = None
+        self._retain_waiting: set[str] = set()
+        self._retain_all = False
+        self._ahead_warned: set[str] = set()
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.control: ControlServer | None = None
         # Prefixes XPUB subscribers asked for: no subscriber, nothing to publish.
         self.subscriptions: set[bytes] = set()
         self.commit_lock = asyncio.Lock()
         self.commit_latency = metrics.LatencyHistogram()
+        # How late the loop ran a 100 ms timer: the longest since start, and per 10 s window
+        # (this one and the last), so status shows stalls (a blocking call on the loop).
+        self.loop_stall_max_s = 0.0
+        self.loop_stall_windows = [0.0, 0.0]
         self.metrics: metrics.MetricsServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -205,7 +218,7 @@ class Aggregator(Rolling):
         for topic in self.sink.topics_on_disk():
             if wire.valid_topic(topic):
                 self.sink.open_existing(topic)
-        self.rotate_due()
+        await self.rotate_due()
         self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
         self.remember(registry.load(cfg.state_dir))
         self.ctx = zmq.asyncio.Context()
@@ -226,6 +239,7 @@ class Aggregator(Rolling):
             asyncio.create_task(self.control.serve(), name="control"),
             asyncio.create_task(self.commit_loop(), name="commit"),
             asyncio.create_task(self.ticker(), name="ticker"),
+            asyncio.create_task(self.loop_probe(), name="loop-probe"),
             asyncio.create_task(self.notifier.watchdog(), name="watchdog"),
         ]
         supervise(self._tasks, self.request_stop)
@@ -283,32 +297,44 @@ class Aggregator(Rolling):
             self._registry_error = True
 
     async def shutdown(self) -> None:
-        """Stop taking batches, commit and acknowledge what we hold, then close, within budget."""
+        """Stop taking batches, commit and acknowledge what we hold, then close, all within
+        ``shutdown_timeout_s`` (systemd's stop timeout is longer, so we are never killed)."""
+        deadline = time.monotonic() + self.cfg.shutdown_timeout_s
         self.notifier.notify("STOPPING=1")
         log.info("aggregator stopping")
         receivers = [t for t in self._tasks if t.get_name() in ("pull", "xsub", "ticker", "watchdog",
-                                                                "subscriptions")]
+                                                                "subscriptions", "loop-probe")]
         for task in receivers:
             task.cancel()
         await asyncio.gather(*receivers, return_exceptions=True)
         try:
-            async with self.commit_lock:
-                await asyncio.wait_for(self.commit(), timeout=self.cfg.shutdown_timeout_s)
+            async with asyncio.timeout_at(_loop_deadline(deadline)):
+                async with self.commit_lock:
+                    await self.commit()
         except (TimeoutError, SinkError) as exc:
             log.warning("final commit did not finish (%s); agents will resend what was not acknowledged",
-                        exc or "timeout")
+                        exc or f"not within shutdown_timeout_s={self.cfg.shutdown_timeout_s}")
         self.save_registry()
-        await self.release()
+        await self.release(deadline)
 
-    async def release(self) -> None:
-        """Cancel the tasks, finish compressions within budget, close files and sockets."""
+    async def release(self, deadline: float | None = None) -> None:
+        """Cancel the tasks, let compressions finish until shortly before ``deadline`` (a
+        time.monotonic() value; default: shutdown_timeout_s from now) and stop the rest between
+        two chunks (the next start compresses those files again), close files and sockets."""
+        if deadline is None:
+            deadline = time.monotonic() + self.cfg.shutdown_timeout_s
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        margin = min(0.5, self.cfg.shutdown_timeout_s / 4)  # a chunk takes some 30 ms
         if self._compressions:
-            _, pending = await asyncio.wait(self._compressions, timeout=self.cfg.shutdown_timeout_s)
-            for compression in pending:
-                compression.cancel()
+            await asyncio.wait(self._compressions, timeout=max(0.0, deadline - margin - time.monotonic()))
+        self._compress_cancel.set()
+        if self._compressions:
+            _, pending = await asyncio.wait(self._compressions, timeout=margin)
+            if pending:
+                log.warning("%d compressions did not stop in time; their files are compressed again"
+                            " at the next start", len(pending))
         self._compressor.shutdown(wait=False, cancel_futures=True)
         self.sink.close()
         self.journal.close()
@@ -366,7 +392,7 @@ class Aggregator(Rolling):
         """``aggregatorctl rotate [TOPIC]``: commit, then roll the topic (or all) over."""
         async with self.commit_lock:
             await self.commit()
-            return self.rotate_due({topic})
+            return await self.rotate_due({topic})
 
     # -- ingestion ----------------------------------------------------------------------------
 
@@ -471,8 +497,7 @@ class Aggregator(Rolling):
         agent.heard = True
         if self.subscriptions:
             # Subscribers always get version 1 (a list of lines): one shape for consumers.
-            proxy.publish(self.sockets["xpub"], frames if isinstance(batch.lines, list) else
-                          wire.encode_batch(dataclasses.replace(batch, lines=batch.line_list())))
+            proxy.publish(self.sockets["xpub"], frames, batch)
 
     def format_batch(self, batch: wire.Batch, fmt: str) -> bytes:
         if fmt == "raw":
@@ -641,7 +666,7 @@ class Aggregator(Rolling):
             try:
                 async with self.commit_lock:
                     await self.commit()
-                    self.rotate_due()
+                    await self.rotate_due()
             except SinkError as exc:
                 self.on_disk_error(exc)
             except OSError as exc:
@@ -713,17 +738,18 @@ class Aggregator(Rolling):
     async def ticker(self) -> None:
         """Once a second: rates, agent liveness; every 10 s a systemd STATUS=; every minute retention."""
         ticks = 0
+        wall, mono = self.clock(), time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
+            wall, mono = self.check_clock(wall, mono)
             if ticks % 10 == 0:
                 self.notifier.notify("STATUS=" + self.status_line())
                 self.save_registry()
             if ticks % 3600 == 0:
                 self.forget_old_streams()
-            if ticks % 60 == 0 and (self.cfg.retain_days or self.cfg.retain_files):
-                for topic in self.sink.topics_on_disk():
-                    self.apply_retention(topic)
+            if ticks % 60 == 0:
+                self._retain_later(None)
             now = time.monotonic()
             counted: list[TopicStats | AgentInfo] = [*self.topics.values(), *self.agents.values()]
             for stats in counted:
@@ -738,6 +764,32 @@ class Aggregator(Rolling):
             self.catching_up = sum(1 for a in self.agents.values() if a.catching_up)
             self.granted = sum(a.window for a in self.agents.values())
             self.share_window()
+
+    def check_clock(self, wall: float, mono: float) -> tuple[float, float]:
+        """Say so when the wall clock was stepped (NTP after a bad start, an operator, a VM
+        resumed): time-based rotation and rotated names follow the new time (README, Output)."""
+        now_wall, now_mono = self.clock(), time.monotonic()
+        step = (now_wall - wall) - (now_mono - mono)
+        if abs(step) >= 5.0:
+            log.warning("the wall clock was stepped %s by %.0f s: files roll over at the next period"
+                        " of the new time, and rotated names never sort before older ones",
+                        "forward" if step > 0 else "back", abs(step))
+        return now_wall, now_mono
+
+    async def loop_probe(self, interval_s: float = 0.1) -> None:
+        """Measure the event loop's stalls: how much later than asked a timer fires."""
+        window_end = time.monotonic() + 10
+        while True:
+            asked = time.monotonic()
+            await asyncio.sleep(interval_s)
+            now = time.monotonic()
+            stall = max(0.0, now - asked - interval_s)
+            if now >= window_end:
+                self.loop_stall_windows = [0.0, self.loop_stall_windows[0]]
+                window_end = now + 10
+            if stall > self.loop_stall_windows[0]:
+                self.loop_stall_windows[0] = stall
+                self.loop_stall_max_s = max(self.loop_stall_max_s, stall)
 
     def status_line(self) -> str:
         connected = sum(1 for a in self.agents.values() if a.connected)
@@ -801,9 +853,17 @@ class Aggregator(Rolling):
             "refusals": self.guard.refusals.status(),
             "control": {"messages_received": self.control.messages_received if self.control else 0,
                         "commands": dict(self.control.commands) if self.control else {}},
+            "subscriptions": len(self.subscriptions),
+            "loop": {"stall_max_ms": round(1000 * self.loop_stall_max_s, 1),
+                     "stall_recent_ms": round(1000 * max(self.loop_stall_windows), 1)},
             "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,
                      "agents_catching_up": self.catching_up, "granted_bytes": self.granted},
         }
+
+
+def _loop_deadline(monotonic_deadline: float) -> float:
+    """A time.monotonic() deadline in the running loop's time (uvloop's clock differs)."""
+    return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
 
 
 def peer_address(frame: zmq.Frame) -> str:

@@ -73,6 +73,8 @@ class Journal:
         self.state = DurableState()
         self._fd = -1
         self._size = 0
+        # Rotations whose end could not be journaled: the next record closes them.
+        self._closing: set[str] = set()
 
     def recover(self) -> DurableState:
         """Load the snapshot, replay the journal up to its first torn or corrupt record."""
@@ -130,6 +132,8 @@ class Journal:
         """Make one commit record durable. Blocking (fsync): run it off the event loop."""
         record: dict[str, Any] = {"seq": self.state.seq + 1, "t": time.time(),
                                   "topics": topics, "streams": streams}
+        if self._closing:
+            rotations = {**dict.fromkeys(self._closing), **(rotations or {})}
         if rotations:
             record["rotations"] = rotations
         body = orjson.dumps(record)
@@ -139,9 +143,15 @@ class Journal:
             os.fdatasync(self._fd)
         self._size += len(frame)
         self.state.apply(record)
+        self._closing.clear()
         if self._size > self.compact_bytes:
             self.compact(self.stream_ttl_s)
         return record["seq"]
+
+    def close_rotations_later(self, topics: Any) -> None:
+        """Mark the rotation intents of ``topics`` (an iterable of names) as finished in the next
+        record, whatever it is: their files were put back where the intent says."""
+        self._closing.update(topics)
 
     def compact(self, ttl_s: float | None = None) -> None:
         """Snapshot the state (dropping streams idle longer than ``ttl_s``) and restart the journal."""

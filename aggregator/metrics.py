@@ -26,7 +26,7 @@ Metrics (all prefixed ``fleetlog_aggregator_``):
     rotations_total, retention_removed_total        rotated files made, and removed by retention
     journal_bytes                                   the commit journal's size
     output_used_bytes, output_total_bytes           the output_dir file system
-    active_file_bytes{topic}, compressions_running, streams
+    active_file_bytes{topic}, loop_stall_seconds, compressions_running, streams
     output_free_bytes, output_writable              disk of output_dir
     info{instance, version}                         (fleetlog_aggregator_info)
 """
@@ -178,6 +178,8 @@ class AggregatorCollector:
         for name, tf in files:
             active.add_metric([name], tf.size)
         yield active
+        yield gauge("loop_stall_seconds", "The event loop's longest stall in the last 10-20 s (a 100 ms"
+                    " timer's lateness)", value=max(agg.loop_stall_windows))
         yield gauge("compressions_running", "Rotated files being compressed",
                     value=len(agg._compressions))
         yield gauge("streams", "Streams (agent file incarnations) known", value=len(agg.accepted))

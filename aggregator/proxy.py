@@ -8,22 +8,30 @@ Subscriptions travel the other way, from XPUB subscribers up to the publishers.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import zmq
 import zmq.asyncio
 
 from aggregator.config import AggregatorConfig
+from fleetlog import wire
 
 log = logging.getLogger("fleetlog.aggregator.proxy")
 
 # Enough queued messages to ride out a commit; beyond that PUSH peers block (backpressure)
 # and PUB peers drop, which the agents' resending covers.
 RCVHWM = 1000
-XPUB_SNDHWM = 10_000
+# What a subscriber that does not read (``aggregatorctl tail`` into a pipe nobody reads) may
+# cost the aggregator: ZeroMQ's high-water mark counts messages, not bytes, so published
+# messages are cut to at most PUBLISH_MAX_BYTES of lines (a single longer line goes whole)
+# and XPUB queues SUBSCRIBER_HWM of them per subscriber. Past that, XPUB drops that
+# subscriber's messages (only its own); it learns so from the gap in its streams' offsets.
+PUBLISH_MAX_BYTES = 256 * 1024
+SUBSCRIBER_BUFFER_BYTES = 16 * 1024 * 1024
+SUBSCRIBER_HWM = SUBSCRIBER_BUFFER_BYTES // PUBLISH_MAX_BYTES
 
 
 def bind(sock: zmq.Socket, endpoint: str) -> None:  # type: ignore[type-arg]
@@ -70,7 +78,7 @@ def bind_data_sockets(ctx: zmq.asyncio.Context, cfg: AggregatorConfig,
         zmq.Socket.shadow(xsub.underlying).send(b"\x01")
         xpub = sockets["xpub"] = ctx.socket(zmq.XPUB)
         protect(xpub)
-        xpub.setsockopt(zmq.SNDHWM, XPUB_SNDHWM)
+        xpub.setsockopt(zmq.SNDHWM, SUBSCRIBER_HWM)
         xpub.setsockopt(zmq.MAXMSGSIZE, 4096)
         bind(xpub, cfg.xpub)
     except zmq.ZMQError:
@@ -80,10 +88,51 @@ def bind_data_sockets(ctx: zmq.asyncio.Context, cfg: AggregatorConfig,
     return sockets
 
 
-def publish(xpub: zmq.asyncio.Socket, frames: Sequence[zmq.Frame | bytes]) -> None:
-    """Hand an accepted batch to subscribers; a slow subscriber loses messages, never blocks us."""
-    with contextlib.suppress(zmq.Again):
-        xpub.send_multipart(frames, flags=zmq.NOBLOCK)
+def publish(xpub: zmq.asyncio.Socket, frames: Sequence[zmq.Frame | bytes], batch: wire.Batch) -> None:
+    """Hand an accepted batch (``frames`` as received) to subscribers, as version 1 messages of
+    at most PUBLISH_MAX_BYTES of lines; a slow subscriber loses messages, never blocks us."""
+    size = sum(len(f.buffer if isinstance(f, zmq.Frame) else f) for f in frames)
+    messages: Iterable[Sequence[zmq.Frame | bytes]]
+    if size > PUBLISH_MAX_BYTES:
+        messages = (wire.encode_batch(part) for part in _parts(batch, PUBLISH_MAX_BYTES))
+    elif isinstance(batch.lines, list):
+        messages = (frames,)
+    else:
+        messages = (wire.encode_batch(dataclasses.replace(batch, lines=batch.line_list())),)
+    for message in messages:
+        try:
+            xpub.send_multipart(message, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return  # (XPUB drops rather than blocks; kept for a full pipe's other errors)
+
+
+def _parts(batch: wire.Batch, max_bytes: int) -> Iterator[wire.Batch]:
+    """``batch`` as version 1 batches of at most ``max_bytes`` of lines each (one line at least),
+    with contiguous offsets that end at the batch's end, so subscribers can tell a gap."""
+    if isinstance(batch.lines, str):
+        # Version 2: newlines only end lines, so cut the text at the last newline of each part.
+        data = batch.lines.encode("utf-8", "surrogatepass")
+        pos, start = 0, batch.start
+        while pos < len(data):
+            cut = len(data) if len(data) - pos <= max_bytes else data.rfind(b"\n", pos, pos + max_bytes) + 1
+            if cut <= pos:  # one line longer than max_bytes: it goes whole
+                cut = data.index(b"\n", pos) + 1
+            end = batch.end if cut == len(data) else min(start + cut - pos, batch.end)
+            text = data[pos:cut].decode("utf-8", "surrogatepass")
+            yield dataclasses.replace(batch, lines=wire.line_list(text), start=start, end=end)
+            pos, start = cut, end
+        return
+    # Version 1 (multi-line records may hold newlines): line by line.
+    lines = batch.lines
+    start, first, taken = batch.start, 0, 0
+    for i, line in enumerate(lines):
+        n = len(line.encode("utf-8", "surrogatepass")) + 1
+        if taken and taken + n > max_bytes:
+            end = min(start + taken, batch.end)
+            yield dataclasses.replace(batch, lines=lines[first:i], start=start, end=end)
+            start, first, taken = end, i, 0
+        taken += n
+    yield dataclasses.replace(batch, lines=lines[first:], start=start, end=batch.end)
 
 
 async def forward_subscriptions(xpub: zmq.asyncio.Socket, xsub: zmq.asyncio.Socket,

@@ -14,12 +14,14 @@ against the wire alphabet before they get here, so no path can leave ``output_di
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import gzip
 import logging
 import os
-import shutil
+import re
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from fleetlog.durable import fsync_dir, write_all
 
 log = logging.getLogger("fleetlog.aggregator.writer")
 
+_STAMP_RE = re.compile(r"\d{8}T\d{6}Z")
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -70,6 +73,8 @@ class RollingFileSink:
         # When each active file was started: kept across close() (SIGHUP reopens) so that
         # reopening does not postpone a time-based rotation.
         self.started: dict[str, float] = {}
+        # Topics whose newest rotated file is named later than the clock: topic -> that name.
+        self.ahead: dict[str, str] = {}
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -198,43 +203,38 @@ class RollingFileSink:
     # -- rolling -------------------------------------------------------------------------------
 
     def due(self, topic: str, max_bytes: int, interval_s: int) -> bool:
+        """Whether the topic's active file rolls over now: at ``max_bytes``, or once the clock is
+        in another UTC period of ``interval_s`` than when the file was started. Another, not a
+        later one: after the clock was stepped back the file rolls over once and the periods go
+        on from the new time (waiting for the clock to catch up would stop rotation for as long
+        as the step)."""
         tf = self.files.get(topic)
         if tf is None or tf.size == 0:
             return False
         if max_bytes and tf.size >= max_bytes:
             return True
         if interval_s:
-            return int(self.clock() // interval_s) > int(tf.opened_at // interval_s)
+            return int(self.clock() // interval_s) != int(tf.opened_at // interval_s)
         return False
 
     def rotate_name(self, topic: str) -> str:
-        """A free ``<topic>.<UTC timestamp>.log`` name that sorts after every rotated file of
-        the same second (even if retention removed some of them)."""
+        """A free ``<topic>.<UTC timestamp>.log`` name that sorts after every rotated file of the
+        topic, so that names only grow and retention keeps the newest: normally the clock's
+        time; if a rotated file is named later than that (the clock was stepped back), that
+        file's time with the next ``_NNN`` (and ``ahead`` records the topic, for one warning)."""
         now = self.clock()
         base = rotated_name(topic, now)
         prefix = base[: -len(".log")]
-        taken = -1
-        for name in self.rotated_files(topic):
-            stem = name.removesuffix(".gz").removesuffix(".log")
-            if stem == prefix:
-                taken = max(taken, 0)
-            elif stem.startswith(prefix + "_") and stem[len(prefix) + 1:].isdigit():
-                taken = max(taken, int(stem[len(prefix) + 1:]))
-        return rotated_name(topic, now, taken + 1)
-
-    def rename_active(self, topic: str, name: str) -> None:
-        """Rename the active file to ``name`` and start a new one (after its data was committed)."""
-        tf = self.files.pop(topic, None)
-        if tf is not None:
-            os.fsync(tf.fd)
-            os.close(tf.fd)
-        src = self.active_path(topic)
-        dst = os.path.join(self.output_dir, topic, name)
-        if os.path.exists(src):
-            os.rename(src, dst)
-        fsync_dir(os.path.join(self.output_dir, topic))
-        self.started[topic] = self.clock()
-        self._open(topic)
+        keys = (_order_key(topic, n) for n in self.rotated_files(topic))
+        newest = max((k for k in keys if _STAMP_RE.fullmatch(k[0], len(topic) + 1)), default=None)
+        if newest is None or newest[0] < prefix:
+            self.ahead.pop(topic, None)
+            return base
+        stem, taken = newest
+        if stem > prefix:
+            self.ahead.setdefault(topic, f"{stem}.log")
+        when = calendar.timegm(time.strptime(stem[len(topic) + 1:], "%Y%m%dT%H%M%SZ"))
+        return rotated_name(topic, when, taken + 1)
 
     def rotated_files(self, topic: str) -> list[str]:
         """The topic's rotated files, oldest first, each once: while ``X.log`` is being compressed
@@ -247,17 +247,38 @@ class RollingFileSink:
             return []
         prefix = f"{topic}."
         active = f"{topic}.log"
-        return sorted(n for n in names if n.startswith(prefix) and n != active
-                      and (n.endswith(".log.gz") or (n.endswith(".log") and f"{n}.gz" not in names)))
+        return sorted((n for n in names if n.startswith(prefix) and n != active
+                       and (n.endswith(".log.gz") or (n.endswith(".log") and f"{n}.gz" not in names))),
+                      key=lambda n: _order_key(topic, n))
 
 
-def compress_file(path: str) -> str | None:
+def _order_key(topic: str, name: str) -> tuple[str, int]:
+    """A rotated name's place in rotation order: ``(<topic>.<stamp>, n)`` for ``..._NNN.log``
+    (numerically, so that ``_1000`` comes after ``_999``)."""
+    stem = name.removesuffix(".gz").removesuffix(".log")
+    head, sep, n = stem.rpartition("_")
+    if sep and n.isdigit() and len(head) == len(topic) + 17:
+        return head, int(n)
+    return stem, 0
+
+
+class CompressionCancelled(Exception):
+    """A compression stopped between chunks because the daemon is stopping; its ``.gz.tmp`` is
+    left for the next start's scan, which removes it and compresses the file again."""
+
+
+_CHUNK_BYTES = 1024 * 1024
+
+
+def compress_file(path: str, cancel: threading.Event | None = None) -> str | None:
     """gzip ``path`` to ``path.gz`` crash-safely (tmp, fsync, rename, then unlink the original),
     keeping its modification time.
 
     Blocking: the daemon runs it in an executor thread. A crash at any point leaves either the
     original (compressed again at the next start) or both (the same), never neither. If retention
-    removed the original meanwhile, the result goes too; returns None then.
+    removed the original meanwhile, the result goes too; returns None then. ``cancel`` is looked
+    at between 1 MiB chunks: once set, raises CompressionCancelled within one chunk (a 2 GiB file
+    must not hold up a shutdown for a minute).
     """
     tmp = f"{path}.gz.tmp"
     try:
@@ -268,7 +289,10 @@ def compress_file(path: str) -> str | None:
         st = os.fstat(src.fileno())
         with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, compresslevel=6,
                            mtime=int(st.st_mtime)) as gz:
-            shutil.copyfileobj(src, gz, 1024 * 1024)
+            while chunk := src.read(_CHUNK_BYTES):
+                if cancel is not None and cancel.is_set():
+                    raise CompressionCancelled(path)
+                gz.write(chunk)
         raw.flush()
         # As gzip(1) does: the file keeps its age, which retain_days goes by.
         os.utime(raw.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))

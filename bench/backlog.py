@@ -13,12 +13,14 @@ the table shows each one's median run (by wall time); the machine is shared, so 
 
     python -m bench.backlog [--files 8] [--lines-per-file 250000] [--mode push|pub] [--repeat 5]
                             [--no-acks-off] [--no-floor]
-                            [--keep] [--json PATH] [--profile DIR] [--timeout-s 600]
+                            [--keep] [--json PATH] [--profile DIR] [--timeout-s 600] [--stuck-tail]
 
 Wall time runs from starting the agent (the floor's sender) to the last line written. CPU is
 user+system of all threads from /proc/PID/stat: the agent's (the sender's) from its start, the
 aggregator's (the receiver's) from when it was ready; sampled after the last acknowledgement,
 just before stopping. Peak RSS is VmHWM. Output rotation is off so the run measures the pipeline.
+With ``--stuck-tail`` the fleetlog runs also have ``aggregatorctl tail`` of the topic writing into
+a pipe nobody reads (a subscriber that stopped), and the tail process's peak RSS is shown too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,8 +88,9 @@ def wait_output(path: str, expected_bytes: int, timeout_s: float, procs: list[Pr
 
 def run_fleetlog(d: str, logs: str, expected_lines: int, expected_bytes: int, mode: str, timeout_s: float,
                  profile_dir: str | None, name: str = "fleetlog", agent_sets: tuple[str, ...] = (),
-                 aggregator_sets: tuple[str, ...] = ()) -> dict[str, Any]:
-    """One run in its own directory ``d`` (output, state, daemon logs); the sources are in ``logs``."""
+                 aggregator_sets: tuple[str, ...] = (), stuck_tail: bool = False) -> dict[str, Any]:
+    """One run in its own directory ``d`` (output, state, daemon logs); the sources are in ``logs``.
+    ``stuck_tail``: an ``aggregatorctl tail`` of the topic writes into a pipe nobody reads."""
     os.makedirs(d, exist_ok=True)
     ports = {k: free_port() for k in ("pull", "xsub", "xpub")}
     out = os.path.join(d, "out", TOPIC, f"{TOPIC}.log")
@@ -96,9 +100,17 @@ def run_fleetlog(d: str, logs: str, expected_lines: int, expected_bytes: int, mo
     ctx: zmq.Context[Any] = zmq.Context()
     control = ControlClient(ctx, f"ipc://{d}/c.sock")
     agent_status = ControlClient(ctx, f"ipc://{d}/st/agent.sock")
+    tail: subprocess.Popen[bytes] | None = None
+    tail_kb = 0
     try:
         aggregator.start()
         wait_for("aggregator status", lambda: control.call("status", 0.5), 30, [aggregator])
+        if stuck_tail:
+            with open(os.path.join(d, "tail.log"), "wb") as err:
+                tail = subprocess.Popen([sys.executable, "-m", "aggregator.ctl", "--control", f"ipc://{d}/c.sock",
+                                         "tail", TOPIC], stdout=subprocess.PIPE, stderr=err)
+            wait_for("the tail's subscription", lambda: (control.call("status", 0.5) or {}).get(
+                "subscriptions"), 30, [aggregator])
         cpu0_aggregator = aggregator.cpu_s()
         t0 = time.monotonic()
         agent.start()
@@ -113,11 +125,18 @@ def run_fleetlog(d: str, logs: str, expected_lines: int, expected_bytes: int, mo
         g_status = control.call("status") or {}
         cpu = {"agent": agent.cpu_s(), "aggregator": aggregator.cpu_s() - cpu0_aggregator}
         rss = {"agent": agent.peak_rss_kb(), "aggregator": aggregator.peak_rss_kb()}
+        if tail is not None:
+            tail_kb = _vm_hwm_kb(tail.pid)
         threads = {"agent": agent.threads_cpu_s(), "aggregator": aggregator.threads_cpu_s()}
         for r in recorders:
             pyspy.finish(r)
         codes = {"agent": agent.stop(), "aggregator": aggregator.stop()}
     finally:
+        if tail is not None:
+            tail.kill()
+            tail.wait(10)
+            assert tail.stdout is not None
+            tail.stdout.close()
         for p in (*recorders, agent, aggregator):
             p.stop(timeout_s=10)
         control.close()
@@ -137,7 +156,16 @@ def run_fleetlog(d: str, logs: str, expected_lines: int, expected_bytes: int, mo
             "agent_batches": a_status.get("batches_shipped"), "agent_resends": a_status.get("resends"),
         },
         "output": corpus.output_files(os.path.dirname(out), TOPIC),
+        **({"stuck_tail_peak_rss_kb": tail_kb} if stuck_tail else {}),
     }
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status", "rb") as fh:
+        for line in fh:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _start_profilers(profile_dir: str, targets: list[Proc], agent_status: ControlClient) -> list[Proc]:
@@ -270,6 +298,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-floor", action="store_true", help="skip the floor")
     p.add_argument("--no-acks-off", action="store_true", help="skip the acks-off fleetlog run")
     p.add_argument("--timeout-s", type=float, default=600, help="deadline for each pipeline")
+    p.add_argument("--stuck-tail", action="store_true",
+                   help="fleetlog runs with `aggregatorctl tail` of the topic writing into a pipe"
+                        " nobody reads")
     return p.parse_args(argv)
 
 
@@ -300,7 +331,8 @@ def _one_run(args: argparse.Namespace, d: str, name: str, i: int, sources: list[
         run = run_fleetlog(rd, logs, lines, size, args.mode, args.timeout_s,
                            args.profile if last and not off else None, name=name,
                            agent_sets=ACKS_OFF_AGENT if off else (),
-                           aggregator_sets=ACKS_OFF_AGGREGATOR if off else ())
+                           aggregator_sets=ACKS_OFF_AGGREGATOR if off else (),
+                           stuck_tail=args.stuck_tail and not off)
     derive(run)
     run["verdict"] = corpus.verify(run.pop("output"), sources, args.lines_per_file)
     if not args.keep:
@@ -327,6 +359,9 @@ def _bench(args: argparse.Namespace, d: str) -> int:
     print(table(runs))
     fl = runs[0]
     print("fleetlog: " + ", ".join(f"{k} {v}" for k, v in fl["details"].items()))
+    if args.stuck_tail:
+        print(f"stuck tail: aggregator peak RSS {fl['recv']['peak_rss_kb'] / 1024:.0f} MiB, the tail process "
+              f"{fl['stuck_tail_peak_rss_kb'] / 1024:.0f} MiB")
     for name, threads in fl["threads_cpu_s"].items():
         busy = sorted(threads.items(), key=lambda kv: -kv[1])
         print(f"  {name} CPU s by thread: " + ", ".join(f"{t} {s:.2f}" for t, s in busy if s >= 0.01))
