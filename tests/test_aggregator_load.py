@@ -82,6 +82,7 @@ def test_stuck_subscriber_is_dropped_and_ingestion_goes_on(h: Harness) -> None:
     log.touch()
     agg = h.aggregator(ep, "aggregator.rotate_max_bytes=0")
     h.agent(ep, [{"paths": [str(log)], "topic": "app"}])
+    h.status(ep)  # listening: aggregatorctl says at once when nothing listens
     # `aggregatorctl tail app | <something that stopped reading>`.
     with subprocess.Popen([sys.executable, "-m", "aggregator.ctl", "--control", ep.control, "tail", "app"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as tail:
