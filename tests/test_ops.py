@@ -284,6 +284,7 @@ def test_aggregator_metrics(h: Harness) -> None:
     # Settled: the lines committed (lines reach the file before their group commit) and the
     # agent's heartbeat reporting no lag.
     m = wait_for(lambda: (x := scrape(port)).get('fleetlog_aggregator_agent_lag_bytes{agent="node-m"}') == 0
+                 and x.get('fleetlog_aggregator_agent_connected{agent="node-m"}') == 1
                  and x.get("fleetlog_aggregator_pending_bytes") == 0
                  and x.get("fleetlog_aggregator_commit_seconds_count", 0) >= 1 and x,
                  what="metrics with the lines committed and the agent's heartbeat")
