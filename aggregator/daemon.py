@@ -164,7 +164,9 @@ class Aggregator(Rolling):
         os.makedirs(cfg.output_dir, exist_ok=True)
         os.makedirs(cfg.state_dir, exist_ok=True)
         self.guard.load(cfg)
-        self.sink.max_open = open_files_bound(raise_open_files_limit())
+        limit = raise_open_files_limit()
+        self.sink.max_open = open_files_bound(limit)
+        log.info("descriptor limit %d: up to %d topic files open at once", limit, self.sink.max_open)
         state = self.journal.recover()
         # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction
         # (a full state_dir only postpones it).
