@@ -33,9 +33,10 @@ from fleetlog.durable import fsync_dir, write_all
 
 log = logging.getLogger("fleetlog.aggregator.writer")
 
-# A commit with more dirty files than this fsyncs them from _SYNC_THREADS threads.
-_SYNC_ALONE = 8
-_SYNC_THREADS = 4
+# A commit fsyncs its dirty files from one thread per _SYNC_PER_THREAD of them, at most
+# _SYNC_THREADS (10,000 files on the CI VM: 2.4 s from 4 threads, 0.26-0.41 s from 16).
+_SYNC_PER_THREAD = 64
+_SYNC_THREADS = 16
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -325,7 +326,7 @@ class RollingFileSink:
         """fsync every given file, whatever the others do; blocking, run off the event loop with
         the files marked ``syncing`` (they keep their descriptors meanwhile). The errors by topic.
 
-        Many files are synced from a few threads at once: the filesystem's journal then commits
+        Many files are synced from several threads at once: the filesystem's journal then commits
         them together (ext4, 2,000 files on this project's CI VM: 2.97 s one after the other,
         0.13 s from 4 threads), which is what lets one commit cover thousands of topics.
         """
@@ -338,12 +339,13 @@ class RollingFileSink:
                 except OSError as exc:
                     failed[tf.topic] = exc
 
-        if len(files) <= _SYNC_ALONE:
+        threads = min(_SYNC_THREADS, len(files) // _SYNC_PER_THREAD)
+        if threads <= 1:
             sync(files)
             return failed
         if self._sync_pool is None:
             self._sync_pool = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="fsync")
-        list(self._sync_pool.map(sync, [files[i::_SYNC_THREADS] for i in range(_SYNC_THREADS)]))
+        list(self._sync_pool.map(sync, [files[i::threads] for i in range(threads)]))
         return failed
 
     def sync(self) -> dict[str, int]:
