@@ -25,6 +25,7 @@ from harness import (
     wait_for,
 )
 
+from aggregator.journal import Journal, JournalError
 from fleetlog import runtime
 
 
@@ -336,3 +337,50 @@ def test_a_failed_task_makes_the_daemon_exit_non_zero() -> None:
     asyncio.run(main())
     assert runtime.failed_tasks == ["broken"]
     runtime.failed_tasks.clear()
+
+
+def test_journal_write_on_a_full_disk_leaves_it_as_before(mounts: list[Path], short_tmp: Path) -> None:
+    state = short_tmp / "state"
+    mount_tmpfs(state, "256k")
+    mounts.append(state)
+    j = Journal(str(state))
+    j.recover()
+    j.append({"app": 100}, {"a\x1fs": 100})
+    before = (state / "journal.bin").read_bytes()
+    filler = fill(state, 0)
+    big = {f"a\x1f{i:05d}": i for i in range(20_000)}  # a record bigger than the room left
+    with pytest.raises(JournalError):
+        j.append({"app": 200}, big)
+    assert (state / "journal.bin").read_bytes() == before
+    assert j.state.seq == 1 and j.state.topics == {"app": 100} and j.take_unwritten() == big
+    filler.unlink()
+    j.append({"app": 200}, {"a\x1fs": 200})
+    j.close()
+    recovered = Journal(str(state)).recover()
+    assert recovered.damage is None and recovered.topics == {"app": 200} and recovered.seq == 2
+
+
+@pytest.mark.parametrize(("change", "damaged"), [
+    ("torn_at_a_page", False), ("zeros_after", False), ("cut_elsewhere", True), ("garbage_in_middle", True)])
+def test_journal_recovery_tells_a_torn_tail_from_damage(tmp_path: Path, change: str, damaged: bool) -> None:
+    j = Journal(str(tmp_path))
+    j.recover()
+    for i in range(1, 41):
+        j.append({"app": 100 * i}, {"a\x1fs": 100 * i})
+    j.close()
+    path = tmp_path / "journal.bin"
+    data = bytearray(path.read_bytes())
+    if change == "torn_at_a_page":
+        data = data[: len(data) // 4096 * 4096 or len(data) // 512 * 512]
+    elif change == "zeros_after":
+        data += b"\0" * 700
+    elif change == "cut_elsewhere":
+        data = data[: len(data) // 2 + (1 if (len(data) // 2) % 512 == 0 else 0)]
+    else:
+        data[len(data) // 3: len(data) // 3 + 512] = os.urandom(512)
+    path.write_bytes(bytes(data))
+    state = Journal(str(tmp_path)).recover()
+    assert (state.damage is not None) == damaged, state.damage
+    if change == "garbage_in_middle":
+        assert state.topics == {"app": 4000}  # the records after the damage are replayed
+        assert list(tmp_path.glob("journal.bin.damaged-*"))
