@@ -384,3 +384,36 @@ def test_journal_recovery_tells_a_torn_tail_from_damage(tmp_path: Path, change: 
     if change == "garbage_in_middle":
         assert state.topics == {"app": 4000}  # the records after the damage are replayed
         assert list(tmp_path.glob("journal.bin.damaged-*"))
+
+
+def test_descriptor_limit_lowered_while_running_never_doubles_lines(h: Harness) -> None:
+    """The limit drops below what the bound assumed (prlimit on the running daemon): opens fail
+    with EMFILE, batches wait for the next commit, nothing is doubled or lost."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    ep = h.endpoints()
+    n = 150
+    paths = {f"t{i:03d}": h.path("logs", f"t{i:03d}.log") for i in range(n)}
+    for p in paths.values():
+        p.touch()
+    agg = h.aggregator(ep)
+    h.agent(ep, [{"paths": [str(p)], "topic": tag} for tag, p in paths.items()], "agent.max_open_files=1000")
+    wait_for(lambda: (s := h.agent_status()) is not None and s["aggregator"] is not None, timeout=30,
+             what="the agent connected")
+    open_now = len(os.listdir(f"/proc/{agg.pid}/fd"))
+    r = subprocess.run(["prlimit", f"--pid={agg.pid}", f"--nofile={open_now + 40}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    writer = Writer(paths, lines_per_tick=5, tick_s=0.05, limit=20).start()
+    out = h.path("out")
+    wait_for(lambda: sum(len(output_lines(out, t)) for t in paths) >= 20 * n, timeout=120,
+             what="every topic's lines")
+    expected = writer.stop()
+    wait_for(lambda: all_acknowledged(h), timeout=60, what="every line acknowledged")
+    h.assert_quiet(ep)
+    for tag in paths:
+        check_exactly_once(output_lines(out, tag), {tag: expected[tag]})
+    assert h.status(ep)["totals"]["descriptor_waits"] > 0
+    log = agg.log()
+    assert log.count("out of file descriptors") == 1, log
+    assert agg.alive() and "Traceback" not in log
