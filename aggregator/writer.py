@@ -174,8 +174,10 @@ class RollingFileSink:
         try:
             fd = os.open(path, _OPEN_FLAGS, 0o644)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._fit_descriptor_limit()
             if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._close_least_recent(
-                    max(1, len(self._open_files) // 4)):
+                    max(1, len(self._open_files) - self.max_open, len(self._open_files) // 4)):
                 raise SinkError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
             try:
                 fd = os.open(path, _OPEN_FLAGS, 0o644)
@@ -204,6 +206,15 @@ class RollingFileSink:
             tf.fd = fd
         self._open_files[topic] = tf
         return tf
+
+    def _fit_descriptor_limit(self) -> None:
+        """Out of descriptors: if the limit was lowered under us (prlimit), lower the bound so
+        that new connections and the journal find descriptors too."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        bound = open_files_bound(soft if soft != resource.RLIM_INFINITY else 1 << 20)
+        if bound < self.max_open:
+            log.warning("descriptor limit is now %d: keeping at most %d topic files open", soft, bound)
+            self.max_open = bound
 
     def _close_least_recent(self, n: int) -> int:
         """Close up to ``n`` open files, least recently written first, of those holding nothing
