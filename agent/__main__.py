@@ -76,6 +76,9 @@ async def _serve(config: Config) -> int:
     except (zmq.ZMQError, OSError, curve.KeyError_, DirectoryInUse) as exc:
         log.error("cannot start: %s", exc)
         return 1
+    if runtime.failed_tasks:
+        log.error("stopped after a fatal error in %s", ", ".join(runtime.failed_tasks))
+        return 1
     return 0
 
 

@@ -446,18 +446,25 @@ class Agent(Following):
         self.acked_event.set()
 
     def resync(self, stream: Any, offset: Any, seq: Any) -> None:
-        """The aggregator expects this stream to continue at ``offset``."""
+        """The aggregator expects this stream to continue at ``offset``. ``seq`` is the batch that
+        made it ask (stale if sent before our last rewind), or None when it asks on its own (it
+        refused or took back batches and can take them now)."""
         t = self.tailers.get(stream) if isinstance(stream, str) else None
-        if t is None or type(offset) is not int or type(seq) is not int or seq < t.rewind_seq:
-            return  # unknown or stale (sent before our last rewind)
+        if t is None or type(offset) is not int:
+            return
+        if seq is not None and (type(seq) is not int or seq < t.rewind_seq):
+            return  # stale (sent before our last rewind)
         if offset < t.acked:
-            # The aggregator lost what it had acknowledged (its state_dir was lost): start the
-            # stream again from what we know is durable, rather than shipping it all twice.
-            log.warning("aggregator asks for %s from %d but acknowledged %d before; rebasing",
-                        t.path, offset, t.acked)
-            t.base = t.acked
+            # The aggregator lost what it had acknowledged (its state_dir was lost or its journal
+            # damaged): start the stream again from what we know is durable, rather than
+            # shipping it all twice. The new base tells it so, and it takes our word: one
+            # answer, said once per stream.
+            if t.base < t.acked:
+                log.warning("aggregator asks for %s from %d but acknowledged %d before; continuing"
+                            " from %d (rebasing the stream)", t.path, offset, t.acked, t.acked)
+                t.base = t.acked
+                self.unsaved_streams = True
             offset = t.acked
-            self.unsaved_streams = True
         self.resends += 1
         t.rewind(offset)
         if t.ship_pos > t.acked:

@@ -67,6 +67,9 @@ async def _serve(config, overrides: list[str]) -> int:  # type: ignore[no-untype
     except (OSError, curve.KeyError_) as exc:
         log.error("cannot start: %s", exc)
         return 1
+    if runtime.failed_tasks:
+        log.error("stopped after a fatal error in %s", ", ".join(runtime.failed_tasks))
+        return 1
     return 0
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -23,10 +23,18 @@ import zmq.asyncio
 from aggregator import metrics, proxy, registry
 from aggregator.config import Config, load_config
 from aggregator.control import ControlServer
-from aggregator.journal import Journal, stream_key
+from aggregator.journal import DurableState, Journal, JournalError, stream_key
 from aggregator.rolling import Rolling
 from aggregator.security import Guard
-from aggregator.writer import RollingFileSink, SinkError, uncompressed_rotated
+from aggregator.writer import (
+    Hold,
+    RollingFileSink,
+    SinkError,
+    TopicFile,
+    open_files_bound,
+    raise_open_files_limit,
+    uncompressed_rotated,
+)
 from fleetlog import __version__, curve, wire
 from fleetlog.dirlock import DirectoryLock
 from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
@@ -35,6 +43,9 @@ from fleetlog.tomlconf import ConfigError
 log = logging.getLogger("fleetlog.aggregator")
 
 _NOW = int(zmq.NOBLOCK)
+# Held topics logged one by one; past that, one line counts the rest (a full output disk
+# holds every topic at once).
+_HOLDS_LOGGED = 10
 
 
 @dataclass
@@ -128,6 +139,10 @@ class Totals:
     write_errors: int = 0
     rotations: int = 0
     retention_removed: int = 0   # rotated files removed by retention
+    # Streams continued at the agent's acknowledged offset, past what our state knew.
+    rebased_streams: int = 0
+    # Batches refused for want of a file descriptor (taken at a later try).
+    descriptor_waits: int = 0
     malformed: dict[str, int] = field(default_factory=dict)
 
 
@@ -165,6 +180,17 @@ class Aggregator(Rolling):
         self.granted = 0
         self.share_window()
         self.disk_error: str | None = None
+        # Failed writes (see refuse()): the journal's hold stops everything, a topic's hold
+        # (in sink.held) only that topic; ``refusing`` is the one test on the hot path.
+        self.state_error: Hold | None = None
+        self.refusing = False
+        # Streams with batches refused or taken back: key -> (agent, stream, seq of the last
+        # refused batch or None, topic, offset we expect); asked to resend once they can be taken.
+        self.refused: dict[str, tuple[str, str, int | None, str, int]] = {}
+        # The topic of each stream's accepted batches (one topic's failure takes back its streams).
+        self.stream_topic: dict[str, str] = {}
+        self.descriptors_short_at: float | None = None
+        self._holds_unlogged = 0
         self.commit_wake = Wakeup()
         self.readable: dict[str, Wakeup] = {}
         self.stopping = asyncio.Event()
@@ -206,11 +232,18 @@ class Aggregator(Rolling):
             if not lock.same_directory_as(self.locks[0]) or lock is self.locks[0]:
                 lock.acquire()  # (output_dir may be state_dir itself, by another path)
         self.guard.load(cfg)
+        limit = raise_open_files_limit()
+        self.sink.max_open = open_files_bound(limit)
+        log.info("descriptor limit %d: up to %d topic files open at once", limit, self.sink.max_open)
         state = self.journal.recover()
-        # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction.
-        self.journal.compact(cfg.stream_ttl_s)
-        self.recover_rotations(state.rotations)
-        self.sink.recover(state.topics)
+        # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction
+        # (a full state_dir only postpones it).
+        self.journal.compact_quietly()
+        if state.damage is None:
+            self.recover_rotations(state.rotations)
+            self.sink.recover(state.topics)
+        else:
+            self.rebuild_journal(state)
         # Before anything is compressed: the scan removes stale temporaries, and must not take
         # one a compression started below is still writing.
         leftovers = uncompressed_rotated(cfg.output_dir)
@@ -247,6 +280,28 @@ class Aggregator(Rolling):
         self.notifier.notify("READY=1", f"STATUS=listening; {len(self.accepted)} streams known")
         log.info("aggregator %s ready: pull %s, xsub %s, xpub %s, control %s; output %s",
                  self.instance, cfg.pull, cfg.xsub, cfg.xpub, ", ".join(cfg.control), cfg.output_dir)
+
+    def rebuild_journal(self, state: DurableState) -> None:
+        """After damage (not a crash's torn tail) the journal may have lost commits that were
+        acknowledged: keep every topic file whole and record its length as committed. Lines
+        after the last commit the journal still knew may then appear twice (agents resend what
+        was not acknowledged); none is lost. Agents whose acknowledged offsets are past what
+        the journal knows continue from there (see take_agents_base)."""
+        extra = self.sink.uncommitted(state.topics)
+        before = dict(state.topics)
+        sizes = {topic: before.get(topic, 0) + n for topic, n in extra.items()}
+        if state.rotations:
+            log.error("journal damaged: not finishing the rotations it names (%s); their active"
+                      " files are kept as they are", ", ".join(sorted(state.rotations)))
+        self.journal.append(sizes, {}, rotations=dict.fromkeys(state.rotations) or None)
+        if extra:
+            listed = sorted(extra.items())
+            log.error("journal damaged: output kept whole; lines past the last commit the journal"
+                      " knows may appear twice in: %s%s",
+                      ", ".join(f"{t}/{t}.log after byte {before.get(t, 0)} ({n} bytes)"
+                                for t, n in listed[:20]),
+                      f" and {len(listed) - 20} more topics" if len(listed) > 20 else "")
+        log.warning("journal rebuilt from the topic files (commit %d)", self.journal.state.seq)
 
     async def serve(self) -> None:
         try:
@@ -447,12 +502,14 @@ class Aggregator(Rolling):
         except wire.WireError as exc:
             self.malformed(exc.reason, f"{via}:{peer_address(frames[-1])}", str(exc))
             return
-        if self.disk_error is not None:
-            return  # not taken, not acknowledged: the agent resends when we can write again
+        if self.refusing and self.refuse(batch):
+            return  # not taken, not acknowledged: agents are asked to resend once it can be written
         key = stream_key(batch.agent, batch.stream)
         expected = self.accepted.get(key, batch.base)
         if batch.start == batch.end:
             return
+        if expected < batch.base:
+            expected = self.take_agents_base(key, batch, expected)
         if batch.end <= expected:
             self.totals.duplicates_dropped += batch.count
             durable = self.journal.state.streams.get(key)
@@ -464,7 +521,10 @@ class Aggregator(Rolling):
             self.send_event(batch.agent, wire.encode_event(
                 "resync", stream=batch.stream, offset=expected, seq=batch.seq))
             return
-        fmt = self.cfg.topic_format(batch.topic)
+        topic = batch.topic
+        if self.stream_topic.get(key) != topic and not self.set_stream_topic(key, batch, expected):
+            return
+        fmt = self.cfg.topic_format(topic)
         try:
             data = self.format_batch(batch, fmt)
         except TypeError:
@@ -472,9 +532,10 @@ class Aggregator(Rolling):
             return
         n = batch.count
         try:
-            self.sink.append(batch.topic, data, n)
+            self.sink.append(topic, data, n)
         except SinkError as exc:
-            self.on_disk_error(exc)
+            self.refused[key] = (batch.agent, batch.stream, batch.seq, topic, expected)
+            self.on_write_error(topic, exc, len(data))
             return
         self.accepted[key] = batch.end
         self.pending[key] = batch.end
@@ -519,24 +580,171 @@ class Aggregator(Rolling):
             for line in batch.line_list()
         )
 
-    def on_disk_error(self, exc: SinkError) -> None:
+    # -- failed writes: a topic held back alone, the journal holding everything -------------------
+
+    def refuse(self, batch: wire.Batch) -> bool:
+        """Whether ``batch`` is held back: the journal cannot be written, or its topic cannot.
+        Its stream is remembered, and its agent asked to resend once that has changed."""
+        hold = self.state_error
+        if hold is None:
+            hold = self.sink.held.get(batch.topic)
+            if hold is None or hold.retrying:
+                return False
+        key = stream_key(batch.agent, batch.stream)
+        self.refused[key] = (batch.agent, batch.stream, batch.seq, batch.topic,
+                             max(self.accepted.get(key, batch.base), batch.base))
+        hold.refused_batches += 1
+        return True
+
+    def set_stream_topic(self, key: str, batch: wire.Batch, expected: int) -> bool:
+        """Record a stream's topic; False (the batch waits) while batches of it for another topic
+        are uncommitted: one topic's failure must be able to take back all of a stream's."""
+        if key in self.pending:
+            self.refused[key] = (batch.agent, batch.stream, batch.seq, batch.topic, expected)
+            self.commit_wake.set()
+            return False
+        self.stream_topic[key] = batch.topic
+        if len(self.stream_topic) > 2 * len(self.accepted) + 1024:
+            self.stream_topic = {k: t for k, t in self.stream_topic.items() if k in self.accepted}
+        return True
+
+    def take_agents_base(self, key: str, batch: wire.Batch, expected: int) -> int:
+        """The agent says its stream starts at ``batch.base``, past where our state has it: it
+        rebased after we asked for an offset it had seen acknowledged (our journal was damaged or
+        state_dir restored). Its acknowledgements were real, so its word wins: both sides agree
+        on one offset at once instead of asking each other forever."""
+        self.totals.rebased_streams += 1
+        log.warning("agent %s, %s: continuing its stream at %d, where the agent's acknowledged"
+                    " offset stands; our state had it at %d (journal damaged or state_dir restored)",
+                    batch.agent, batch.path, batch.base, expected)
+        self.accepted[key] = batch.base
+        return batch.base
+
+    def on_write_error(self, topic: str, exc: SinkError, need_bytes: int) -> None:
+        """A batch for ``topic`` could not be written (the file is as before it)."""
         self.totals.write_errors += 1
-        if self.disk_error is None:
-            log.error("cannot write output (%s): not acknowledging anything until it can; agents keep"
-                      " their data and resend", exc)
-            self.notifier.notify(f"STATUS=output not writable: {exc}")
-        self.disk_error = str(exc)
-        # Everything accepted but not committed is being resent: forget it.
-        for key in self.pending:
-            durable = self.journal.state.streams.get(key)
-            if durable is None:
-                self.accepted.pop(key, None)
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            now = time.monotonic()
+            if self.descriptors_short_at is None:
+                log.warning("out of file descriptors (%s; %d topic files open, at most %d kept open):"
+                            " batches for topics without an open file wait for the next commit, which"
+                            " lets files be closed; nothing is lost or doubled. Raise LimitNOFILE if"
+                            " this lasts", exc.strerror, len(self.sink.open_files),
+                            self.sink.max_open)
+            self.descriptors_short_at = now
+            self.totals.descriptor_waits += 1
+            self.commit_wake.set()
+            return
+        self.hold_topic(topic, exc, need_bytes)
+
+    def hold_topic(self, topic: str, exc: OSError, need_bytes: int = 0) -> None:
+        now = time.monotonic()
+        hold = self.sink.held.get(topic)
+        if hold is None:
+            hold = self.sink.held[topic] = Hold(str(exc), exc.errno, now)
+            self.refusing = True
+            if len(self.sink.held) <= _HOLDS_LOGGED:
+                log.error("cannot write output of topic %s (%s): holding it back; its batches are not"
+                          " acknowledged (agents keep them and resend), the other topics go on", topic, exc)
             else:
-                self.accepted[key] = int(durable[0])
-        self.pending.clear()
-        self.pending_bytes = 0
-        self.sink.recover(self.journal.state.topics)
-        self.sink.close()
+                self._holds_unlogged += 1
+            self.show_disk_error()
+        elif hold.errno != exc.errno:
+            log.error("topic %s still held back, now: %s", topic, exc)
+            hold.error, hold.errno = str(exc), exc.errno
+            self.show_disk_error()
+        # A retry needs room for a page at least, and for the write that failed at most (a batch
+        # bigger than a nearly full partition may still fit once the agent splits its resend).
+        hold.need_bytes = min(need_bytes, 4096)
+        hold.failed_again(now)
+
+    def release_topic(self, topic: str) -> None:
+        """A real write to a held topic succeeded."""
+        hold = self.sink.held.pop(topic)
+        if len(self.sink.held) < _HOLDS_LOGGED:
+            log.warning("topic %s writable again after %.0fs; its agents resend the batches refused"
+                        " meanwhile (%d)", topic, time.monotonic() - hold.since, hold.refused_batches)
+        self.refusing = bool(self.sink.held) or self.state_error is not None
+        self.show_disk_error()
+
+    def on_state_error(self, exc: OSError) -> None:
+        """Nothing can be committed (the journal, or a rotation, failed): take no batches at all."""
+        self.totals.write_errors += 1
+        now = time.monotonic()
+        hold = self.state_error
+        if hold is None:
+            log.error("cannot commit (%s): taking no batches and acknowledging nothing until it can;"
+                      " agents keep their data and resend", exc)
+            hold = self.state_error = Hold(str(exc), exc.errno, now)
+            self.refusing = True
+        elif hold.errno != exc.errno:
+            log.error("still cannot commit, now: %s", exc)
+            hold.error, hold.errno = str(exc), exc.errno
+        hold.failed_again(now)
+        self.show_disk_error()
+
+    def show_disk_error(self) -> None:
+        """``disk_error`` (status, metrics, systemd STATUS=): the state's error, else the topics'."""
+        if self.state_error is not None:
+            error: str | None = self.state_error.error
+        elif self.sink.held:
+            topic, hold = next(iter(self.sink.held.items()))
+            more = len(self.sink.held) - 1
+            error = f"topic {topic}: {hold.error}" + (f" (and {more} more topics)" if more else "")
+        else:
+            error = None
+        if error != self.disk_error:
+            self.notifier.notify(f"STATUS=output not writable: {error}" if error else
+                                 "STATUS=output writable again")
+        self.disk_error = error
+
+    def on_disk_error(self, exc: SinkError) -> None:
+        """A rotation failed. The batches its journal record took along are committed again;
+        a rotation left half done holds its topic until it is finished."""
+        for key, end in self.journal.take_unwritten().items():
+            durable = self.journal.state.streams.get(key)
+            if durable is None or durable[0] < end:
+                self.pending[key] = max(end, self.pending.get(key, 0))
+        unfinished = list(self.journal.state.rotations)
+        if unfinished and not isinstance(exc, JournalError):
+            for topic in unfinished:
+                self.sink.forget(topic)  # the rename may or may not have happened
+                self.hold_topic(topic, exc)
+        else:
+            self.on_state_error(exc)
+
+    def resync_refused(self) -> None:
+        """Ask the agents of batches refused meanwhile to resend them now, where they can be taken."""
+        if self.state_error is not None:
+            return
+        held = self.sink.held
+        for key, (agent, stream, seq, topic, offset) in list(self.refused.items()):
+            hold = held.get(topic)
+            if hold is not None and not hold.retrying:
+                continue
+            del self.refused[key]
+            self.send_event(agent, wire.encode_event(
+                "resync", stream=stream, offset=max(self.accepted.get(key, offset), offset), seq=seq))
+
+    def take_back(self, topic: str, *windows: dict[str, int]) -> None:
+        """A topic's fsync failed: cut its file back to its last commit and take back every batch
+        of its streams since (not acknowledged; their agents are asked to resend)."""
+        durable_size = self.journal.state.topics.get(topic)
+        try:
+            self.sink.cut_back(topic, durable_size)
+        except SinkError as exc:
+            log.error("%s (cut again before its next write)", exc)
+        durable = self.journal.state.streams
+        for window in windows:
+            for key in [k for k in window if self.stream_topic.get(k) == topic]:
+                del window[key]
+                committed = durable.get(key)
+                if committed is None:
+                    self.accepted.pop(key, None)
+                else:
+                    self.accepted[key] = int(committed[0])
+                agent, _, stream = key.partition("\x1f")
+                self.refused[key] = (agent, stream, None, topic, self.accepted.get(key, 0))
 
     # -- commit and acknowledge ---------------------------------------------------------------
 
@@ -666,29 +874,41 @@ class Aggregator(Rolling):
             try:
                 async with self.commit_lock:
                     await self.commit()
-                    await self.rotate_due()
+                    if self.state_error is None:
+                        await self.rotate_due()
             except SinkError as exc:
                 self.on_disk_error(exc)
             except OSError as exc:
-                self.on_disk_error(SinkError(exc.errno, f"commit failed: {exc.strerror}"))
-            if self.disk_error is not None:
-                await self.probe_disk()
+                self.on_disk_error(SinkError(exc.errno, f"rotation failed: {exc.strerror}"))
+            if self.refusing or self.refused or self.descriptors_short_at is not None:
+                self.probe_disk()
 
     async def commit(self) -> None:
-        """Group commit: fsync the files, journal their lengths and the streams, then ack."""
-        if self.pending:
-            pending, self.pending = self.pending, {}
-            self.pending_bytes = 0
-            positions = self.sink.positions()
-            dirty = self.sink.dirty_files()
-            loop = asyncio.get_running_loop()
-            started = time.monotonic()
-            await loop.run_in_executor(None, self._sync_and_journal, dirty, positions, pending)
-            self.commit_latency.observe(time.monotonic() - started)
-            self.totals.commits += 1
-            for key, end in pending.items():
-                agent, _, stream = key.partition("\x1f")
-                self.owe_ack(agent, stream, end)
+        """Group commit: fsync the files, journal their lengths and the streams, then ack.
+
+        A file whose fsync fails is cut back to its last commit and its topic held back alone
+        (its batches since are taken back: not acknowledged, resent by their agents); the others
+        are committed. If the journal record cannot be written, nothing of this commit is
+        acknowledged, the batches stay pending (their data stays in the files) and no batch is
+        taken until a later commit, retried with back-off, succeeds.
+        """
+        state_error = self.state_error
+        if state_error is not None and time.monotonic() < state_error.retry_at:
+            return
+        if self.pending or state_error is not None:
+            if not await self.commit_pending():
+                return
+            if state_error is not None:
+                self.state_error = None
+                self.refusing = bool(self.sink.held)
+                log.warning("commits work again after %.0fs; taking batches (agents resend the %d"
+                            " refused meanwhile)", time.monotonic() - state_error.since,
+                            state_error.refused_batches)
+                self.show_disk_error()
+            if self.journal.state.rotations:
+                self.finish_rotations()
+        if self.refused:
+            self.resync_refused()
         if self.owed_acks:
             owed, self.owed_acks = self.owed_acks, {}
             for agent, streams in owed.items():
@@ -697,41 +917,101 @@ class Aggregator(Rolling):
                 self.send_event(agent, wire.encode_event("ack", streams=streams) if window is None else
                                 wire.encode_event("ack", streams=streams, window=window))
 
+    async def commit_pending(self) -> bool:
+        """fsync, take back what failed, journal the rest and owe its acks; False if the journal
+        record could not be written (everything stays pending)."""
+        pending, self.pending = self.pending, {}
+        self.pending_bytes = 0
+        dirty = self.sink.dirty_files()
+        positions = self.sink.positions()
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        for tf in dirty:
+            tf.syncing = True
+        try:
+            failed = await loop.run_in_executor(None, self._sync, dirty) if self.cfg.fsync else {}
+        finally:
+            for tf in dirty:
+                tf.syncing = False
+        for topic, exc in failed.items():
+            self.take_back(topic, pending, self.pending)
+            positions.pop(topic, None)
+            self.hold_topic(topic, SinkError(exc.errno, f"fsync of {topic}/{topic}.log failed:"
+                                                        f" {exc.strerror}"))
+        try:
+            await loop.run_in_executor(None, self._sync_and_journal, [], positions, pending)
+        except SinkError as exc:
+            self.journal.take_unwritten()
+            for key, end in pending.items():
+                self.pending[key] = max(end, self.pending.get(key, 0))
+            self.on_state_error(exc)
+            return False
+        self.sink.mark_committed(positions)
+        if self.sink.held:
+            # Writable again once a real write to it is durable, not when a probe passes.
+            for topic in [t for t, h in self.sink.held.items() if h.retrying and t in positions]:
+                self.release_topic(topic)
+        self.commit_latency.observe(time.monotonic() - started)
+        self.totals.commits += 1
+        for key, end in pending.items():
+            agent, _, stream = key.partition("\x1f")
+            self.owe_ack(agent, stream, end)
+        return True
+
+    def _sync(self, dirty: list[TopicFile]) -> dict[str, OSError]:
+        return self.sink.sync_each(dirty)
+
     def _sync_and_journal(self, dirty: list[Any], positions: dict[str, int], pending: dict[str, int]) -> None:
+        """fsync ``dirty`` and write the commit record (blocking; SinkError if either failed)."""
         try:
             if self.cfg.fsync:
                 self.sink.sync_files(dirty)
-            self.journal.append(positions, pending, sync=self.cfg.fsync)
         except OSError as exc:
             raise SinkError(exc.errno, f"commit failed: {exc.strerror}") from None
+        self.journal.append(positions, pending, sync=self.cfg.fsync)
 
-    async def probe_disk(self) -> None:
-        """After a write error, wait until the output has room for a commit's worth of lines
-        and a test write succeeds (in output_dir and state_dir), then take batches again."""
-        need = 2 * self.cfg.commit_max_bytes
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                if shutil.disk_usage(self.cfg.output_dir).free < need:
-                    continue
-                for directory in (self.cfg.output_dir, self.cfg.state_dir):
-                    probe = os.path.join(directory, ".fleetlog-probe")
-                    try:
-                        with open(probe, "wb") as fh:
-                            fh.write(b"\0" * 65536)
-                            fh.flush()
-                            os.fsync(fh.fileno())
-                    finally:
-                        with contextlib.suppress(OSError):
-                            os.unlink(probe)
-                for topic in list(self.topics):
-                    self.sink.topic_dir(topic)
-            except OSError:
-                continue
-            log.warning("output is writable again; taking batches (agents resend what was refused)")
-            self.notifier.notify("STATUS=output writable again")
-            self.disk_error = None
+    def finish_rotations(self) -> None:
+        """Finish rotations a failure left half done (their topics are held meanwhile)."""
+        leftovers = dict(self.journal.state.rotations)
+        for topic in leftovers:
+            self.sink.forget(topic)
+        try:
+            self.recover_rotations(leftovers)
+        except OSError as exc:
+            # Not done: the topics stay held (the journal keeps the intent) and are tried again.
+            self.on_disk_error(exc if isinstance(exc, SinkError) else
+                               SinkError(exc.errno, f"finishing a rotation failed: {exc.strerror}"))
             return
+        for topic in leftovers:
+            if topic in self.sink.held:
+                self.release_topic(topic)
+
+    def probe_disk(self) -> None:
+        """Held topics whose retry is due: if the cheap probe passes (directory and file open,
+        room for the write that failed; no fixed-size test write, so a nearly full partition
+        recovers too) their agents are asked to resend, and the next real write decides."""
+        now = time.monotonic()
+        probed = False
+        for topic, hold in list(self.sink.held.items()):
+            if hold.retrying or now < hold.retry_at:
+                continue
+            if topic in self.journal.state.rotations:
+                self.finish_rotations()
+                continue
+            why = self.sink.probe(topic, hold.need_bytes)
+            hold.failed_again(now)
+            if why is None:
+                hold.retrying = probed = True
+            else:
+                log.debug("topic %s still held back: %s", topic, why)
+        if probed:
+            self.resync_refused()
+        if self._holds_unlogged:
+            log.error("%d more topics held back (aggregatorctl status lists them)", self._holds_unlogged)
+            self._holds_unlogged = 0
+        if self.descriptors_short_at is not None and now - self.descriptors_short_at > 60:
+            log.info("no shortage of file descriptors for 60s")
+            self.descriptors_short_at = None
 
     # -- status -------------------------------------------------------------------------------
 
@@ -825,6 +1105,13 @@ class Aggregator(Rolling):
             "disk_error": self.disk_error,
             "expected_missing": sorted(n for n in self.cfg.expected_agents
                                        if n not in self.agents or not self.agents[n].connected),
+            "state_error": self.state_error.error if self.state_error else None,
+            "held_topics": [
+                {"name": topic, "error": hold.error, "held_s": round(now - hold.since, 1),
+                 "refused_batches": hold.refused_batches, "retrying": hold.retrying}
+                for topic, hold in sorted(self.sink.held.items())
+            ],
+            "open_files": len(self.sink.open_files), "open_files_max": self.sink.max_open,
             "agents": [
                 {"name": a.name, "address": a.address, "mode": a.mode, "connected": a.connected,
                  "stopped": a.stopped, "version": a.version or None,
@@ -847,6 +1134,7 @@ class Aggregator(Rolling):
                 "malformed_dropped": t.malformed_dropped, "resyncs": t.resyncs,
                 "commits": t.commits, "write_errors": t.write_errors, "streams": len(self.accepted),
                 "rotations": t.rotations, "retention_removed": t.retention_removed,
+                "rebased_streams": t.rebased_streams, "descriptor_waits": t.descriptor_waits,
                 "pending_bytes": self.pending_bytes, "compressions_running": len(self._compressions),
             },
             "malformed": dict(t.malformed),

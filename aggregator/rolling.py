@@ -86,8 +86,8 @@ class Rolling:
         now = self.clock()
         retired = []
         for topic in names:
-            tf = self.sink.files.pop(topic, None)  # None: a write error closed every file meanwhile
-            if tf is not None:
+            tf = self.sink.retire(topic)  # None: a write error closed every file meanwhile
+            if tf is not None and tf.fd >= 0:  # one closed for the descriptor bound was synced first
                 retired.append(tf)
             self.sink.started[topic] = now
         pending, self.pending = self.pending, {}
@@ -137,7 +137,7 @@ class Rolling:
         """Thread: commit what was accepted, journal the intent (name and committed size of each
         rotating topic), rename. Returns the names of the topics renamed."""
         if self.cfg.fsync:
-            self._sync(dirty, set())
+            self._sync_rotation(dirty, set())
         names = {topic: self.sink.rotate_name(topic) for topic in sizes}
         self.journal.append(positions, pending, sync=self.cfg.fsync,
                             rotations={t: {"name": names[t], "size": sizes[t]} for t in sizes})
@@ -164,14 +164,14 @@ class Rolling:
         renames durable, commit what was accepted meanwhile, journal the end of the rotations."""
         try:
             if self.cfg.fsync:
-                self._sync([*retired, *dirty], {os.path.dirname(tf.path) for tf in retired})
+                self._sync_rotation([*retired, *dirty], {os.path.dirname(tf.path) for tf in retired})
         finally:
             for tf in retired:
                 os.close(tf.fd)
         topics = {**positions, **{t: end for t, end in ends.items() if end is not None}}
         self.journal.append(topics, pending, rotations=dict.fromkeys(ends), sync=self.cfg.fsync)
 
-    def _sync(self, files: list[TopicFile], directories: set[str]) -> None:
+    def _sync_rotation(self, files: list[TopicFile], directories: set[str]) -> None:
         """Thread: make ``files`` and ``directories`` durable; with more than a few, by one
         syncfs(2) of the output filesystem (what is elsewhere gets its own fsync)."""
         if len(files) + len(directories) <= 8:

@@ -8,7 +8,9 @@ previous one of its stream ended, byte offsets from ``base`` 0), ``ack`` events 
 ``resync`` events rewind the stream to the offset the aggregator expects, and batches go again
 when nothing is acknowledged for 3 s, as ``agent/daemon.py`` does. Each agent writes ``--rate``
 (100) lines/s, shipped every ``--batch-ms`` (100 ms), for ``--duration-s`` (30) seconds, into one of
-``--topics`` (10) topics.
+``--topics`` (10) topics. With ``--files N`` each agent follows N files (N streams, dealt over the
+topics in turn, all on the agent's two sockets): many topics without as many connections (10,000
+topics from 1,000 agents).
 
 Reported: lines/s written by the aggregator in the steady part of the run (from its status),
 ack latency (a batch's first send to the ack that covers it), the aggregator's RSS and CPU, and
@@ -154,9 +156,13 @@ class Simulator:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.agents = [SimAgent(i, f"sim-{i:04d}", f"fleet{i % args.topics}")
-                       for i in range(args.first, args.first + args.count)]
-        self.by_socket: dict[Any, SimAgent] = {}
+        files = args.files
+        self.agents = [SimAgent(i * files + j, f"sim-{i:04d}", f"fleet{(i * files + j) % args.topics}")
+                       for i in range(args.first, args.first + args.count) for j in range(files)]
+        # An agent's streams share its sockets; its first stream speaks for it in heartbeats.
+        self.by_socket: dict[Any, list[SimAgent]] = {}
+        self.by_stream = {a.stream: a for a in self.agents}
+        self.by_hello: dict[int, SimAgent] = {}
         self.poller = zmq.Poller()
         self.stats = dict.fromkeys((
             "batches", "hwm_waits", "resyncs", "resync_unknown_offset", "ack_timeouts", "acks", "hellos",
@@ -167,23 +173,28 @@ class Simulator:
 
     def connect(self) -> None:
         self.ctx.set(zmq.MAX_SOCKETS, 2 * len(self.agents) + 64)
+        sockets: dict[str, tuple[Any, Any]] = {}
         for a in self.agents:
-            a.dealer = self.ctx.socket(zmq.DEALER)
-            a.dealer.setsockopt(zmq.LINGER, 0)
-            a.dealer.setsockopt(zmq.IDENTITY, a.name.encode())
-            a.dealer.setsockopt(zmq.IMMEDIATE, 1)  # as the agent: nothing queues while disconnected
-            a.dealer.connect(self.args.control)
-            a.push = self.ctx.socket(zmq.PUSH)
-            a.push.setsockopt(zmq.LINGER, 0)
-            a.push.setsockopt(zmq.SNDHWM, 256)
-            a.push.connect(self.args.pull)
-            self.poller.register(a.dealer, zmq.POLLIN)
-            self.by_socket[a.dealer] = a
+            if a.name not in sockets:
+                dealer = self.ctx.socket(zmq.DEALER)
+                dealer.setsockopt(zmq.LINGER, 0)
+                dealer.setsockopt(zmq.IDENTITY, a.name.encode())
+                dealer.setsockopt(zmq.IMMEDIATE, 1)  # as the agent: nothing queues while disconnected
+                dealer.connect(self.args.control)
+                push = self.ctx.socket(zmq.PUSH)
+                push.setsockopt(zmq.LINGER, 0)
+                push.setsockopt(zmq.SNDHWM, 256)
+                push.connect(self.args.pull)
+                self.poller.register(dealer, zmq.POLLIN)
+                sockets[a.name] = (dealer, push)
+                self.by_socket[dealer] = []
+            a.dealer, a.push = sockets[a.name]
+            self.by_socket[a.dealer].append(a)
 
     def close(self) -> None:
         for a in self.agents:
             for sock in (a.dealer, a.push):
-                if sock is not None:
+                if sock is not None and not sock.closed:
                     sock.close(linger=0)
         self.ctx.term()
 
@@ -195,6 +206,7 @@ class Simulator:
                           flags=zmq.NOBLOCK)
         except zmq.Again:
             return  # not connected: the next heartbeat reply or the retry asks again
+        self.by_hello[req_id] = a
         a.hellos.add(req_id)
         a.hello_at = time.monotonic()
         self.stats["hellos"] += 1
@@ -217,7 +229,7 @@ class Simulator:
         events = self.poller.poll(timeout_ms)
         now = time.monotonic()  # after the poll: an ack is timed when it is read
         for sock, _ in events:
-            a = self.by_socket[sock]
+            group = self.by_socket[sock]
             while True:
                 try:
                     body = sock.recv(zmq.NOBLOCK)
@@ -228,15 +240,18 @@ class Simulator:
                 except wire.WireError:
                     self.stats["bad_control"] += 1
                     continue
-                self.handle(a, msg, now)
+                self.handle(group, msg, now)
 
-    def handle(self, a: SimAgent, msg: dict[str, Any], now: float) -> None:
+    def handle(self, group: list[SimAgent], msg: dict[str, Any], now: float) -> None:
         event = msg.get("event")
         if event == "ack":
             self.stats["acks"] += 1
-            a.on_ack((msg.get("streams") or {}).get(a.stream), now, self.latencies)
+            streams = msg.get("streams") or {}
+            for stream, end in streams.items() if isinstance(streams, dict) else ():
+                if (a := self.by_stream.get(stream)) is not None:
+                    a.on_ack(end, now, self.latencies)
         elif event == "resync":
-            if msg.get("stream") == a.stream:
+            if (a := self.by_stream.get(msg.get("stream"))) is not None:  # type: ignore[arg-type]
                 a.on_resync(msg.get("offset"), msg.get("seq"), self.stats)
         elif not msg.get("ok"):
             self.stats["refused"] += 1
@@ -245,17 +260,22 @@ class Simulator:
             # the answer; another instance named elsewhere asks for one hello, not one a reply.
             result = msg.get("result") or {}
             instance = result.get("instance", "")
-            if msg.get("id") in a.hellos:
-                a.hellos.clear()
-                if instance != a.instance:
-                    if a.instance:
-                        a.shipped = 0  # the aggregator restarted: ship everything unacknowledged again
+            # The agent's state machine (agent/transport.py): a reply to any hello in flight is
+            # the answer; another instance named elsewhere asks for one hello, not one a reply.
+            hello = self.by_hello.pop(msg.get("id"), None)  # type: ignore[arg-type]
+            if hello is not None and msg.get("id") in hello.hellos:
+                hello.hellos.clear()
+                if instance != hello.instance:
+                    if hello.instance:
+                        hello.shipped = 0  # the aggregator restarted: ship everything unacknowledged again
                         self.stats["restarts_seen"] += 1
-                    a.instance = instance
-                a.on_ack((result.get("committed") or {}).get(a.stream), now, self.latencies)
-            elif (instance and a.instance and instance != a.instance
-                  and (not a.hellos or now - a.hello_at >= HEARTBEAT_S)):
-                self.hello(a)
+                    hello.instance = instance
+                hello.on_ack((result.get("committed") or {}).get(hello.stream), now, self.latencies)
+                return
+            for a in group:
+                if (instance and a.instance and instance != a.instance
+                        and (not a.hellos or now - a.hello_at >= HEARTBEAT_S)):
+                    self.hello(a)
 
     def say_hello(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -287,7 +307,7 @@ class Simulator:
             a = agents[k]
             a.generate(int(args.rate * (due - t0 + period)), time.time())
             a.ship(now, self.stats)
-            if now - a.last_heartbeat >= HEARTBEAT_S:
+            if now - a.last_heartbeat >= HEARTBEAT_S and a.index % args.files == 0:
                 self.heartbeat(a, now)
             a.check_ack_timeout(now, self.stats)
             k += 1
@@ -330,7 +350,7 @@ def simulate(args: argparse.Namespace) -> int:
         agents = sim.agents
         result = {
             "first": args.first, "count": args.count, "t0": t0, "t_load_end": t_load_end,
-            "t_settled": t_settled, "lines": {a.name: a.lines for a in agents},
+            "t_settled": t_settled, "lines": {f"sim-{a.index:04d}": a.lines for a in agents},
             "unacked_agents": sum(1 for a in agents if a.pending),
             "unacked_lines": sum(len(p.lines) for a in agents for p in a.pending),
             "latencies_s": sim.latencies, "stats": sim.stats,
@@ -414,7 +434,7 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
                 "--pull", f"tcp://127.0.0.1:{ports['pull']}", "--control", control,
                 "--rate", str(args.rate), "--batch-ms", str(args.batch_ms),
                 "--duration-s", str(args.duration_s),
-                "--topics", str(args.topics), "--settle-s", str(args.settle_s),
+                "--topics", str(args.topics), "--files", str(args.files), "--settle-s", str(args.settle_s),
                 "--ready", os.path.join(d, f"ready{i}"), "--go", go,
                 "--result", os.path.join(d, f"result{i}.json")], d).start())
         wait_for("every simulated agent's hello", lambda: all(
@@ -493,7 +513,9 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
     totals = final.get("totals", {})
     return {
         "agents": args.agents, "procs": len(sims), "rate": args.rate, "duration_s": args.duration_s,
-        "offered_lines_per_s": args.agents * args.rate, "generated": sum(expected.values()),
+        "files": args.files, "topics": min(args.topics, args.agents * args.files),
+        "offered_lines_per_s": args.agents * args.files * args.rate, "generated": sum(expected.values()),
+        "topic_files_open": final.get("open_files"), "topic_files_open_max": final.get("open_files_max"),
         "steady_lines_per_s": steady, "written_samples": written,
         "ack_latency_ms": {"n": len(lat), "p50": 1000 * _pct(lat, 0.5), "p90": 1000 * _pct(lat, 0.9),
                            "p99": 1000 * _pct(lat, 0.99), "max": 1000 * max(lat, default=float("nan"))},
@@ -573,8 +595,11 @@ def report(r: dict[str, Any]) -> str:
     ok = v["missing"] == v["duplicated"] == v["out_of_order"] == v["foreign"] == 0 and r["unacked_lines"] == 0
     med = statistics.median
     rows = [
-        f"fleet: {r['agents']} agents in {r['procs']} processes, {r['rate']} lines/s each "
-        f"(offered {r['offered_lines_per_s']:,} lines/s) for {r['duration_s']:g}s; {os.cpu_count()} CPUs",
+        f"fleet: {r['agents']} agents in {r['procs']} processes, {r.get('files', 1)} files each into"
+        f" {r.get('topics', '?')} topics, {r['rate']} lines/s per file (offered"
+        f" {r['offered_lines_per_s']:,} lines/s) for {r['duration_s']:g}s; {os.cpu_count()} CPUs",
+        f"  {'topic files open / kept open at most':34} {r.get('topic_files_open')} /"
+        f" {r.get('topic_files_open_max')}",
         f"  {'lines/s written (steady)':34} {r['steady_lines_per_s']:>12,.0f}   "
         f"({100 * r['steady_lines_per_s'] / r['offered_lines_per_s']:.0f}% of offered)",
         f"  {'ack latency ms p50 / p90 / p99 / max':34} {lat['p50']:>6.1f} / {lat['p90']:.1f} / "
@@ -620,10 +645,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="role")
     p.add_argument("--agents", type=int, default=1000)
     p.add_argument("--procs", type=int, default=4, help="simulator processes")
-    p.add_argument("--rate", type=int, default=100, help="lines/s per agent")
+    p.add_argument("--rate", type=int, default=100, help="lines/s per agent (per file with --files)")
     p.add_argument("--duration-s", type=float, default=30)
     p.add_argument("--batch-ms", type=int, default=100, help="each agent ships what it has this often")
     p.add_argument("--topics", type=int, default=10)
+    p.add_argument("--files", type=int, default=1, help="files (streams) per agent, dealt over the topics")
     p.add_argument("--warmup-s", type=float, default=5, help="not counted in the steady rate")
     p.add_argument("--status-every-s", type=float, default=2, help="how often to time aggregatorctl status")
     p.add_argument("--sample-every-s", type=float, default=0.5,
@@ -642,6 +668,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--batch-ms", type=int, default=100)
     s.add_argument("--duration-s", type=float, default=30)
     s.add_argument("--topics", type=int, default=10)
+    s.add_argument("--files", type=int, default=1)
     s.add_argument("--settle-s", type=float, default=30)
     s.add_argument("--ready", required=True)
     s.add_argument("--go", required=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -21,15 +22,24 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o640) -> None:
-    """Write, fsync, rename, fsync the directory: the file is either old or new, never torn."""
+    """Write, fsync, rename, fsync the directory: the file is either old or new, never torn.
+
+    Raises OSError (ENOSPC...) with the old file in place and no temporary left behind.
+    """
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        # A full disk must not keep a half-written temporary (it holds the room we lack).
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 

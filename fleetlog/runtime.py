@@ -188,9 +188,15 @@ class SystemdNotifier:
             self._sock = None
 
 
+# Names of the tasks that failed in this process: the daemon then exits non-zero, so that
+# systemd's Restart=on-failure starts it again.
+failed_tasks: list[str] = []
+
+
 def supervise(tasks: list[asyncio.Task[Any]], on_crash: Callable[[], None]) -> None:
     """A task of a daemon that ends with an exception is a bug: log it with its traceback and
-    stop the daemon cleanly (systemd restarts it) rather than limp on without that task."""
+    stop the daemon cleanly, exiting non-zero (systemd restarts it), rather than limp on without
+    that task."""
 
     def done(task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -198,6 +204,7 @@ def supervise(tasks: list[asyncio.Task[Any]], on_crash: Callable[[], None]) -> N
         exc = task.exception()
         if exc is not None:
             log.critical("task %s failed; stopping", task.get_name(), exc_info=exc)
+            failed_tasks.append(task.get_name())
             on_crash()
 
     for task in tasks:
