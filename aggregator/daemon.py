@@ -391,6 +391,12 @@ class Aggregator(Rolling):
                 log.warning("%d compressions did not stop in time; their files are compressed again"
                             " at the next start", len(pending))
         self._compressor.shutdown(wait=False, cancel_futures=True)
+        try:
+            async with asyncio.timeout_at(_loop_deadline(deadline + margin)):
+                await self.close_files()
+        except TimeoutError:
+            log.warning("the active files could not be made durable within shutdown_timeout_s; what"
+                        " was not committed is resent by the agents")
         self.sink.close()
         self.journal.close()
         if self.metrics is not None:
@@ -441,7 +447,7 @@ class Aggregator(Rolling):
         """Commit, then close the active files so the next write reopens them by name."""
         async with self.commit_lock:
             await self.commit()
-            self.sink.close()
+            await self.close_files()
 
     async def rotate_now(self, topic: str | None) -> list[str]:
         """``aggregatorctl rotate [TOPIC]``: commit, then roll the topic (or all) over."""

@@ -421,6 +421,18 @@ class RollingFileSink:
                 extra[topic] = st.st_size - positions.get(topic, 0)
         return extra
 
+    def detach_open_files(self) -> list[TopicFile]:
+        """Take the files holding a descriptor out of the sink, for the caller to sync and close
+        (off the loop): copies holding the descriptors are returned, and the sink forgets them
+        as ``close`` does (those with data no commit has journaled stay known, closed)."""
+        detached = []
+        for tf in self._open_files.values():
+            detached.append(TopicFile(tf.topic, tf.path, tf.fd, tf.size, tf.opened_at))
+            tf.fd = -1
+        self._open_files.clear()
+        self.files = {t: tf for t, tf in self.files.items() if t in self._changed}
+        return detached
+
     def close(self) -> None:
         """Close every file; the next write reopens by name. Files holding data no commit has
         journaled yet stay known (their lengths go into the next commit's record)."""

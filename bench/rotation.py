@@ -14,7 +14,7 @@ aggregator's CPU and peak RSS; every line is checked (exactly once, in order, ac
 and compressed files).
 
     python -m bench.rotation [--topics 2000] [--rate 5] [--batch-ms 1000] [--interval-s 10] [--duration-s 35]
-                             [--procs 4] [--keep] [--json PATH]
+                             [--procs 4] [--set aggregator.KEY=VALUE] [--keep] [--json PATH]
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
     argv = aggregator_argv(d, ports, control=control)
     # aggregator_argv turns rotation off; the last --set of a key wins.
     argv += ["--set", "aggregator.rotate_max_bytes=0", "--set", "aggregator.retain_files=0",
-             "--set", f"aggregator.rotate_interval_s={args.interval_s}"]
+             "--set", f"aggregator.rotate_interval_s={args.interval_s}",
+             *(a for x in args.set for a in ("--set", x))]
     aggregator = Proc("aggregator", argv, d)
     sims: list[Proc] = []
     ctx: zmq.Context[Any] = zmq.Context()
@@ -183,6 +184,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval-s", type=int, default=10, help="the aggregator's rotate_interval_s")
     p.add_argument("--duration-s", type=float, default=35)
     p.add_argument("--procs", type=int, default=4, help="simulator processes")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more aggregator settings, e.g. aggregator.fsync=false")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (printed)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p.parse_args(argv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import os
 import select
 import subprocess
@@ -127,3 +128,22 @@ def test_stuck_subscriber_is_dropped_and_ingestion_goes_on(h: Harness) -> None:
     assert agg_mib < before + 64, f"the aggregator grew from {before:.0f} to {agg_mib:.0f} MiB"
     assert tail_mib < 96, f"tail peaked at {tail_mib:.0f} MiB"
     h.assert_quiet(ep)
+
+
+def test_a_big_batch_is_published_in_bounded_contiguous_parts() -> None:
+    from aggregator.proxy import _parts
+    from fleetlog import wire
+
+    lines = [f"line {i} " + "é" * (i % 300) for i in range(3000)] + ["x" * 5000]
+    text = "".join(line + "\n" for line in lines)
+    size = len(text.encode())
+    for body in (text, lines):  # version 2 (one string) and version 1 (a list)
+        batch = wire.Batch(topic="t", agent="a", stream="s", base=0, path="/p", file="f", seq=3,
+                           start=1000, end=1000 + size, lines=body)
+        parts = list(_parts(batch, 4096))
+        assert [x for p in parts for x in p.line_list()] == lines
+        assert parts[0].start == 1000 and parts[-1].end == 1000 + size
+        assert all(a.end == b.start for a, b in itertools.pairwise(parts))
+        # At most 4096 bytes of lines each, but a longer line goes whole, alone.
+        assert all(sum(len(x.encode()) + 1 for x in p.line_list()) <= 4096 or len(p.line_list()) == 1
+                   for p in parts)
