@@ -417,3 +417,37 @@ def test_descriptor_limit_lowered_while_running_never_doubles_lines(h: Harness) 
     log = agg.log()
     assert log.count("out of file descriptors") == 1, log
     assert agg.alive() and "Traceback" not in log
+
+
+def test_rotation_with_a_full_state_dir_loses_nothing(h: Harness, mounts: list[Path]) -> None:
+    """A rotation whose journal record cannot be written (the batches it took along go back to
+    pending), then room again: every line once, in the rotated file or the new one."""
+    state = h.path("agg")
+    mount_tmpfs(state, "1m")
+    mounts.append(state)
+    ep = h.endpoints()
+    agg = h.aggregator(ep, "aggregator.compress=none")
+    writer = Writer({"a": h.path("logs", "a.log")}, lines_per_tick=20, tick_s=0.01).start()
+    h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
+    out = h.path("out")
+    wait_for(lambda: len(output_lines(out, "app")) > 500, timeout=30, what="lines flowing")
+    filler = fill(state, 0)
+    wait_for(lambda: h.status(ep)["state_error"], timeout=30, what="the full state_dir noticed")
+    r = h.ctl(ep, "rotate", "app")
+    assert r.returncode != 0 and "rotation failed" in (r.stdout + r.stderr), r
+    assert agg.alive()
+    filler.unlink()
+    wait_for(lambda: h.status(ep)["state_error"] is None, timeout=30, what="commits resuming")
+    wait_for(lambda: len(output_lines(out, "app", include_rotated=True)) > 3000, timeout=30,
+             what="lines flowing again")
+    r = h.ctl(ep, "rotate", "app")
+    assert r.returncode == 0, r
+    expected = writer.stop()
+    wait_for(lambda: all_acknowledged(h), timeout=60, what="every line acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(out, "app", include_rotated=True), expected)
+    assert agg.stop() == 0
+    agg = h.aggregator(ep, "aggregator.compress=none")
+    wait_for(lambda: "ready" in agg.log(), timeout=20, what="the restarted aggregator")
+    assert "damaged" not in agg.log()
+    check_exactly_once(output_lines(out, "app", include_rotated=True), expected)
