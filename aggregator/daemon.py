@@ -1096,7 +1096,8 @@ class Aggregator(Rolling):
         now = time.monotonic()
         try:
             usage = shutil.disk_usage(self.cfg.output_dir)
-            disk = {"output_free_bytes": usage.free, "output_total_bytes": usage.total}
+            disk = {"output_free_bytes": usage.free, "output_total_bytes": usage.total,
+                    "output_used_bytes": usage.used}
         except OSError:
             disk = {}
         t = self.totals
@@ -1108,6 +1109,7 @@ class Aggregator(Rolling):
                           "control": list(self.cfg.control)},
             "output_dir": self.cfg.output_dir,
             "disk": disk,
+            "journal_bytes": _size_or_none(self.journal.journal_path),
             "disk_error": self.disk_error,
             "expected_missing": sorted(n for n in self.cfg.expected_agents
                                        if n not in self.agents or not self.agents[n].connected),
@@ -1166,3 +1168,9 @@ def peer_address(frame: zmq.Frame) -> str:
     except zmq.ZMQError:
         return "local"
 
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None

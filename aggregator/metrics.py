@@ -144,7 +144,9 @@ class AggregatorCollector:
         refusals = agg.guard.refusals
         by_reason = counter("refusals", "Clients refused (CURVE: unknown or revoked key, no CURVE, a"
                             " stale server key), by reason", ["reason"])
-        for reason, n in sorted(dict(refusals.by_reason).items()):
+        # Every known reason from the start (at 0), so that rates and alerts have a series.
+        known = dict.fromkeys(("unknown_key", "revoked_key", "no_curve", "bad_server_key", "protocol"), 0)
+        for reason, n in sorted((known | dict(refusals.by_reason)).items()):
             by_reason.add_metric([reason], n)
         yield by_reason
         peers = counter("refused_peer", "Refusals per peer address, key and reason (the last"
