@@ -16,6 +16,7 @@ import zmq.asyncio
 from agent import batch, metrics
 from agent.config import AgentConfig, Config, load_config
 from agent.follow import Following
+from agent.journal_source import JournalSources
 from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
 from agent.tail import Chunk, Tailer
@@ -81,6 +82,7 @@ class Agent(Following):
         self._warned: set[str] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics: metrics.MetricsServer | None = None
+        self.journals = JournalSources(self)  # [[journal]] sources (agent/journal_source.py)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -109,6 +111,7 @@ class Agent(Following):
             asyncio.create_task(self.checkpoint_loop(), name="checkpoint"),
             asyncio.create_task(self.status_server.serve(), name="status"),
             asyncio.create_task(self.notifier.watchdog(), name="watchdog"),
+            *self.journals.start(self.store.journal),
         ]
         supervise(self._tasks, self.request_stop)
         self.started.set()
@@ -147,7 +150,10 @@ class Agent(Following):
                        if getattr(new.agent, f) != getattr(self.cfg, f)]
             log.warning("reload: [agent] %s change only at restart; keeping the running values",
                         ", ".join(changed))
-        self.config = Config(agent=self.cfg, sources=new.sources, source=new.source)
+        if new.journals != self.config.journals:
+            log.warning("reload: [[journal]] sources change only at restart; keeping the running ones")
+        self.config = Config(agent=self.cfg, sources=new.sources, source=new.source,
+                             journals=self.config.journals)
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = Watcher(self.config.sources, self.on_change, self.cfg)
@@ -160,20 +166,21 @@ class Agent(Following):
         self.notifier.notify("STOPPING=1")
         log.info("agent stopping")
         for task in self._tasks:
-            if task.get_name() in ("read", "scan"):
+            if task.get_name() in ("read", "scan") or task.get_name().startswith("journal "):
                 task.cancel()
         if self.watcher is not None:
             self.watcher.stop()
         deadline = time.monotonic() + min(self.cfg.shutdown_timeout_s, self.cfg.ack_timeout_ms / 1000 + 1)
-        while self.unacked and time.monotonic() < deadline:
+        while (self.unacked or self.journals.inflight_bytes()) and time.monotonic() < deadline:
             self.acked_event.clear()
             await self.acked_event.wait(deadline - time.monotonic())
-        if self.unacked:
+        if self.unacked or self.journals.inflight_bytes():
             log.info("%d bytes shipped but not acknowledged; they are shipped again at restart",
                      self.inflight_bytes())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.journals.stop()
         self.save_checkpoints()
         self.release()
 
@@ -183,6 +190,7 @@ class Agent(Following):
             self.watcher.stop()
         for t in self.tailers.values():
             t.close()
+        self.journals.kill_now()
         if self.status_server is not None:
             self.status_server.close()
         if self.transport is not None:
@@ -203,7 +211,7 @@ class Agent(Following):
             self.wake.set()
 
     def inflight_bytes(self) -> int:
-        return sum(t.ship_pos - t.acked for t in self.unacked)
+        return sum(t.ship_pos - t.acked for t in self.unacked) + self.journals.inflight_bytes()
 
     async def read_loop(self) -> None:
         cfg = self.cfg
@@ -303,7 +311,8 @@ class Agent(Following):
 
     def check_ack_timeout(self, now: float) -> None:
         """Nothing acknowledged for ack_timeout_ms while batches are out: ship them again."""
-        if not self.unacked or now - self.last_ack_progress < self.cfg.ack_timeout_ms / 1000:
+        if (not self.unacked and not self.journals.inflight_bytes()) or \
+                now - self.last_ack_progress < self.cfg.ack_timeout_ms / 1000:
             return
         assert self.transport is not None
         if not self.transport.aggregator_alive(3 * self.cfg.heartbeat_interval_ms / 1000):
@@ -320,6 +329,7 @@ class Agent(Following):
             t.rewind(t.acked)
             self.enqueue(t)
         self.unacked.clear()
+        self.journals.rewind_unacked()
         self.inflight = 0
 
     # -- acknowledgements -----------------------------------------------------------------------
@@ -350,6 +360,10 @@ class Agent(Following):
 
     def ack(self, stream: str, end: Any) -> None:
         t = self.tailers.get(stream)
+        if t is None and self.journals.ack(stream, end):
+            self.last_ack_progress = time.monotonic()
+            self.acked_event.set()
+            return
         if t is None or type(end) is not int or end <= t.acked:
             return
         t.acked = end
@@ -364,6 +378,9 @@ class Agent(Following):
     def resync(self, stream: Any, offset: Any, seq: Any) -> None:
         """The aggregator expects this stream to continue at ``offset``."""
         t = self.tailers.get(stream) if isinstance(stream, str) else None
+        if t is None and isinstance(stream, str):
+            self.journals.resync(stream, offset, seq)
+            return
         if t is None or type(offset) is not int or type(seq) is not int or seq < t.rewind_seq:
             return  # unknown or stale (sent before our last rewind)
         if offset < t.acked:
@@ -403,14 +420,18 @@ class Agent(Following):
         the message stays far below the control socket's 1 MiB limit; the rest learn it from
         resyncs)."""
         streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
+        streams += self.journals.unacked_streams()
         self.reported_lag = self.lag_bytes()
         return {"agent": self.cfg.name, "mode": self.cfg.mode, "streams": streams[:20_000],
                 "lag_bytes": self.reported_lag, "max_inflight_bytes": self.cfg.max_inflight_bytes}
 
     def heartbeat_args(self) -> dict[str, Any]:
         self.reported_lag = self.lag_bytes()
-        return {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.reported_lag,
+        args = {"agent": self.cfg.name, "mode": self.cfg.mode, "lag_bytes": self.reported_lag,
                 "files": len(self.tailers)}
+        if self.journals:
+            args["journal_lag_entries"], args["journal_lag_s"] = self.journals.lag()
+        return args
 
     def say_catching_up(self) -> None:
         """Stopped at its window: if the aggregator still thinks this agent is not catching up
@@ -423,7 +444,7 @@ class Agent(Following):
         transport.request("heartbeat", self.heartbeat_args())
 
     def lag_bytes(self) -> int:
-        return sum(t.lag_bytes for t in self.tailers.values())
+        return sum(t.lag_bytes for t in self.tailers.values()) + self.journals.lag_bytes()
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -435,7 +456,7 @@ class Agent(Following):
 
     def save_checkpoints(self) -> None:
         try:
-            self.store.save(self.checkpoints())
+            self.store.save(self.checkpoints(), self.journals.checkpoints())
             self.checkpoints_dirty = False
             self.unsaved_streams = False
         except OSError as exc:
@@ -467,6 +488,7 @@ class Agent(Following):
             "agent": self.cfg.name, "mode": self.cfg.mode, "data": self.cfg.data,
             "aggregator": transport.instance if transport else None,
             "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files),
+            "journal": self.journals.status(),
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
             "lines_shipped": self.lines_shipped, "batches_shipped": self.batches_shipped,
             "resends": self.resends,

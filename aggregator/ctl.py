@@ -127,6 +127,12 @@ def render_status(s: dict[str, Any]) -> str:
                         _age(a["last_seen_s"]), f"{a['lines_per_s']:.0f}", _size(a["lag_bytes"]),
                         _size(a.get("window_bytes")), a["files"]]
                        for a in agents])
+    journals = [a for a in agents if a.get("journal_lag_entries") is not None]
+    if journals:
+        out += ["", "journal sources (lag: entries read and not acknowledged, seconds behind)"]
+        out += _table(["agent", "lag entries", "lag"],
+                      [[a["name"], a["journal_lag_entries"], f"{a['journal_lag_s'] or 0:.1f}s"]
+                       for a in journals])
     out.append("")
     topics = s["topics"]
     out.append(f"topics ({len(topics)})")

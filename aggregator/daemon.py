@@ -47,6 +47,10 @@ class AgentInfo:
     connected: bool = False
     lag_bytes: int = 0
     files: int = 0
+    # [[journal]] sources (from heartbeats): entries read and not acknowledged, and how far
+    # (seconds of journal time) the last acknowledged entry is behind the newest read.
+    journal_lag_entries: int | None = None
+    journal_lag_s: float | None = None
     # Flow control: the window last granted to it, and the most it asked for (its own
     # max_inflight_bytes, from its hello; 0: not said).
     window: int = 0
@@ -392,6 +396,12 @@ class Aggregator(Rolling):
                 batch.lines.pop()
         now = self.clock()
         agent, path = batch.agent, batch.path
+        if batch.fields is not None:  # a journal batch: each entry's fields beside its line
+            return b"".join(
+                orjson.dumps({"line": line, "agent": agent, "path": path, "received": now, **fields},
+                             option=orjson.OPT_APPEND_NEWLINE)
+                for line, fields in zip(batch.line_list(), batch.fields, strict=True)
+            )
         return b"".join(
             orjson.dumps({"line": line, "agent": agent, "path": path, "received": now},
                          option=orjson.OPT_APPEND_NEWLINE)
@@ -450,6 +460,10 @@ class Aggregator(Rolling):
             value = args.get(key)
             if type(value) is int and value >= 0:
                 setattr(info, attr, value)
+        if type(args.get("journal_lag_entries")) is int:
+            info.journal_lag_entries = args["journal_lag_entries"]
+        if type(args.get("journal_lag_s")) in (int, float):
+            info.journal_lag_s = float(args["journal_lag_s"])
         info.last_seen = time.monotonic()
         info.connected = True
         if info.catching_up and not was_catching_up:
@@ -640,7 +654,8 @@ class Aggregator(Rolling):
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
                  "lag_bytes": a.lag_bytes, "window_bytes": a.window or None,
-                 "files": a.files}
+                 "files": a.files, "journal_lag_entries": a.journal_lag_entries,
+                 "journal_lag_s": a.journal_lag_s}
                 for a in sorted(self.agents.values(), key=lambda a: a.name)
             ],
             "topics": [

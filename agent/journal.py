@@ -1,0 +1,243 @@
+"""Reading the systemd journal: ``journalctl`` as a child process, one JSON object per entry.
+
+Why journalctl and not the systemd Python bindings or a reader of our own: journalctl is the
+journal's own, well-kept reader (it follows rotation, vacuuming, compression and the file format
+as systemd changes it), it is on every systemd machine, and it needs nothing compiled into the
+agent (python3-systemd is a Debian package outside the virtualenv; the PyPI build needs
+libsystemd headers). Vector and Filebeat read the journal the same way. The costs are known and
+handled here:
+
+* ``--output=json`` writes a field that is not printable UTF-8 as an array of byte values, and a
+  field that occurs more than once as an array of values: ``text_of`` turns both into text
+  (undecodable bytes become U+FFFD, as for files). ``--all`` keeps long and unprintable fields
+  that journalctl would otherwise replace by a placeholder.
+* ``--follow`` never writes its position anywhere (``--cursor-file`` is not updated while
+  following), so every entry's ``__CURSOR`` is read from its JSON and the checkpoint is ours.
+* ``--after-cursor`` together with matches skips the first matching entry even when the cursor's
+  own entry is gone (fixed only in systemd 255). The reader starts with ``--cursor`` and skips the
+  first entry itself, and only if it is the saved one: when it is not, the saved entry was
+  vacuumed or rotated away, and the caller is told how many entries may be missing.
+* journalctl exits when its stdout closes, so a killed agent leaves no reader behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from agent.config import JournalConfig
+
+log = logging.getLogger("fleetlog.agent.journal")
+
+# The journal fields an entry's batch carries, by the names they have on the wire.
+FIELDS = (("_SYSTEMD_UNIT", "unit"), ("SYSLOG_IDENTIFIER", "identifier"), ("PRIORITY", "priority"),
+          ("_HOSTNAME", "hostname"), ("_PID", "pid"), ("__REALTIME_TIMESTAMP", "realtime_us"))
+_INT_FIELDS = frozenset(("priority", "pid", "realtime_us"))
+# What journalctl prints besides the cursor and timestamps (it always prints those).
+OUTPUT_FIELDS = "MESSAGE," + ",".join(name for name, _ in FIELDS if not name.startswith("__"))
+READ_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class Entry:
+    line: str                 # the MESSAGE as text
+    fields: dict[str, Any]
+    cursor: str
+    epoch: str                # "<seqnum id>:<boot id>": the journal writer's incarnation
+    size: int                 # bytes the entry takes in its stream: the line's UTF-8 and a newline
+
+
+def text_of(value: Any) -> str:
+    """A journal field as journalctl's JSON gives it, as text: a string; bytes (an array of
+    numbers); or, for a field given more than once, an array of those (the first is taken)."""
+    if type(value) is str:
+        return value
+    if type(value) is list and value:
+        if all(type(b) is int and 0 <= b < 256 for b in value):
+            return bytes(value).decode("utf-8", "replace")
+        return text_of(value[0])
+    return "" if value is None or value == [] else str(value)
+
+
+def parse_cursor(cursor: str) -> dict[str, str]:
+    """``s=..;i=..;b=..;m=..;t=..;x=..`` as a dict (unknown parts kept, malformed ones dropped)."""
+    out = {}
+    for part in cursor.split(";"):
+        key, sep, value = part.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def same_entry(a: str, b: str) -> bool:
+    """Whether two cursors name one entry. The boot id, monotonic and realtime timestamps and the
+    hash of the entry's fields identify it; the seqnum part may differ between copies of a file."""
+    if a == b:
+        return True
+    pa, pb = parse_cursor(a), parse_cursor(b)
+    keys = ("b", "m", "t", "x")
+    return all(k in pa for k in keys) and all(pa.get(k) == pb.get(k) for k in keys)
+
+
+def missing_between(saved: str, found: str) -> int | None:
+    """How many entries lie between two cursors of one journal writer (by sequence number), or
+    None when they come from different writers (a new seqnum id: the count cannot be known)."""
+    ps, pf = parse_cursor(saved), parse_cursor(found)
+    if ps.get("s") != pf.get("s") or "s" not in ps:
+        return None
+    try:
+        return max(0, int(pf["i"], 16) - int(ps["i"], 16) - 1)
+    except (KeyError, ValueError):
+        return None
+
+
+def realtime_of(cursor: str) -> int | None:
+    """The entry's realtime timestamp (microseconds since the epoch) from its cursor."""
+    try:
+        return int(parse_cursor(cursor)["t"], 16)
+    except (KeyError, ValueError):
+        return None
+
+
+def decode(raw: bytes) -> Entry | None:
+    """One line of ``journalctl --output=json``; None if it is not an entry with a cursor."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(doc) is not dict:
+        return None
+    cursor = doc.get("__CURSOR")
+    if type(cursor) is not str:
+        return None
+    line = text_of(doc.get("MESSAGE"))
+    size = (len(line) if line.isascii() else len(line.encode())) + 1
+    fields: dict[str, Any] = {}
+    for name, key in FIELDS:
+        value = doc.get(name)
+        if value is None:
+            continue
+        text = text_of(value)
+        if key in _INT_FIELDS:
+            try:
+                fields[key] = int(text)
+            except ValueError:
+                continue
+        else:
+            fields[key] = text
+    # The cursor starts with "s=<seqnum id>;" and holds ";b=<boot id>;".
+    seqnum_id = cursor[2:cursor.find(";")] if cursor.startswith("s=") else ""
+    b = cursor.find(";b=")
+    boot = cursor[b + 3:cursor.find(";", b + 3)] if b >= 0 else ""
+    return Entry(line, fields, cursor, f"{seqnum_id}:{boot}", size)
+
+
+def command(cfg: JournalConfig, cursor: str | None, follow: bool = True) -> list[str]:
+    """journalctl's argv: every entry from ``cursor`` (itself included), or from the start."""
+    argv = [cfg.journalctl, "--output=json", "--all", "--no-pager", "--quiet",
+            f"--output-fields={OUTPUT_FIELDS}"]
+    if cfg.directory:
+        argv.append(f"--directory={cfg.directory}")
+    if cfg.priority:
+        argv.append(f"--priority={cfg.priority}")
+    if follow:
+        argv.append("--follow")
+    argv.append(f"--cursor={cursor}" if cursor else "--no-tail")
+    return argv + list(cfg.field_matches)
+
+
+async def last_cursor(cfg: JournalConfig) -> str | None:
+    """The cursor of the newest matching entry, or None (no entry, or journalctl failed)."""
+    argv = [cfg.journalctl, "--output=json", "--no-pager", "--quiet", "--lines=1",
+            "--output-fields=MESSAGE"]
+    if cfg.directory:
+        argv.append(f"--directory={cfg.directory}")
+    if cfg.priority:
+        argv.append(f"--priority={cfg.priority}")
+    proc = await asyncio.create_subprocess_exec(*argv, *cfg.field_matches, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        log.warning("journal %s: %s failed: %s", cfg.topic, cfg.journalctl,
+                    err.decode(errors="replace").strip()[:300])
+        return None
+    lines = out.splitlines()
+    entry = decode(lines[-1]) if lines else None
+    return entry.cursor if entry is not None else None
+
+
+class Reader:
+    """One running ``journalctl --follow`` and the entries it printed that were not taken yet."""
+
+    def __init__(self, cfg: JournalConfig) -> None:
+        self.cfg = cfg
+        self.proc: asyncio.subprocess.Process | None = None
+        self._rest = b""
+        self._stderr_task: asyncio.Task[None] | None = None
+        self.malformed = 0
+
+    async def start(self, cursor: str | None) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *command(self.cfg, cursor), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, limit=READ_BYTES)
+        self._rest = b""
+        self._stderr_task = asyncio.create_task(self._log_stderr(self.proc), name="journalctl-stderr")
+
+    async def _log_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        said: set[bytes] = set()
+        async for line in proc.stderr:
+            if line not in said and len(said) < 100:
+                said.add(line)
+                log.warning("journal %s: journalctl says: %s", self.cfg.topic,
+                            line.decode(errors="replace").strip())
+
+    async def read(self) -> list[Entry] | None:
+        """The entries journalctl printed since the last call (waiting for at least one chunk);
+        None when journalctl has exited."""
+        assert self.proc is not None and self.proc.stdout is not None
+        data = await self.proc.stdout.read(READ_BYTES)
+        if not data:
+            return None
+        data = self._rest + data
+        end = data.rfind(b"\n") + 1
+        self._rest = data[end:]
+        out = []
+        for raw in data[:end].splitlines():
+            entry = decode(raw)
+            if entry is None:
+                self.malformed += 1
+                if self.malformed == 1:
+                    log.warning("journal %s: journalctl printed a line that is not an entry: %r",
+                                self.cfg.topic, raw[:200])
+                continue
+            out.append(entry)
+        return out
+
+    async def stop(self) -> int | None:
+        """End journalctl (if still running) and return its exit status."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        code = await proc.wait()
+        if self._stderr_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_task), 1.0)
+            self._stderr_task.cancel()
+        return code
+
+    def kill_now(self) -> None:
+        """At exit without a loop to wait on: end journalctl at once."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, 9)
