@@ -14,9 +14,16 @@ handled here:
 * ``--follow`` never writes its position anywhere (``--cursor-file`` is not updated while
   following), so every entry's ``__CURSOR`` is read from its JSON and the checkpoint is ours.
 * ``--after-cursor`` together with matches skips the first matching entry even when the cursor's
-  own entry is gone (fixed only in systemd 255). The reader starts with ``--cursor`` and skips the
-  first entry itself, and only if it is the saved one: when it is not, the saved entry was
-  vacuumed or rotated away, and the caller is told how many entries may be missing.
+  own entry is gone (fixed only in systemd 255), and ``--follow`` with ``--cursor`` sometimes
+  starts after the cursor's entry, sometimes at it (systemd 252), and stops after 10 entries
+  unless told ``--no-tail``. So the reader starts with ``--cursor --no-tail`` and skips the first
+  entry itself, only if it is the saved one; and whether the saved entry still exists is asked
+  once, before following, without ``--follow`` (``probe``): when it does not, it was vacuumed
+  or rotated away, and the caller is told how many entries may be missing.
+* With ``--directory``, ``--follow`` without ``--merge`` shows nothing a new boot appends while
+  it follows (systemd 252): a directory of collected journals is read with ``--merge``. (The
+  system journal is read without it: only this machine's journal, and a new boot restarts the
+  agent anyway.)
 * journalctl exits when its stdout closes, so a killed agent leaves no reader behind.
 """
 
@@ -143,13 +150,41 @@ def command(cfg: JournalConfig, cursor: str | None, follow: bool = True) -> list
     argv = [cfg.journalctl, "--output=json", "--all", "--no-pager", "--quiet",
             f"--output-fields={OUTPUT_FIELDS}"]
     if cfg.directory:
-        argv.append(f"--directory={cfg.directory}")
+        argv += [f"--directory={cfg.directory}", "--merge"]
     if cfg.priority:
         argv.append(f"--priority={cfg.priority}")
     if follow:
         argv.append("--follow")
-    argv.append(f"--cursor={cursor}" if cursor else "--no-tail")
+    if cursor:
+        argv.append(f"--cursor={cursor}")
+    argv.append("--no-tail")
     return argv + list(cfg.field_matches)
+
+
+async def probe(cfg: JournalConfig, cursor: str) -> tuple[bool, str | None]:
+    """Whether the entry at ``cursor`` is still in the journal, and the cursor of the first
+    entry at or after its place (any entry, matches aside), or None if there is none. Only
+    the first line is read; journalctl is then ended."""
+    argv = [cfg.journalctl, "--output=json", "--no-pager", "--quiet", "--output-fields=MESSAGE",
+            f"--cursor={cursor}"]
+    if cfg.directory:
+        argv += [f"--directory={cfg.directory}", "--merge"]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL, limit=READ_BYTES)
+    assert proc.stdout is not None
+    try:
+        first = await proc.stdout.readline()
+    except ValueError:  # a first entry longer than the limit: it exists, whatever it is
+        first = b""
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    entry = decode(first) if first else None
+    if entry is None:
+        return False, None
+    return same_entry(entry.cursor, cursor), entry.cursor
 
 
 async def last_cursor(cfg: JournalConfig) -> str | None:
@@ -157,7 +192,7 @@ async def last_cursor(cfg: JournalConfig) -> str | None:
     argv = [cfg.journalctl, "--output=json", "--no-pager", "--quiet", "--lines=1",
             "--output-fields=MESSAGE"]
     if cfg.directory:
-        argv.append(f"--directory={cfg.directory}")
+        argv += [f"--directory={cfg.directory}", "--merge"]
     if cfg.priority:
         argv.append(f"--priority={cfg.priority}")
     proc = await asyncio.create_subprocess_exec(*argv, *cfg.field_matches, stdin=asyncio.subprocess.DEVNULL,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.config import JournalConfig
-from agent.journal import Entry, Reader, last_cursor, missing_between, realtime_of, same_entry
+from agent.journal import Entry, Reader, last_cursor, missing_between, probe, realtime_of, same_entry
 from agent.tail import new_stream_id
 from fleetlog import wire
 from fleetlog.runtime import Wakeup
@@ -139,6 +139,10 @@ class JournalSource:
                 self.cursor = start
         self.known = True
         self.agent.checkpoints_dirty = True
+        if start is not None:
+            exists, after = await probe(self.cfg, start)
+            if not exists:
+                self.saved_entry_gone(start, after)
         self.expect_first = start
         await self.reader.start(start)
 
@@ -149,6 +153,9 @@ class JournalSource:
         read_task: asyncio.Task[list[Entry] | None] | None = None
         try:
             while True:
+                if self.inflight_bytes():
+                    # The file read loop sleeps while no file waits for an ack: look here too.
+                    self.agent.check_ack_timeout(time.monotonic())
                 await self.ship_ready()
                 if self.agent.inflight >= self.agent.window and self.inflight_bytes() > 0:
                     self.wake.clear()
@@ -158,7 +165,7 @@ class JournalSource:
                     read_task = asyncio.create_task(self.reader.read(), name=f"journal-read-{self.cfg.topic}")
                 self.wake.clear()
                 if not read_task.done():
-                    waker = asyncio.ensure_future(self.wake.wait(None))
+                    waker = asyncio.ensure_future(self.wake.wait(0.1 if self.inflight_bytes() else None))
                     await asyncio.wait((read_task, waker), return_when=asyncio.FIRST_COMPLETED)
                     waker.cancel()
                 if not read_task.done():
@@ -183,11 +190,9 @@ class JournalSource:
     def take(self, entries: list[Entry]) -> None:
         """Entries read: skip the one journalctl was started at, batch the rest into the ring."""
         if self.expect_first is not None and entries:
-            first = entries[0]
-            if same_entry(first.cursor, self.expect_first):
+            # journalctl --follow --cursor starts at the cursor's entry or after it
+            if same_entry(entries[0].cursor, self.expect_first):
                 entries = entries[1:]
-            else:
-                self.saved_entry_gone(first)
             self.expect_first = None
         if not entries:
             return
@@ -227,14 +232,12 @@ class JournalSource:
         self.unsaved = True
         return st
 
-    def saved_entry_gone(self, first: Entry) -> None:
-        """The entry journalctl was started at is not in the journal any more: vacuumed or rotated
+    def saved_entry_gone(self, saved: str, after: str | None) -> None:
+        """The entry journalctl is to start at is not in the journal any more: vacuumed or rotated
         away while the agent was down. Reading resumes at the oldest entry after it."""
-        saved = self.expect_first
-        assert saved is not None
-        missing = missing_between(saved, first.cursor)
-        t0, t1 = realtime_of(saved), realtime_of(first.cursor)
-        when = (f"between {_utc(t0)} and {_utc(t1)}" if t0 is not None and t1 is not None else "")
+        missing = missing_between(saved, after) if after is not None else None
+        t0, t1 = realtime_of(saved), realtime_of(after) if after is not None else None
+        when = f"between {_utc(t0)} and {_utc(t1)}" if t1 is not None else f"after {_utc(t0)}"
         if missing is None:
             log.warning("journal %s: the saved position is no longer in the journal (vacuumed or rotated"
                         " away); resuming at the oldest entry after it; entries written %s may be missing"

@@ -1,0 +1,293 @@
+"""[[journal]] sources: real journal files, written by Debian's systemd-journal-remote from export
+format the tests generate, read by the agent through journalctl as the system journal is."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from harness import Endpoints, Harness, Proc, check_exactly_once, output_lines, wait_for
+
+from agent.journal import missing_between, same_entry, text_of
+
+JOURNAL_REMOTE = next((p for p in (shutil.which("systemd-journal-remote"),
+                                   "/lib/systemd/systemd-journal-remote",
+                                   "/usr/lib/systemd/systemd-journal-remote")
+                       if p and os.access(p, os.X_OK)), None)
+needs_journal = pytest.mark.skipif(
+    JOURNAL_REMOTE is None or shutil.which("journalctl") is None,
+    reason="needs journalctl and systemd-journal-remote (Debian: systemd-journal-remote; make system-deps)")
+
+
+class Journal:
+    """Journal files in a directory, written the way journald's entries reach a collector:
+    export format piped through systemd-journal-remote (which appends to an existing file)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(exist_ok=True)
+        self.boot = uuid.uuid4().hex
+        self.realtime_us = int(time.time() * 1e6) - 3_600_000_000  # an hour ago, rising per entry
+        self.count = 0
+
+    def new_boot(self) -> None:
+        self.boot = uuid.uuid4().hex
+
+    def write(self, messages: list[bytes | str], file: str = "system", unit: str = "app.service") -> None:
+        out = bytearray()
+        for msg in messages:
+            self.count += 1
+            self.realtime_us += 10
+            out += (f"__REALTIME_TIMESTAMP={self.realtime_us}\n__MONOTONIC_TIMESTAMP={self.count * 10}\n"
+                    f"_BOOT_ID={self.boot}\n_HOSTNAME=host-{self.boot[:4]}\n_SYSTEMD_UNIT={unit}\n"
+                    f"SYSLOG_IDENTIFIER=app\nPRIORITY=5\n_PID=4242\n").encode()
+            body = msg.encode() if isinstance(msg, str) else msg
+            if b"\n" in body or not body.isascii() or b"\0" in body:
+                out += b"MESSAGE\n" + struct.pack("<Q", len(body)) + body + b"\n\n"
+            else:
+                out += b"MESSAGE=" + body + b"\n\n"
+        assert JOURNAL_REMOTE is not None
+        subprocess.run([JOURNAL_REMOTE, f"--output={self.dir / file}.journal", "-"], input=bytes(out),
+                       check=True, capture_output=True, timeout=120)
+
+    def write_tagged(self, tag: str, start: int, count: int, **kw: Any) -> None:
+        self.write([f"{tag}#{n:08d} {'y' * 40}" for n in range(start, start + count)], **kw)
+
+
+def journal_agent(h: Harness, ep: Endpoints, directory: Path, *extra: str, mode: str = "push",
+                  **source: Any) -> Proc:
+    fields = {"topic": "jr", "directory": str(directory), **source}
+    table = ", ".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in fields.items())
+    return h.agent(ep, [], f"journal=[{{{table}}}]", *extra, mode=mode)
+
+
+def journal_status(h: Harness) -> dict[str, Any]:
+    s = wait_for(h.agent_status, what="the agent's status")
+    return s["journal"][0]  # type: ignore[no-any-return]
+
+
+def acked_everything(h: Harness, entries: int) -> bool:
+    s = h.agent_status()
+    return s is not None and s["journal"][0]["entries_acked"] >= entries and s["inflight_bytes"] == 0
+
+
+def acked_some(h: Harness, entries: int) -> bool:
+    s = h.agent_status()
+    return s is not None and s["journal"][0]["entries_acked"] >= entries
+
+
+# ---- the pure parts ---------------------------------------------------------------------------
+
+
+def test_text_of_journal_values() -> None:
+    assert text_of("plain") == "plain"
+    assert text_of([104, 105, 0, 255]) == "hi\x00\ufffd"       # bytes: not UTF-8 becomes U+FFFD
+    assert text_of(["first", "second"]) == "first"              # a field given twice
+    assert text_of([[104, 105], "x"]) == "hi"
+    assert text_of(None) == ""
+
+
+def test_cursor_arithmetic() -> None:
+    a = "s=aa;i=10;b=bb;m=1;t=5;x=c1"
+    b = "s=aa;i=1a;b=bb;m=2;t=6;x=c2"
+    assert missing_between(a, b) == 9                           # seqnums 0x11 .. 0x19
+    assert missing_between(a, "s=zz;i=1;b=bb;m=2;t=6;x=c2") is None
+    assert same_entry(a, "s=other;i=99;b=bb;m=1;t=5;x=c1")      # one entry, another file's seqnum
+    assert not same_entry(a, b)
+
+
+def test_check_config_names_journal_keys(short_tmp: Path) -> None:
+    conf = short_tmp / "agent.toml"
+    conf.write_text(f"""
+[agent]
+state_dir = "{short_tmp}/st"
+
+[[journal]]
+topic = "journal"
+units = ["nginx"]
+priority = "warning"
+matches = ["_TRANSPORT=kernel"]
+
+[[journal]]
+topic = "bad topic"
+directory = "relative/dir"
+priority = 9
+matches = ["lowercase=x"]
+start_at = "middle"
+colour = "blue"
+""")
+    r = subprocess.run([sys.executable, "-m", "agent", "--check-config", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stdout
+    for key in ("journal[1].topic", "journal[1].directory", "journal[1].priority", "journal[1].matches",
+                "journal[1].start_at", "journal[1].colour"):
+        assert key in r.stderr, (key, r.stderr)
+    assert "journal[0]" not in r.stderr
+    conf.write_text(f'[agent]\nstate_dir = "{short_tmp}/st"\n'
+                    '[[journal]]\ntopic = "journal"\nunits = ["nginx"]\n')
+    r = subprocess.run([sys.executable, "-m", "agent", "--check-config", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "1 journal sources" in r.stdout
+
+
+# ---- real journals, real daemons ---------------------------------------------------------------
+
+
+@needs_journal
+@pytest.mark.parametrize("mode", ["push", "pub"])
+def test_journal_entries_arrive_once_with_their_fields(h: Harness, mode: str) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 500)
+    j.write([b"binary \x00\xff\xfe end", "first line\nsecond line\n\tindented third", "caf\u00e9 \u2603"])
+    j.write_tagged("J", 500, 500)
+    j.write_tagged("K", 0, 10, unit="other.service")
+    h.aggregator(ep, 'aggregator.format="json"')
+    journal_agent(h, ep, h.path("journal"), mode=mode, units=["app"])
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 1003, what="1003 entries")
+    docs = [orjson.loads(line) for line in output_lines(h.root / "out", "jr")]
+    check_exactly_once([d["line"] for d in docs], {"J": 1000})    # units = ["app"]: no K
+    odd = {d["line"] for d in docs if not d["line"].startswith("J#")}
+    assert odd == {"binary \x00\ufffd\ufffd end", "first line\nsecond line\n\tindented third",
+                   "caf\u00e9 \u2603"}
+    d = docs[0]
+    assert (d["unit"], d["identifier"], d["priority"], d["pid"]) == ("app.service", "app", 5, 4242)
+    assert d["hostname"] == f"host-{j.boot[:4]}" and isinstance(d["realtime_us"], int)
+    assert d["path"] == f"journal:{h.path('journal')}"
+    wait_for(lambda: acked_everything(h, 1003), what="everything acknowledged")
+    js = journal_status(h)
+    assert (js["lag_entries"], js["entries_missing"], js["reader_running"]) == (0, 0, True)
+    agents = wait_for(lambda: [a for a in h.status(ep)["agents"] if a.get("journal_lag_entries") == 0],
+                      what="the journal lag in aggregatorctl status")
+    assert agents[0]["journal_lag_s"] == 0
+    assert "journal sources" in h.ctl(ep, "status").stdout
+    h.assert_quiet(ep)
+
+
+@needs_journal
+def test_journal_follows_new_entries_and_resumes_after_restart(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 100)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 100, what="100 entries")
+    j.write_tagged("J", 100, 100)   # written while followed
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 200, what="200 entries")
+    wait_for(lambda: acked_everything(h, 200), what="everything acknowledged")
+    assert agent.stop() == 0
+    j.write_tagged("J", 200, 100)   # written while the agent is down
+    journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 300, what="300 entries")
+    j.write_tagged("J", 300, 100)
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 400, what="400 entries")
+    wait_for(lambda: acked_everything(h, 400), what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 400})
+
+
+@needs_journal
+def test_journal_start_at_end_ships_only_new_entries(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("OLD", 0, 50)
+    h.aggregator(ep)
+    journal_agent(h, ep, h.path("journal"), start_at="end")
+    wait_for(lambda: h.agent_status() and journal_status(h)["cursor"], what="the agent at the journal's end")
+    j.write_tagged("J", 0, 20)
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 20, what="20 new entries")
+    wait_for(lambda: acked_everything(h, 20), what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 20})
+
+
+@needs_journal
+def test_journal_agent_killed_mid_stream_loses_and_doubles_nothing(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 100_000)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"), "agent.batch_max_lines=200")
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 10_000, timeout=60, what="10,000 entries")
+    agent.kill9()
+    j.write_tagged("J", 100_000, 1000)
+    journal_agent(h, ep, h.path("journal"), "agent.batch_max_lines=200")
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 101_000, timeout=120, what="101,000 entries")
+    wait_for(lambda: acked_everything(h, 101_000), timeout=30, what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 101_000})
+
+
+@needs_journal
+def test_journal_aggregator_killed_mid_stream_loses_and_doubles_nothing(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 30_000)
+    agg = h.aggregator(ep)
+    journal_agent(h, ep, h.path("journal"), "agent.batch_max_lines=100")
+    wait_for(lambda: acked_some(h, 3000), timeout=60, what="3,000 entries acknowledged")
+    agg.kill9()
+    j.write_tagged("J", 30_000, 1000)   # while the aggregator is down
+    h.aggregator(ep)
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 31_000, timeout=120, what="31,000 entries")
+    wait_for(lambda: acked_everything(h, 31_000), timeout=30, what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 31_000})
+
+
+@needs_journal
+def test_journal_vacuumed_while_agent_down_resumes_after_it_and_warns(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("A", 0, 1000, file="old")
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 1000), what="the old file shipped")
+    assert agent.stop() == 0
+    j.write_tagged("A", 1000, 500, file="old")     # never read: vacuumed with its file
+    j.write_tagged("B", 0, 500, file="new")
+    (h.path("journal") / "old.journal").unlink()  # vacuum: the file holding the saved cursor is gone
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 1500, what="1500 entries")
+    wait_for(lambda: "no longer in the journal" in agent.log(), what="the warning")
+    warning = next(line for line in agent.log().splitlines() if "no longer in the journal" in line)
+    assert " WARNING " in warning and "may be missing" in warning
+    wait_for(lambda: acked_everything(h, 1500), what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"A": 1000, "B": 500})
+
+
+@needs_journal
+def test_journal_new_boot_starts_a_new_stream(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 300)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 300, what="300 entries")
+    first = journal_status(h)["stream"]
+    j.new_boot()
+    j.write_tagged("J", 300, 300)
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 600, what="600 entries")
+    wait_for(lambda: acked_everything(h, 600), what="everything acknowledged")
+    second = journal_status(h)["stream"]
+    assert second != first
+    assert "a new boot or journal writer" in agent.log()
+    agent.kill9()                                   # both streams in the checkpoint
+    j.write_tagged("J", 600, 100)
+    journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 700, what="700 entries")
+    wait_for(lambda: acked_everything(h, 700), what="everything acknowledged")
+    assert journal_status(h)["stream"] == second
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 700})
