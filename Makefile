@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,deploy]'
 	touch $(STAMP)
 
-# Programs the scenario tests drive for real (logrotate). Installed from Debian when we can;
-# the tests that need them skip with a reason elsewhere.
+# Programs the scenario tests drive for real (logrotate; systemd-journal-remote, which writes the
+# journal files the [[journal]] tests read). Installed from Debian when we can; the tests that
+# need them skip with a reason elsewhere.
+JOURNAL_REMOTE := $(firstword $(wildcard /lib/systemd/systemd-journal-remote /usr/lib/systemd/systemd-journal-remote))
+
 system-deps:
 	@command -v logrotate >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -25,6 +28,12 @@ system-deps:
 	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq logrotate >/dev/null 2>&1)) || \
 	    echo "note: could not install logrotate; rotation tests will be skipped"; \
 	  else echo "note: logrotate missing and not root; rotation tests will be skipped"; fi; }
+	@[ -n "$(JOURNAL_REMOTE)" ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -qq systemd-journal-remote >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq systemd-journal-remote >/dev/null 2>&1)) || \
+	    echo "note: could not install systemd-journal-remote; journal tests will be skipped"; \
+	  else echo "note: systemd-journal-remote missing and not root; journal tests will be skipped"; fi; }
 
 run: $(STAMP)
 	$(BIN)/python -m fleetlog.demo

@@ -204,7 +204,8 @@ def _parse_journal(s: Section, check_dirs: bool) -> JournalConfig:
     priority = s.get("priority", (str, int), "")
     if isinstance(priority, int) and not 0 <= priority <= 7:
         s.problem("priority", f"must be 0 to 7 or one of {', '.join(PRIORITIES)}, not {priority}")
-    elif isinstance(priority, str) and priority and priority not in PRIORITIES:
+    elif isinstance(priority, str) and priority and priority not in PRIORITIES and \
+            not (priority.isdigit() and int(priority) <= 7):
         s.problem("priority", f"must be 0 to 7 or one of {', '.join(PRIORITIES)}, not {priority!r}")
     directory = s.str("directory", "")
     if directory and not os.path.isabs(directory):
