@@ -47,8 +47,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check agent aggregator fleetlog tests bench
 	$(BIN)/mypy agent aggregator fleetlog
 
+# The file backlog table, then the journal row (entries/s, CPU per million entries).
 bench: $(STAMP)
 	$(BIN)/python -m bench.backlog
+	$(BIN)/python -m bench.journal
 
 # rsyslog and syslog-ng side by side (installs them from Debian when missing; runs them privately).
 bench-peers: $(STAMP)
