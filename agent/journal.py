@@ -20,10 +20,13 @@ handled here:
   entry itself, only if it is the saved one; and whether the saved entry still exists is asked
   once, before following, without ``--follow`` (``probe``): when it does not, it was vacuumed
   or rotated away, and the caller is told how many entries may be missing.
-* With ``--directory``, ``--follow`` without ``--merge`` shows nothing a new boot appends while
-  it follows (systemd 252): a directory of collected journals is read with ``--merge``. (The
-  system journal is read without it: only this machine's journal, and a new boot restarts the
-  agent anyway.)
+* ``--follow`` without ``--merge`` shows only the newest boot (systemd 252 implies ``--boot``):
+  after a reboot, the entries the old boot wrote after the agent stopped would be skipped, and
+  a new boot appended to a directory while following would not be seen. Every journal is read
+  with ``--merge``; the system journal adds a match on this machine's ``_MACHINE_ID``, so that
+  it stays this machine's journal (``--merge`` also opens other machines' journals, such as
+  containers' or systemd-journal-remote's under /var/log/journal). The one-shot calls (no
+  ``--follow``) read this machine's journal without ``--merge``.
 * journalctl exits when its stdout closes, so a killed agent leaves no reader behind.
 """
 
@@ -145,12 +148,24 @@ def decode(raw: bytes) -> Entry | None:
     return Entry(line, fields, cursor, f"{seqnum_id}:{boot}", size)
 
 
+def local_machine_match(cfg: JournalConfig) -> list[str]:
+    """For the system journal: a match on this machine's id (see ``--merge`` above)."""
+    if cfg.directory or any(m.startswith("_MACHINE_ID=") for m in cfg.field_matches):
+        return []
+    try:
+        with open("/etc/machine-id") as fh:
+            machine = fh.read().strip()
+    except OSError:
+        return []
+    return [f"_MACHINE_ID={machine}"] if machine else []
+
+
 def command(cfg: JournalConfig, cursor: str | None, follow: bool = True) -> list[str]:
     """journalctl's argv: every entry from ``cursor`` (itself included), or from the start."""
-    argv = [cfg.journalctl, "--output=json", "--all", "--no-pager", "--quiet",
+    argv = [cfg.journalctl, "--output=json", "--all", "--no-pager", "--quiet", "--merge",
             f"--output-fields={OUTPUT_FIELDS}"]
     if cfg.directory:
-        argv += [f"--directory={cfg.directory}", "--merge"]
+        argv.append(f"--directory={cfg.directory}")
     if cfg.priority:
         argv.append(f"--priority={cfg.priority}")
     if follow:
@@ -158,7 +173,7 @@ def command(cfg: JournalConfig, cursor: str | None, follow: bool = True) -> list
     if cursor:
         argv.append(f"--cursor={cursor}")
     argv.append("--no-tail")
-    return argv + list(cfg.field_matches)
+    return argv + list(cfg.field_matches) + local_machine_match(cfg)
 
 
 async def probe(cfg: JournalConfig, cursor: str) -> tuple[bool, str | None]:
@@ -168,7 +183,7 @@ async def probe(cfg: JournalConfig, cursor: str) -> tuple[bool, str | None]:
     argv = [cfg.journalctl, "--output=json", "--no-pager", "--quiet", "--output-fields=MESSAGE",
             f"--cursor={cursor}"]
     if cfg.directory:
-        argv += [f"--directory={cfg.directory}", "--merge"]
+        argv.append(f"--directory={cfg.directory}")
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.DEVNULL, limit=READ_BYTES)
@@ -192,7 +207,7 @@ async def last_cursor(cfg: JournalConfig) -> str | None:
     argv = [cfg.journalctl, "--output=json", "--no-pager", "--quiet", "--lines=1",
             "--output-fields=MESSAGE"]
     if cfg.directory:
-        argv += [f"--directory={cfg.directory}", "--merge"]
+        argv.append(f"--directory={cfg.directory}")
     if cfg.priority:
         argv.append(f"--priority={cfg.priority}")
     proc = await asyncio.create_subprocess_exec(*argv, *cfg.field_matches, stdin=asyncio.subprocess.DEVNULL,

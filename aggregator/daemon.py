@@ -142,11 +142,19 @@ class Aggregator(Rolling):
         os.makedirs(cfg.output_dir, exist_ok=True)
         os.makedirs(cfg.state_dir, exist_ok=True)
         self.guard.load(cfg)
+        journal_existed = os.path.exists(self.journal.journal_path)
         state = self.journal.recover()
         # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction.
         self.journal.compact(cfg.stream_ttl_s)
         self.recover_rotations(state.rotations)
-        self.sink.recover(state.topics)
+        positions = dict(state.topics)
+        if journal_existed:
+            # A topic's first batches are written before its first commit: after a crash in
+            # between no record names it, and its whole active file is uncommitted (agents
+            # resend it). Without a journal (a new or lost state_dir) nothing can be known.
+            for topic in self.sink.topics_on_disk():
+                positions.setdefault(topic, 0)
+        self.sink.recover(positions)
         # Before anything is compressed: the scan removes stale temporaries, and must not take
         # one a compression started below is still writing.
         leftovers = uncompressed_rotated(cfg.output_dir)

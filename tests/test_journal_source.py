@@ -268,26 +268,34 @@ def test_journal_vacuumed_while_agent_down_resumes_after_it_and_warns(h: Harness
 
 
 @needs_journal
-def test_journal_new_boot_starts_a_new_stream(h: Harness) -> None:
+def test_journal_new_boot_starts_a_new_stream_and_the_old_boot_is_finished(h: Harness) -> None:
+    """A reboot: the old boot's last entries (written after the agent stopped) ship before the
+    new boot's, which start a new stream; a boot appended while the agent follows too."""
     ep = h.endpoints()
     j = Journal(h.path("journal"))
     j.write_tagged("J", 0, 300)
     h.aggregator(ep)
     agent = journal_agent(h, ep, h.path("journal"))
-    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 300, what="300 entries")
+    wait_for(lambda: acked_everything(h, 300), what="the first boot's entries")
     first = journal_status(h)["stream"]
+    agent.kill9()                                   # the machine goes down
+    j.write_tagged("J", 300, 100)                   # ... logging after the agent stopped
     j.new_boot()
-    j.write_tagged("J", 300, 300)
-    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 600, what="600 entries")
-    wait_for(lambda: acked_everything(h, 600), what="everything acknowledged")
+    j.write_tagged("J", 400, 200)                   # and comes up again
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 600), what="both boots' entries")
     second = journal_status(h)["stream"]
     assert second != first
     assert "a new boot or journal writer" in agent.log()
-    agent.kill9()                                   # both streams in the checkpoint
+    j.new_boot()                                    # a boot appended while followed (collected journals)
     j.write_tagged("J", 600, 100)
+    wait_for(lambda: acked_everything(h, 700), what="the third boot's entries")
+    third = journal_status(h)["stream"]
+    assert third not in (first, second)
+    assert agent.stop() == 0
+    j.write_tagged("J", 700, 100)
     journal_agent(h, ep, h.path("journal"))
-    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 700, what="700 entries")
-    wait_for(lambda: acked_everything(h, 700), what="everything acknowledged")
-    assert journal_status(h)["stream"] == second
+    wait_for(lambda: acked_everything(h, 800), what="the third boot's later entries")
+    assert journal_status(h)["stream"] == third
     h.assert_quiet(ep)
-    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 700})
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 800})
