@@ -95,16 +95,22 @@ def same_entry(a: str, b: str) -> bool:
     return all(k in pa for k in keys) and all(pa.get(k) == pb.get(k) for k in keys)
 
 
-def missing_between(saved: str, found: str) -> int | None:
-    """How many entries lie between two cursors of one journal writer (by sequence number), or
-    None when they come from different writers (a new seqnum id: the count cannot be known)."""
-    ps, pf = parse_cursor(saved), parse_cursor(found)
-    if ps.get("s") != pf.get("s") or "s" not in ps:
+def seqnum_distance(a: str, b: str) -> int | None:
+    """``b``'s sequence number minus ``a``'s, for two cursors of one journal writer; None when
+    they come from different writers (a new seqnum id: the distance cannot be known)."""
+    pa, pb = parse_cursor(a), parse_cursor(b)
+    if pa.get("s") != pb.get("s") or "s" not in pa:
         return None
     try:
-        return max(0, int(pf["i"], 16) - int(ps["i"], 16) - 1)
+        return int(pb["i"], 16) - int(pa["i"], 16)
     except (KeyError, ValueError):
         return None
+
+
+def missing_between(saved: str, found: str) -> int | None:
+    """How many entries lie between two cursors of one journal writer, or None (see above)."""
+    d = seqnum_distance(saved, found)
+    return None if d is None else max(0, d - 1)
 
 
 def realtime_of(cursor: str) -> int | None:
@@ -232,6 +238,8 @@ class Reader:
         self._rest = b""
         self._stderr_task: asyncio.Task[None] | None = None
         self.malformed = 0
+        # A read of a full pipe's worth or more: journalctl has more to say (the agent is behind).
+        self.last_read_bytes = 0
 
     async def start(self, cursor: str | None) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -254,6 +262,7 @@ class Reader:
         None when journalctl has exited."""
         assert self.proc is not None and self.proc.stdout is not None
         data = await self.proc.stdout.read(READ_BYTES)
+        self.last_read_bytes = len(data)
         if not data:
             return None
         data = self._rest + data

@@ -26,7 +26,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.config import JournalConfig
-from agent.journal import Entry, Reader, last_cursor, missing_between, probe, realtime_of, same_entry
+from agent.journal import (
+    Entry,
+    Reader,
+    last_cursor,
+    missing_between,
+    probe,
+    realtime_of,
+    same_entry,
+    seqnum_distance,
+)
 from agent.tail import new_stream_id
 from fleetlog import wire
 from fleetlog.runtime import Wakeup
@@ -38,6 +47,7 @@ log = logging.getLogger("fleetlog.agent.journal")
 
 MAX_STREAMS = 64          # streams remembered per source (one per boot or journal writer)
 RESTART_MAX_S = 30.0      # the longest wait before journalctl is started again after it exited
+TAIL_PROBE_S = 5.0        # while entries flow, how often the journal's newest entry is looked up
 
 
 @dataclass(eq=False)
@@ -88,6 +98,11 @@ class JournalSource:
         self.entries_missing = 0
         self.restarts = 0
         self.newest_realtime_us: int | None = None
+        self.bytes_read = 0
+        # While the agent is behind: the newest matching entry in the journal (for the lag).
+        self.tail_cursor: str | None = None
+        self._tail_probed = 0.0
+        self._tail_task: asyncio.Task[None] | None = None
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -175,17 +190,38 @@ class JournalSource:
                 if entries is None:
                     code = await self.reader.stop()
                     self.restarts += 1
-                    log.warning("journal %s: journalctl exited (status %s); starting it again in %.0fs",
-                                self.cfg.topic, code, backoff)
+                    # Once per outage at WARNING (an empty directory makes it exit at once).
+                    log.log(logging.WARNING if backoff == 1.0 else logging.DEBUG,
+                            "journal %s: journalctl exited (status %s); starting it again in %.0fs"
+                            " (doubling up to %.0fs while it keeps exiting)",
+                            self.cfg.topic, code, backoff, RESTART_MAX_S)
                     await asyncio.sleep(backoff)
                     backoff = min(2 * backoff, RESTART_MAX_S)
                     await self.start_reader()
                     continue
-                backoff = 1.0
+                if backoff > 1.0 and entries:
+                    log.info("journal %s: journalctl reads again", self.cfg.topic)
+                    backoff = 1.0
                 self.take(entries)
+                self.watch_tail()
         finally:
             if read_task is not None:
                 read_task.cancel()
+            if self._tail_task is not None:
+                self._tail_task.cancel()
+
+    def watch_tail(self) -> None:
+        """While entries flow, look up the journal's newest entry every TAIL_PROBE_S, so the lag
+        counts what journalctl has not handed over yet (an idle source spawns nothing)."""
+        now = time.monotonic()
+        busy = self._tail_task is not None and not self._tail_task.done()
+        if busy or now - self._tail_probed < TAIL_PROBE_S:
+            return
+        self._tail_probed = now
+
+        async def probe_tail() -> None:
+            self.tail_cursor = await last_cursor(self.cfg)
+        self._tail_task = asyncio.create_task(probe_tail(), name=f"journal-tail-{self.cfg.topic}")
 
     def take(self, entries: list[Entry]) -> None:
         """Entries read: skip the one journalctl was started at, batch the rest into the ring."""
@@ -219,6 +255,7 @@ class JournalSource:
             st.offset += nbytes
             self.ring.append(Shipped(st, start, st.offset, lines, fields, sizes, entries[i - 1].cursor))
         self.entries_read += len(entries)
+        self.bytes_read += sum(e.size for e in entries)
         self.read_cursor = entries[-1].cursor
         self.newest_realtime_us = entries[-1].fields.get("realtime_us", self.newest_realtime_us)
         self.pop_acked()
@@ -261,8 +298,19 @@ class JournalSource:
     def inflight_bytes(self) -> int:
         return sum(max(0, s.ship_pos - s.acked) for s in self.streams.values())
 
+    def unread(self) -> int:
+        """Entries in the journal after the last one read (an estimate from sequence numbers, of
+        every entry, matching or not; 0 when caught up or when it cannot be known)."""
+        tail, read = self.tail_cursor, self.read_cursor
+        if tail is None or read is None:
+            return 0
+        return max(0, seqnum_distance(read, tail) or 0)
+
     def lag_bytes(self) -> int:
-        return sum(b.end - b.start for b in self.ring)
+        """Read and not acknowledged, and an estimate of what is not read yet (for the
+        aggregator's flow control, which shares its window among agents catching up)."""
+        average = self.bytes_read // self.entries_read if self.entries_read else 0
+        return sum(b.end - b.start for b in self.ring) + self.unread() * average
 
     async def ship_ready(self) -> None:
         """Ship the ring's batches not shipped yet (new ones, or again after a resync or a
@@ -350,13 +398,15 @@ class JournalSource:
     def lag(self) -> tuple[int, float]:
         """Entries read and not acknowledged, and the seconds between the newest entry read and
         the last one acknowledged."""
-        entries = sum(len(b.lines) for b in self.ring)
-        if not entries or self.newest_realtime_us is None:
+        unread = self.unread()
+        entries = sum(len(b.lines) for b in self.ring) + unread
+        newest = realtime_of(self.tail_cursor) if unread and self.tail_cursor else self.newest_realtime_us
+        if not entries or newest is None:
             return entries, 0.0
         acked = realtime_of(self.cursor) if self.cursor else None
-        first = self.ring[0].fields[0].get("realtime_us") if self.ring[0].fields else None
+        first = self.ring[0].fields[0].get("realtime_us") if self.ring and self.ring[0].fields else None
         since = acked if acked is not None else first
-        return entries, round(max(0, self.newest_realtime_us - (since or 0)) / 1e6, 3) if since else 0.0
+        return entries, round(max(0, newest - since) / 1e6, 3) if since else 0.0
 
     def status(self) -> dict[str, Any]:
         lag_entries, lag_s = self.lag()
