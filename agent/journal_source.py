@@ -103,6 +103,8 @@ class JournalSource:
         self.tail_cursor: str | None = None
         self._tail_probed = 0.0
         self._tail_task: asyncio.Task[None] | None = None
+        # lag() as last computed on the event loop (heartbeats, status): for the metrics thread.
+        self.last_lag: tuple[int, float] = (0, 0.0)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -259,6 +261,7 @@ class JournalSource:
         self.read_cursor = entries[-1].cursor
         self.newest_realtime_us = entries[-1].fields.get("realtime_us", self.newest_realtime_us)
         self.pop_acked()
+        self.lag()
 
     def new_stream(self, epoch: str) -> JStream:
         st = JStream(epoch=epoch, stream=new_stream_id())
@@ -370,6 +373,7 @@ class JournalSource:
             moved = True
         if moved:
             self.agent.checkpoints_dirty = True
+            self.lag()
 
     def rewind(self, st: JStream, offset: int) -> None:
         st.ship_pos = offset
@@ -401,12 +405,14 @@ class JournalSource:
         unread = self.unread()
         entries = sum(len(b.lines) for b in self.ring) + unread
         newest = realtime_of(self.tail_cursor) if unread and self.tail_cursor else self.newest_realtime_us
-        if not entries or newest is None:
-            return entries, 0.0
-        acked = realtime_of(self.cursor) if self.cursor else None
-        first = self.ring[0].fields[0].get("realtime_us") if self.ring and self.ring[0].fields else None
-        since = acked if acked is not None else first
-        return entries, round(max(0, newest - since) / 1e6, 3) if since else 0.0
+        seconds = 0.0
+        if entries and newest is not None:
+            acked = realtime_of(self.cursor) if self.cursor else None
+            first = self.ring[0].fields[0].get("realtime_us") if self.ring and self.ring[0].fields else None
+            since = acked if acked is not None else first
+            seconds = round(max(0, newest - since) / 1e6, 3) if since else 0.0
+        self.last_lag = (entries, seconds)
+        return self.last_lag
 
     def status(self) -> dict[str, Any]:
         lag_entries, lag_s = self.lag()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from typing import Any
 
 import orjson
 import pytest
-from harness import Endpoints, Harness, Proc, check_exactly_once, output_lines, wait_for
+from harness import Endpoints, Harness, Proc, check_exactly_once, free_port, output_lines, wait_for
+from test_ops import scrape
 
 from agent.journal import missing_between, same_entry, text_of
 
@@ -42,14 +44,16 @@ class Journal:
     def new_boot(self) -> None:
         self.boot = uuid.uuid4().hex
 
-    def write(self, messages: list[bytes | str], file: str = "system", unit: str = "app.service") -> None:
+    def write(self, messages: list[bytes | str], file: str = "system", unit: str = "app.service",
+              identifier: str = "app", priority: int = 5, transport: str = "journal") -> None:
         out = bytearray()
         for msg in messages:
             self.count += 1
             self.realtime_us += 10
             out += (f"__REALTIME_TIMESTAMP={self.realtime_us}\n__MONOTONIC_TIMESTAMP={self.count * 10}\n"
                     f"_BOOT_ID={self.boot}\n_HOSTNAME=host-{self.boot[:4]}\n_SYSTEMD_UNIT={unit}\n"
-                    f"SYSLOG_IDENTIFIER=app\nPRIORITY=5\n_PID=4242\n").encode()
+                    f"SYSLOG_IDENTIFIER={identifier}\nPRIORITY={priority}\n_PID=4242\n"
+                    f"_TRANSPORT={transport}\n").encode()
             body = msg.encode() if isinstance(msg, str) else msg
             if b"\n" in body or not body.isascii() or b"\0" in body:
                 out += b"MESSAGE\n" + struct.pack("<Q", len(body)) + body + b"\n\n"
@@ -294,3 +298,103 @@ def test_journal_new_boot_starts_a_new_stream_and_the_old_boot_is_finished(h: Ha
     assert journal_status(h)["stream"] == third
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 800})
+
+
+@needs_journal
+def test_journal_metrics_show_the_lag_until_acknowledged(h: Harness) -> None:
+    ep = h.endpoints()
+    port = free_port()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 200)
+    journal_agent(h, ep, h.path("journal"), f"agent.metrics_listen=127.0.0.1:{port}")
+    # No aggregator yet: the entries are read, shipped to nobody, not acknowledged.
+    lag = 'fleetlog_agent_journal_lag_entries{topic="jr"}'
+    wait_for(lambda: (x := _scrape_or_none(port)) is not None and x.get(lag) == 200,
+             what="a lag of 200 entries")
+    h.aggregator(ep)
+    m = wait_for(lambda: (x := scrape(port))[lag] == 0 and x, what="no lag once acknowledged")
+    assert m['fleetlog_agent_journal_entries_acked_total{topic="jr"}'] == 200
+    assert m['fleetlog_agent_journal_entries_missing_total{topic="jr"}'] == 0
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 200})
+
+
+def _scrape_or_none(port: int) -> dict[str, float] | None:
+    try:
+        return scrape(port)
+    except OSError:
+        return None
+
+
+@needs_journal
+def test_journal_directory_empty_at_start_is_read_once_files_appear(h: Harness) -> None:
+    ep = h.endpoints()
+    h.path("journal").mkdir()
+    h.aggregator(ep)
+    journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: (s := h.agent_status()) is not None and s["journal"][0]["reader_running"],
+             what="journalctl following the empty directory")
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 100)
+    wait_for(lambda: acked_everything(h, 100), what="the entries, once there")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 100})
+
+
+def journalctl_of(agent: Proc) -> int | None:
+    """The pid of the agent's journalctl child, if it runs."""
+    for tid in os.listdir(f"/proc/{agent.pid}/task"):
+        try:
+            kids = Path(f"/proc/{agent.pid}/task/{tid}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for kid in kids:
+            try:
+                if Path(f"/proc/{kid}/comm").read_text().strip() == "journalctl":
+                    return int(kid)
+            except FileNotFoundError:
+                continue
+    return None
+
+
+@needs_journal
+def test_journal_reader_killed_is_started_again_from_the_last_entry_read(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 500)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 500), what="the first entries")
+    first = wait_for(lambda: journalctl_of(agent), what="journalctl running")
+    os.kill(first, signal.SIGKILL)
+    j.write_tagged("J", 500, 500)
+    wait_for(lambda: acked_everything(h, 1000), what="the entries after journalctl was killed")
+    assert journalctl_of(agent) not in (None, first)
+    assert agent.log().count("journalctl exited") == 1
+    assert journal_status(h)["reader_restarts"] == 1
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 1000})
+
+
+@needs_journal
+def test_journal_matches_select_entries(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("A", 0, 50, unit="a.service")
+    j.write_tagged("N", 0, 50, unit="a.service", priority=7)          # debug: above "info"
+    j.write_tagged("B", 0, 50, unit="b.service", identifier="bee")
+    j.write_tagged("C", 0, 50, unit="c.service")
+    j.write_tagged("T", 0, 50, unit="c.service", transport="kernel")
+    h.aggregator(ep)
+    journal_agent(h, ep, h.path("journal"), units=["a", "b.service"], priority="info")
+    d = h.path("journal")
+    h.agent(ep, [], f'journal=[{{topic="jt", directory="{d}", matches=["_TRANSPORT=kernel"]}}, '
+                    f'{{topic="ji", directory="{d}", identifiers=["bee"]}}]', name="node2")
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 100, what="a and b entries")
+    wait_for(lambda: len(output_lines(h.root / "out", "jt")) >= 50, what="kernel entries")
+    wait_for(lambda: len(output_lines(h.root / "out", "ji")) >= 50, what="bee entries")
+    wait_for(lambda: acked_everything(h, 100), what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"A": 50, "B": 50})
+    check_exactly_once(output_lines(h.root / "out", "jt"), {"T": 50})
+    check_exactly_once(output_lines(h.root / "out", "ji"), {"B": 50})
