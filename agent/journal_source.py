@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from agent.config import JournalConfig
 from agent.journal import (
     Entry,
@@ -72,9 +74,9 @@ class Shipped:
     start: int
     end: int
     lines: list[str]
-    fields: list[dict[str, Any]]
-    sizes: list[int]
+    fields_json: bytes         # the entries' fields as one JSON array: a dict per entry costs 5x
     cursor: str                # of its last entry
+    first_realtime_us: int | None
 
 
 class JournalSource:
@@ -223,6 +225,7 @@ class JournalSource:
 
         async def probe_tail() -> None:
             self.tail_cursor = await last_cursor(self.cfg)
+            self.lag()
         self._tail_task = asyncio.create_task(probe_tail(), name=f"journal-tail-{self.cfg.topic}")
 
     def take(self, entries: list[Entry]) -> None:
@@ -243,19 +246,18 @@ class JournalSource:
                 st = self.new_stream(epoch)
             lines: list[str] = []
             fields: list[dict[str, Any]] = []
-            sizes: list[int] = []
             nbytes = 0
             while (i < len(entries) and entries[i].epoch == epoch and len(lines) < cfg.batch_max_lines
                    and nbytes < cfg.batch_max_bytes):
                 e = entries[i]
                 lines.append(e.line)
                 fields.append(e.fields)
-                sizes.append(e.size)
                 nbytes += e.size
                 i += 1
             start = st.offset
             st.offset += nbytes
-            self.ring.append(Shipped(st, start, st.offset, lines, fields, sizes, entries[i - 1].cursor))
+            self.ring.append(Shipped(st, start, st.offset, lines, orjson.dumps(fields), entries[i - 1].cursor,
+                                     fields[0].get("realtime_us")))
         self.entries_read += len(entries)
         self.bytes_read += sum(e.size for e in entries)
         self.read_cursor = entries[-1].cursor
@@ -336,10 +338,10 @@ class JournalSource:
             st = b.stream
             if b.end <= st.ship_pos:
                 continue
-            lines, fields, start = b.lines, b.fields, b.start
+            lines, fields, start = b.lines, orjson.Fragment(b.fields_json), b.start
             if start < st.ship_pos:
-                skip, start = _entries_before(b.sizes, b.start, st.ship_pos)
-                lines, fields = lines[skip:], fields[skip:]
+                skip, start = _entries_before(lines, b.start, st.ship_pos)
+                lines, fields = lines[skip:], orjson.loads(b.fields_json)[skip:]
             frames = wire.batch_frames(self.cfg.topic_bytes, agent.cfg.name, st.stream, st.base, self.path,
                                        st.epoch, st.seq, start, b.end, lines, fields)
             st.seq += 1
@@ -408,7 +410,7 @@ class JournalSource:
         seconds = 0.0
         if entries and newest is not None:
             acked = realtime_of(self.cursor) if self.cursor else None
-            first = self.ring[0].fields[0].get("realtime_us") if self.ring and self.ring[0].fields else None
+            first = self.ring[0].first_realtime_us if self.ring else None
             since = acked if acked is not None else first
             seconds = round(max(0, newest - since) / 1e6, 3) if since else 0.0
         self.last_lag = (entries, seconds)
@@ -426,12 +428,12 @@ class JournalSource:
                 "reader_restarts": self.restarts}
 
 
-def _entries_before(sizes: list[int], start: int, offset: int) -> tuple[int, int]:
+def _entries_before(lines: list[str], start: int, offset: int) -> tuple[int, int]:
     """How many entries of a batch starting at ``start`` end at or before ``offset``, and where
     the rest starts (an offset inside an entry skips that entry: it was delivered)."""
     n = 0
-    while n < len(sizes) and start < offset:
-        start += sizes[n]
+    while n < len(lines) and start < offset:
+        start += len(lines[n].encode()) + 1
         n += 1
     return n, start
 

@@ -104,10 +104,11 @@ def valid_topic(topic: str) -> bool:
 
 def batch_frames(topic: bytes, agent: str, stream: str, base: int, path: str, file: str, seq: int,
                  start: int, end: int, lines: list[str] | str,
-                 fields: list[dict[str, Any]] | None = None) -> list[bytes]:
+                 fields: list[dict[str, Any]] | orjson.Fragment | None = None) -> list[bytes]:
     """Frames of one data message, from its fields (the agent's hot path: no Batch object).
     ``lines`` as one string (every line ending in a newline) makes a version 2 body; ``fields``
-    (one object per line, version 1 only) adds each line's structured fields."""
+    (one object per line, version 1 only; or that list already encoded, as an
+    ``orjson.Fragment``) adds each line's structured fields."""
     text = type(lines) is str
     doc: dict[str, Any] = {"v": 2 if text else 1, "agent": agent, "stream": stream, "base": base,
                            "path": path, "file": file, "seq": seq, "start": start, "end": end,

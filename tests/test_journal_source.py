@@ -20,6 +20,7 @@ from harness import Endpoints, Harness, Proc, check_exactly_once, free_port, out
 from test_ops import scrape
 
 from agent.journal import missing_between, same_entry, text_of
+from agent.journal_source import _entries_before
 
 JOURNAL_REMOTE = next((p for p in (shutil.which("systemd-journal-remote"),
                                    "/lib/systemd/systemd-journal-remote",
@@ -102,6 +103,14 @@ def test_cursor_arithmetic() -> None:
     assert missing_between(a, "s=zz;i=1;b=bb;m=2;t=6;x=c2") is None
     assert same_entry(a, "s=other;i=99;b=bb;m=1;t=5;x=c1")      # one entry, another file's seqnum
     assert not same_entry(a, b)
+
+
+def test_a_resync_inside_a_batch_ships_from_the_next_whole_entry() -> None:
+    lines = ["ab", "caf\u00e9", "", "xyz"]                 # 3, 6, 1 and 4 bytes with newlines
+    assert _entries_before(lines, 100, 100) == (0, 100)
+    assert _entries_before(lines, 100, 109) == (2, 109)
+    assert _entries_before(lines, 100, 110) == (3, 110)
+    assert _entries_before(lines, 100, 104) == (2, 109)     # inside an entry: it was delivered
 
 
 def test_check_config_names_journal_keys(short_tmp: Path) -> None:
