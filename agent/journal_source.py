@@ -113,7 +113,8 @@ class JournalSource:
     def restore(self, doc: dict[str, Any]) -> None:
         cursor = doc.get("cursor")
         self.cursor = cursor if isinstance(cursor, str) and cursor else None
-        for s in doc.get("streams", []):
+        streams = doc.get("streams")
+        for s in streams if isinstance(streams, list) else []:
             try:
                 st = JStream(epoch=str(s["epoch"]), stream=str(s["stream"]), base=int(s["base"]),
                              offset=int(s["offset"]), acked=int(s["acked"]), seq=int(s["seq"]))
@@ -123,7 +124,8 @@ class JournalSource:
                 continue
             st.ship_pos = max(st.acked, st.offset)
             self.add_stream(st)
-        self.entries_acked = int(doc.get("entries_acked", 0) or 0)
+        acked = doc.get("entries_acked")
+        self.entries_acked = acked if type(acked) is int else 0
         self.known = True
 
     def checkpoint(self) -> dict[str, Any]:
