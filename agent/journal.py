@@ -190,9 +190,12 @@ async def probe(cfg: JournalConfig, cursor: str) -> tuple[bool, str | None]:
             f"--cursor={cursor}"]
     if cfg.directory:
         argv.append(f"--directory={cfg.directory}")
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.DEVNULL, limit=READ_BYTES)
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.DEVNULL, limit=READ_BYTES)
+    except OSError:
+        return True, None  # cannot tell: take the cursor as it is (the follower will say why)
     assert proc.stdout is not None
     try:
         first = await proc.stdout.readline()
@@ -216,9 +219,14 @@ async def last_cursor(cfg: JournalConfig) -> str | None:
         argv.append(f"--directory={cfg.directory}")
     if cfg.priority:
         argv.append(f"--priority={cfg.priority}")
-    proc = await asyncio.create_subprocess_exec(*argv, *cfg.field_matches, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, *cfg.field_matches,
+                                                    stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        log.warning("journal %s: cannot start %s: %s", cfg.topic, cfg.journalctl, exc)
+        return None
     out, err = await proc.communicate()
     if proc.returncode != 0:
         log.warning("journal %s: %s failed: %s", cfg.topic, cfg.journalctl,
@@ -240,12 +248,26 @@ class Reader:
         self.malformed = 0
         # A read of a full pipe's worth or more: journalctl has more to say (the agent is behind).
         self.last_read_bytes = 0
+        self.cannot_start = False
 
     async def start(self, cursor: str | None) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *command(self.cfg, cursor), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, limit=READ_BYTES)
+        """Start journalctl; if it cannot be started (gone, not executable), say so: ``read``
+        then answers None, as when journalctl exits, and the caller tries again later."""
         self._rest = b""
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *command(self.cfg, cursor), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, limit=READ_BYTES)
+        except OSError as exc:
+            # ERROR: nothing of this journal is shipped until it can run. Said once.
+            log.log(logging.DEBUG if self.cannot_start else logging.ERROR,
+                    "journal %s: cannot start %s: %s", self.cfg.topic, self.cfg.journalctl, exc)
+            self.cannot_start = True
+            self.proc = None
+            return
+        if self.cannot_start:
+            log.info("journal %s: %s runs again", self.cfg.topic, self.cfg.journalctl)
+        self.cannot_start = False
         self._stderr_task = asyncio.create_task(self._log_stderr(self.proc), name="journalctl-stderr")
 
     async def _log_stderr(self, proc: asyncio.subprocess.Process) -> None:
@@ -260,7 +282,8 @@ class Reader:
     async def read(self) -> list[Entry] | None:
         """The entries journalctl printed since the last call (waiting for at least one chunk);
         None when journalctl has exited."""
-        assert self.proc is not None and self.proc.stdout is not None
+        if self.proc is None or self.proc.stdout is None:
+            return None
         data = await self.proc.stdout.read(READ_BYTES)
         self.last_read_bytes = len(data)
         if not data:

@@ -407,3 +407,29 @@ def test_journal_matches_select_entries(h: Harness) -> None:
     check_exactly_once(output_lines(h.root / "out", "jr"), {"A": 50, "B": 50})
     check_exactly_once(output_lines(h.root / "out", "jt"), {"T": 50})
     check_exactly_once(output_lines(h.root / "out", "ji"), {"B": 50})
+
+
+@needs_journal
+def test_journal_reader_missing_for_a_while_is_started_again_and_says_so_once(h: Harness) -> None:
+    """journalctl gone (a package upgrade midway): ERROR once, retried with backoff, nothing
+    lost when it is back."""
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 100)
+    wrapper = h.path("journalctl")
+    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('journalctl')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"), journalctl=str(wrapper))
+    wait_for(lambda: acked_everything(h, 100), what="the first entries")
+    wrapper.rename(h.path("journalctl.away"))
+    os.kill(wait_for(lambda: journalctl_of(agent), what="journalctl running"), signal.SIGKILL)
+    wait_for(lambda: "cannot start" in agent.log(), what="the error")
+    j.write_tagged("J", 100, 100)
+    h.path("journalctl.away").rename(wrapper)
+    wait_for(lambda: acked_everything(h, 200), timeout=30, what="the entries once journalctl is back")
+    errors = [line for line in agent.log().splitlines() if "cannot start" in line]
+    assert len(errors) == 1 and " ERROR " in errors[0], errors
+    assert "runs again" in agent.log()
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 200})
