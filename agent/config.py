@@ -106,6 +106,7 @@ class JournalConfig:
     start_at: str = "beginning"
     directory: str = ""                  # "": the system journal
     journalctl: str = "journalctl"       # the reader (a path, or a name on PATH)
+    max_line_bytes: int = 1024 * 1024    # longer messages are cut (and counted)
 
     @property
     def topic_bytes(self) -> bytes:
@@ -221,7 +222,8 @@ def _parse_journal(s: Section, check_dirs: bool) -> JournalConfig:
     cfg = JournalConfig(
         topic=topic, units=units, identifiers=s.str_list("identifiers", ()), priority=str(priority),
         matches=matches, start_at=s.choice("start_at", d.start_at, ("beginning", "end")),
-        directory=directory.rstrip("/") if directory != "/" else directory, journalctl=journalctl)
+        directory=directory.rstrip("/") if directory != "/" else directory, journalctl=journalctl,
+        max_line_bytes=s.int("max_line_bytes", d.max_line_bytes, 256, MAX_BATCH_BYTES))
     s.finish()
     return cfg
 

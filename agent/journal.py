@@ -61,6 +61,7 @@ class Entry:
     cursor: str
     epoch: str                # "<seqnum id>:<boot id>": the journal writer's incarnation
     size: int                 # bytes the entry takes in its stream: the line's UTF-8 and a newline
+    cut: bool = False         # the message was longer than max_line_bytes and was cut
 
 
 def text_of(value: Any) -> str:
@@ -121,8 +122,9 @@ def realtime_of(cursor: str) -> int | None:
         return None
 
 
-def decode(raw: bytes) -> Entry | None:
-    """One line of ``journalctl --output=json``; None if it is not an entry with a cursor."""
+def decode(raw: bytes, max_line_bytes: int = 1 << 20) -> Entry | None:
+    """One line of ``journalctl --output=json``; None if it is not an entry with a cursor. A
+    message longer than ``max_line_bytes`` (UTF-8) is cut there (``Entry.cut``)."""
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -134,6 +136,10 @@ def decode(raw: bytes) -> Entry | None:
         return None
     line = text_of(doc.get("MESSAGE"))
     size = (len(line) if line.isascii() else len(line.encode())) + 1
+    cut = size - 1 > max_line_bytes
+    if cut:  # as a file's over-long line: the rest would make a batch no aggregator takes
+        line = line.encode()[:max_line_bytes].decode("utf-8", "ignore")
+        size = len(line.encode()) + 1
     fields: dict[str, Any] = {}
     for name, key in FIELDS:
         value = doc.get(name)
@@ -151,7 +157,7 @@ def decode(raw: bytes) -> Entry | None:
     seqnum_id = cursor[2:cursor.find(";")] if cursor.startswith("s=") else ""
     b = cursor.find(";b=")
     boot = cursor[b + 3:cursor.find(";", b + 3)] if b >= 0 else ""
-    return Entry(line, fields, cursor, f"{seqnum_id}:{boot}", size)
+    return Entry(line, fields, cursor, f"{seqnum_id}:{boot}", size, cut)
 
 
 def local_machine_match(cfg: JournalConfig) -> list[str]:
@@ -293,7 +299,7 @@ class Reader:
         self._rest = data[end:]
         out = []
         for raw in data[:end].splitlines():
-            entry = decode(raw)
+            entry = decode(raw, self.cfg.max_line_bytes)
             if entry is None:
                 self.malformed += 1
                 if self.malformed == 1:

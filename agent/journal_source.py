@@ -98,6 +98,7 @@ class JournalSource:
         self.entries_read = 0
         self.entries_acked = 0
         self.entries_missing = 0
+        self.entries_cut = 0
         self.restarts = 0
         self.newest_realtime_us: int | None = None
         self.bytes_read = 0
@@ -261,6 +262,13 @@ class JournalSource:
             self.ring.append(Shipped(st, start, st.offset, lines, orjson.dumps(fields), entries[i - 1].cursor,
                                      fields[0].get("realtime_us")))
         self.entries_read += len(entries)
+        cut = sum(1 for e in entries if e.cut)
+        if cut:
+            if not self.entries_cut:
+                log.warning("journal %s: a message longer than max_line_bytes (%d) was cut there"
+                            " (counted in fleetlog-agent status as entries_cut; said once)",
+                            self.cfg.topic, self.cfg.max_line_bytes)
+            self.entries_cut += cut
         self.bytes_read += sum(e.size for e in entries)
         self.read_cursor = entries[-1].cursor
         self.newest_realtime_us = entries[-1].fields.get("realtime_us", self.newest_realtime_us)
@@ -425,7 +433,8 @@ class JournalSource:
                 "priority": self.cfg.priority, "stream": current.stream if current else None,
                 "offset": current.acked if current else 0, "shipped": current.ship_pos if current else 0,
                 "cursor": self.cursor, "entries_read": self.entries_read, "entries_acked": self.entries_acked,
-                "entries_missing": self.entries_missing, "lag_entries": lag_entries, "lag_s": lag_s,
+                "entries_missing": self.entries_missing, "entries_cut": self.entries_cut,
+                "lag_entries": lag_entries, "lag_s": lag_s,
                 "reader_running": self.reader.proc is not None and self.reader.proc.returncode is None,
                 "reader_restarts": self.restarts}
 

@@ -157,24 +157,26 @@ def test_journal_entries_arrive_once_with_their_fields(h: Harness, mode: str) ->
     ep = h.endpoints()
     j = Journal(h.path("journal"))
     j.write_tagged("J", 0, 500)
-    j.write([b"binary \x00\xff\xfe end", "first line\nsecond line\n\tindented third", "caf\u00e9 \u2603"])
+    j.write([b"binary \x00\xff\xfe end", "first line\nsecond line\n\tindented third", "caf\u00e9 \u2603",
+             "L" * 3_000_000])   # longer than max_line_bytes (1 MiB): cut there
     j.write_tagged("J", 500, 500)
     j.write_tagged("K", 0, 10, unit="other.service")
     h.aggregator(ep, 'aggregator.format="json"')
     journal_agent(h, ep, h.path("journal"), mode=mode, units=["app"])
-    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 1003, what="1003 entries")
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 1004, what="1004 entries")
     docs = [orjson.loads(line) for line in output_lines(h.root / "out", "jr")]
     check_exactly_once([d["line"] for d in docs], {"J": 1000})    # units = ["app"]: no K
     odd = {d["line"] for d in docs if not d["line"].startswith("J#")}
     assert odd == {"binary \x00\ufffd\ufffd end", "first line\nsecond line\n\tindented third",
-                   "caf\u00e9 \u2603"}
+                   "caf\u00e9 \u2603", "L" * 1024 * 1024}
     d = docs[0]
     assert (d["unit"], d["identifier"], d["priority"], d["pid"]) == ("app.service", "app", 5, 4242)
     assert d["hostname"] == f"host-{j.boot[:4]}" and isinstance(d["realtime_us"], int)
     assert d["path"] == f"journal:{h.path('journal')}"
-    wait_for(lambda: acked_everything(h, 1003), what="everything acknowledged")
+    wait_for(lambda: acked_everything(h, 1004), what="everything acknowledged")
     js = journal_status(h)
     assert (js["lag_entries"], js["entries_missing"], js["reader_running"]) == (0, 0, True)
+    assert js["entries_cut"] == 1
     agents = wait_for(lambda: [a for a in h.status(ep)["agents"] if a.get("journal_lag_entries") == 0],
                       what="the journal lag in aggregatorctl status")
     assert agents[0]["journal_lag_s"] == 0
