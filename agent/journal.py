@@ -49,6 +49,8 @@ log = logging.getLogger("fleetlog.agent.journal")
 FIELDS = (("_SYSTEMD_UNIT", "unit"), ("SYSLOG_IDENTIFIER", "identifier"), ("PRIORITY", "priority"),
           ("_HOSTNAME", "hostname"), ("_PID", "pid"), ("__REALTIME_TIMESTAMP", "realtime_us"))
 _INT_FIELDS = frozenset(("priority", "pid", "realtime_us"))
+_TEXT_FIELDS = tuple((name, key) for name, key in FIELDS if key not in _INT_FIELDS)
+_NUMBER_FIELDS = tuple((name, key) for name, key in FIELDS if key in _INT_FIELDS)
 # What journalctl prints besides the cursor and timestamps (it always prints those).
 OUTPUT_FIELDS = "MESSAGE," + ",".join(name for name, _ in FIELDS if not name.startswith("__"))
 READ_BYTES = 1 << 20
@@ -141,23 +143,29 @@ def decode(raw: bytes, max_line_bytes: int = 1 << 20) -> Entry | None:
         line = line.encode()[:max_line_bytes].decode("utf-8", "ignore")
         size = len(line.encode()) + 1
     fields: dict[str, Any] = {}
-    for name, key in FIELDS:
+    for name, key in _TEXT_FIELDS:
         value = doc.get(name)
-        if value is None:
-            continue
-        text = text_of(value)
-        if key in _INT_FIELDS:
+        if value is not None:
+            fields[key] = value if type(value) is str else text_of(value)
+    for name, key in _NUMBER_FIELDS:
+        value = doc.get(name)
+        if value is not None:
             try:
-                fields[key] = int(text)
+                fields[key] = int(value if type(value) is str else text_of(value))
             except ValueError:
-                continue
-        else:
-            fields[key] = text
-    # The cursor starts with "s=<seqnum id>;" and holds ";b=<boot id>;".
-    seqnum_id = cursor[2:cursor.find(";")] if cursor.startswith("s=") else ""
-    b = cursor.find(";b=")
-    boot = cursor[b + 3:cursor.find(";", b + 3)] if b >= 0 else ""
-    return Entry(line, fields, cursor, f"{seqnum_id}:{boot}", size, cut)
+                pass
+    # The cursor is "s=<seqnum id>;i=<seqnum>;b=<boot id>;m=...".
+    parts = cursor.split(";", 3)
+    if len(parts) > 2 and parts[0][:2] == "s=" and parts[2][:2] == "b=":
+        epoch = parts[0][2:] + ":" + parts[2][2:]
+    else:
+        epoch = _epoch_of(cursor)
+    return Entry(line, fields, cursor, epoch, size, cut)
+
+
+def _epoch_of(cursor: str) -> str:
+    parts = parse_cursor(cursor)
+    return f"{parts.get('s', '')}:{parts.get('b', '')}"
 
 
 def local_machine_match(cfg: JournalConfig) -> list[str]:

@@ -89,6 +89,10 @@ class JournalSource:
         self.by_id: dict[str, JStream] = {}
         self.ring: deque[Shipped] = deque()
         self.unsent = 0                           # index in ring of the first batch maybe not shipped
+        # Index in ring of the first batch of another stream than ring[0]'s, or None. It ships
+        # only once everything before it is acknowledged: streams of one source are written in
+        # journal order (a resync of the older stream would otherwise land after the newer one).
+        self.switch_at: int | None = None
         self.cursor: str | None = None            # the checkpoint: last entry of the acknowledged prefix
         self.read_cursor: str | None = None       # last entry read from journalctl
         self.expect_first: str | None = None      # the cursor journalctl was started at
@@ -259,6 +263,8 @@ class JournalSource:
                 i += 1
             start = st.offset
             st.offset += nbytes
+            if self.switch_at is None and self.ring and self.ring[0].stream is not st:
+                self.switch_at = len(self.ring)
             self.ring.append(Shipped(st, start, st.offset, lines, orjson.dumps(fields), entries[i - 1].cursor,
                                      fields[0].get("realtime_us")))
         self.entries_read += len(entries)
@@ -343,6 +349,8 @@ class JournalSource:
             inflight = self.inflight_bytes()
             if agent.inflight >= agent.window and inflight > 0:
                 return
+            if self.switch_at is not None and self.unsent >= self.switch_at:
+                return  # the older stream's batches first (see switch_at)
             b = ring[self.unsent]
             self.unsent += 1
             st = b.stream
@@ -382,10 +390,18 @@ class JournalSource:
             self.cursor = b.cursor
             self.entries_acked += len(b.lines)
             self.unsent = max(0, self.unsent - 1)
+            if self.switch_at is not None:
+                self.switch_at -= 1
+                if self.switch_at == 0:
+                    self.switch_at = self._next_switch()
             moved = True
         if moved:
             self.agent.checkpoints_dirty = True
             self.lag()
+
+    def _next_switch(self) -> int | None:
+        first = self.ring[0].stream if self.ring else None
+        return next((i for i, b in enumerate(self.ring) if b.stream is not first), None)
 
     def rewind(self, st: JStream, offset: int) -> None:
         st.ship_pos = offset
