@@ -24,13 +24,16 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check .
 	touch $(RUN_STAMP)
 
-# Programs the scenario tests drive for real, as command:Debian-package. Installed from Debian
-# when missing (as root); the tests that need one skip with a reason where it cannot be had.
-SYSTEM_DEPS := logrotate:logrotate promtool:prometheus faketime:faketime
+# Programs the scenario tests drive for real, as command-or-path:Debian-package (logrotate,
+# promtool for the alerting rules, faketime to step a clock, systemd-journal-remote to write the
+# journal files the [[journal]] tests read). Installed from Debian when missing (as root); the
+# tests that need one skip with a reason where it cannot be had.
+SYSTEM_DEPS := logrotate:logrotate promtool:prometheus faketime:faketime \
+	       /lib/systemd/systemd-journal-remote:systemd-journal-remote
 
 system-deps:
 	@missing=""; for dep in $(SYSTEM_DEPS); do \
-	  command -v "$${dep%%:*}" >/dev/null 2>&1 || missing="$$missing $${dep#*:}"; done; \
+	  { command -v "$${dep%%:*}" || [ -x "$${dep%%:*}" ]; } >/dev/null 2>&1 || missing="$$missing $${dep#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    export DEBIAN_FRONTEND=noninteractive; \
@@ -53,8 +56,10 @@ lint: $(STAMP)
 	$(BIN)/mypy agent aggregator fleetlog
 
 # BENCH_ARGS: options of bench/backlog.py, e.g. --stuck-tail (a subscriber that stops reading).
+# The file backlog table, then the journal row (entries/s, CPU per million entries).
 bench: $(STAMP)
 	$(BIN)/python -m bench.backlog $(BENCH_ARGS)
+	$(BIN)/python -m bench.journal
 
 # rsyslog and syslog-ng side by side (installs them from Debian when missing; runs them privately).
 bench-peers: $(STAMP)

@@ -57,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fleetlog-agent: config: {problem}", file=sys.stderr)
         return 2
     if args.check_config:
-        print(f"fleetlog-agent: {config.source}: ok ({len(config.sources)} sources)")
+        print(f"fleetlog-agent: {config.source}: ok ({len(config.sources)} sources, "
+              f"{len(config.journals)} journal sources)")
         return 0
     if args.command == "status":
         die_quietly_on_closed_pipe()
         return status(config, args.json, args.timeout)
     runtime.setup_logging(config.agent.log_level)
-    if not config.sources:
-        log.warning("no [[sources]] configured: nothing to follow")
+    if not config.sources and not config.journals:
+        log.warning("no [[sources]] or [[journal]] configured: nothing to follow")
     return runtime.run(_serve(config), loop=config.agent.loop)
 
 
@@ -121,6 +122,12 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
         flags = ("rotated " if f["rotated"] else "") + ("" if f["open"] else "closed")
         print(f"  {f['path']}  [{f['topic']}] id {f['identity']}  offset {f['offset']}/{f['size']}  "
               f"lag {f['lag_bytes']}  {flags}".rstrip())
+    for j in s.get("journal", []):
+        reader = ("reading" if j["reader_running"]
+                  else f"journalctl not running ({j['reader_restarts']} restarts)")
+        print(f"  {j['path']}  [{j['topic']}] {' '.join(j['matches']) or 'all entries'}  "
+              f"{j['entries_acked']} entries acknowledged, lag {j['lag_entries']} entries / {j['lag_s']:.1f}s"
+              f"{', ' + str(j['entries_missing']) + ' missing' if j['entries_missing'] else ''}  {reader}")
     return 0
 
 

@@ -6,6 +6,7 @@ import glob
 import hashlib
 import os
 import re
+import shutil
 import socket
 import stat
 from dataclasses import dataclass
@@ -107,10 +108,42 @@ class AgentConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JournalConfig:
+    """One ``[[journal]]`` section: entries of the systemd journal (or of a directory of journal
+    files) matching all of the given kinds of match, each kind any of its values."""
+    topic: str
+    units: tuple[str, ...] = ()          # _SYSTEMD_UNIT values ("nginx" means nginx.service)
+    identifiers: tuple[str, ...] = ()    # SYSLOG_IDENTIFIER values
+    priority: str = ""                   # entries up to this priority ("err", "4"); "": all
+    matches: tuple[str, ...] = ()        # any "FIELD=value"
+    start_at: str = "beginning"
+    directory: str = ""                  # "": the system journal
+    journalctl: str = "journalctl"       # the reader (a path, or a name on PATH)
+    max_line_bytes: int = 1024 * 1024    # longer messages are cut (and counted)
+
+    @property
+    def topic_bytes(self) -> bytes:
+        return self.topic.encode()
+
+    @property
+    def field_matches(self) -> tuple[str, ...]:
+        """Every match as journalctl takes it: the same field ORs, different fields AND."""
+        return (tuple(f"_SYSTEMD_UNIT={u}" for u in self.units)
+                + tuple(f"SYSLOG_IDENTIFIER={i}" for i in self.identifiers) + self.matches)
+
+    @property
+    def key(self) -> str:
+        """What identifies this source's checkpoint: a changed match is another source."""
+        where = self.directory or "<system>"
+        return "|".join((self.topic, where, self.priority, *sorted(self.field_matches)))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     agent: AgentConfig
     sources: tuple[SourceConfig, ...]
     source: str = "<built-in defaults>"
+    journals: tuple[JournalConfig, ...] = ()
 
 
 def glob_root(pattern: str) -> str:
@@ -160,6 +193,54 @@ def _parse_source(s: Section) -> SourceConfig:
     return src
 
 
+PRIORITIES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+_FIELD_RE = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def _match_problem(value: str) -> str | None:
+    field, sep, _ = value.partition("=")
+    if not sep or not _FIELD_RE.fullmatch(field) or len(field) > 64:
+        return f"{value!r} is not FIELD=value (FIELD in capitals, digits and underscores)"
+    return None
+
+
+def _parse_journal(s: Section, check_dirs: bool) -> JournalConfig:
+    d = JournalConfig(topic="")
+    topic = s.str("topic", "", lambda v: None if wire.valid_topic(v) else
+                  "must match [A-Za-z0-9._-]{1,128} and not start with a dot")
+    if "topic" not in s.data:
+        s.problem("topic", "missing")
+    units = tuple(u if "." in u else f"{u}.service" for u in s.str_list("units", ()))
+    matches = s.str_list("matches", ())
+    for m in matches:
+        if (message := _match_problem(m)) is not None:
+            s.problem("matches", message)
+    priority = s.get("priority", (str, int), "")
+    if isinstance(priority, int) and not 0 <= priority <= 7:
+        s.problem("priority", f"must be 0 to 7 or one of {', '.join(PRIORITIES)}, not {priority}")
+    elif isinstance(priority, str) and priority and priority not in PRIORITIES and \
+            not (priority.isdigit() and int(priority) <= 7):
+        s.problem("priority", f"must be 0 to 7 or one of {', '.join(PRIORITIES)}, not {priority!r}")
+    directory = s.str("directory", "")
+    if directory and not os.path.isabs(directory):
+        s.problem("directory", f"{directory!r} is not an absolute path")
+    elif directory and check_dirs:
+        if not os.path.isdir(directory):
+            s.problem("directory", f"{directory} is not a directory")
+        elif not os.access(directory, os.R_OK | os.X_OK):
+            s.problem("directory", f"{directory} is not readable by this user")
+    journalctl = s.str("journalctl", d.journalctl)
+    if check_dirs and shutil.which(journalctl) is None:
+        s.problem("journalctl", f"{journalctl!r} not found (it comes with systemd)")
+    cfg = JournalConfig(
+        topic=topic, units=units, identifiers=s.str_list("identifiers", ()), priority=str(priority),
+        matches=matches, start_at=s.choice("start_at", d.start_at, ("beginning", "end")),
+        directory=directory.rstrip("/") if directory != "/" else directory, journalctl=journalctl,
+        max_line_bytes=s.int("max_line_bytes", d.max_line_bytes, 256, MAX_BATCH_BYTES))
+    s.finish()
+    return cfg
+
+
 def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     problems: list[str] = []
     root = Section(data, "", problems)
@@ -198,7 +279,13 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     )
     s.finish()
     sources = tuple(_parse_source(t) for t in root.tables("sources"))
+    journals = tuple(_parse_journal(t, check_dirs) for t in root.tables("journal"))
     root.finish()
+    seen: dict[str, int] = {}
+    for i, j in enumerate(journals):
+        if j.key in seen:
+            problems.append(f"journal[{i}]: the same topic and matches as journal[{seen[j.key]}]")
+        seen.setdefault(j.key, i)
     _check_keys(cfg, problems)
     if check_dirs and (message := dir_problem(cfg.state_dir, create=True)) is not None:
         problems.append(f"agent.state_dir: {message}")
@@ -209,7 +296,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
                     problems.append(f"sources[{i}].paths: {message}")
     if problems:
         raise ConfigError([f"{source}: {problem}" for problem in problems])
-    return Config(agent=cfg, sources=sources, source=source)
+    return Config(agent=cfg, sources=sources, source=source, journals=journals)
 
 
 def _root_problem(root: str) -> str | None:
@@ -252,4 +339,4 @@ def load_config(path: str | None, overrides: list[str] | None = None, check_dirs
     return parse(data, source, check_dirs=check_dirs)
 
 
-__all__ = ["AgentConfig", "Config", "ConfigError", "SourceConfig", "load_config"]
+__all__ = ["AgentConfig", "Config", "ConfigError", "JournalConfig", "SourceConfig", "load_config"]

@@ -16,6 +16,7 @@ import zmq.asyncio
 from agent import batch, metrics
 from agent.config import AgentConfig, Config, load_config
 from agent.follow import Following
+from agent.journal_source import JournalSources
 from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
 from agent.tail import Chunk, Tailer
@@ -71,6 +72,8 @@ class Agent(Following):
         self.scan_soon = asyncio.Event()
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
+        # The journal sources' last acknowledgement progress (file streams keep their own).
+        self.last_ack_progress = time.monotonic()
         self.checkpoints_dirty = True
         # The aggregator's max_message_bytes (its hello reply says; the default until then): no
         # batch is read larger than what encodes within it (see read_bytes).
@@ -98,6 +101,7 @@ class Agent(Following):
         self.ack_problem: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics: metrics.MetricsServer | None = None
+        self.journals = JournalSources(self)  # [[journal]] sources (agent/journal_source.py)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -130,6 +134,7 @@ class Agent(Following):
             asyncio.create_task(self.checkpoint_loop(), name="checkpoint"),
             asyncio.create_task(self.status_server.serve(), name="status"),
             asyncio.create_task(self.notifier.watchdog(), name="watchdog"),
+            *self.journals.start(self.store.journal),
         ]
         supervise(self._tasks, self.request_stop)
         self.started.set()
@@ -168,7 +173,10 @@ class Agent(Following):
                        if getattr(new.agent, f) != getattr(self.cfg, f)]
             log.warning("reload: [agent] %s change only at restart; keeping the running values",
                         ", ".join(changed))
-        self.config = Config(agent=self.cfg, sources=new.sources, source=new.source)
+        if new.journals != self.config.journals:
+            log.warning("reload: [[journal]] sources change only at restart; keeping the running ones")
+        self.config = Config(agent=self.cfg, sources=new.sources, source=new.source,
+                             journals=self.config.journals)
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = Watcher(self.config.sources, self.on_change, self.cfg)
@@ -181,7 +189,7 @@ class Agent(Following):
         self.notifier.notify("STOPPING=1")
         log.info("agent stopping")
         for task in self._tasks:
-            if task.get_name() in ("read", "scan"):
+            if task.get_name() in ("read", "scan") or task.get_name().startswith("journal "):
                 task.cancel()
         if self.watcher is not None:
             self.watcher.stop()
@@ -189,15 +197,16 @@ class Agent(Following):
         alive = self.transport is not None and self.transport.aggregator_alive(
             3 * self.cfg.heartbeat_interval_ms / 1000)
         # Waiting for acknowledgements only makes sense with an aggregator that answers.
-        while alive and self.unacked and time.monotonic() < deadline:
+        while alive and (self.unacked or self.journals.inflight_bytes()) and time.monotonic() < deadline:
             self.acked_event.clear()
             await self.acked_event.wait(deadline - time.monotonic())
-        if self.unacked:
+        if self.unacked or self.journals.inflight_bytes():
             log.info("%d bytes shipped but not acknowledged; they are shipped again at restart",
                      self.inflight_bytes())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.journals.stop()
         if self.transport is not None and self.transport.instance is not None:
             self.transport.goodbye()  # shown as stopped at once, not after agent_timeout_s
         self.save_checkpoints()
@@ -209,6 +218,7 @@ class Agent(Following):
             self.watcher.stop()
         for t in self.tailers.values():
             t.close()
+        self.journals.kill_now()
         if self.status_server is not None:
             self.status_server.close()
         if self.transport is not None:
@@ -230,7 +240,7 @@ class Agent(Following):
             self.wake.set()
 
     def inflight_bytes(self) -> int:
-        return sum(t.ship_pos - t.acked for t in self.unacked)
+        return sum(t.ship_pos - t.acked for t in self.unacked) + self.journals.inflight_bytes()
 
     async def read_loop(self) -> None:
         cfg = self.cfg
@@ -341,23 +351,30 @@ class Agent(Following):
 
     def check_ack_timeout(self, now: float) -> None:
         """Streams with nothing acknowledged for ack_timeout_ms while batches are out: ship them
-        again. Per stream: one lost batch (PUB dropped it) is resent after the timeout even while
-        the agent's other files are acknowledged all along."""
+        again. Per file stream: one lost batch (PUB dropped it) is resent after the timeout even
+        while the agent's other files are acknowledged all along. Journal sources as one (their
+        batches come from one reader, in order)."""
         timeout = self.cfg.ack_timeout_ms / 1000
         late = [t for t in self.unacked if now - t.ack_progress >= timeout]
-        if not late:
+        journals_late = bool(self.journals.inflight_bytes()) and now - self.last_ack_progress >= timeout
+        if not late and not journals_late:
             return
         assert self.transport is not None
         if not self.transport.aggregator_alive(3 * self.cfg.heartbeat_interval_ms / 1000):
             return  # nobody to resend to: ship again once it answers (a restart also rewinds)
         self.resends += 1
-        log.info("no acknowledgement for %.1fs; shipping %d bytes of %d files again",
-                 timeout, sum(t.ship_pos - t.acked for t in late), len(late))
+        if late:
+            log.info("no acknowledgement for %.1fs; shipping %d bytes of %d files again",
+                     timeout, sum(t.ship_pos - t.acked for t in late), len(late))
         for t in late:
             t.rewind(t.acked)
             t.ack_progress = now
             self.unacked.discard(t)
             self.enqueue(t)
+        if journals_late:
+            log.info("no acknowledgement of journal entries for %.1fs; shipping them again", timeout)
+            self.journals.rewind_unacked()
+            self.last_ack_progress = now
         self.inflight = self.inflight_bytes()
 
     def cut_to_fit(self, t: Tailer, chunk: Chunk) -> list[bytes]:
@@ -400,6 +417,7 @@ class Agent(Following):
             t.rewind(t.acked)
             self.enqueue(t)
         self.unacked.clear()
+        self.journals.rewind_unacked()
         self.inflight = 0
 
     # -- acknowledgements -----------------------------------------------------------------------
@@ -431,6 +449,10 @@ class Agent(Following):
 
     def ack(self, stream: str, end: Any) -> None:
         t = self.tailers.get(stream)
+        if t is None and self.journals.ack(stream, end):
+            self.last_ack_progress = time.monotonic()
+            self.acked_event.set()
+            return
         if t is None or type(end) is not int or end <= t.acked:
             return
         t.acked = end
@@ -450,6 +472,9 @@ class Agent(Following):
         made it ask (stale if sent before our last rewind), or None when it asks on its own (it
         refused or took back batches and can take them now)."""
         t = self.tailers.get(stream) if isinstance(stream, str) else None
+        if t is None and isinstance(stream, str):
+            self.journals.resync(stream, offset, seq)
+            return
         if t is None or type(offset) is not int:
             return
         if seq is not None and (type(seq) is not int or seq < t.rewind_seq):
@@ -499,6 +524,7 @@ class Agent(Following):
         the message stays far below the control socket's 1 MiB limit; the rest learn it from
         resyncs)."""
         streams = [s for s, t in self.tailers.items() if t.ship_pos > t.acked or t.size > t.acked]
+        streams += self.journals.unacked_streams()
         self.reported_lag = self.lag_bytes()
         self.reported_paths = []  # a new aggregator instance: tell it the file list again
         assert self.transport is not None
@@ -522,6 +548,8 @@ class Agent(Following):
             # The files followed, only when they changed (and at most 1,000 of them).
             self.reported_paths = paths
             args["file_list"] = paths[:1000]
+        if self.journals:
+            args["journal_lag_entries"], args["journal_lag_s"] = self.journals.lag()
         return args
 
     def error_counts(self) -> dict[str, int]:
@@ -573,7 +601,7 @@ class Agent(Following):
         transport.request("heartbeat", self.heartbeat_args())
 
     def lag_bytes(self) -> int:
-        return sum(t.lag_bytes for t in self.tailers.values())
+        return sum(t.lag_bytes for t in self.tailers.values()) + self.journals.lag_bytes()
 
     def measure_lag_s(self) -> float:
         """How old the oldest line not yet acknowledged is, in seconds (0: everything is).
@@ -618,7 +646,7 @@ class Agent(Following):
 
     def save_checkpoints(self) -> None:
         try:
-            self.store.save(self.checkpoints())
+            self.store.save(self.checkpoints(), self.journals.checkpoints())
             self.checkpoints_dirty = False
             self.unsaved_streams = False
         except OSError as exc:
@@ -655,6 +683,7 @@ class Agent(Following):
             "problems": self.problems(),
             "links": {link.role: link.status() for link in transport.links} if transport else {},
             "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files), "lag_s": self.measure_lag_s(),
+            "journal": self.journals.status(),
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
             "lines_shipped": self.lines_shipped, "lines_sent": self.lines_sent,
             "batches_shipped": self.batches_shipped,

@@ -16,6 +16,11 @@ Metrics (all prefixed ``fleetlog_agent_``):
     lag_bytes{topic}                  in the files, not yet acknowledged
     lag_seconds                       how old the oldest line not yet acknowledged is
     files{topic}, open_files, copies_ignored
+    journal_lag_entries{topic}        [[journal]] sources: entries not acknowledged yet (read, or
+                                      in the journal and not handed over by journalctl)
+    journal_lag_seconds{topic}        journal time between the newest entry and the last acknowledged
+    journal_entries_acked_total{topic}, journal_entries_missing_total{topic}
+                                      (missing: vacuumed before they were read, see the README)
     connected                         1 once the aggregator answered the hello
     info{agent, mode, version}
 """
@@ -93,6 +98,32 @@ class AgentCollector:
                   len(a.shadows))
         yield one(GaugeMetricFamily(PREFIX + "connected", "1 once the aggregator answered the hello"),
                   1 if transport is not None and transport.instance else 0)
+        yield from journal_metrics(a)
+
+
+def journal_metrics(a: Agent) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    journals = getattr(a, "journals", None)
+    sources = list(journals.sources) if journals is not None else []
+    labels = ["topic"]
+    lag = GaugeMetricFamily(PREFIX + "journal_lag_entries", "Journal entries not acknowledged yet",
+                            labels=labels)
+    lag_s = GaugeMetricFamily(PREFIX + "journal_lag_seconds",
+                              "Journal time between the newest entry and the last acknowledged",
+                              labels=labels)
+    acked = CounterMetricFamily(PREFIX + "journal_entries_acked", "Journal entries acknowledged",
+                                labels=labels)
+    missing = CounterMetricFamily(PREFIX + "journal_entries_missing",
+                                  "Journal entries vacuumed or rotated away before they were read",
+                                  labels=labels)
+    for src in sources:
+        entries, seconds = src.last_lag  # computed on the event loop (the ring is not ours to walk)
+        lag.add_metric([src.cfg.topic], entries)
+        lag_s.add_metric([src.cfg.topic], seconds)
+        acked.add_metric([src.cfg.topic], src.entries_acked)
+        missing.add_metric([src.cfg.topic], src.entries_missing)
+    yield from (lag, lag_s, acked, missing)
 
 
 def serve(agent: Agent) -> MetricsServer | None:

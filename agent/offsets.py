@@ -4,6 +4,10 @@ data ends; the aggregator drops anything resent twice.
 
 One JSON file, ``<state_dir>/checkpoints.json``, replaced atomically (write, fsync, rename, fsync
 the directory), so a crash leaves either the old or the new version, never a torn one.
+
+The same file holds the ``[[journal]]`` sources' checkpoints under ``"journal"`` (one object per
+source: its cursor and its streams' offsets, see agent/journal_source.py); older agents ignore
+the key.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class CheckpointStore:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, FILENAME)
         self.existed = False
+        # The journal sources' checkpoints as last loaded or saved (plain objects).
+        self.journal: list[dict[str, Any]] = []
 
     def load(self) -> dict[str, Checkpoint]:
         os.makedirs(self.state_dir, exist_ok=True)
@@ -60,6 +66,8 @@ class CheckpointStore:
                       self.path, exc)
             return {}
         self.existed = True
+        journal = doc.get("journal", [])
+        self.journal = [j for j in journal if isinstance(j, dict)] if isinstance(journal, list) else []
         out: dict[str, Checkpoint] = {}
         for item in doc.get("files", []):
             try:
@@ -70,7 +78,9 @@ class CheckpointStore:
             out[cp.stream] = cp
         return out
 
-    def save(self, checkpoints: list[Checkpoint]) -> None:
+    def save(self, checkpoints: list[Checkpoint], journal: list[dict[str, Any]] | None = None) -> None:
         doc: dict[str, Any] = {"version": FORMAT_VERSION, "files": [asdict(c) for c in checkpoints]}
+        if journal:
+            doc["journal"] = journal
         write_atomic(self.path, orjson.dumps(doc))
         self.existed = True

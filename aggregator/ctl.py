@@ -184,6 +184,12 @@ def render_status(s: dict[str, Any]) -> str:
                        for a in agents])
     if s.get("expected_missing"):
         out.append("!! expected but not connected: " + ", ".join(s["expected_missing"]))
+    journals = [a for a in agents if a.get("journal_lag_entries") is not None]
+    if journals:
+        out += ["", "journal sources (lag: entries read and not acknowledged, seconds behind)"]
+        out += _table(["agent", "lag entries", "lag"],
+                      [[a["name"], a["journal_lag_entries"], f"{a['journal_lag_s'] or 0:.1f}s"]
+                       for a in journals])
     out.append("")
     topics = s["topics"]
     out.append(f"topics ({len(topics)})")

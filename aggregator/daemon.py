@@ -74,6 +74,10 @@ class AgentInfo:
     # How old the oldest line the agent has not had acknowledged is (its heartbeats say; 0: none).
     lag_s: float = 0.0
     files: int = 0
+    # [[journal]] sources (from heartbeats): entries read and not acknowledged, and how far
+    # (seconds of journal time) the last acknowledged entry is behind the newest read.
+    journal_lag_entries: int | None = None
+    journal_lag_s: float | None = None
     # Flow control: the window last granted to it, and the most it asked for (its own
     # max_inflight_bytes, from its hello; 0: not said).
     window: int = 0
@@ -112,6 +116,10 @@ class AgentInfo:
         lag_s = args.get("lag_s")
         if isinstance(lag_s, int | float) and 0 <= lag_s < 1e9:
             self.lag_s = float(lag_s)
+        if type(args.get("journal_lag_entries")) is int:
+            self.journal_lag_entries = args["journal_lag_entries"]
+        if type(args.get("journal_lag_s")) in (int, float):
+            self.journal_lag_s = float(args["journal_lag_s"])
 
     @property
     def catching_up(self) -> bool:
@@ -235,13 +243,21 @@ class Aggregator(Rolling):
         limit = raise_open_files_limit()
         self.sink.max_open = open_files_bound(limit)
         log.info("descriptor limit %d: up to %d topic files open at once", limit, self.sink.max_open)
+        journal_existed = os.path.exists(self.journal.journal_path)
         state = self.journal.recover()
         # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction
         # (a full state_dir only postpones it).
         self.journal.compact_quietly()
         if state.damage is None:
             self.recover_rotations(state.rotations)
-            self.sink.recover(state.topics)
+            positions = dict(state.topics)
+            if journal_existed:
+                # A topic's first batches are written before its first commit: after a crash in
+                # between no record names it, and its whole active file is uncommitted (agents
+                # resend it). Without a journal (a new or lost state_dir) nothing can be known.
+                for topic in self.sink.topics_on_disk():
+                    positions.setdefault(topic, 0)
+            self.sink.recover(positions)
         else:
             self.rebuild_journal(state)
         # Before anything is compressed: the scan removes stale temporaries, and must not take
@@ -580,6 +596,12 @@ class Aggregator(Rolling):
                 batch.lines.pop()
         now = self.clock()
         agent, path = batch.agent, batch.path
+        if batch.fields is not None:  # a journal batch: each entry's fields beside its line
+            return b"".join(
+                orjson.dumps({"line": line, "agent": agent, "path": path, "received": now, **fields},
+                             option=orjson.OPT_APPEND_NEWLINE)
+                for line, fields in zip(batch.line_list(), batch.fields, strict=True)
+            )
         return b"".join(
             orjson.dumps({"line": line, "agent": agent, "path": path, "received": now},
                          option=orjson.OPT_APPEND_NEWLINE)
@@ -1128,7 +1150,8 @@ class Aggregator(Rolling):
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
                  "lag_bytes": a.lag_bytes, "lag_s": a.lag_s, "window_bytes": a.window or None,
                  "files": a.files, "file_list": a.file_list, "errors": a.errors,
-                 "agent_id": a.agent_id or None, "problems": a.problems + self.agent_warnings(a)}
+                 "agent_id": a.agent_id or None, "problems": a.problems + self.agent_warnings(a),
+                 "journal_lag_entries": a.journal_lag_entries, "journal_lag_s": a.journal_lag_s}
                 for a in sorted(self.agents.values(), key=lambda a: a.name)
             ],
             "topics": [

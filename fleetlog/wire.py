@@ -21,6 +21,11 @@ whose hello reply does not list version 2 in ``"wire"`` (one older than this for
 rolling upgrade), and until the reply has come. Subscribers on XPUB always receive version 1
 (the aggregator converts), so consumers see one shape.
 
+A batch may also carry ``"fields"``: a list with one object per line, the structured fields of
+a journal entry (``unit``, ``identifier``, ``priority``, ``hostname``, ``pid``, ``realtime_us``;
+those the entry has). Journal batches are always version 1 (a message may hold newlines); the
+aggregator adds the fields to each line of its ``json`` output format.
+
 ``start``/``end`` are the byte offsets in the source file that the batch covers (always on line
 boundaries); ``base`` is the offset the stream started at. The aggregator accepts a batch only if
 it continues its stream exactly (``start`` equal to the end of the last accepted batch, or to
@@ -73,6 +78,8 @@ class Batch:
     end: int
     # A list of lines (version 1), or one string in which every line ends with "\n" (version 2).
     lines: list[str] | str
+    # One object per line (journal entries' fields), or None.
+    fields: list[dict[str, Any]] | None = None
 
     @property
     def count(self) -> int:
@@ -96,19 +103,25 @@ def valid_topic(topic: str) -> bool:
 
 
 def batch_frames(topic: bytes, agent: str, stream: str, base: int, path: str, file: str, seq: int,
-                 start: int, end: int, lines: list[str] | str) -> list[bytes]:
+                 start: int, end: int, lines: list[str] | str,
+                 fields: list[dict[str, Any]] | orjson.Fragment | None = None) -> list[bytes]:
     """Frames of one data message, from its fields (the agent's hot path: no Batch object).
-    ``lines`` as one string (every line ending in a newline) makes a version 2 body."""
+    ``lines`` as one string (every line ending in a newline) makes a version 2 body; ``fields``
+    (one object per line, version 1 only; or that list already encoded, as an
+    ``orjson.Fragment``) adds each line's structured fields."""
     text = type(lines) is str
-    return [topic, orjson.dumps({"v": 2 if text else 1, "agent": agent, "stream": stream, "base": base,
-                                 "path": path, "file": file, "seq": seq, "start": start, "end": end,
-                                 "text" if text else "lines": lines})]
+    doc: dict[str, Any] = {"v": 2 if text else 1, "agent": agent, "stream": stream, "base": base,
+                           "path": path, "file": file, "seq": seq, "start": start, "end": end,
+                           "text" if text else "lines": lines}
+    if fields is not None:
+        doc["fields"] = fields
+    return [topic, orjson.dumps(doc)]
 
 
 def encode_batch(batch: Batch) -> list[bytes]:
     """Frames of one data message."""
     return batch_frames(batch.topic.encode(), batch.agent, batch.stream, batch.base, batch.path,
-                        batch.file, batch.seq, batch.start, batch.end, batch.lines)
+                        batch.file, batch.seq, batch.start, batch.end, batch.lines, batch.fields)
 
 
 def _str_field(doc: dict[str, Any], key: str) -> str:
@@ -156,6 +169,10 @@ def decode_batch(frames: list[bytes] | list[memoryview], max_bytes: int = DEFAUL
             raise WireError("bad_field", "lines")
     else:
         raise WireError("bad_version", repr(version)[:20])
+    fields = doc.get("fields")
+    if fields is not None and (type(fields) is not list or type(lines) is not list
+                               or len(fields) != len(lines) or not all(type(f) is dict for f in fields)):
+        raise WireError("bad_field", "fields")
     batch = Batch(
         topic=topic_raw.decode(),
         agent=_str_field(doc, "agent"),
@@ -167,6 +184,7 @@ def decode_batch(frames: list[bytes] | list[memoryview], max_bytes: int = DEFAUL
         start=_int_field(doc, "start"),
         end=_int_field(doc, "end"),
         lines=lines,
+        fields=fields,
     )
     if batch.end < batch.start or batch.start < batch.base:
         raise WireError("bad_offsets", f"{batch.base}/{batch.start}/{batch.end}")

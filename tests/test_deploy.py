@@ -185,7 +185,7 @@ def test_unit_keeps_the_contract(unit: str) -> None:
         assert one("RuntimeDirectory") == "fleetlog"
         assert "/var/log/fleetlog" in one("ReadWritePaths").split()
     else:
-        assert one("SupplementaryGroups") == "adm"
+        assert one("SupplementaryGroups").split() == ["adm", "systemd-journal"]
     assert d["Install.WantedBy"] == ["multi-user.target"]
 
 
@@ -369,6 +369,8 @@ def test_rendered_configs_hold_the_inventory(dry_run: DryRun) -> None:
     assert agent["sources"][2]["paths"] == [f"{dry_run.logs}/*.log"]
     assert agent["sources"][3]["exclude"] == ["*.gz"]
     assert "exclude" not in agent["sources"][0]
+    # Stock Debian 12 logs to the journal only: shipped by default.
+    assert agent["journal"] == [{"topic": "journal", "start_at": "end"}]
 
 
 def test_installed_units_are_the_repo_units(dry_run: DryRun, tmp_path: Path) -> None:

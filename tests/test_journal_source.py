@@ -1,0 +1,437 @@
+"""[[journal]] sources: real journal files, written by Debian's systemd-journal-remote from export
+format the tests generate, read by the agent through journalctl as the system journal is."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from harness import Endpoints, Harness, Proc, check_exactly_once, free_port, output_lines, wait_for
+from test_ops import scrape
+
+from agent.journal import missing_between, same_entry, text_of
+from agent.journal_source import _entries_before
+
+JOURNAL_REMOTE = next((p for p in (shutil.which("systemd-journal-remote"),
+                                   "/lib/systemd/systemd-journal-remote",
+                                   "/usr/lib/systemd/systemd-journal-remote")
+                       if p and os.access(p, os.X_OK)), None)
+needs_journal = pytest.mark.skipif(
+    JOURNAL_REMOTE is None or shutil.which("journalctl") is None,
+    reason="needs journalctl and systemd-journal-remote (Debian: systemd-journal-remote; make system-deps)")
+
+
+class Journal:
+    """Journal files in a directory, written the way journald's entries reach a collector:
+    export format piped through systemd-journal-remote (which appends to an existing file)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(exist_ok=True)
+        self.boot = uuid.uuid4().hex
+        self.realtime_us = int(time.time() * 1e6) - 3_600_000_000  # an hour ago, rising per entry
+        self.count = 0
+
+    def new_boot(self) -> None:
+        self.boot = uuid.uuid4().hex
+
+    def write(self, messages: list[bytes | str], file: str = "system", unit: str = "app.service",
+              identifier: str = "app", priority: int = 5, transport: str = "journal") -> None:
+        out = bytearray()
+        for msg in messages:
+            self.count += 1
+            self.realtime_us += 10
+            out += (f"__REALTIME_TIMESTAMP={self.realtime_us}\n__MONOTONIC_TIMESTAMP={self.count * 10}\n"
+                    f"_BOOT_ID={self.boot}\n_HOSTNAME=host-{self.boot[:4]}\n_SYSTEMD_UNIT={unit}\n"
+                    f"SYSLOG_IDENTIFIER={identifier}\nPRIORITY={priority}\n_PID=4242\n"
+                    f"_TRANSPORT={transport}\n").encode()
+            body = msg.encode() if isinstance(msg, str) else msg
+            if b"\n" in body or not body.isascii() or b"\0" in body:
+                out += b"MESSAGE\n" + struct.pack("<Q", len(body)) + body + b"\n\n"
+            else:
+                out += b"MESSAGE=" + body + b"\n\n"
+        assert JOURNAL_REMOTE is not None
+        subprocess.run([JOURNAL_REMOTE, f"--output={self.dir / file}.journal", "-"], input=bytes(out),
+                       check=True, capture_output=True, timeout=120)
+
+    def write_tagged(self, tag: str, start: int, count: int, **kw: Any) -> None:
+        self.write([f"{tag}#{n:08d} {'y' * 40}" for n in range(start, start + count)], **kw)
+
+
+def journal_agent(h: Harness, ep: Endpoints, directory: Path, *extra: str, mode: str = "push",
+                  **source: Any) -> Proc:
+    fields = {"topic": "jr", "directory": str(directory), **source}
+    table = ", ".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in fields.items())
+    return h.agent(ep, [], f"journal=[{{{table}}}]", *extra, mode=mode)
+
+
+def journal_status(h: Harness) -> dict[str, Any]:
+    s = wait_for(h.agent_status, what="the agent's status")
+    return s["journal"][0]  # type: ignore[no-any-return]
+
+
+def acked_everything(h: Harness, entries: int) -> bool:
+    s = h.agent_status()
+    return s is not None and s["journal"][0]["entries_acked"] >= entries and s["inflight_bytes"] == 0
+
+
+# ---- the pure parts ---------------------------------------------------------------------------
+
+
+def test_text_of_journal_values() -> None:
+    assert text_of("plain") == "plain"
+    assert text_of([104, 105, 0, 255]) == "hi\x00\ufffd"       # bytes: not UTF-8 becomes U+FFFD
+    assert text_of(["first", "second"]) == "first"              # a field given twice
+    assert text_of([[104, 105], "x"]) == "hi"
+    assert text_of(None) == ""
+
+
+def test_cursor_arithmetic() -> None:
+    a = "s=aa;i=10;b=bb;m=1;t=5;x=c1"
+    b = "s=aa;i=1a;b=bb;m=2;t=6;x=c2"
+    assert missing_between(a, b) == 9                           # seqnums 0x11 .. 0x19
+    assert missing_between(a, "s=zz;i=1;b=bb;m=2;t=6;x=c2") is None
+    assert same_entry(a, "s=other;i=99;b=bb;m=1;t=5;x=c1")      # one entry, another file's seqnum
+    assert not same_entry(a, b)
+
+
+def test_a_resync_inside_a_batch_ships_from_the_next_whole_entry() -> None:
+    lines = ["ab", "caf\u00e9", "", "xyz"]                 # 3, 6, 1 and 4 bytes with newlines
+    assert _entries_before(lines, 100, 100) == (0, 100)
+    assert _entries_before(lines, 100, 109) == (2, 109)
+    assert _entries_before(lines, 100, 110) == (3, 110)
+    assert _entries_before(lines, 100, 104) == (2, 109)     # inside an entry: it was delivered
+
+
+def test_check_config_names_journal_keys(short_tmp: Path) -> None:
+    conf = short_tmp / "agent.toml"
+    conf.write_text(f"""
+[agent]
+state_dir = "{short_tmp}/st"
+
+[[journal]]
+topic = "journal"
+units = ["nginx"]
+priority = "warning"
+matches = ["_TRANSPORT=kernel"]
+
+[[journal]]
+topic = "bad topic"
+directory = "relative/dir"
+priority = 9
+matches = ["lowercase=x"]
+start_at = "middle"
+colour = "blue"
+""")
+    r = subprocess.run([sys.executable, "-m", "agent", "--check-config", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stdout
+    for key in ("journal[1].topic", "journal[1].directory", "journal[1].priority", "journal[1].matches",
+                "journal[1].start_at", "journal[1].colour"):
+        assert key in r.stderr, (key, r.stderr)
+    assert "journal[0]" not in r.stderr
+    conf.write_text(f'[agent]\nstate_dir = "{short_tmp}/st"\n'
+                    '[[journal]]\ntopic = "journal"\nunits = ["nginx"]\n')
+    r = subprocess.run([sys.executable, "-m", "agent", "--check-config", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "1 journal sources" in r.stdout
+
+
+# ---- real journals, real daemons ---------------------------------------------------------------
+
+
+@needs_journal
+@pytest.mark.parametrize("mode", ["push", "pub"])
+def test_journal_entries_arrive_once_with_their_fields(h: Harness, mode: str) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 500)
+    j.write([b"binary \x00\xff\xfe end", "first line\nsecond line\n\tindented third", "caf\u00e9 \u2603",
+             "L" * 3_000_000])   # longer than max_line_bytes (1 MiB): cut there
+    j.write_tagged("J", 500, 500)
+    j.write_tagged("K", 0, 10, unit="other.service")
+    h.aggregator(ep, 'aggregator.format="json"')
+    journal_agent(h, ep, h.path("journal"), mode=mode, units=["app"])
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 1004, what="1004 entries")
+    docs = [orjson.loads(line) for line in output_lines(h.root / "out", "jr")]
+    check_exactly_once([d["line"] for d in docs], {"J": 1000})    # units = ["app"]: no K
+    odd = {d["line"] for d in docs if not d["line"].startswith("J#")}
+    assert odd == {"binary \x00\ufffd\ufffd end", "first line\nsecond line\n\tindented third",
+                   "caf\u00e9 \u2603", "L" * 1024 * 1024}
+    d = docs[0]
+    assert (d["unit"], d["identifier"], d["priority"], d["pid"]) == ("app.service", "app", 5, 4242)
+    assert d["hostname"] == f"host-{j.boot[:4]}" and isinstance(d["realtime_us"], int)
+    assert d["path"] == f"journal:{h.path('journal')}"
+    wait_for(lambda: acked_everything(h, 1004), what="everything acknowledged")
+    js = journal_status(h)
+    assert (js["lag_entries"], js["entries_missing"], js["reader_running"]) == (0, 0, True)
+    assert js["entries_cut"] == 1
+    agents = wait_for(lambda: [a for a in h.status(ep)["agents"] if a.get("journal_lag_entries") == 0],
+                      what="the journal lag in aggregatorctl status")
+    assert agents[0]["journal_lag_s"] == 0
+    assert "journal sources" in h.ctl(ep, "status").stdout
+    h.assert_quiet(ep)
+
+
+@needs_journal
+def test_journal_follows_new_entries_and_resumes_after_restart(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 100)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 100, what="100 entries")
+    j.write_tagged("J", 100, 100)   # written while followed
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 200, what="200 entries")
+    wait_for(lambda: acked_everything(h, 200), what="everything acknowledged")
+    assert agent.stop() == 0
+    j.write_tagged("J", 200, 100)   # written while the agent is down
+    journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 300, what="300 entries")
+    j.write_tagged("J", 300, 100)
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 400, what="400 entries")
+    wait_for(lambda: acked_everything(h, 400), what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 400})
+
+
+@needs_journal
+def test_journal_start_at_end_ships_only_new_entries(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("OLD", 0, 50)
+    h.aggregator(ep)
+    journal_agent(h, ep, h.path("journal"), start_at="end")
+    wait_for(lambda: h.agent_status() and journal_status(h)["cursor"], what="the agent at the journal's end")
+    j.write_tagged("J", 0, 20)
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 20, what="20 new entries")
+    wait_for(lambda: acked_everything(h, 20), what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 20})
+
+
+@needs_journal
+def test_journal_agent_killed_mid_stream_loses_and_doubles_nothing(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 100_000)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"), "agent.batch_max_lines=200")
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 10_000, timeout=60, what="10,000 entries")
+    agent.kill9()
+    j.write_tagged("J", 100_000, 1000)
+    journal_agent(h, ep, h.path("journal"), "agent.batch_max_lines=200")
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 101_000, timeout=120, what="101,000 entries")
+    wait_for(lambda: acked_everything(h, 101_000), timeout=30, what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 101_000})
+
+
+@needs_journal
+def test_journal_aggregator_killed_mid_stream_loses_and_doubles_nothing(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 30_000)
+    agg = h.aggregator(ep)
+    journal_agent(h, ep, h.path("journal"), "agent.batch_max_lines=100")
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 3000, timeout=60, what="3,000 entries")
+    agg.kill9()                         # committed or not: see test_aggregator_first_commit.py
+    j.write_tagged("J", 30_000, 1000)   # while the aggregator is down
+    h.aggregator(ep)
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 31_000, timeout=120, what="31,000 entries")
+    wait_for(lambda: acked_everything(h, 31_000), timeout=30, what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 31_000})
+
+
+@needs_journal
+def test_journal_vacuumed_while_agent_down_resumes_after_it_and_warns(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("A", 0, 1000, file="old")
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 1000), what="the old file shipped")
+    assert agent.stop() == 0
+    j.write_tagged("A", 1000, 500, file="old")     # never read: vacuumed with its file
+    j.write_tagged("B", 0, 500, file="new")
+    (h.path("journal") / "old.journal").unlink()  # vacuum: the file holding the saved cursor is gone
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 1500, what="1500 entries")
+    wait_for(lambda: "no longer in the journal" in agent.log(), what="the warning")
+    warning = next(line for line in agent.log().splitlines() if "no longer in the journal" in line)
+    assert " WARNING " in warning and "may be missing" in warning
+    wait_for(lambda: acked_everything(h, 1500), what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"A": 1000, "B": 500})
+
+
+@needs_journal
+def test_journal_new_boot_starts_a_new_stream_and_the_old_boot_is_finished(h: Harness) -> None:
+    """A reboot: the old boot's last entries (written after the agent stopped) ship before the
+    new boot's, which start a new stream; a boot appended while the agent follows too."""
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 300)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 300), what="the first boot's entries")
+    first = journal_status(h)["stream"]
+    agent.kill9()                                   # the machine goes down
+    j.write_tagged("J", 300, 100)                   # ... logging after the agent stopped
+    j.new_boot()
+    j.write_tagged("J", 400, 200)                   # and comes up again
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 600), what="both boots' entries")
+    second = journal_status(h)["stream"]
+    assert second != first
+    assert "a new boot or journal writer" in agent.log()
+    j.new_boot()                                    # a boot appended while followed (collected journals)
+    j.write_tagged("J", 600, 100)
+    wait_for(lambda: acked_everything(h, 700), what="the third boot's entries")
+    third = journal_status(h)["stream"]
+    assert third not in (first, second)
+    assert agent.stop() == 0
+    j.write_tagged("J", 700, 100)
+    journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 800), what="the third boot's later entries")
+    assert journal_status(h)["stream"] == third
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 800})
+
+
+@needs_journal
+def test_journal_metrics_show_the_lag_until_acknowledged(h: Harness) -> None:
+    ep = h.endpoints()
+    port = free_port()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 200)
+    journal_agent(h, ep, h.path("journal"), f"agent.metrics_listen=127.0.0.1:{port}")
+    # No aggregator yet: the entries are read, shipped to nobody, not acknowledged.
+    lag = 'fleetlog_agent_journal_lag_entries{topic="jr"}'
+    wait_for(lambda: (x := _scrape_or_none(port)) is not None and x.get(lag) == 200,
+             what="a lag of 200 entries")
+    h.aggregator(ep)
+    m = wait_for(lambda: (x := scrape(port))[lag] == 0 and x, what="no lag once acknowledged")
+    assert m['fleetlog_agent_journal_entries_acked_total{topic="jr"}'] == 200
+    assert m['fleetlog_agent_journal_entries_missing_total{topic="jr"}'] == 0
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 200})
+
+
+def _scrape_or_none(port: int) -> dict[str, float] | None:
+    try:
+        return scrape(port)
+    except OSError:
+        return None
+
+
+@needs_journal
+def test_journal_directory_empty_at_start_is_read_once_files_appear(h: Harness) -> None:
+    ep = h.endpoints()
+    h.path("journal").mkdir()
+    h.aggregator(ep)
+    journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: (s := h.agent_status()) is not None and s["journal"][0]["reader_running"],
+             what="journalctl following the empty directory")
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 100)
+    wait_for(lambda: acked_everything(h, 100), what="the entries, once there")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 100})
+
+
+def journalctl_of(agent: Proc) -> int | None:
+    """The pid of the agent's journalctl child, if it runs."""
+    for tid in os.listdir(f"/proc/{agent.pid}/task"):
+        try:
+            kids = Path(f"/proc/{agent.pid}/task/{tid}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for kid in kids:
+            try:
+                if Path(f"/proc/{kid}/comm").read_text().strip() == "journalctl":
+                    return int(kid)
+            except FileNotFoundError:
+                continue
+    return None
+
+
+@needs_journal
+def test_journal_reader_killed_is_started_again_from_the_last_entry_read(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 500)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 500), what="the first entries")
+    first = wait_for(lambda: journalctl_of(agent), what="journalctl running")
+    os.kill(first, signal.SIGKILL)
+    j.write_tagged("J", 500, 500)
+    wait_for(lambda: acked_everything(h, 1000), what="the entries after journalctl was killed")
+    assert journalctl_of(agent) not in (None, first)
+    assert agent.log().count("journalctl exited") == 1
+    assert journal_status(h)["reader_restarts"] == 1
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 1000})
+
+
+@needs_journal
+def test_journal_matches_select_entries(h: Harness) -> None:
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("A", 0, 50, unit="a.service")
+    j.write_tagged("N", 0, 50, unit="a.service", priority=7)          # debug: above "info"
+    j.write_tagged("B", 0, 50, unit="b.service", identifier="bee")
+    j.write_tagged("C", 0, 50, unit="c.service")
+    j.write_tagged("T", 0, 50, unit="c.service", transport="kernel")
+    h.aggregator(ep)
+    journal_agent(h, ep, h.path("journal"), units=["a", "b.service"], priority="info")
+    d = h.path("journal")
+    h.agent(ep, [], f'journal=[{{topic="jt", directory="{d}", matches=["_TRANSPORT=kernel"]}}, '
+                    f'{{topic="ji", directory="{d}", identifiers=["bee"]}}]', name="node2")
+    wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 100, what="a and b entries")
+    wait_for(lambda: len(output_lines(h.root / "out", "jt")) >= 50, what="kernel entries")
+    wait_for(lambda: len(output_lines(h.root / "out", "ji")) >= 50, what="bee entries")
+    wait_for(lambda: acked_everything(h, 100), what="everything acknowledged")
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"A": 50, "B": 50})
+    check_exactly_once(output_lines(h.root / "out", "jt"), {"T": 50})
+    check_exactly_once(output_lines(h.root / "out", "ji"), {"B": 50})
+
+
+@needs_journal
+def test_journal_reader_missing_for_a_while_is_started_again_and_says_so_once(h: Harness) -> None:
+    """journalctl gone (a package upgrade midway): ERROR once, retried with backoff, nothing
+    lost when it is back."""
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 100)
+    wrapper = h.path("journalctl")
+    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('journalctl')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"), journalctl=str(wrapper))
+    wait_for(lambda: acked_everything(h, 100), what="the first entries")
+    wrapper.rename(h.path("journalctl.away"))
+    os.kill(wait_for(lambda: journalctl_of(agent), what="journalctl running"), signal.SIGKILL)
+    wait_for(lambda: "cannot start" in agent.log(), what="the error")
+    j.write_tagged("J", 100, 100)
+    h.path("journalctl.away").rename(wrapper)
+    wait_for(lambda: acked_everything(h, 200), timeout=30, what="the entries once journalctl is back")
+    errors = [line for line in agent.log().splitlines() if "cannot start" in line]
+    assert len(errors) == 1 and " ERROR " in errors[0], errors
+    assert "runs again" in agent.log()
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 200})
