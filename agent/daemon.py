@@ -18,7 +18,7 @@ from agent.config import AgentConfig, Config, load_config
 from agent.follow import Following
 from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
-from agent.tail import Chunk, Tailer
+from agent.tail import Chunk, Rewritten, Tailer, name_base64, shown
 from agent.transport import Transport
 from agent.watch import Watcher
 from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
@@ -78,7 +78,8 @@ class Agent(Following):
         self.lines_shipped = 0
         self.batches_shipped = 0
         self.resends = 0
-        self._warned: set[str] = set()
+        self.unreadable: dict[tuple[int, int], tuple[str, str]] = {}
+        self.failing: dict[tuple[int, int], str] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics: metrics.MetricsServer | None = None
 
@@ -239,23 +240,30 @@ class Agent(Following):
                 continue
             if t.predecessor is not None and self.predecessor_first(t):
                 continue
-            try:
-                chunk = t.read(cfg.batch_max_bytes, cfg.batch_max_lines, now,
-                               final=t.rotated_at is not None and t.successor_waiting)
-            except OSError as exc:
-                log.warning("reading %s failed: %s", t.path, exc)
-                continue
-            if t.partial_since is not None or t.multiline_since is not None:
-                self.timed.add(t)  # holds a partial line or record: look again when it times out
-            if chunk is None:
-                continue
-            await self.ship(t, chunk, now, delay)
+            frames: list[bytes] | None = None
+            with self.guard((t.dev, t.ino), t.path):
+                try:
+                    chunk = t.read(cfg.batch_max_bytes, cfg.batch_max_lines, now,
+                                   final=t.rotated_at is not None and t.successor_waiting)
+                except Rewritten:
+                    self.truncated(t, "was written again before the agent read on (the bytes before "
+                                      "its offset are not the ones shipped)")
+                    continue
+                except OSError as exc:
+                    log.warning("reading %s failed: %s", shown(t.path), exc)
+                    continue
+                if t.partial_since is not None or t.multiline_since is not None:
+                    self.timed.add(t)  # holds a partial line or record: look again when it times out
+                if chunk is None:
+                    continue
+                frames = batch.frames_for(cfg.name, t, chunk, self.wire_v2)
+            if frames is not None and chunk is not None:
+                await self.ship(t, chunk, frames, now, delay)
 
-    async def ship(self, t: Tailer, chunk: Chunk, now: float, delay: float) -> None:
+    async def ship(self, t: Tailer, chunk: Chunk, frames: list[bytes], now: float, delay: float) -> None:
         cfg = self.cfg
         if self.unsaved_streams:
             self.save_checkpoints()
-        frames = batch.frames_for(cfg.name, t, chunk, self.wire_v2)
         t.seq += 1
         self.inflight += max(0, chunk.end - max(t.ship_pos, t.acked))
         t.ship_pos = chunk.end
@@ -353,6 +361,7 @@ class Agent(Following):
         if t is None or type(end) is not int or end <= t.acked:
             return
         t.acked = end
+        t.acked_to(end)
         if t.ship_pos < end:
             t.ship_pos = end
         if t.ship_pos == t.acked:
@@ -429,8 +438,9 @@ class Agent(Following):
 
     def checkpoints(self) -> list[Checkpoint]:
         now = time.time()
-        out = [Checkpoint(t.stream, t.source.topic, t.path, t.dev, t.ino, t.fp, t.fp_len, t.base,
-                          t.acked, t.seq, now) for t in self.tailers.values()]
+        out = [self.checkpoint_of(t) for t in self.tailers.values()]
+        for cp in out:
+            cp.updated = now
         return out + list(self.shadows.values())
 
     def save_checkpoints(self) -> None:
@@ -438,7 +448,7 @@ class Agent(Following):
             self.store.save(self.checkpoints())
             self.checkpoints_dirty = False
             self.unsaved_streams = False
-        except OSError as exc:
+        except (OSError, TypeError, ValueError) as exc:  # ValueError: orjson's encoding errors
             log.error("cannot save checkpoints to %s: %s", self.store.path, exc)
 
     async def checkpoint_loop(self) -> None:
@@ -457,11 +467,22 @@ class Agent(Following):
             if t.fd is not None:
                 with contextlib.suppress(OSError):
                     t.size = os.fstat(t.fd).st_size
-            files.append({"path": t.path, "topic": t.source.topic, "stream": t.stream,
-                          "identity": t.identity, "offset": t.acked, "shipped": t.ship_pos,
-                          "size": t.size, "lag_bytes": t.lag_bytes, "open": t.fd is not None,
-                          "rotated": t.rotated_at is not None, "cut_lines": t.cut_lines,
-                          "discarded_bytes": t.discarded_bytes})
+            entry = {"path": shown(t.path), "topic": t.source.topic, "stream": t.stream,
+                     "identity": t.identity, "offset": t.acked, "shipped": t.ship_pos,
+                     "size": t.size, "lag_bytes": t.lag_bytes, "open": t.fd is not None,
+                     "rotated": t.rotated_at is not None, "cut_lines": t.cut_lines,
+                     "discarded_bytes": t.discarded_bytes, "nul_bytes_skipped": t.nul_bytes_skipped}
+            raw = name_base64(t.path)
+            if raw is not None:
+                entry["path_base64"] = raw
+            files.append(entry)
+        unreadable = []
+        for (dev, ino), (path, reason) in sorted(self.unreadable.items(), key=lambda i: i[1]):
+            item = {"path": shown(path), "identity": f"{dev}:{ino}", "reason": reason}
+            raw = name_base64(path)
+            if raw is not None:
+                item["path_base64"] = raw
+            unreadable.append(item)
         transport = self.transport
         return {
             "agent": self.cfg.name, "mode": self.cfg.mode, "data": self.cfg.data,
@@ -472,6 +493,9 @@ class Agent(Following):
             "resends": self.resends,
             "open_files": sum(1 for t in self.tailers.values() if t.fd is not None),
             "copies_ignored": len(self.shadows),
+            "nul_bytes_skipped": Tailer.nul_bytes_total,
+            "unreadable": unreadable,
+            "failing": [{"identity": f"{d}:{i}", "error": e} for (d, i), e in self.failing.items()],
             "control": {"messages_sent": transport.control_sent if transport else 0,
                         "messages_received": transport.control_received if transport else 0},
         }

@@ -96,13 +96,18 @@ def valid_topic(topic: str) -> bool:
 
 
 def batch_frames(topic: bytes, agent: str, stream: str, base: int, path: str, file: str, seq: int,
-                 start: int, end: int, lines: list[str] | str) -> list[bytes]:
+                 start: int, end: int, lines: list[str] | str, path_base64: str | None = None) -> list[bytes]:
     """Frames of one data message, from its fields (the agent's hot path: no Batch object).
-    ``lines`` as one string (every line ending in a newline) makes a version 2 body."""
+    ``lines`` as one string (every line ending in a newline) makes a version 2 body.
+    ``path_base64``: the exact bytes of a file name that is not UTF-8 (``path`` then shows
+    each byte that is not UTF-8 as ``\\xNN``); readers that do not know it ignore it."""
     text = type(lines) is str
-    return [topic, orjson.dumps({"v": 2 if text else 1, "agent": agent, "stream": stream, "base": base,
-                                 "path": path, "file": file, "seq": seq, "start": start, "end": end,
-                                 "text" if text else "lines": lines})]
+    doc = {"v": 2 if text else 1, "agent": agent, "stream": stream, "base": base,
+           "path": path, "file": file, "seq": seq, "start": start, "end": end,
+           "text" if text else "lines": lines}
+    if path_base64 is not None:
+        doc["path_base64"] = path_base64
+    return [topic, orjson.dumps(doc)]
 
 
 def encode_batch(batch: Batch) -> list[bytes]:

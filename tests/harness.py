@@ -145,7 +145,10 @@ class Harness:
         return self._proc("aggregator", args, env).start()
 
     def agent(self, ep: Endpoints, sources: list[dict[str, Any]], *extra: str, name: str = "node1",
-              mode: str = "push", state: str | None = None, env: dict[str, str] | None = None) -> Proc:
+              mode: str = "push", state: str | None = None, env: dict[str, str] | None = None,
+              wrap: list[str] | None = None) -> Proc:
+        """An agent; ``wrap`` is a command the agent runs under (e.g. ``setpriv`` to drop
+        capabilities), given the agent's own argv."""
         state_dir = self.root / (state or f"st-{name}")
         sources_toml = "[" + ", ".join(_inline_table(s) for s in sources) + "]"
         args = [PY, "-m", "agent",
@@ -159,7 +162,7 @@ class Harness:
                 "--set", f"sources={sources_toml}"]
         for item in extra:
             args += ["--set", item]
-        proc = self._proc(f"agent-{name}", args, env)
+        proc = self._proc(f"agent-{name}", [*(wrap or []), *args], env)
         proc.state_dir = state_dir
         return proc.start()
 
