@@ -239,6 +239,7 @@ class Agent(Following):
             if t.fd is None and not t.open():
                 continue
             if t.predecessor is not None and self.predecessor_first(t):
+                await asyncio.sleep(0)  # waiting on another file must not starve the other tasks
                 continue
             frames: list[bytes] | None = None
             with self.guard((t.dev, t.ino), t.path):
@@ -305,6 +306,7 @@ class Agent(Following):
             self.enqueue(t)
             return True
         p.successor_waiting = True
+        t.next_read = max(t.next_read, p.next_read)  # not looked at again before p can be read
         self.enqueue(p)
         self.enqueue(t)
         return True

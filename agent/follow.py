@@ -354,8 +354,14 @@ class Following:
         self.unsaved_streams = True
         self.tailers = {s: x for s, x in self.tailers.items() if x is not t}
         self.tailers[t.stream] = t
-        t.predecessor = self.lost_content(old, f"{shown(t.path)} {what} at {old.size} (acked {old.acked}); "
-                                               "reading it again from 0")
+        # The old content (from a copy) goes before the new; anything the old content itself
+        # waited for (an earlier copy, not yet acknowledged) goes before both.
+        prev = t.predecessor
+        copy = self.lost_content(old, f"{shown(t.path)} {what} at {old.size} (acked {old.acked}); "
+                                      "reading it again from 0")
+        if copy is not None:
+            copy.predecessor = prev
+        t.predecessor = copy or prev
         self.checkpoints_dirty = True
         self.enqueue(t)
 

@@ -14,6 +14,7 @@ Metrics (all prefixed ``fleetlog_agent_``):
     window_bytes                      max_inflight_bytes, or the aggregator's smaller share
     lag_bytes{topic}                  in the files, not yet acknowledged
     files{topic}, open_files, copies_ignored
+    nul_bytes_skipped_total           runs of NULs where a line starts (copytruncate holes), skipped
     connected                         1 once the aggregator answered the hello
     info{agent, mode, version}
 """
@@ -24,6 +25,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from agent.tail import Tailer
 from fleetlog import __version__
 from fleetlog.metrics import MetricsServer
 
@@ -85,6 +87,8 @@ class AgentCollector:
                   sum(1 for t in tailers if t.fd is not None))
         yield one(GaugeMetricFamily(PREFIX + "copies_ignored", "Copies of followed files not shipped"),
                   len(a.shadows))
+        yield one(CounterMetricFamily(PREFIX + "nul_bytes_skipped", "NUL runs where a line starts, skipped"),
+                  Tailer.nul_bytes_total)
         yield one(GaugeMetricFamily(PREFIX + "connected", "1 once the aggregator answered the hello"),
                   1 if transport is not None and transport.instance else 0)
 
