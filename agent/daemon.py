@@ -248,7 +248,7 @@ class Agent(Following):
                                    final=t.rotated_at is not None and t.successor_waiting)
                 except Rewritten:
                     self.truncated(t, "was written again before the agent read on (the bytes before "
-                                      "its offset are not the ones shipped)")
+                                      "its offset are not the ones shipped)", doubt=True)
                     continue
                 except OSError as exc:
                     log.warning("reading %s failed: %s", shown(t.path), exc)

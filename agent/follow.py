@@ -200,7 +200,7 @@ class Following:
             if not cp.shadow:
                 self.lost_content(cp, f"{shown(path)} is not the file of the last run (same inode, other "
                                       "bytes: rewritten or a new file while the agent was down); "
-                                      "reading it from the start")
+                                      "reading it from the start", doubt=True)
         twin = self._copy_of(fd, fp, fp_len, ident, st.st_size) if copy_check else None
         if twin is not None:
             end, length, digest = twin.mark_fields()
@@ -319,9 +319,21 @@ class Following:
         if size < t.ship_pos:
             self.truncated(t, "was truncated")
         elif not self.same_head(t, size):
-            self.truncated(t, "was truncated and written again (its first bytes changed)")
+            # The same head with other bytes before the offset (a start-up banner written again)
+            # is the doubtful case; another head is plainly another content.
+            same_start = t.fd is not None and self._head_still(t)
+            self.truncated(t, "was truncated and written again (the bytes before its offset changed)"
+                           if same_start else "was truncated and written again (its first bytes changed)",
+                           doubt=same_start)
         elif size > t.ship_pos or t.partial_since is not None or t.multiline_since is not None:
             self.enqueue(t)
+
+    @staticmethod
+    def _head_still(t: Tailer) -> bool:
+        try:
+            return t.head_unchanged()
+        except OSError:
+            return False
 
     def same_head(self, t: Tailer, size: int) -> bool:
         """Whether the file still starts with the bytes it started with, and still has the bytes
@@ -340,7 +352,7 @@ class Following:
             pass
         return True
 
-    def truncated(self, t: Tailer, what: str) -> None:
+    def truncated(self, t: Tailer, what: str, doubt: bool = False) -> None:
         """copytruncate, `> file`, or written again from the start: the content restarts at 0 as
         a new stream. Bytes not acknowledged are looked for in a copy next to it
         (copytruncate's app.log.1); what cannot be found is said at WARNING."""
@@ -358,25 +370,28 @@ class Following:
         # waited for (an earlier copy, not yet acknowledged) goes before both.
         prev = t.predecessor
         copy = self.lost_content(old, f"{shown(t.path)} {what} at {old.size} (acked {old.acked}); "
-                                      "reading it again from 0")
+                                      "reading it again from 0", doubt)
         if copy is not None:
             copy.predecessor = prev
         t.predecessor = copy or prev
         self.checkpoints_dirty = True
         self.enqueue(t)
 
-    def lost_content(self, old: Checkpoint, what: str) -> Tailer | None:
+    def lost_content(self, old: Checkpoint, what: str, doubt: bool = False) -> Tailer | None:
         """A stream's file no longer holds its content (truncated, rewritten, replaced): finish
         it from a copy if there is one; else say at WARNING how many bytes seen could not be
-        shipped (INFO when everything seen was acknowledged)."""
+        shipped. ``doubt``: the file is shipped again from 0 on the strength of changed bytes
+        (it may repeat lines), which is said at WARNING too; a plain truncation or a file read
+        to its end and deleted is INFO."""
         copy = self.promote_copy(old)
         if copy is not None:
-            log.info("%s; its bytes after %d are read from its copy %s", what, old.acked, shown(copy.path))
+            log.log(logging.WARNING if doubt else logging.INFO, "%s; its bytes after %d are read from its "
+                    "copy %s", what, old.acked, shown(copy.path))
         elif old.size > old.acked:
             log.warning("%s; %d bytes of the old content (%d to %d of %d bytes, stream %s) could not be "
                         "shipped", what, old.size - old.acked, old.acked, old.size, old.size, old.stream)
         else:
-            log.info("%s", what)
+            log.log(logging.WARNING if doubt else logging.INFO, "%s", what)
         return copy
 
     def promote_copy(self, old: Checkpoint) -> Tailer | None:
@@ -481,7 +496,8 @@ class Following:
         if t.open():
             if t.fd is not None and not t.saved_mark_holds(t.fd):
                 t.close()
-                self.lost_content(cp, f"{shown(cp.path)} (stream {cp.stream}) changed since the last run")
+                self.lost_content(cp, f"{shown(cp.path)} (stream {cp.stream}) changed since the last run",
+                                  doubt=True)
                 return
             t.rotated_at = time.monotonic()
             log.info("finishing %s, rotated while the agent was down, from %d", shown(path), cp.acked)

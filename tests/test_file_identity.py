@@ -476,3 +476,34 @@ def test_a_file_that_breaks_handling_does_not_stop_the_others(h: Harness) -> Non
     assert agent.alive()
     check_exactly_once([x for x in lines if x.startswith("o#")], {"o": 20})
     assert output_lines(h.path("out"), "app")
+
+
+# ---- pure parts: names that are not UTF-8 round-trip ---------------------------------------------
+
+
+def test_non_utf8_name_round_trips_in_checkpoints_and_on_the_wire(tmp_path: Path) -> None:
+    from agent import batch
+    from agent.config import SourceConfig
+    from agent.offsets import Checkpoint, CheckpointStore
+    from agent.tail import Chunk, Tailer, name_from_base64, shown
+    from fleetlog import wire
+
+    name = os.fsdecode(b"/var/log/caf\xe9-\xff.log")  # Latin-1 and a byte no encoding has
+    store = CheckpointStore(str(tmp_path))
+    store.save([Checkpoint("s1", "app", name, 1, 2, "fp", 1024, 0, 10, 1, real_path=name)])
+    raw = (tmp_path / "checkpoints.json").read_bytes()
+    assert b"caf\\\\xe9-\\\\xff.log" in raw  # readable, and valid JSON
+    [cp] = store.load().values()
+    assert cp.path == name and cp.real_path == name
+
+    t = Tailer(source=SourceConfig(paths=("/var/log/*",), topic="app"), path=name, stream="s1", dev=1,
+               ino=2, fp="fp", fp_len=1024, base=0, acked=0)
+    frames = batch.frames_for("node1", t, Chunk(0, 6, "hello\n", 1), v2=True)
+    body = orjson.loads(frames[1])
+    assert body["path"] == shown(name) == "/var/log/caf\\xe9-\\xff.log"
+    assert os.fsencode(name_from_base64(body["path_base64"])) == b"/var/log/caf\xe9-\xff.log"
+    assert wire.decode_batch(frames).path == body["path"]  # an aggregator reads it as before
+    plain = batch.frames_for("node1", Tailer(source=t.source, path="/var/log/café.log", stream="s2", dev=1,
+                                             ino=3, fp="fp", fp_len=1024, base=0, acked=0),
+                             Chunk(0, 6, "hello\n", 1), v2=True)
+    assert "path_base64" not in orjson.loads(plain[1])  # a UTF-8 name is just itself
