@@ -114,6 +114,8 @@ class Following:
         the next periodic scan; the other files go on."""
         try:
             yield
+            if self.failing:
+                self.failing.pop(ident, None)  # handled again without an error
         except Exception as exc:  # on purpose: any bug must stay with this one file
             said = f"{type(exc).__name__}: {exc}"
             if self.failing.get(ident) != said:
@@ -336,14 +338,15 @@ class Following:
             return False
 
     def same_head(self, t: Tailer, size: int) -> bool:
-        """Whether the file still starts with the bytes it started with, and still has the bytes
-        it shipped just before its offset: a file truncated and written again past our offset
-        before we looked has another head, or (the same banner) other bytes there. Short heads
-        are extended once the file is long enough, so copies of it can be recognised."""
+        """Whether the file still starts with the bytes it started with: a file truncated and
+        written again past our offset before we looked has another head. (One written again with
+        the same head has other bytes before the offset: each read checks those, ``Rewritten``.)
+        Short heads are extended once the file is long enough, so copies of it can be
+        recognised."""
         if t.fd is None or t.rotated_at is not None:
             return True
         try:
-            if not t.head_unchanged() or not t.mark_holds(t.last_mark()):
+            if not t.head_unchanged():
                 return False
             if t.fp_len < FP_LEN and size > t.fp_len:
                 t.fp, t.fp_len = fingerprint(t.fd)

@@ -40,6 +40,9 @@ MARK_LEN = 1024
 # Marks of batches in flight (ends not yet acknowledged); older ones are dropped, which only
 # leaves an older acknowledged mark to compare against.
 MAX_MARKS = 512
+# Up to this many new bytes, the mark check and the read are one pread (the copy is cheaper than
+# a second system call).
+SMALL_READ = 16384
 
 
 class Rewritten(Exception):
@@ -151,6 +154,7 @@ class Tailer:
     acked_mark: tuple[int, bytes] | None = field(default=None, repr=False)
     # From a checkpoint, until verified against the file: (end, length, hash).
     saved_mark: tuple[int, int, str] | None = None
+    _acked_mark_fp: tuple[int, str] = (-1, "")
     _buf: bytes = field(default=b"", repr=False)
     _buf_at: int = 0
     _start_re: re.Pattern[bytes] | None = None
@@ -178,20 +182,6 @@ class Tailer:
 
     # -- marks: the bytes just before what was shipped ------------------------------------------
 
-    def last_mark(self) -> tuple[int, bytes] | None:
-        """The mark ending nearest to ``ship_pos`` from below."""
-        for mark in reversed(self.marks):
-            if mark[0] <= self.ship_pos:
-                return mark
-        return self.acked_mark
-
-    def mark_holds(self, mark: tuple[int, bytes] | None) -> bool:
-        """Whether the open file still has the mark's bytes just before its end."""
-        if mark is None or self.fd is None:
-            return True
-        end, data = mark
-        return os.pread(self.fd, len(data), end - len(data)) == data
-
     def saved_mark_holds(self, fd: int) -> bool:
         """Whether the file open as ``fd`` has the checkpoint's mark; if so, keep its bytes."""
         if self.saved_mark is None:
@@ -216,7 +206,9 @@ class Tailer:
         """The acknowledged mark for the checkpoint: (end, length, hash); (0, 0, "") if none."""
         if self.acked_mark is not None:
             end, data = self.acked_mark
-            return end, len(data), mark_hash(data)
+            if self._acked_mark_fp[0] != end:  # hashed once per acknowledged batch, not per save
+                self._acked_mark_fp = (end, mark_hash(data))
+            return end, len(data), self._acked_mark_fp[1]
         return self.saved_mark or (0, 0, "")
 
     def _mark(self, end: int) -> None:
@@ -305,18 +297,18 @@ class Tailer:
         OSError from the file.
         """
         mark = self.marks[-1] if self.marks else self.acked_mark
-        if mark is not None and mark[0] == self.ship_pos and not self.mark_holds(mark):
-            raise Rewritten(self.path)
-        chunk = self._read(max_bytes, max_lines, now, final)
+        check = mark[1] if mark is not None and mark[0] == self.ship_pos else None
+        chunk = self._read(max_bytes, max_lines, now, final, check)
         if chunk is not None and chunk.end > chunk.start:
             self._mark(chunk.end)
         self._buf = b""  # a batch's worth per file would add up over thousands of files
         return chunk
 
-    def _read(self, max_bytes: int, max_lines: int, now: float, final: bool) -> Chunk | None:
+    def _read(self, max_bytes: int, max_lines: int, now: float, final: bool,
+              check: bytes | None) -> Chunk | None:
         src = self.source
         start = self.ship_pos
-        data = self._pread(start, max_bytes)
+        data = self._pread(start, max_bytes, check)
         if not data:
             return None
         self.last_data = now
@@ -369,9 +361,10 @@ class Tailer:
         lines = self._split(body)
         return Chunk(start, start + skipped + consumed, lines)
 
-    def _pread(self, start: int, max_bytes: int) -> bytes:
+    def _pread(self, start: int, max_bytes: int, check: bytes | None = None) -> bytes:
         """What is there from ``start``, up to a batch (or up to a line's cut, for a line longer
-        than a batch)."""
+        than a batch). ``check``: the bytes shipped just before ``start``; Rewritten if the file
+        has others there."""
         if self.fd is None:
             return b""
         # Ask for what is there: a 1 MiB pread near the end of a file costs an allocation of
@@ -379,7 +372,19 @@ class Tailer:
         self.size = os.fstat(self.fd).st_size
         if self.size <= start:
             return b""
-        data = os.pread(self.fd, min(max_bytes, self.size - start), start)
+        n = min(max_bytes, self.size - start)
+        if check is None:
+            data = os.pread(self.fd, n, start)
+        elif n <= SMALL_READ:
+            # A small read takes the mark's bytes with it: one system call, a small copy.
+            both = os.pread(self.fd, len(check) + n, start - len(check))
+            if both[:len(check)] != check:
+                raise Rewritten(self.path)
+            data = both[len(check):]
+        else:
+            if os.pread(self.fd, len(check), start - len(check)) != check:
+                raise Rewritten(self.path)
+            data = os.pread(self.fd, n, start)
         max_line = self.source.max_line_bytes
         if len(data) == max_bytes and max_line >= max_bytes and data.find(b"\n") < 0:
             data += os.pread(self.fd, max_line + 1 - len(data), start + len(data))

@@ -86,6 +86,25 @@ def test_a_real_copy_is_still_not_shipped_again(h: Harness) -> None:
     wait_for(lambda: agent_status(h)["copies_ignored"] == 1, what="the copy noticed")
 
 
+def test_a_file_taken_for_a_copy_that_grows_with_other_lines_is_shipped_whole(h: Harness) -> None:
+    """job-b starts as an exact copy of all job-a shipped, then writes lines of its own."""
+    ep = h.endpoints()
+    h.aggregator(ep)
+    agent = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
+    job_a, job_b = h.path("logs", "job-a.log"), h.path("logs", "job-b.log")
+    write_file(job_a, BANNER)
+    settle(h, "app", 30)
+    wait_for(lambda: agent_status(h)["files"][0]["offset"] == job_a.stat().st_size,  # type: ignore[index]
+             what="job-a acknowledged")
+    write_file(job_b, BANNER)
+    wait_for(lambda: agent_status(h)["copies_ignored"] == 1, what="job-b taken for a copy")
+    write_file(job_b, make_lines("b", 0, 20))
+    lines = settle(h, "app", 80)
+    check_exactly_once(lines, {"b": 20})
+    assert lines.count(BANNER[0]) == 60
+    assert "grows with other bytes" in agent.log()
+
+
 # ---- 2. truncated and written again past the offset ------------------------------------------
 
 
