@@ -241,25 +241,40 @@ class Agent(Following):
             if t.predecessor is not None and self.predecessor_first(t):
                 await asyncio.sleep(0)  # waiting on another file must not starve the other tasks
                 continue
-            frames: list[bytes] | None = None
-            with self.guard((t.dev, t.ino), t.path):
-                try:
-                    chunk = t.read(cfg.batch_max_bytes, cfg.batch_max_lines, now,
-                                   final=t.rotated_at is not None and t.successor_waiting)
-                except Rewritten:
-                    self.truncated(t, "was written again before the agent read on (the bytes before "
-                                      "its offset are not the ones shipped)", doubt=True)
-                    continue
-                except OSError as exc:
-                    log.warning("reading %s failed: %s", shown(t.path), exc)
-                    continue
-                if t.partial_since is not None or t.multiline_since is not None:
-                    self.timed.add(t)  # holds a partial line or record: look again when it times out
-                if chunk is None:
-                    continue
-                frames = batch.frames_for(cfg.name, t, chunk, self.wire_v2)
-            if frames is not None and chunk is not None:
-                await self.ship(t, chunk, frames, now, delay)
+            batch_read = self.read_batch(t, now)
+            if batch_read is not None:
+                await self.ship(t, batch_read[0], batch_read[1], now, delay)
+
+    def read_batch(self, t: Tailer, now: float) -> tuple[Chunk, list[bytes]] | None:
+        """The next batch of ``t`` and its frames, or None. Nothing about the file (its bytes,
+        its name, an error reading it) escapes: as in ``guard``, without a context manager per
+        read."""
+        cfg = self.cfg
+        try:
+            chunk = t.read(cfg.batch_max_bytes, cfg.batch_max_lines, now,
+                           final=t.rotated_at is not None and t.successor_waiting)
+            if t.partial_since is not None or t.multiline_since is not None:
+                self.timed.add(t)  # holds a partial line or record: look again when it times out
+            if chunk is None:
+                return None
+            frames = batch.frames_for(cfg.name, t, chunk, self.wire_v2)
+        except Rewritten:
+            self.truncated(t, "was written again before the agent read on (the bytes before "
+                              "its offset are not the ones shipped)", doubt=True)
+            return None
+        except OSError as exc:
+            said = f"read failed: {exc.strerror or exc}"
+            if self.failing.get((t.dev, t.ino)) != said:  # once per file and error
+                self.failing[(t.dev, t.ino)] = said
+                log.warning("reading %s failed: %s; trying again when it changes or at the "
+                            "next scan", shown(t.path), exc)
+            return None
+        except Exception as exc:  # on purpose: any bug must stay with this one file
+            self.failed((t.dev, t.ino), t.path, exc)
+            return None
+        if self.failing:
+            self.failing.pop((t.dev, t.ino), None)
+        return chunk, frames
 
     async def ship(self, t: Tailer, chunk: Chunk, frames: list[bytes], now: float, delay: float) -> None:
         cfg = self.cfg

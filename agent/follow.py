@@ -117,11 +117,17 @@ class Following:
             if self.failing:
                 self.failing.pop(ident, None)  # handled again without an error
         except Exception as exc:  # on purpose: any bug must stay with this one file
-            said = f"{type(exc).__name__}: {exc}"
-            if self.failing.get(ident) != said:
-                self.failing[ident] = said
-                log.error("%s: handling it failed (%s); trying again at the next scan; other files "
-                          "go on", shown(path), said, exc_info=True)
+            self.failed(ident, path, exc)
+
+    def failed(self, ident: Ident, path: str, exc: Exception) -> None:
+        """``guard``'s report, also called directly where a ``with`` per call would cost (the
+        read loop, change events)."""
+        # As text any JSON carries (status): the error may quote a name that is not UTF-8.
+        said = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
+        if self.failing.get(ident) != said:
+            self.failing[ident] = said
+            log.error("%s: handling it failed (%s); trying again at the next scan; other files "
+                      "go on", shown(path), said, exc_info=exc)
 
     def renamed(self, t: Tailer, path: str) -> None:
         log.info("%s was renamed to %s; following it there", shown(t.path), shown(path))
@@ -251,17 +257,20 @@ class Following:
 
     def _copy_of(self, fd: int, fp: str, fp_len: int, ident: Ident, size: int) -> Tailer | None:
         """A followed file this one is a copy of: another inode with the same first FP_LEN bytes
-        *and* the same bytes just before that file's acknowledged offset (its mark), so the
-        copy holds what was shipped. Files that merely start alike (a banner, a CSV header)
+        *and* the same bytes just before the end of a batch shipped from that file (its mark),
+        so the copy holds what was shipped. Files that merely start alike (a banner, a CSV header)
         differ there, or are shorter."""
         if fp_len < FP_LEN:
             return None  # too short to tell a copy from a file that merely starts alike
         for t in self.tailers.values():
-            if t.fp != fp or t.fp_len != fp_len or (t.dev, t.ino) == ident or t.acked_mark is None:
+            if t.fp != fp or t.fp_len != fp_len or (t.dev, t.ino) == ident:
                 continue
-            end, data = t.acked_mark
-            if end <= fp_len or size < end:
+            # The last mark of what was shipped (acknowledged or not) that the file is long
+            # enough to hold.
+            mark = next((m for m in reversed(t.marks) if m[0] <= size), None) or t.acked_mark
+            if mark is None or mark[0] <= fp_len or size < mark[0]:
                 continue  # nothing shipped past the head to compare, or shorter than what was
+            end, data = mark
             if os.pread(fd, len(data), end - len(data)) == data:
                 return t
         return None
@@ -554,12 +563,14 @@ class Following:
             if t.fd is None and not t.open():
                 unknown = True
                 continue
-            with self.guard((t.dev, t.ino), t.path):
-                try:
-                    self.check_size(t, os.fstat(t.fd).st_size)  # type: ignore[arg-type]
-                except OSError:
-                    continue
-                self.enqueue(t)
+            try:
+                self.check_size(t, os.fstat(t.fd).st_size)  # type: ignore[arg-type]
+            except OSError:
+                continue
+            except Exception as exc:  # as in guard(), without a context manager per event
+                self.failed((t.dev, t.ino), t.path, exc)
+                continue
+            self.enqueue(t)
         if unknown:
             self.scan_soon.set()
 

@@ -375,12 +375,14 @@ class Tailer:
         n = min(max_bytes, self.size - start)
         if check is None:
             data = os.pread(self.fd, n, start)
-        elif n <= SMALL_READ:
-            # A small read takes the mark's bytes with it: one system call, a small copy.
+        elif n <= SMALL_READ and n < max_bytes:
+            # A small read takes the mark's bytes with it: one system call, a small copy; and
+            # the next mark is then in the block even if the new bytes are fewer than MARK_LEN.
             both = os.pread(self.fd, len(check) + n, start - len(check))
             if both[:len(check)] != check:
                 raise Rewritten(self.path)
-            data = both[len(check):]
+            self._buf, self._buf_at = both, start - len(check)
+            return both[len(check):]
         else:
             if os.pread(self.fd, len(check), start - len(check)) != check:
                 raise Rewritten(self.path)
