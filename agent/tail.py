@@ -211,15 +211,6 @@ class Tailer:
             return end, len(data), self._acked_mark_fp[1]
         return self.saved_mark or (0, 0, "")
 
-    def _mark(self, end: int) -> None:
-        """Remember the bytes before ``end`` from the block just read (one more small pread
-        only when the block began less than MARK_LEN before it)."""
-        off = end - self._buf_at
-        data = self._buf[max(0, off - MARK_LEN):off]
-        if len(data) < MARK_LEN and end > len(data) and self.fd is not None:
-            data = bytes_before(self.fd, end - len(data), MARK_LEN - len(data)) + data
-        self.marks.append((end, data))
-
     def head_unchanged(self) -> bool:
         """Whether the file (open) still starts with the ``fp_len`` bytes hashed as ``fp``."""
         head = os.pread(self.fd, self.fp_len, 0)  # type: ignore[arg-type]
@@ -300,7 +291,14 @@ class Tailer:
         check = mark[1] if mark is not None and mark[0] == self.ship_pos else None
         chunk = self._read(max_bytes, max_lines, now, final, check)
         if chunk is not None and chunk.end > chunk.start:
-            self._mark(chunk.end)
+            # The mark of this batch: the bytes before its end, from the block just read (one
+            # more small pread only when the block began less than MARK_LEN before it).
+            end = chunk.end
+            off = end - self._buf_at
+            data = self._buf[off - MARK_LEN if off > MARK_LEN else 0:off]
+            if len(data) < MARK_LEN and end > len(data) and self.fd is not None:
+                data = bytes_before(self.fd, end - len(data), MARK_LEN - len(data)) + data
+            self.marks.append((end, data))
         self._buf = b""  # a batch's worth per file would add up over thousands of files
         return chunk
 
@@ -379,7 +377,7 @@ class Tailer:
             # A small read takes the mark's bytes with it: one system call, a small copy; and
             # the next mark is then in the block even if the new bytes are fewer than MARK_LEN.
             both = os.pread(self.fd, len(check) + n, start - len(check))
-            if both[:len(check)] != check:
+            if not both.startswith(check):
                 raise Rewritten(self.path)
             self._buf, self._buf_at = both, start - len(check)
             return both[len(check):]
