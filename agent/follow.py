@@ -34,6 +34,7 @@ log = logging.getLogger("fleetlog.agent")
 
 
 Ident = tuple[int, int]
+Named = tuple[SourceConfig, str, os.stat_result]  # a file as one glob match found it
 
 
 class Following:
@@ -72,27 +73,41 @@ class Following:
     def scan(self) -> None:
         """Find new files, notice renames, truncations and files that went away."""
         now = time.monotonic()
-        names: dict[Ident, list[tuple[SourceConfig, str, os.stat_result]]] = {}
+        names: dict[Ident, list[Named]] = {}
         for source in self.config.sources:
             for path, st in expand(source):
                 names.setdefault((st.st_dev, st.st_ino), []).append((source, path, st))
-        new: list[tuple[SourceConfig, str, os.stat_result]] = []
+        new: list[Named] = []
         for ident, entries in names.items():
             t = self.by_inode.get(ident)
             if t is None:
                 if ident not in self.shadows:
                     new.append(preferred(entries))
                 continue
-            with self.guard(ident, t.path):
-                if t.path not in {path for _, path, _ in entries}:
+            # As in guard(), without a context manager per file and scan (10,000 files).
+            try:
+                if t.path != entries[0][1] and t.path not in {path for _, path, _ in entries}:
                     self.renamed(t, preferred(entries)[1])
                 self.check_size(t, entries[0][2].st_size)
+            except Exception as exc:  # on purpose: any bug must stay with this one file
+                self.failed(ident, t.path, exc)
         for t in list(self.tailers.values()):
+            if t.rotated_at is None and (t.dev, t.ino) in names:
+                continue
             with self.guard((t.dev, t.ino), t.path):
-                if t.rotated_at is None and (t.dev, t.ino) not in names:
+                if t.rotated_at is None:
                     self.lost_name(t, now)
-                elif t.rotated_at is not None:
+                else:
                     self.maybe_forget(t, now)
+        self.scan_copies(names)
+        # New files last, so that a file that took a rotated one's name knows its predecessor.
+        for source, path, st in new:
+            with self.guard((st.st_dev, st.st_ino), path):
+                self.discover(source, path, st)
+        self.enforce_fd_limit(now)
+
+    def scan_copies(self, names: dict[Ident, list[Named]]) -> None:
+        """Copies that grew, copies and unreadable files that are gone."""
         for ident in [i for i in self.shadows if i in names]:
             source, path, st = preferred(names[ident])
             with self.guard(ident, path):
@@ -101,11 +116,6 @@ class Following:
             del self.shadows[gone]  # the copy is gone: nothing to finish from
         for gone in [i for i in self.unreadable if i not in names]:
             del self.unreadable[gone]
-        # New files last, so that a file that took a rotated one's name knows its predecessor.
-        for source, path, st in new:
-            with self.guard((st.st_dev, st.st_ino), path):
-                self.discover(source, path, st)
-        self.enforce_fd_limit(now)
 
     @contextlib.contextmanager
     def guard(self, ident: Ident, path: str) -> Iterator[None]:
@@ -595,9 +605,6 @@ class Following:
                 self.timed.discard(t)
             else:
                 self.enqueue(t)
-
-
-Named = tuple[SourceConfig, str, os.stat_result]
 
 
 def preferred(entries: list[Named]) -> Named:
