@@ -8,15 +8,18 @@ busy files make big batches and quiet ones small, prompt ones.
 
 from __future__ import annotations
 
-from agent.tail import Chunk, Tailer
+from agent.tail import Chunk, Tailer, name_base64, shown
 from fleetlog import wire
 
 
 def frames_for(agent: str, tailer: Tailer, chunk: Chunk, v2: bool) -> list[bytes]:
     """The batch's frames: version 2 if ``v2`` (the aggregator reads it), else version 1."""
     lines = chunk.lines if v2 or type(chunk.lines) is list else chunk.line_list()
-    return wire.batch_frames(tailer.source.topic_bytes, agent, tailer.stream, tailer.base, tailer.path,
-                             tailer.identity, tailer.seq, chunk.start, chunk.end, lines)
+    path = tailer.path
+    shown_path = shown(path)
+    return wire.batch_frames(tailer.source.topic_bytes, agent, tailer.stream, tailer.base, shown_path,
+                             tailer.identity, tailer.seq, chunk.start, chunk.end, lines,
+                             path_base64=None if shown_path is path else name_base64(path))
 
 
 def next_read_at(now: float, delay_s: float, read_full: bool) -> float:

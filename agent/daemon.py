@@ -19,7 +19,7 @@ from agent.follow import Following
 from agent.journal_source import JournalSources
 from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
-from agent.tail import Chunk, Tailer
+from agent.tail import Chunk, Rewritten, Tailer, name_base64, shown
 from agent.transport import Transport
 from agent.watch import Watcher
 from fleetlog import __version__, wire
@@ -99,6 +99,8 @@ class Agent(Following):
         # Batches out and no ack since (monotonic), and what that means (see check_acks_flow).
         self.stalled_since: float | None = None
         self.ack_problem: str | None = None
+        self.unreadable: dict[tuple[int, int], tuple[str, str]] = {}
+        self.failing: dict[tuple[int, int], str] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics: metrics.MetricsServer | None = None
         self.journals = JournalSources(self)  # [[journal]] sources (agent/journal_source.py)
@@ -275,29 +277,52 @@ class Agent(Following):
             if t.fd is None and not t.open():
                 continue
             if t.predecessor is not None and self.predecessor_first(t):
+                await asyncio.sleep(0)  # waiting on another file must not starve the other tasks
                 continue
-            try:
-                chunk = t.read(self.read_bytes, cfg.batch_max_lines, now,
-                               final=t.rotated_at is not None and t.successor_waiting)
-            except OSError as exc:
-                log.warning("reading %s failed: %s", t.path, exc)
-                continue
+            batch_read = self.read_batch(t, now)
+            if batch_read is not None:
+                await self.ship(t, batch_read[0], batch_read[1], now, delay)
+
+    def read_batch(self, t: Tailer, now: float) -> tuple[Chunk, list[bytes]] | None:
+        """The next batch of ``t`` and its frames, or None. Nothing about the file (its bytes,
+        its name, an error reading it) escapes: as in ``guard``, without a context manager per
+        read."""
+        cfg = self.cfg
+        try:
+            chunk = t.read(self.read_bytes, cfg.batch_max_lines, now,
+                           final=t.rotated_at is not None and t.successor_waiting)
             if t.partial_since is not None or t.multiline_since is not None:
                 self.timed.add(t)  # holds a partial line or record: look again when it times out
             if chunk is None:
-                continue
-            await self.ship(t, chunk, now, delay)
+                return None
+            frames = batch.frames_for(cfg.name, t, chunk, self.wire_v2)
+            if len(frames[1]) > self.max_message_bytes:
+                if chunk.count != 1:
+                    self.refuse_oversized(t, chunk, len(frames[1]), now)
+                    return None
+                frames = self.cut_to_fit(t, chunk)
+        except Rewritten:
+            self.truncated(t, "was written again before the agent read on (the bytes before "
+                              "its offset are not the ones shipped)", doubt=True)
+            return None
+        except OSError as exc:
+            said = f"read failed: {exc.strerror or exc}"
+            if self.failing.get((t.dev, t.ino)) != said:  # once per file and error
+                self.failing[(t.dev, t.ino)] = said
+                log.warning("reading %s failed: %s; trying again when it changes or at the "
+                            "next scan", shown(t.path), exc)
+            return None
+        except Exception as exc:  # on purpose: any bug must stay with this one file
+            self.failed((t.dev, t.ino), t.path, exc)
+            return None
+        if self.failing:
+            self.failing.pop((t.dev, t.ino), None)
+        return chunk, frames
 
-    async def ship(self, t: Tailer, chunk: Chunk, now: float, delay: float) -> None:
+    async def ship(self, t: Tailer, chunk: Chunk, frames: list[bytes], now: float, delay: float) -> None:
         cfg = self.cfg
         if self.unsaved_streams:
             self.save_checkpoints()
-        frames = batch.frames_for(cfg.name, t, chunk, self.wire_v2)
-        if len(frames[1]) > self.max_message_bytes:
-            if chunk.count != 1:
-                self.refuse_oversized(t, chunk, len(frames[1]), now)
-                return
-            frames = self.cut_to_fit(t, chunk)
         t.seq += 1
         self.inflight += max(0, chunk.end - max(t.ship_pos, t.acked))
         t.ship_pos = chunk.end
@@ -345,6 +370,7 @@ class Agent(Following):
             self.enqueue(t)
             return True
         p.successor_waiting = True
+        t.next_read = max(t.next_read, p.next_read)  # not looked at again before p can be read
         self.enqueue(p)
         self.enqueue(t)
         return True
@@ -456,6 +482,7 @@ class Agent(Following):
         if t is None or type(end) is not int or end <= t.acked:
             return
         t.acked = end
+        t.acked_to(end)
         sent = self.batch_lines.get(stream)
         while sent and sent[0][0] <= end:
             self.lines_shipped += sent.popleft()[1]
@@ -640,8 +667,9 @@ class Agent(Following):
 
     def checkpoints(self) -> list[Checkpoint]:
         now = time.time()
-        out = [Checkpoint(t.stream, t.source.topic, t.path, t.dev, t.ino, t.fp, t.fp_len, t.base,
-                          t.acked, t.seq, now) for t in self.tailers.values()]
+        out = [self.checkpoint_of(t) for t in self.tailers.values()]
+        for cp in out:
+            cp.updated = now
         return out + list(self.shadows.values())
 
     def save_checkpoints(self) -> None:
@@ -649,7 +677,7 @@ class Agent(Following):
             self.store.save(self.checkpoints(), self.journals.checkpoints())
             self.checkpoints_dirty = False
             self.unsaved_streams = False
-        except OSError as exc:
+        except (OSError, TypeError, ValueError) as exc:  # ValueError: orjson's encoding errors
             log.error("cannot save checkpoints to %s: %s", self.store.path, exc)
 
     async def checkpoint_loop(self) -> None:
@@ -668,11 +696,22 @@ class Agent(Following):
             if t.fd is not None:
                 with contextlib.suppress(OSError):
                     t.size = os.fstat(t.fd).st_size
-            files.append({"path": t.path, "topic": t.source.topic, "stream": t.stream,
-                          "identity": t.identity, "offset": t.acked, "shipped": t.ship_pos,
-                          "size": t.size, "lag_bytes": t.lag_bytes, "open": t.fd is not None,
-                          "rotated": t.rotated_at is not None, "cut_lines": t.cut_lines,
-                          "discarded_bytes": t.discarded_bytes})
+            entry = {"path": shown(t.path), "topic": t.source.topic, "stream": t.stream,
+                     "identity": t.identity, "offset": t.acked, "shipped": t.ship_pos,
+                     "size": t.size, "lag_bytes": t.lag_bytes, "open": t.fd is not None,
+                     "rotated": t.rotated_at is not None, "cut_lines": t.cut_lines,
+                     "discarded_bytes": t.discarded_bytes, "nul_bytes_skipped": t.nul_bytes_skipped}
+            raw = name_base64(t.path)
+            if raw is not None:
+                entry["path_base64"] = raw
+            files.append(entry)
+        unreadable = []
+        for (dev, ino), (path, reason) in sorted(self.unreadable.items(), key=lambda i: i[1]):
+            item = {"path": shown(path), "identity": f"{dev}:{ino}", "reason": reason}
+            raw = name_base64(path)
+            if raw is not None:
+                item["path_base64"] = raw
+            unreadable.append(item)
         transport = self.transport
         return {
             "agent": self.cfg.name, "version": __version__,
@@ -690,6 +729,9 @@ class Agent(Following):
             "resends": self.resends, "oversized_batches": self.oversized_batches,
             "open_files": sum(1 for t in self.tailers.values() if t.fd is not None),
             "copies_ignored": len(self.shadows),
+            "nul_bytes_skipped": Tailer.nul_bytes_total,
+            "unreadable": unreadable,
+            "failing": [{"identity": f"{d}:{i}", "error": e} for (d, i), e in self.failing.items()],
             "control": {"messages_sent": transport.control_sent if transport else 0,
                         "messages_received": transport.control_received if transport else 0},
         }

@@ -13,13 +13,28 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 
 from agent.config import AgentConfig, Config, SourceConfig
 from agent.offsets import Checkpoint
-from agent.tail import FP_LEN, Tailer, fingerprint, line_start_before, new_stream_id
+from agent.tail import (
+    FP_LEN,
+    MARK_LEN,
+    Tailer,
+    bytes_before,
+    fingerprint,
+    line_start_before,
+    mark_hash,
+    new_stream_id,
+    shown,
+)
 from agent.watch import Watcher, expand
 
 log = logging.getLogger("fleetlog.agent")
+
+
+Ident = tuple[int, int]
+Named = tuple[SourceConfig, str, os.stat_result]  # a file as one glob match found it
 
 
 class Following:
@@ -28,11 +43,11 @@ class Following:
     config: Config
     cfg: AgentConfig
     tailers: dict[str, Tailer]
-    by_inode: dict[tuple[int, int], Tailer]
+    by_inode: dict[Ident, Tailer]
     by_path: dict[str, Tailer]
-    shadows: dict[tuple[int, int], Checkpoint]
+    shadows: dict[Ident, Checkpoint]
     predecessors: dict[str, Tailer]
-    pending_checkpoints: dict[tuple[int, int], Checkpoint]
+    pending_checkpoints: dict[Ident, Checkpoint]
     unacked: set[Tailer]
     timed: set[Tailer]
     queued: set[Tailer]
@@ -44,7 +59,10 @@ class Following:
     started: asyncio.Event
     scan_soon: asyncio.Event
     watcher: Watcher | None
-    _warned: set[str]
+    # Files the agent may not open: identity -> (name, reason); warned once per identity.
+    unreadable: dict[Ident, tuple[str, str]]
+    # Files whose handling failed unexpectedly: identity -> the error, logged once per identity.
+    failing: dict[Ident, str]
 
     def enqueue(self, t: Tailer) -> None:
         raise NotImplementedError
@@ -55,101 +73,249 @@ class Following:
     def scan(self) -> None:
         """Find new files, notice renames, truncations and files that went away."""
         now = time.monotonic()
-        found: set[tuple[int, int]] = set()
-        new: list[tuple[SourceConfig, str, os.stat_result]] = []
+        names: dict[Ident, list[Named]] = {}
         for source in self.config.sources:
             for path, st in expand(source):
-                ident = (st.st_dev, st.st_ino)
-                found.add(ident)
-                t = self.by_inode.get(ident)
-                if t is None:
-                    if ident not in self.shadows:
-                        new.append((source, path, st))
-                    continue
-                if t.path != path:
-                    self.renamed(t, path)
-                self.check_size(t, st.st_size)
+                names.setdefault((st.st_dev, st.st_ino), []).append((source, path, st))
+        new: list[Named] = []
+        for ident, entries in names.items():
+            t = self.by_inode.get(ident)
+            if t is None:
+                if ident not in self.shadows:
+                    new.append(preferred(entries))
+                continue
+            # As in guard(), without a context manager per file and scan (10,000 files).
+            try:
+                if t.path != entries[0][1] and t.path not in {path for _, path, _ in entries}:
+                    self.renamed(t, preferred(entries)[1])
+                self.check_size(t, entries[0][2].st_size)
+            except Exception as exc:  # on purpose: any bug must stay with this one file
+                self.failed(ident, t.path, exc)
         for t in list(self.tailers.values()):
-            if t.rotated_at is None and (t.dev, t.ino) not in found:
-                self.lost_name(t, now)
-            elif t.rotated_at is not None:
-                self.maybe_forget(t, now)
+            if t.rotated_at is None and (t.dev, t.ino) in names:
+                continue
+            with self.guard((t.dev, t.ino), t.path):
+                if t.rotated_at is None:
+                    self.lost_name(t, now)
+                else:
+                    self.maybe_forget(t, now)
+        self.scan_copies(names)
         # New files last, so that a file that took a rotated one's name knows its predecessor.
         for source, path, st in new:
-            self.discover(source, path, st)
+            with self.guard((st.st_dev, st.st_ino), path):
+                self.discover(source, path, st)
         self.enforce_fd_limit(now)
 
+    def scan_copies(self, names: dict[Ident, list[Named]]) -> None:
+        """Copies that grew, copies and unreadable files that are gone."""
+        for ident in [i for i in self.shadows if i in names]:
+            source, path, st = preferred(names[ident])
+            with self.guard(ident, path):
+                self.check_copy(ident, source, path, st)
+        for gone in [i for i in self.shadows if i not in names]:
+            del self.shadows[gone]  # the copy is gone: nothing to finish from
+        for gone in [i for i in self.unreadable if i not in names]:
+            del self.unreadable[gone]
+
+    @contextlib.contextmanager
+    def guard(self, ident: Ident, path: str) -> Iterator[None]:
+        """Nothing about one file may stop the agent: an unexpected error in its handling is
+        logged (once per file identity and error) with its name, and the file is tried again at
+        the next periodic scan; the other files go on."""
+        try:
+            yield
+            if self.failing:
+                self.failing.pop(ident, None)  # handled again without an error
+        except Exception as exc:  # on purpose: any bug must stay with this one file
+            self.failed(ident, path, exc)
+
+    def failed(self, ident: Ident, path: str, exc: Exception) -> None:
+        """``guard``'s report, also called directly where a ``with`` per call would cost (the
+        read loop, change events)."""
+        # As text any JSON carries (status): the error may quote a name that is not UTF-8.
+        said = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
+        if self.failing.get(ident) != said:
+            self.failing[ident] = said
+            log.error("%s: handling it failed (%s); trying again at the next scan; other files "
+                      "go on", shown(path), said, exc_info=exc)
+
     def renamed(self, t: Tailer, path: str) -> None:
-        log.info("%s was renamed to %s; following it there", t.path, path)
-        if self.by_path.get(t.path) is t:
-            del self.by_path[t.path]
+        log.info("%s was renamed to %s; following it there", shown(t.path), shown(path))
+        self.unindex(t)
         self.predecessors[t.path] = t
         t.path = path
         t.rotated_at = None
-        self.by_path[path] = t
+        self.index(t)
 
-    def discover(self, source: SourceConfig, path: str, st: os.stat_result) -> None:
+    def index(self, t: Tailer) -> None:
+        """Every name that leads to the file: its own, and where it points if it is a symlink
+        (events name the real file)."""
+        self.by_path[t.path] = t
+        real = os.path.realpath(t.path)
+        t.real_path = real if real != t.path else ""
+        if t.real_path:
+            self.by_path.setdefault(t.real_path, t)
+
+    def unindex(self, t: Tailer) -> None:
+        for name in (t.path, t.real_path):
+            if name and self.by_path.get(name) is t:
+                del self.by_path[name]
+
+    def cannot_read(self, ident: Ident, path: str, exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        if self.unreadable.get(ident, ("", ""))[1] != reason:
+            log.warning("cannot read %s: %s; its lines are not shipped until it can be read",
+                        shown(path), reason)
+        self.unreadable[ident] = (path, reason)
+
+    def discover(self, source: SourceConfig, path: str, st: os.stat_result, copy_check: bool = True) -> None:
+        ident = (st.st_dev, st.st_ino)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # gone between the glob and the open
         except OSError as exc:
-            if path not in self._warned:
-                self._warned.add(path)
-                log.warning("cannot read %s: %s", path, exc.strerror)
+            self.cannot_read(ident, path, exc)
             return
-        st = os.fstat(fd)
-        ident = (st.st_dev, st.st_ino)
-        fp, fp_len = fingerprint(fd)
-        cp = self.pending_checkpoints.pop(ident, None)
-        if cp is not None and fingerprint(fd, cp.fp_len)[0] == cp.fp:
-            if cp.shadow:
-                os.close(fd)
-                self.shadows[ident] = cp
-                return
-            t = self._tailer_from(cp, source, path)
-        else:
-            if cp is not None:
-                log.info("%s: inode reused by a new file; reading it from the start", path)
-            twin = self._copy_of(fp, fp_len, ident)
-            if twin is not None:
-                os.close(fd)
-                log.info("%s is a copy of %s (same first %d bytes); not shipping it again",
-                         path, twin.path, FP_LEN)
-                self.shadows[ident] = Checkpoint(twin.stream, twin.source.topic, path, ident[0], ident[1],
-                                                 fp, fp_len, twin.base, twin.acked, twin.seq, shadow=True)
-                self.checkpoints_dirty = True
-                return
-            start = 0
-            if source.start_at == "end" and self.first_run and not self.started.is_set():
-                start = line_start_before(fd, st.st_size)
-            t = Tailer(source=source, path=path, stream=new_stream_id(), dev=ident[0], ino=ident[1],
-                       fp=fp, fp_len=fp_len, base=start, acked=start)
+        self.unreadable.pop(ident, None)
+        try:
+            t = self._identify(source, path, fd, copy_check)
+        except BaseException:
+            os.close(fd)
+            raise
+        if t is None:
+            os.close(fd)
+            return
+        self.failing.pop(ident, None)
         pred = self.predecessors.pop(path, None)
         if pred is not None and self.tailers.get(pred.stream) is pred:
             t.predecessor = pred
-        t.attach(fd, st.st_size)
+        t.attach(fd, os.fstat(fd).st_size)
         if Tailer.open_files > self.cfg.max_open_files:
             t.close()  # read (and reopened by name) when its turn comes
         self.add(t)
-        log.debug("following %s from %d (stream %s)", path, t.ship_pos, t.stream)
+        log.debug("following %s from %d (stream %s)", shown(path), t.ship_pos, t.stream)
+
+    def _identify(self, source: SourceConfig, path: str, fd: int, copy_check: bool) -> Tailer | None:
+        """Which stream the file open as ``fd`` is: the checkpoint's (same inode, same first
+        bytes, same bytes before the acknowledged offset), a copy of a followed file (None: not
+        shipped), or a new stream."""
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        fp, fp_len = fingerprint(fd)
+        cp = self.pending_checkpoints.pop(ident, None) or self._remounted(path, st)
+        if cp is not None:
+            t = self._tailer_from(cp, source, path)
+            t.dev, t.ino = ident
+            if cp.shadow and st.st_size == cp.size and self._same_content(fd, cp):
+                self.shadows[ident] = cp
+                return None
+            # A file now shorter than the offset was truncated: the truncation is noticed (and
+            # the old content looked for in a copy) once it is followed.
+            if not cp.shadow and (st.st_size < cp.acked or (self._same_content(fd, cp)
+                                                            and t.saved_mark_holds(fd))):
+                return t
+            if not cp.shadow:
+                self.lost_content(cp, f"{shown(path)} is not the file of the last run (same inode, other "
+                                      "bytes: rewritten or a new file while the agent was down); "
+                                      "reading it from the start", doubt=True)
+        twin = self._copy_of(fd, fp, fp_len, ident, st.st_size) if copy_check else None
+        if twin is not None:
+            end, length, digest = twin.mark_fields()
+            log.warning("%s is a copy of %s (same first %d bytes and the same %d bytes before offset %d,"
+                        " as shipped); not shipping it again", shown(path), shown(twin.path), fp_len,
+                        length, end)
+            self.shadows[ident] = Checkpoint(twin.stream, twin.source.topic, path, ident[0], ident[1], fp,
+                                             fp_len, twin.base, twin.acked, twin.seq, shadow=True,
+                                             mark_end=end, mark_len=length, mark_fp=digest, size=st.st_size)
+            self.checkpoints_dirty = True
+            return None
+        start = 0
+        if source.start_at == "end" and self.first_run and not self.started.is_set():
+            start = line_start_before(fd, st.st_size)
+        return Tailer(source=source, path=path, stream=new_stream_id(), dev=ident[0], ino=ident[1],
+                      fp=fp, fp_len=fp_len, base=start, acked=start)
+
+    def _remounted(self, path: str, st: os.stat_result) -> Checkpoint | None:
+        """A checkpoint for the same name and inode on another device number: the filesystem was
+        mounted again (another loop device, another boot order). Its content decides."""
+        for key, cp in self.pending_checkpoints.items():
+            if cp.ino == st.st_ino and cp.dev != st.st_dev and cp.path == path and not cp.shadow:
+                del self.pending_checkpoints[key]
+                log.info("%s: same name and inode on device %d (was %d); resuming if its bytes match",
+                         shown(path), st.st_dev, cp.dev)
+                return cp
+        return None
+
+    @staticmethod
+    def _same_content(fd: int, cp: Checkpoint) -> bool:
+        """Whether the file open as ``fd`` has the checkpoint's first bytes and the bytes just
+        before its acknowledged offset (its mark)."""
+        if fingerprint(fd, cp.fp_len)[0] != cp.fp:
+            return False
+        if not cp.mark_fp:
+            return True  # a checkpoint written before marks existed: the head decides, as it did
+        data = os.pread(fd, cp.mark_len, cp.mark_end - cp.mark_len)
+        return len(data) == cp.mark_len and mark_hash(data) == cp.mark_fp
 
     def _tailer_from(self, cp: Checkpoint, source: SourceConfig, path: str) -> Tailer:
-        return Tailer(source=source, path=path, stream=cp.stream, dev=cp.dev, ino=cp.ino, fp=cp.fp,
-                      fp_len=cp.fp_len, base=cp.base, acked=cp.acked, seq=cp.seq)
+        t = Tailer(source=source, path=path, stream=cp.stream, dev=cp.dev, ino=cp.ino, fp=cp.fp,
+                   fp_len=cp.fp_len, base=cp.base, acked=cp.acked, seq=cp.seq, size=cp.size)
+        if cp.mark_fp:
+            t.saved_mark = (cp.mark_end, cp.mark_len, cp.mark_fp)
+        return t
 
-    def _copy_of(self, fp: str, fp_len: int, ident: tuple[int, int]) -> Tailer | None:
-        """A followed file with the same first FP_LEN bytes but another inode: this is a copy."""
+    def _copy_of(self, fd: int, fp: str, fp_len: int, ident: Ident, size: int) -> Tailer | None:
+        """A followed file this one is a copy of: another inode with the same first FP_LEN bytes
+        *and* the same bytes just before the end of a batch shipped from that file (its mark),
+        so the copy holds what was shipped. Files that merely start alike (a banner, a CSV header)
+        differ there, or are shorter."""
         if fp_len < FP_LEN:
             return None  # too short to tell a copy from a file that merely starts alike
         for t in self.tailers.values():
-            if t.fp == fp and t.fp_len == fp_len and (t.dev, t.ino) != ident:
+            if t.fp != fp or t.fp_len != fp_len or (t.dev, t.ino) == ident:
+                continue
+            # The last mark of what was shipped (acknowledged or not) that the file is long
+            # enough to hold.
+            mark = next((m for m in reversed(t.marks) if m[0] <= size), None) or t.acked_mark
+            if mark is None or mark[0] <= fp_len or size < mark[0]:
+                continue  # nothing shipped past the head to compare, or shorter than what was
+            end, data = mark
+            if os.pread(fd, len(data), end - len(data)) == data:
                 return t
         return None
+
+    def check_copy(self, ident: Ident, source: SourceConfig, path: str, st: os.stat_result) -> None:
+        """A copy that grows is a live file of its own (a job log that starts like another):
+        shipped whole. A copy still being written (``cp`` in progress) keeps matching its
+        original where it grows."""
+        cp = self.shadows[ident]
+        if st.st_size == cp.size:
+            return
+        twin = self.tailers.get(cp.stream)
+        if cp.size == 0 or (twin is not None and twin.fd is not None
+                            and self._grows_as(twin, path, st.st_size)):
+            cp.size = st.st_size
+            return
+        del self.shadows[ident]
+        log.warning("%s, taken for a copy of %s, grows with other bytes; shipping it whole",
+                    shown(path), shown(cp.path if twin is None else twin.path))
+        self.discover(source, path, st, copy_check=False)
+
+    @staticmethod
+    def _grows_as(twin: Tailer, path: str, size: int) -> bool:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mine = bytes_before(fd, size, MARK_LEN)
+        finally:
+            os.close(fd)
+        return bytes_before(twin.fd, size, MARK_LEN) == mine  # type: ignore[arg-type]
 
     def add(self, t: Tailer) -> None:
         self.unsaved_streams = True
         self.tailers[t.stream] = t
         self.by_inode[(t.dev, t.ino)] = t
-        self.by_path[t.path] = t
+        self.index(t)
         self.checkpoints_dirty = True
         self.enqueue(t)
 
@@ -158,23 +324,44 @@ class Following:
         self.tailers.pop(t.stream, None)
         if self.by_inode.get((t.dev, t.ino)) is t:
             del self.by_inode[(t.dev, t.ino)]
-        if self.by_path.get(t.path) is t:
-            del self.by_path[t.path]
+        self.unindex(t)
         self.unacked.discard(t)
         self.inflight = self.inflight_bytes()
         self.queued.discard(t)
         self.checkpoints_dirty = True
 
+    def checkpoint_of(self, t: Tailer) -> Checkpoint:
+        end, length, digest = t.mark_fields()
+        return Checkpoint(t.stream, t.source.topic, t.path, t.dev, t.ino, t.fp, t.fp_len, t.base, t.acked,
+                          t.seq, 0.0, mark_end=end, mark_len=length, mark_fp=digest,
+                          size=max(t.size, t.ship_pos), real_path=t.real_path)
+
     def check_size(self, t: Tailer, size: int) -> None:
-        if size < t.ship_pos or not self.same_head(t, size):
-            self.truncated(t)
+        if size < t.ship_pos:
+            self.truncated(t, "was truncated")
+        elif not self.same_head(t, size):
+            # The same head with other bytes before the offset (a start-up banner written again)
+            # is the doubtful case; another head is plainly another content.
+            same_start = t.fd is not None and self._head_still(t)
+            self.truncated(t, "was truncated and written again (the bytes before its offset changed)"
+                           if same_start else "was truncated and written again (its first bytes changed)",
+                           doubt=same_start)
         elif size > t.ship_pos or t.partial_since is not None or t.multiline_since is not None:
             self.enqueue(t)
 
+    @staticmethod
+    def _head_still(t: Tailer) -> bool:
+        try:
+            return t.head_unchanged()
+        except OSError:
+            return False
+
     def same_head(self, t: Tailer, size: int) -> bool:
         """Whether the file still starts with the bytes it started with: a file truncated and
-        written again past our offset before we looked has another head. Short heads are
-        extended once the file is long enough, so copies of it can be recognised."""
+        written again past our offset before we looked has another head. (One written again with
+        the same head has other bytes before the offset: each read checks those, ``Rewritten``.)
+        Short heads are extended once the file is long enough, so copies of it can be
+        recognised."""
         if t.fd is None or t.rotated_at is not None:
             return True
         try:
@@ -187,24 +374,47 @@ class Following:
             pass
         return True
 
-    def truncated(self, t: Tailer) -> None:
-        """copytruncate or `> file`: the content restarts at 0 as a new stream. Bytes shipped but
-        not acknowledged are looked for in a copy next to it (copytruncate's app.log.1)."""
+    def truncated(self, t: Tailer, what: str, doubt: bool = False) -> None:
+        """copytruncate, `> file`, or written again from the start: the content restarts at 0 as
+        a new stream. Bytes not acknowledged are looked for in a copy next to it
+        (copytruncate's app.log.1); what cannot be found is said at WARNING."""
         if not t.open():
             return
-        old = Checkpoint(t.stream, t.source.topic, t.path, t.dev, t.ino, t.fp, t.fp_len, t.base,
-                         t.acked, t.seq)
+        old = self.checkpoint_of(t)
         fp, fp_len = fingerprint(t.fd)  # type: ignore[arg-type]
-        log.info("%s was truncated at %d (acked %d); reading it again from 0", t.path, t.ship_pos, t.acked)
         self.unacked.discard(t)
         self.inflight = self.inflight_bytes()
         t.restart_stream(fp, fp_len)
         self.unsaved_streams = True
         self.tailers = {s: x for s, x in self.tailers.items() if x is not t}
         self.tailers[t.stream] = t
-        t.predecessor = self.promote_copy(old)
+        # The old content (from a copy) goes before the new; anything the old content itself
+        # waited for (an earlier copy, not yet acknowledged) goes before both.
+        prev = t.predecessor
+        copy = self.lost_content(old, f"{shown(t.path)} {what} at {old.size} (acked {old.acked}); "
+                                      "reading it again from 0", doubt)
+        if copy is not None:
+            copy.predecessor = prev
+        t.predecessor = copy or prev
         self.checkpoints_dirty = True
         self.enqueue(t)
+
+    def lost_content(self, old: Checkpoint, what: str, doubt: bool = False) -> Tailer | None:
+        """A stream's file no longer holds its content (truncated, rewritten, replaced): finish
+        it from a copy if there is one; else say at WARNING how many bytes seen could not be
+        shipped. ``doubt``: the file is shipped again from 0 on the strength of changed bytes
+        (it may repeat lines), which is said at WARNING too; a plain truncation or a file read
+        to its end and deleted is INFO."""
+        copy = self.promote_copy(old)
+        if copy is not None:
+            log.log(logging.WARNING if doubt else logging.INFO, "%s; its bytes after %d are read from its "
+                    "copy %s", what, old.acked, shown(copy.path))
+        elif old.size > old.acked:
+            log.warning("%s; %d bytes of the old content (%d to %d of %d bytes, stream %s) could not be "
+                        "shipped", what, old.size - old.acked, old.acked, old.size, old.size, old.stream)
+        else:
+            log.log(logging.WARNING if doubt else logging.INFO, "%s", what)
+        return copy
 
     def promote_copy(self, old: Checkpoint) -> Tailer | None:
         """Finish a truncated stream from its copy, if the copy holds more than was acknowledged."""
@@ -219,29 +429,27 @@ class Following:
                 if name.startswith(prefix) and path != old.path:
                     with contextlib.suppress(OSError):
                         st = os.stat(path)
-                        if st.st_size > old.acked and self._head_matches(path, old):
+                        if st.st_size > old.acked and self._path_matches(path, old):
                             return self._finish_from_copy((st.st_dev, st.st_ino), path, old)
         return None
 
-    @staticmethod
-    def _head_matches(path: str, cp: Checkpoint) -> bool:
+    def _path_matches(self, path: str, cp: Checkpoint) -> bool:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return fingerprint(fd, cp.fp_len)[0] == cp.fp
+            return self._same_content(fd, cp)
         finally:
             os.close(fd)
 
-    def _finish_from_copy(self, ident: tuple[int, int], path: str, old: Checkpoint) -> Tailer | None:
+    def _finish_from_copy(self, ident: Ident, path: str, old: Checkpoint) -> Tailer | None:
         self.shadows.pop(ident, None)
         if ident in self.by_inode:
             return None
         source = next((s for s in self.config.sources if s.topic == old.topic), self.config.sources[0])
-        t = Tailer(source=source, path=path, stream=old.stream, dev=ident[0], ino=ident[1], fp=old.fp,
-                   fp_len=old.fp_len, base=old.base, acked=old.acked, seq=old.seq)
+        t = self._tailer_from(old, source, path)
+        t.dev, t.ino = ident
         if not t.open():
             return None
         t.rotated_at = time.monotonic()
-        log.info("finishing %s's lines from %d in its copy %s", old.path, old.acked, path)
         self.tailers[t.stream] = t
         self.by_inode[ident] = t
         self.unsaved_streams = True
@@ -250,30 +458,45 @@ class Following:
 
     def lost_name(self, t: Tailer, now: float) -> None:
         """No glob match leads to this file any more: it was rotated away or deleted."""
-        if self.by_path.get(t.path) is t:
-            del self.by_path[t.path]
+        self.unindex(t)
         self.predecessors[t.path] = t
         if t.fd is None:
-            found = self.find_in_dir(t)
-            if found is None:
-                log.info("%s is gone (acked %d of it)", t.path, t.acked)
+            found = self.find_elsewhere(t)
+            if found is None or not t.reopen(found):
                 self.forget(t)
+                self.lost_content(self.checkpoint_of(t), f"{shown(t.path)} is gone")
                 return
-            t.path = found
-            t.open()
         t.rotated_at = now
-        log.info("%s was rotated away; reading it to its end", t.path)
+        log.info("%s was rotated away; reading it to its end", shown(t.path))
         self.enqueue(t)
 
-    def find_in_dir(self, t: Tailer | Checkpoint) -> str | None:
-        """The file's new name in its own directory (a rename that left the glob), by inode."""
-        directory = os.path.dirname(t.path)
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(directory):
+    def find_elsewhere(self, t: Tailer | Checkpoint) -> str | None:
+        """The file's new name, by device and inode: in the directory of its name, in the one
+        its symlink led to, or in a directory right under either (logrotate's ``olddir``)."""
+        dirs = [os.path.dirname(t.path)]
+        if t.real_path and os.path.dirname(t.real_path) not in dirs:
+            dirs.append(os.path.dirname(t.real_path))
+        subdirs: list[str] = []
+        for directory in dirs:
+            found = self._find_in(directory, (t.dev, t.ino), subdirs)
+            if found is not None:
+                return found
+        for directory in subdirs:
+            found = self._find_in(directory, (t.dev, t.ino), None)
+            if found is not None:
+                return found
+        return None
+
+    @staticmethod
+    def _find_in(directory: str, ident: Ident, subdirs: list[str] | None) -> str | None:
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
                 with contextlib.suppress(OSError):
                     st = entry.stat(follow_symlinks=False)
-                    if (st.st_dev, st.st_ino) == (t.dev, t.ino):
+                    if (st.st_dev, st.st_ino) == ident:
                         return entry.path
+                    if subdirs is not None and entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.path)
         return None
 
     def resume_rotated_while_down(self) -> None:
@@ -282,26 +505,35 @@ class Following:
         for cp in pending.values():
             if cp.shadow:
                 continue
-            path = self.find_in_dir(cp)
-            if path is None or not self._head_matches(path, cp):
-                log.info("%s (stream %s) is gone since the last run; acked %d", cp.path, cp.stream, cp.acked)
-                continue
-            source = next((s for s in self.config.sources if s.topic == cp.topic), None)
-            if source is None:
-                continue
-            t = self._tailer_from(cp, source, path)
-            if t.open():
-                t.rotated_at = time.monotonic()
-                log.info("finishing %s, rotated while the agent was down, from %d", path, cp.acked)
-                self.tailers[t.stream] = t
-                self.by_inode[(t.dev, t.ino)] = t
-                successor = self.by_path.get(cp.path)
-                if successor is not None and successor.predecessor is None:
-                    successor.predecessor = t
-                self.enqueue(t)
+            with self.guard((cp.dev, cp.ino), cp.path):
+                self._resume_rotated(cp)
+
+    def _resume_rotated(self, cp: Checkpoint) -> None:
+        path = self.find_elsewhere(cp)
+        source = next((s for s in self.config.sources if s.topic == cp.topic), None)
+        if path is None or source is None or not self._path_matches(path, cp):
+            self.lost_content(cp, f"{shown(cp.path)} (stream {cp.stream}) is gone since the last run")
+            return
+        t = self._tailer_from(cp, source, path)
+        if t.open():
+            if t.fd is not None and not t.saved_mark_holds(t.fd):
+                t.close()
+                self.lost_content(cp, f"{shown(cp.path)} (stream {cp.stream}) changed since the last run",
+                                  doubt=True)
+                return
+            t.rotated_at = time.monotonic()
+            log.info("finishing %s, rotated while the agent was down, from %d", shown(path), cp.acked)
+            self.tailers[t.stream] = t
+            self.by_inode[(t.dev, t.ino)] = t
+            successor = self.by_path.get(cp.path)
+            if successor is not None and successor.predecessor is None:
+                successor.predecessor = t
+            self.enqueue(t)
 
     def maybe_forget(self, t: Tailer, now: float) -> None:
-        """Let a rotated-away file go once it is read to its end, acknowledged and quiet."""
+        """Let a rotated-away file go once it is read to its end, acknowledged and quiet for
+        rotated_keep_s: the application may write on through its descriptor, even after the
+        file was unlinked (logrotate's ``compress`` without ``delaycompress``)."""
         if t.fd is not None:
             try:
                 st = os.fstat(t.fd)
@@ -310,10 +542,10 @@ class Following:
             if st is not None and st.st_size > t.ship_pos:
                 self.enqueue(t)
                 return
-            if st is not None and st.st_nlink > 0 and now - t.last_data < self.cfg.rotated_keep_s:
+            if st is not None and now - t.last_data < self.cfg.rotated_keep_s:
                 return
         if t.ship_pos == t.acked and t not in self.unacked:
-            log.info("done with rotated %s at %d", t.path, t.acked)
+            log.info("done with rotated %s at %d", shown(t.path), t.acked)
             self.forget(t)
 
     def enforce_fd_limit(self, now: float) -> None:
@@ -345,6 +577,9 @@ class Following:
                 self.check_size(t, os.fstat(t.fd).st_size)  # type: ignore[arg-type]
             except OSError:
                 continue
+            except Exception as exc:  # as in guard(), without a context manager per event
+                self.failed((t.dev, t.ino), t.path, exc)
+                continue
             self.enqueue(t)
         if unknown:
             self.scan_soon.set()
@@ -358,7 +593,9 @@ class Following:
             self.scan()
             self.rearm_timers()
             if self.watcher is not None:
-                self.watcher.refresh()
+                # Where symlinked files really are: their changes are reported there.
+                self.watcher.refresh({os.path.dirname(t.real_path) for t in self.tailers.values()
+                                      if t.real_path})
             await asyncio.sleep(0.01)  # coalesce bursts of new-file events
 
     def rearm_timers(self) -> None:
@@ -368,3 +605,13 @@ class Following:
                 self.timed.discard(t)
             else:
                 self.enqueue(t)
+
+
+def preferred(entries: list[Named]) -> Named:
+    """Of the names one file has in this scan (a symlink and its target, overlapping globs),
+    the one to follow it by: the first that is not a symlink, else the first."""
+    if len(entries) > 1:
+        for entry in entries:
+            if not os.path.islink(entry[1]):
+                return entry
+    return entries[0]

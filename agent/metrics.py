@@ -21,6 +21,7 @@ Metrics (all prefixed ``fleetlog_agent_``):
     journal_lag_seconds{topic}        journal time between the newest entry and the last acknowledged
     journal_entries_acked_total{topic}, journal_entries_missing_total{topic}
                                       (missing: vacuumed before they were read, see the README)
+    nul_bytes_skipped_total           runs of NULs where a line starts (copytruncate holes), skipped
     connected                         1 once the aggregator answered the hello
     info{agent, mode, version}
 """
@@ -31,6 +32,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from agent.tail import Tailer
 from fleetlog import __version__
 from fleetlog.metrics import MetricsServer
 
@@ -96,6 +98,8 @@ class AgentCollector:
                   sum(1 for t in tailers if t.fd is not None))
         yield one(GaugeMetricFamily(PREFIX + "copies_ignored", "Copies of followed files not shipped"),
                   len(a.shadows))
+        yield one(CounterMetricFamily(PREFIX + "nul_bytes_skipped", "NUL runs where a line starts, skipped"),
+                  Tailer.nul_bytes_total)
         yield one(GaugeMetricFamily(PREFIX + "connected", "1 once the aggregator answered the hello"),
                   1 if transport is not None and transport.instance else 0)
         yield from journal_metrics(a)

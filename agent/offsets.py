@@ -8,6 +8,10 @@ the directory), so a crash leaves either the old or the new version, never a tor
 The same file holds the ``[[journal]]`` sources' checkpoints under ``"journal"`` (one object per
 source: its cursor and its streams' offsets, see agent/journal_source.py); older agents ignore
 the key.
+
+File names are bytes to the kernel and need not be UTF-8. JSON holds text, so ``path`` (and
+``real_path``) hold the name as text (``\\xNN`` for each byte that is not UTF-8) and, only for
+such a name, ``path_base64`` (``real_path_base64``) holds its exact bytes, which win on load.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from agent.tail import name_base64, name_from_base64, shown
 from fleetlog.durable import write_atomic
 
 log = logging.getLogger("fleetlog.agent.offsets")
@@ -42,6 +47,13 @@ class Checkpoint:
     updated: float = 0.0
     # A copy of another stream's file (not shipped; finishes that stream if it gets truncated).
     shadow: bool = False
+    # The mark: a hash of the mark_len bytes just before offset mark_end (at most acked), as
+    # shipped. A file is only taken to be this stream again if it still has them.
+    mark_end: int = 0
+    mark_len: int = 0
+    mark_fp: str = ""
+    size: int = 0          # the file's size when last seen (what a loss of it would cost)
+    real_path: str = ""    # where ``path`` led, if it is a symlink
 
 
 class CheckpointStore:
@@ -71,16 +83,31 @@ class CheckpointStore:
         out: dict[str, Checkpoint] = {}
         for item in doc.get("files", []):
             try:
+                for key in ("path", "real_path"):
+                    raw = item.pop(f"{key}_base64", None)
+                    if raw is not None:
+                        item[key] = name_from_base64(raw)
                 cp = Checkpoint(**item)
-            except TypeError as exc:
+            except (TypeError, ValueError, AttributeError) as exc:
                 log.warning("skipping a malformed checkpoint entry: %s", exc)
                 continue
             out[cp.stream] = cp
         return out
 
     def save(self, checkpoints: list[Checkpoint], journal: list[dict[str, Any]] | None = None) -> None:
-        doc: dict[str, Any] = {"version": FORMAT_VERSION, "files": [asdict(c) for c in checkpoints]}
+        doc: dict[str, Any] = {"version": FORMAT_VERSION, "files": [_entry(c) for c in checkpoints]}
         if journal:
             doc["journal"] = journal
         write_atomic(self.path, orjson.dumps(doc))
         self.existed = True
+
+
+def _entry(cp: Checkpoint) -> dict[str, Any]:
+    entry = asdict(cp)
+    for key in ("path", "real_path"):
+        name = entry[key]
+        raw = name_base64(name)
+        if raw is not None:
+            entry[key] = shown(name)
+            entry[f"{key}_base64"] = raw
+    return entry

@@ -69,7 +69,11 @@ class StatusServer:
             except wire.WireError:
                 continue
             if req.get("command") == "status":
-                reply = wire.encode_reply(req.get("id"), self.agent.status())
+                try:
+                    reply = wire.encode_reply(req.get("id"), self.agent.status())
+                except (TypeError, ValueError) as exc:  # a value JSON cannot carry: a bug, not a stop
+                    log.error("status reply failed: %s", exc)
+                    reply = wire.encode_reply(req.get("id"), error=f"status failed: {exc}")
             else:
                 reply = wire.encode_reply(req.get("id"), error=f"unknown command {req.get('command')!r}")
             with contextlib.suppress(zmq.ZMQError):

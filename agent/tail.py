@@ -1,9 +1,14 @@
 """Following one file incarnation: identity, reading complete lines in large blocks.
 
-A ``Tailer`` owns one *stream*: one file identity (device, inode and a fingerprint of the first
-bytes) on this agent. It reads from ``ship_pos`` (the end of what was handed to the shipper) with
-one ``pread`` of up to a batch's worth, cuts at the last newline and splits in C; no Python work
-happens per line on this path. What lies after the last newline is a partial line: it stays in
+A ``Tailer`` owns one *stream*: one file identity (device, inode, a fingerprint of the first
+bytes, and *marks*: the bytes just before the ends of what it shipped) on this agent. Before each
+read it checks that the bytes before ``ship_pos`` are still the ones it shipped: a file truncated
+and written again past the offset while the agent was not looking has other bytes there
+(``Rewritten``), even when it starts with the same banner.
+
+It reads from ``ship_pos`` (the end of what was handed to the shipper) with one ``pread`` of up
+to a batch's worth, cuts at the last newline and splits in C; no Python work happens per line
+on this path. What lies after the last newline is a partial line: it stays in
 the file (the file is the buffer) until its newline arrives, or is shipped as it is after
 ``partial_line_timeout_ms``.
 
@@ -15,11 +20,13 @@ keeps being followed.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -27,6 +34,53 @@ from agent.config import SourceConfig
 from fleetlog import wire
 
 FP_LEN = 1024
+# How many bytes before a shipped offset a mark holds: enough that two files of lines that differ
+# only in a counter or a time stamp differ here too.
+MARK_LEN = 1024
+# Marks of batches in flight (ends not yet acknowledged); older ones are dropped, which only
+# leaves an older acknowledged mark to compare against.
+MAX_MARKS = 512
+# Up to this many new bytes, the mark check and the read are one pread (the copy is cheaper than
+# a second system call).
+SMALL_READ = 16384
+
+
+class Rewritten(Exception):
+    """The bytes before the offset about to be read are not the ones shipped from there."""
+
+
+def shown(path: str) -> str:
+    """A file name as text that JSON and a terminal carry: the name itself if it is UTF-8,
+    else its bytes with each undecodable one written ``\\xNN``."""
+    if path.isascii():
+        return path
+    try:
+        path.encode()
+        return path
+    except UnicodeEncodeError:  # surrogateescape'd bytes of a name that is not UTF-8
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def name_base64(path: str) -> str | None:
+    """The exact bytes of a name that is not UTF-8, base64 (None for a UTF-8 name)."""
+    if shown(path) is path:
+        return None
+    return base64.b64encode(os.fsencode(path)).decode()
+
+
+def name_from_base64(text: str) -> str:
+    """The name ``name_base64`` encoded, as Python holds file names (surrogateescape)."""
+    return os.fsdecode(base64.b64decode(text))
+
+
+def mark_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def bytes_before(fd: int, end: int, length: int = MARK_LEN) -> bytes:
+    """Up to ``length`` bytes of the file just before offset ``end``."""
+    start = max(0, end - length)
+    return os.pread(fd, end - start, start)
 
 
 def fingerprint(fd: int, length: int = FP_LEN) -> tuple[str, int]:
@@ -65,6 +119,7 @@ class Chunk:
 @dataclass(eq=False)
 class Tailer:
     open_files: ClassVar[int] = 0  # descriptors held by all tailers of this process
+    nul_bytes_total: ClassVar[int] = 0  # NUL runs skipped by all tailers (copytruncate holes)
 
     source: SourceConfig
     path: str
@@ -93,6 +148,18 @@ class Tailer:
     next_read: float = 0.0
     discarded_bytes: int = 0
     cut_lines: int = 0
+    nul_bytes_skipped: int = 0
+    # Where the name leads when it is a symlink (events and rotations happen there).
+    real_path: str = ""
+    # (end, the bytes just before end) for batches shipped and not yet acknowledged, and for the
+    # acknowledged offset: what "is this still the file I shipped from?" is checked against.
+    marks: deque[tuple[int, bytes]] = field(default_factory=lambda: deque(maxlen=MAX_MARKS), repr=False)
+    acked_mark: tuple[int, bytes] | None = field(default=None, repr=False)
+    # From a checkpoint, until verified against the file: (end, length, hash).
+    saved_mark: tuple[int, int, str] | None = None
+    _acked_mark_fp: tuple[int, str] = (-1, "")
+    _buf: bytes = field(default=b"", repr=False)
+    _buf_at: int = 0
     _start_re: re.Pattern[bytes] | None = None
     # The rotated file this one replaced: read to its end first. And, on that rotated file,
     # whether its successor waits (then a partial last line is final and ships at once).
@@ -115,6 +182,37 @@ class Tailer:
     @property
     def lag_bytes(self) -> int:
         return max(0, self.size - self.acked)
+
+    # -- marks: the bytes just before what was shipped ------------------------------------------
+
+    def saved_mark_holds(self, fd: int) -> bool:
+        """Whether the file open as ``fd`` has the checkpoint's mark; if so, keep its bytes."""
+        if self.saved_mark is None:
+            return True
+        end, length, digest = self.saved_mark
+        data = os.pread(fd, length, end - length) if end >= length else b""
+        if len(data) != length or mark_hash(data) != digest:
+            return False
+        self.acked_mark = (end, data)
+        self.saved_mark = None
+        return True
+
+    def acked_to(self, end: int) -> None:
+        """Acknowledged up to ``end``: the mark of the batch ending there becomes the acked one."""
+        marks = self.marks
+        while marks and marks[0][0] <= end:
+            mark = marks.popleft()
+            if mark[0] == end:
+                self.acked_mark = mark
+
+    def mark_fields(self) -> tuple[int, int, str]:
+        """The acknowledged mark for the checkpoint: (end, length, hash); (0, 0, "") if none."""
+        if self.acked_mark is not None:
+            end, data = self.acked_mark
+            if self._acked_mark_fp[0] != end:  # hashed once per acknowledged batch, not per save
+                self._acked_mark_fp = (end, mark_hash(data))
+            return end, len(data), self._acked_mark_fp[1]
+        return self.saved_mark or (0, 0, "")
 
     def head_unchanged(self) -> bool:
         """Whether the file (open) still starts with the ``fp_len`` bytes hashed as ``fp``."""
@@ -141,6 +239,14 @@ class Tailer:
         self.attach(fd, st.st_size)
         return True
 
+    def reopen(self, path: str) -> bool:
+        """Open under ``path`` (its new name), if that leads to our inode."""
+        old, self.path = self.path, path
+        if self.open():
+            return True
+        self.path = old
+        return False
+
     def attach(self, fd: int, size: int) -> None:
         self.fd = fd
         self.size = size
@@ -154,6 +260,9 @@ class Tailer:
 
     def restart_stream(self, fp: str, fp_len: int) -> None:
         """The file was truncated: its new content is a new stream, read from offset 0."""
+        self.marks.clear()
+        self.acked_mark = None
+        self.saved_mark = None
         self.stream = new_stream_id()
         self.fp, self.fp_len = fp, fp_len
         self.base = self.acked = self.ship_pos = 0
@@ -166,6 +275,8 @@ class Tailer:
     def rewind(self, offset: int) -> None:
         """Ship again from ``offset`` (unacknowledged data, or where the aggregator says it stands)."""
         self.ship_pos = offset
+        while self.marks and self.marks[-1][0] > offset:
+            self.marks.pop()  # read again, and marked again, from here
         self.rewind_seq = self.seq
         self.partial_since = None
         self.skipping = False
@@ -176,10 +287,29 @@ class Tailer:
         """The next batch of complete lines from ``ship_pos``, or None if there is nothing to ship.
 
         ``final`` ships a held partial line or record at once (the file was rotated away).
+        Raises ``Rewritten`` if the bytes before ``ship_pos`` are not the ones shipped, and
+        OSError from the file.
         """
+        mark = self.marks[-1] if self.marks else self.acked_mark
+        check = mark[1] if mark is not None and mark[0] == self.ship_pos else None
+        chunk = self._read(max_bytes, max_lines, now, final, check)
+        if chunk is not None and chunk.end > chunk.start:
+            # The mark of this batch: the bytes before its end, from the block just read (one
+            # more small pread only when the block began less than MARK_LEN before it).
+            end = chunk.end
+            off = end - self._buf_at
+            data = self._buf[off - MARK_LEN if off > MARK_LEN else 0:off]
+            if len(data) < MARK_LEN and end > len(data) and self.fd is not None:
+                data = bytes_before(self.fd, end - len(data), MARK_LEN - len(data)) + data
+            self.marks.append((end, data))
+        self._buf = b""  # a batch's worth per file would add up over thousands of files
+        return chunk
+
+    def _read(self, max_bytes: int, max_lines: int, now: float, final: bool,
+              check: bytes | None) -> Chunk | None:
         src = self.source
         start = self.ship_pos
-        data = self._pread(start, max_bytes)
+        data = self._pread(start, max_bytes, check)
         if not data:
             return None
         self.last_data = now
@@ -193,6 +323,16 @@ class Tailer:
             skipped = nl + 1
             data = data[skipped:]
             self.skipping = False
+        if data[:1] == b"\0":
+            # A run of NULs where a line starts: the hole a writer without O_APPEND leaves when
+            # it writes on at its old offset after copytruncate. Not a line: skipped, counted.
+            run = len(data) - len(data.lstrip(b"\0"))
+            self.nul_bytes_skipped += run
+            Tailer.nul_bytes_total += run
+            if run == len(data):
+                return Chunk(start, start + skipped + run, [])
+            skipped += run
+            data = data[run:]
         nl = data.rfind(b"\n")
         if nl < 0:
             return self._no_newline(start, skipped, data, now, final)
@@ -222,9 +362,10 @@ class Tailer:
         lines = self._split(body)
         return Chunk(start, start + skipped + consumed, lines)
 
-    def _pread(self, start: int, max_bytes: int) -> bytes:
+    def _pread(self, start: int, max_bytes: int, check: bytes | None = None) -> bytes:
         """What is there from ``start``, up to a batch (or up to a line's cut, for a line longer
-        than a batch)."""
+        than a batch). ``check``: the bytes shipped just before ``start``; Rewritten if the file
+        has others there."""
         if self.fd is None:
             return b""
         # Ask for what is there: a 1 MiB pread near the end of a file costs an allocation of
@@ -232,10 +373,25 @@ class Tailer:
         self.size = os.fstat(self.fd).st_size
         if self.size <= start:
             return b""
-        data = os.pread(self.fd, min(max_bytes, self.size - start), start)
+        n = min(max_bytes, self.size - start)
+        if check is None:
+            data = os.pread(self.fd, n, start)
+        elif n <= SMALL_READ and n < max_bytes:
+            # A small read takes the mark's bytes with it: one system call, a small copy; and
+            # the next mark is then in the block even if the new bytes are fewer than MARK_LEN.
+            both = os.pread(self.fd, len(check) + n, start - len(check))
+            if not both.startswith(check):
+                raise Rewritten(self.path)
+            self._buf, self._buf_at = both, start - len(check)
+            return both[len(check):]
+        else:
+            if os.pread(self.fd, len(check), start - len(check)) != check:
+                raise Rewritten(self.path)
+            data = os.pread(self.fd, n, start)
         max_line = self.source.max_line_bytes
         if len(data) == max_bytes and max_line >= max_bytes and data.find(b"\n") < 0:
             data += os.pread(self.fd, max_line + 1 - len(data), start + len(data))
+        self._buf, self._buf_at = data, start
         return data
 
     def _no_newline(self, start: int, skipped: int, data: bytes, now: float, final: bool) -> Chunk | None:

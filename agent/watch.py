@@ -64,23 +64,41 @@ class Watcher:
         self.on_change = on_change
         self.cfg = cfg
         self.roots: list[str] = []
+        # Each root's (device, inode) when watched: a directory deleted and created again has
+        # another, and the old watch sees nothing of it.
+        self.root_ids: list[tuple[int, int]] = []
+        self.recursive = any("**" in p for s in sources for p in s.paths) or any(
+            glob.has_magic(os.path.dirname(p)) for s in sources for p in s.paths)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def wanted_roots(self) -> list[str]:
-        roots = {glob_root(p) for s in self.sources for p in s.paths}
+    def wanted_roots(self, extra: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """The directories to watch: each glob's fixed part, and ``extra`` (where symlinked
+        files really are). A root inside another is dropped only when watching recursively:
+        ``/var/log/syslog`` and ``/var/log/nginx/*.log`` need both directories watched."""
+        roots = {glob_root(p) for s in self.sources for p in s.paths} | set(extra)
         existing = {r for r in roots if os.path.isdir(r)}
-        # Drop roots inside other roots when watching recursively.
+        if not self.recursive:
+            return sorted(existing)
         return sorted(r for r in existing
                       if not any(r != o and r.startswith(o.rstrip(os.sep) + os.sep) for o in existing))
 
-    def refresh(self) -> None:
-        """Start, or restart when the set of existing roots changed (a log dir was created)."""
-        roots = self.wanted_roots()
-        if roots == self.roots and self._thread is not None and self._thread.is_alive():
+    def refresh(self, extra: set[str] | frozenset[str] = frozenset()) -> None:
+        """Start, or restart when the set of existing roots changed (a log dir was created, or
+        deleted and created again)."""
+        roots = self.wanted_roots(extra)
+        ids = []
+        for root in roots:
+            try:
+                st = os.stat(root)
+            except OSError:
+                continue
+            ids.append((st.st_dev, st.st_ino))
+        if roots == self.roots and ids == self.root_ids and self._thread is not None \
+                and self._thread.is_alive():
             return
         self.stop()
-        self.roots = roots
+        self.roots, self.root_ids = roots, ids
         if roots:
             self._stop = threading.Event()
             self._thread = threading.Thread(
@@ -90,8 +108,7 @@ class Watcher:
 
     def _run(self, roots: list[str], stop: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
         background_thread()  # and so the thread watchfiles starts to read inotify
-        recursive = any("**" in p for s in self.sources for p in s.paths) or any(
-            glob.has_magic(os.path.dirname(p)) for s in self.sources for p in s.paths)
+        recursive = self.recursive
         cfg = self.cfg
         try:
             with RustNotify(roots, False, cfg.force_polling, 100, recursive, True) as notify:

@@ -104,17 +104,22 @@ def valid_topic(topic: str) -> bool:
 
 def batch_frames(topic: bytes, agent: str, stream: str, base: int, path: str, file: str, seq: int,
                  start: int, end: int, lines: list[str] | str,
-                 fields: list[dict[str, Any]] | orjson.Fragment | None = None) -> list[bytes]:
+                 fields: list[dict[str, Any]] | orjson.Fragment | None = None,
+                 path_base64: str | None = None) -> list[bytes]:
     """Frames of one data message, from its fields (the agent's hot path: no Batch object).
     ``lines`` as one string (every line ending in a newline) makes a version 2 body; ``fields``
     (one object per line, version 1 only; or that list already encoded, as an
-    ``orjson.Fragment``) adds each line's structured fields."""
+    ``orjson.Fragment``) adds each line's structured fields. ``path_base64``: the exact bytes
+    of a file name that is not UTF-8 (``path`` then shows each byte that is not UTF-8 as
+    ``\\xNN``); readers that do not know it ignore it."""
     text = type(lines) is str
     doc: dict[str, Any] = {"v": 2 if text else 1, "agent": agent, "stream": stream, "base": base,
                            "path": path, "file": file, "seq": seq, "start": start, "end": end,
                            "text" if text else "lines": lines}
     if fields is not None:
         doc["fields"] = fields
+    if path_base64 is not None:
+        doc["path_base64"] = path_base64
     return [topic, orjson.dumps(doc)]
 
 

@@ -125,7 +125,11 @@ class Harness:
 
     def endpoints(self, tcp: bool = False) -> Endpoints:
         if tcp:
-            return Endpoints(*(f"tcp://127.0.0.1:{free_port()}" for _ in range(4)))
+            ports: list[int] = []
+            while len(ports) < 4:  # the kernel may hand the same free port out twice in a row
+                if (port := free_port()) not in ports:
+                    ports.append(port)
+            return Endpoints(*(f"tcp://127.0.0.1:{p}" for p in ports))
         return Endpoints(*(f"ipc://{self.root}/{n}.sock" for n in ("pull", "xsub", "xpub", "ctl")))
 
     def _proc(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -148,7 +152,10 @@ class Harness:
         return self._proc("aggregator", args, env).start()
 
     def agent(self, ep: Endpoints, sources: list[dict[str, Any]], *extra: str, name: str = "node1",
-              mode: str = "push", state: str | None = None, env: dict[str, str] | None = None) -> Proc:
+              mode: str = "push", state: str | None = None, env: dict[str, str] | None = None,
+              wrap: list[str] | None = None) -> Proc:
+        """An agent; ``wrap`` is a command the agent runs under (e.g. ``setpriv`` to drop
+        capabilities), given the agent's own argv."""
         state_dir = self.root / (state or f"st-{name}")
         sources_toml = "[" + ", ".join(_inline_table(s) for s in sources) + "]"
         args = [PY, "-m", "agent",
@@ -162,7 +169,7 @@ class Harness:
                 "--set", f"sources={sources_toml}"]
         for item in extra:
             args += ["--set", item]
-        proc = self._proc(f"agent-{name}", args, env)
+        proc = self._proc(f"agent-{name}", [*(wrap or []), *args], env)
         proc.state_dir = state_dir
         return proc.start()
 

@@ -52,6 +52,18 @@ def agent_status(h: Harness, name: str = "node1") -> dict[str, object]:
     return s
 
 
+def following(h: Harness, path: Path, name: str = "node1") -> None:
+    """Wait until the agent follows ``path`` (created here if missing). A file created and
+    rotated away before the agent ever saw it cannot be shipped; under load an agent can take
+    longer to start than a test takes to rotate twice."""
+    path.touch()
+    st = path.stat()
+    ident = f"{st.st_dev}:{st.st_ino}:"
+    wait_for(lambda: (s := h.agent_status(name)) is not None
+             and any(f["path"] == str(path) and f["identity"].startswith(ident) for f in s["files"]),
+             what=f"the agent following {path}")
+
+
 @needs_logrotate
 @pytest.mark.parametrize("hold_open", [False, True], ids=["reopen-per-write", "holds-fd"])
 def test_rotate_rename_create(h: Harness, hold_open: bool) -> None:
@@ -59,6 +71,7 @@ def test_rotate_rename_create(h: Harness, hold_open: bool) -> None:
     log = h.path("logs", "app.log")
     h.aggregator(ep)
     h.agent(ep, [{"paths": [str(log)], "topic": "app"}])
+    following(h, log)
     writer = Writer({"a": log}, lines_per_tick=20, tick_s=0.003, hold_open=hold_open).start()
     for _ in range(4):
         time.sleep(0.4)
@@ -66,6 +79,7 @@ def test_rotate_rename_create(h: Harness, hold_open: bool) -> None:
         if hold_open:
             time.sleep(0.1)  # the application writes on into the renamed file for a moment
             writer.reopen()
+        following(h, log)  # a file created and rotated away unseen is a case of its own
     counts = writer.stop()
     check_exactly_once(settle(h, "app", counts["a"]), counts)
 
@@ -96,6 +110,7 @@ def test_copytruncate_under_load_finishes_from_the_copy(h: Harness) -> None:
     log = h.path("logs", "app.log")
     h.aggregator(ep)
     h.agent(ep, [{"paths": [str(log)], "topic": "app"}])
+    following(h, log)
     writer = Writer({"a": log}, lines_per_tick=40, tick_s=0.002).start()
     for _ in range(3):
         time.sleep(0.5)
