@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from agent.transport import Transport
 from agent.watch import Watcher
 from fleetlog import __version__, wire
 from fleetlog.dirlock import DirectoryLock
-from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
+from fleetlog.runtime import SystemdNotifier, Wakeup, raise_open_files_limit, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
 from fleetlog.wire import MIN_WINDOW
 
@@ -108,6 +109,15 @@ class Agent(Following):
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def startup(self) -> None:
+        limit = raise_open_files_limit()
+        # Descriptors for followed files stay below the limit, with a reserve for the sockets,
+        # the watcher, the status socket and the checkpoint file (whose save must never fail
+        # for want of one).
+        bound = max(8, limit - 64)
+        if self.cfg.max_open_files > bound:
+            log.warning("descriptor limit %d: following at most %d files open at once (max_open_files "
+                        "is %d)", limit, bound, self.cfg.max_open_files)
+            self.cfg = dataclasses.replace(self.cfg, max_open_files=bound)
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         # Before the checkpoints are read: a second agent here would overwrite them (and take
         # over the status socket).
@@ -574,7 +584,7 @@ class Agent(Following):
         if paths != self.reported_paths:
             # The files followed, only when they changed (and at most 1,000 of them).
             self.reported_paths = paths
-            args["file_list"] = paths[:1000]
+            args["file_list"] = [shown(p) for p in paths[:1000]]  # names as text JSON carries
         if self.journals:
             args["journal_lag_entries"], args["journal_lag_s"] = self.journals.lag()
         return args

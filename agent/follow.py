@@ -399,7 +399,8 @@ class Following:
         self.checkpoints_dirty = True
         self.enqueue(t)
 
-    def lost_content(self, old: Checkpoint, what: str, doubt: bool = False) -> Tailer | None:
+    def lost_content(self, old: Checkpoint, what: str, doubt: bool = False,
+                     unseen: bool = False) -> Tailer | None:
         """A stream's file no longer holds its content (truncated, rewritten, replaced): finish
         it from a copy if there is one; else say at WARNING how many bytes seen could not be
         shipped. ``doubt``: the file is shipped again from 0 on the strength of changed bytes
@@ -412,6 +413,11 @@ class Following:
         elif old.size > old.acked:
             log.warning("%s; %d bytes of the old content (%d to %d of %d bytes, stream %s) could not be "
                         "shipped", what, old.size - old.acked, old.acked, old.size, old.size, old.stream)
+        elif unseen:
+            # Gone while the agent was down: lines written after it stopped, if any, were never
+            # seen (rotated and compressed at once, or deleted); nobody can count them.
+            log.warning("%s; anything written to it after the agent stopped could not be shipped "
+                        "(use delaycompress, or keep the rotated file under a watched glob)", what)
         else:
             log.log(logging.WARNING if doubt else logging.INFO, "%s", what)
         return copy
@@ -512,7 +518,8 @@ class Following:
         path = self.find_elsewhere(cp)
         source = next((s for s in self.config.sources if s.topic == cp.topic), None)
         if path is None or source is None or not self._path_matches(path, cp):
-            self.lost_content(cp, f"{shown(cp.path)} (stream {cp.stream}) is gone since the last run")
+            self.lost_content(cp, f"{shown(cp.path)} (stream {cp.stream}) is gone since the last run",
+                              unseen=True)
             return
         t = self._tailer_from(cp, source, path)
         if t.open():

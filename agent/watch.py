@@ -71,6 +71,9 @@ class Watcher:
             glob.has_magic(os.path.dirname(p)) for s in sources for p in s.paths)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The roots (and their identities) watching last failed on: not tried again, nor said
+        # again, until they change (a name watchfiles cannot decode fails it at every try).
+        self._gave_up: tuple[list[str], list[tuple[int, int]]] | None = None
 
     def wanted_roots(self, extra: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """The directories to watch: each glob's fixed part, and ``extra`` (where symlinked
@@ -94,9 +97,9 @@ class Watcher:
             except OSError:
                 continue
             ids.append((st.st_dev, st.st_ino))
-        if roots == self.roots and ids == self.root_ids and self._thread is not None \
-                and self._thread.is_alive():
-            return
+        if roots == self.roots and ids == self.root_ids and (
+                (self._thread is not None and self._thread.is_alive()) or self._gave_up == (roots, ids)):
+            return  # watching already, or watching these roots failed: the rescan finds changes
         self.stop()
         self.roots, self.root_ids = roots, ids
         if roots:
@@ -126,7 +129,9 @@ class Watcher:
             if stop.is_set() or loop.is_closed():
                 return
             # The rescan still finds everything; only wake-ups are slower.
-            log.warning("file watching on %s stopped (%s); relying on the periodic rescan", roots, exc)
+            self._gave_up = (list(self.roots), list(self.root_ids))
+            log.warning("file watching on %s stopped (%s); relying on the periodic rescan until the "
+                        "watched directories change", roots, exc)
 
     def stop(self) -> None:
         """Stop the thread; it notices within one watch step."""

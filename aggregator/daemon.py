@@ -32,12 +32,11 @@ from aggregator.writer import (
     SinkError,
     TopicFile,
     open_files_bound,
-    raise_open_files_limit,
     uncompressed_rotated,
 )
 from fleetlog import __version__, curve, wire
 from fleetlog.dirlock import DirectoryLock
-from fleetlog.runtime import SystemdNotifier, Wakeup, start_zmq_threads, supervise
+from fleetlog.runtime import SystemdNotifier, Wakeup, raise_open_files_limit, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
 
 log = logging.getLogger("fleetlog.aggregator")

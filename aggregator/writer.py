@@ -99,17 +99,6 @@ def rotated_name(topic: str, when: float, n: int = 0) -> str:
     return f"{topic}.{stamp}.log" if n == 0 else f"{topic}.{stamp}_{n:03d}.log"
 
 
-def raise_open_files_limit() -> int:
-    """Raise this process's soft RLIMIT_NOFILE to its hard limit (as the Go runtime and nginx
-    do); return the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20
-
-
 def open_files_bound(limit: int) -> int:
     """How many topic files stay open at once under a descriptor ``limit``: half of it; the other
     half is for ZeroMQ's connections (one per agent and endpoint), the journal and the rest."""

@@ -523,3 +523,42 @@ def test_non_utf8_name_round_trips_in_checkpoints_and_on_the_wire(tmp_path: Path
                                              ino=3, fp="fp", fp_len=1024, base=0, acked=0),
                              Chunk(0, 6, "hello\n", 1), v2=True)
     assert "path_base64" not in orjson.loads(plain[1])  # a UTF-8 name is just itself
+
+
+def test_non_utf8_directory_name_is_shipped_and_the_agent_lives(h: Harness) -> None:
+    """A directory name that is not UTF-8 reaches the heartbeats' file list and the watcher too:
+    neither may stop the agent (nor flood its log)."""
+    ep = h.endpoints()
+    h.aggregator(ep)
+    odd_dir = os.fsencode(h.path("logs")) + b"/caf\xe9"
+    os.mkdir(odd_dir)
+    with open(odd_dir + b"/x.log", "wb") as fh:
+        fh.write(("\n".join(make_lines("x", 0, 10)) + "\n").encode())
+    (h.path("logs", "ok")).mkdir()
+    append_lines(h.path("logs", "ok", "ok.log"), make_lines("o", 0, 10))
+    agent = h.agent(ep, [{"paths": [f"{h.path('logs')}/*/*.log"], "topic": "app"}])
+    settle(h, "app", 20)
+    # Heartbeats (with the file list) went out, and lines written later still ship.
+    wait_for(lambda: any(a["file_list"] for a in h.status(ep)["agents"]), what="the file list heard")
+    append_lines(h.path("logs", "ok", "ok.log"), make_lines("o", 10, 10))
+    records = settle(h, "app", 30)
+    assert agent.alive()
+    check_exactly_once(records, {"x": 10, "o": 20})
+    h.assert_quiet(ep)
+
+
+def test_descriptor_limit_below_max_open_files_ships_every_file(h: Harness) -> None:
+    """An agent under a low descriptor limit (a shell's 1024, or less) keeps its followed files
+    below it, with a reserve for its sockets and checkpoints, and ships every file."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is needed")
+    ep = h.endpoints()
+    h.aggregator(ep)
+    for i in range(150):
+        append_lines(h.path("logs", f"f{i:03d}.log"), make_lines(f"f{i:03d}", 0, 3))
+    agent = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}],
+                    "agent.rescan_interval_ms=5000", wrap=["prlimit", "--nofile=100", "--"])
+    records = settle(h, "app", 450, timeout=60)
+    check_exactly_once(records, {f"f{i:03d}": 3 for i in range(150)})
+    assert "descriptor limit" in agent.log() and "cannot save checkpoints" not in agent.log()
+    h.assert_quiet(ep)
