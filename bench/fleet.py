@@ -503,7 +503,9 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
     expected = {int(name[4:]): n for r in results for name, n in r["lines"].items()}
     out = os.path.join(d, "out")
     v = verify([os.path.join(out, t) for t in sorted(os.listdir(out))], expected)
-    warm = [(t, n) for t, n in written if t >= t0 + args.warmup_s]
+    # The steady rate before any restart: a restarted aggregator counts its lines from zero.
+    until = t0 + restarted_at if restarted_at is not None else float("inf")
+    warm = [(t, n) for t, n in written if t0 + args.warmup_s <= t < until]
     steady = (warm[-1][1] - warm[0][1]) / (warm[-1][0] - warm[0][0]) if len(warm) >= 2 else float("nan")
     lat = [x for r in results for x in r["latencies_s"]]
     stats: dict[str, int] = {}
