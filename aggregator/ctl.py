@@ -321,7 +321,12 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
     if not wire.valid_topic(args.topic):
         print(f"aggregatorctl: not a topic name: {args.topic!r}", file=sys.stderr)
         return 2
-    xpub = client.call("tail", topic=args.topic)["xpub"]
+    where = client.call("tail", topic=args.topic)
+    xpub = where["xpub"]
+    if where.get("curve") and client.curve_keys is None:
+        print(f"aggregatorctl: the aggregator publishes on {xpub} with CURVE only: give --curve-key "
+              "(an authorised key) and --server-key (the aggregator's public key)", file=sys.stderr)
+        return 2
     host = client.endpoint[len("tcp://"):].rsplit(":", 1)[0] if client.endpoint.startswith("tcp://") \
         else "127.0.0.1"
     sub = client.socket(zmq.SUB)
@@ -448,7 +453,7 @@ def keygen(name: str, directory: str) -> int:
         return 1
     print(f"public key  {public}")
     print(f"secret key  {secret}  (mode 0600: it never leaves this host)")
-    print("Where they go:")
+    print("Where they go, depending on whose key this is:")
     print(f"  an agent's key:       {public} into the aggregator's authorized_keys_dir;")
     print(f"                        agent.curve_secret_key = \"{secret}\" on the agent")
     print(f"  the aggregator's key: aggregator.curve_secret_key = \"{secret}\";")

@@ -9,4 +9,6 @@ ADMIN = False
 
 
 async def run(agg: Any, args: dict[str, Any], peer: Any) -> dict[str, Any]:
-    return {"xpub": agg.cfg.xpub}
+    # "curve": the XPUB endpoint requires CURVE, so that aggregatorctl can say so rather than
+    # wait in silence when it has no keys (it may have reached us over the plain ipc:// socket).
+    return {"xpub": agg.cfg.xpub, "curve": bool(agg.guard.enabled)}
