@@ -493,3 +493,9 @@ def test_curve_rollout_in_ansible_order_ends_shipping(h: Harness, keys: Keys, wr
     assert agg.stop(signal.SIGTERM) == 0, agg.log()[-3000:]
     for proc in (agg, *agents):
         assert "Traceback" not in proc.log() and "destroyed but it is pending" not in proc.log(), proc.log()
+
+
+def test_tail_without_keys_says_the_stream_needs_curve(h: Harness, keys: Keys) -> None:
+    _tcp, local = secure_aggregator(h, keys)
+    r = h.ctl(local, "tail", "sec")  # the ipc control socket answers; XPUB is CURVE only
+    assert r.returncode == 2 and "CURVE only" in r.stderr, r.stderr
