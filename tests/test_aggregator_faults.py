@@ -58,9 +58,6 @@ def fill(directory: Path, leave_bytes: int) -> Path:
     return filler
 
 
-def all_acknowledged(h: Harness, name: str = "node1") -> bool:
-    s = h.agent_status(name)
-    return s is not None and bool(s["files"]) and all(f["offset"] == f["size"] for f in s["files"])
 
 
 def agg_log_since(agg: Proc, mark: int) -> str:
@@ -93,7 +90,7 @@ def test_state_disk_full_then_room_again_loses_nothing(h: Harness, mounts: list[
     wait_for(lambda: len(output_lines(h.path("out"), "app")) > stuck_at + 500, timeout=30,
              what="lines flowing again")
     expected = writer.stop()
-    wait_for(lambda: all_acknowledged(h), timeout=60, what="every line acknowledged")
+    wait_for(lambda: h.all_acknowledged(), timeout=60, what="every line acknowledged")
     check_exactly_once(output_lines(h.path("out"), "app"), expected)
     log = agg.log()
     assert log.count("cannot commit") == 1, log  # once per state change, not per retry
@@ -125,7 +122,7 @@ def ship_and_kill(h: Harness, ep: Endpoints, chunks: int = 40,
         append_lines(path, make_lines("a", i * per_chunk, per_chunk))
         wait_for(lambda i=i: len(output_lines(h.path("out"), "app")) >= (i + 1) * per_chunk,
                  timeout=20, what=f"chunk {i}")
-    wait_for(lambda: all_acknowledged(h), timeout=30, what="every line acknowledged")
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="every line acknowledged")
     agg.kill9()
     return agg, {"a": chunks * per_chunk}
 
@@ -139,7 +136,7 @@ def restart_and_finish(h: Harness, ep: Endpoints, expected: dict[str, int]) -> P
     total = {"a": expected["a"] + 100}
     wait_for(lambda: len(output_lines(h.path("out"), "app")) >= total["a"], timeout=30,
              what="lines after the restart")
-    wait_for(lambda: all_acknowledged(h), timeout=30, what="every line acknowledged")
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="every line acknowledged")
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.path("out"), "app"), total)
     return agg
@@ -280,7 +277,7 @@ def test_one_unwritable_topic_holds_back_only_itself(h: Harness, mounts: list[Pa
     wait_for(lambda: len(output_lines(out, "bad")) >= 3000, timeout=60,
              what="the full topic once there is room")
     expected = writer.stop()
-    wait_for(lambda: all_acknowledged(h), timeout=30, what="every line acknowledged")
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="every line acknowledged")
     h.assert_quiet(ep)
     check_exactly_once(output_lines(out, "good"), {"g": expected["g"]})
     check_exactly_once(output_lines(out, "bad"), {"b": expected["b"]})
@@ -313,7 +310,7 @@ def test_descriptor_limit_never_doubles_lines(h: Harness) -> None:
     wait_for(lambda: sum(len(output_lines(out, t)) for t in paths) >= 20 * n, timeout=120,
              what="every topic's lines")
     expected = writer.stop()
-    wait_for(lambda: all_acknowledged(h), timeout=60, what="every line acknowledged")
+    wait_for(lambda: h.all_acknowledged(), timeout=60, what="every line acknowledged")
     h.assert_quiet(ep)
     for tag in paths:
         check_exactly_once(output_lines(out, tag), {tag: expected[tag]})
@@ -409,7 +406,7 @@ def test_descriptor_limit_lowered_while_running_never_doubles_lines(h: Harness) 
     wait_for(lambda: sum(len(output_lines(out, t)) for t in paths) >= 20 * n, timeout=120,
              what="every topic's lines")
     expected = writer.stop()
-    wait_for(lambda: all_acknowledged(h), timeout=60, what="every line acknowledged")
+    wait_for(lambda: h.all_acknowledged(), timeout=60, what="every line acknowledged")
     h.assert_quiet(ep)
     for tag in paths:
         check_exactly_once(output_lines(out, tag), {tag: expected[tag]})
@@ -443,7 +440,7 @@ def test_rotation_with_a_full_state_dir_loses_nothing(h: Harness, mounts: list[P
     r = h.ctl(ep, "rotate", "app")
     assert r.returncode == 0, r
     expected = writer.stop()
-    wait_for(lambda: all_acknowledged(h), timeout=60, what="every line acknowledged")
+    wait_for(lambda: h.all_acknowledged(), timeout=60, what="every line acknowledged")
     h.assert_quiet(ep)
     check_exactly_once(output_lines(out, "app", include_rotated=True), expected)
     assert agg.stop() == 0

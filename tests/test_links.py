@@ -11,16 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from harness import Harness, Writer, append_lines, check_exactly_once, make_lines, output_lines, wait_for
-
-
-def lines_of(h: Harness, topic: str = "app") -> list[str]:
-    return output_lines(h.path("out"), topic)
-
-
-def acknowledged(h: Harness, name: str = "node1") -> bool:
-    s = h.agent_status(name)
-    return s is not None and s["lag_bytes"] == 0 and s["inflight_bytes"] == 0 and bool(s["files"])
+from harness import Harness, Writer, append_lines, check_exactly_once, make_lines, wait_for
 
 
 def test_batch_of_control_characters_fits_the_aggregators_limit(h: Harness) -> None:
@@ -34,8 +25,8 @@ def test_batch_of_control_characters_fits_the_aggregators_limit(h: Harness) -> N
         for n in range(4000):  # 2 MiB of control characters
             fh.write(f"c#{n:08d} {junk}\n")
     h.agent(ep, [{"paths": [str(log)], "topic": "app"}], "agent.batch_max_bytes=1048576")
-    wait_for(lambda: acknowledged(h), timeout=30, what="every line acknowledged")
-    check_exactly_once(lines_of(h), {"c": 4000})
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="every line acknowledged")
+    check_exactly_once(h.lines(), {"c": 4000})
     s = h.agent_status()
     assert s is not None and s["oversized_batches"] == 0
     assert h.status(ep)["totals"]["malformed_dropped"] == 0
@@ -51,11 +42,11 @@ def test_a_lost_batch_is_resent_while_other_files_are_busy(h: Harness) -> None:
              what="quiet.log shipped into the void")
     h.aggregator(ep)
     writer = Writer({"b": h.path("logs", "busy.log")}, lines_per_tick=2, tick_s=0.02).start()
-    wait_for(lambda: len(lines_of(h)) > 10 and any(x.startswith("q#") for x in lines_of(h)),
+    wait_for(lambda: len(h.lines()) > 10 and any(x.startswith("q#") for x in h.lines()),
              timeout=30, what="quiet.log's lines resent while busy.log keeps the agent acknowledged")
     counts = writer.stop()
-    wait_for(lambda: acknowledged(h), what="every line acknowledged")
-    check_exactly_once(lines_of(h), {"q": 10, **counts})
+    wait_for(lambda: h.all_acknowledged(), what="every line acknowledged")
+    check_exactly_once(h.lines(), {"q": 10, **counts})
 
 
 @pytest.fixture
@@ -91,18 +82,18 @@ def test_dead_link_is_noticed_and_shipping_resumes_after_healing(h: Harness, net
     h.aggregator(ep)
     writer = Writer({"w": h.path("logs", "w.log")}, lines_per_tick=2, tick_s=0.02).start()
     h.agent(ep, [{"paths": [str(h.path("logs", "w.log"))], "topic": "app"}], mode=mode)
-    wait_for(lambda: len(lines_of(h)) > 50, what="lines flowing")
+    wait_for(lambda: len(h.lines()) > 50, what="lines flowing")
     drop_packets(netns, True)
     try:
         # The agent notices: its status says the aggregator has been silent for a while.
         wait_for(lambda: (s := h.agent_status()) is not None and (s["aggregator_last_reply_s"] or 0) > 4,
                  timeout=20, what="the agent noticing the dead link")
-        before = len(lines_of(h))
+        before = len(h.lines())
     finally:
         drop_packets(netns, False)
     # Shipping resumes within seconds of healing (TCP's back-off alone took 24 s).
-    wait_for(lambda: len(lines_of(h)) > before + 20, timeout=8, what="shipping resumed after healing")
+    wait_for(lambda: len(h.lines()) > before + 20, timeout=8, what="shipping resumed after healing")
     counts = writer.stop()
-    wait_for(lambda: acknowledged(h), what="every line acknowledged")
+    wait_for(lambda: h.all_acknowledged(), what="every line acknowledged")
     h.assert_quiet(ep)
-    check_exactly_once(lines_of(h), counts)
+    check_exactly_once(h.lines(), counts)

@@ -43,13 +43,6 @@ def rotations(h: Harness) -> set[str]:
     return {n.split(".log")[0] for n in rotated(h)}
 
 
-def all_acknowledged(h: Harness) -> bool:
-    """The agent has every line acknowledged as durable. (Lines visible in the output are not
-    enough: a killed aggregator leaves uncommitted ones that its successor cuts.)"""
-    s = h.agent_status()
-    if s is None:
-        return False
-    return s["lag_bytes"] == 0 and s["inflight_bytes"] == 0 and all(f["lag_bytes"] == 0 for f in s["files"])
 
 
 def test_aggregator_killed_around_rotations_under_load(h: Harness) -> None:
@@ -69,7 +62,7 @@ def test_aggregator_killed_around_rotations_under_load(h: Harness) -> None:
         agg = h.aggregator(ep, ROTATE_SMALL)
     counts = writer.stop()
     total = sum(counts.values())
-    wait_for(lambda: all_acknowledged(h), timeout=30, interval=0.2, what=f"{total} lines acknowledged")
+    wait_for(lambda: h.all_acknowledged(), timeout=30, interval=0.2, what=f"{total} lines acknowledged")
     h.assert_quiet()
     # Read the files once they stand still; SIGTERM waits for running compressions.
     assert agg.stop(signal.SIGTERM) == 0

@@ -19,11 +19,6 @@ from harness import (
 )
 
 
-def acknowledged(h: Harness, name: str = "node1") -> bool:
-    s = h.agent_status(name)
-    return s is not None and s["lag_bytes"] == 0 and s["inflight_bytes"] == 0 and bool(s["files"])
-
-
 @pytest.mark.parametrize("tcp", [True, False], ids=["tcp", "ipc"])
 def test_aggregator_restart_does_not_start_a_hello_storm(h: Harness, tcp: bool) -> None:
     ep = h.endpoints(tcp=tcp)
@@ -36,13 +31,11 @@ def test_aggregator_restart_does_not_start_a_hello_storm(h: Harness, tcp: bool) 
     time.sleep(3)
     agg = h.aggregator(ep)
     counts = writer.stop()
-    wait_for(lambda: acknowledged(h), what="every line acknowledged by the new aggregator")
+    wait_for(lambda: h.all_acknowledged(), what="every line acknowledged by the new aggregator")
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.path("out"), "app"), counts)
 
 
-def lines_of(h: Harness, topic: str = "app") -> list[str]:
-    return output_lines(h.path("out"), topic)
 
 
 @pytest.mark.parametrize("same_ports", [True, False], ids=["same-config", "other-ports"])
@@ -52,22 +45,22 @@ def test_second_aggregator_on_the_same_state_is_refused_and_the_first_keeps_its_
     first = h.aggregator(ep)
     append_lines(h.path("logs", "a.log"), make_lines("a", 0, 500))
     h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
-    wait_for(lambda: acknowledged(h), what="500 lines acknowledged")
+    wait_for(lambda: h.all_acknowledged(), what="500 lines acknowledged")
     second = h.aggregator(ep if same_ports else h.endpoints(tcp=True))
     assert second.popen is not None
     assert second.popen.wait(timeout=20) == 1
     said = second.log()
     assert f"aggregator.state_dir {h.path('agg')} is in use by pid {first.pid}" in said, said
     assert first.alive()
-    check_exactly_once(lines_of(h), {"a": 500})
+    check_exactly_once(h.lines(), {"a": 500})
     # The live aggregator's journal was not touched: after its kill -9 nothing is cut back.
     first.kill9()
     h.aggregator(ep)
     append_lines(h.path("logs", "a.log"), make_lines("a", 500, 100))
-    wait_for(lambda: len(lines_of(h)) >= 600, what="the lines after the restart")
-    wait_for(lambda: acknowledged(h), what="every line acknowledged")
+    wait_for(lambda: len(h.lines()) >= 600, what="the lines after the restart")
+    wait_for(lambda: h.all_acknowledged(), what="every line acknowledged")
     h.assert_quiet(ep)
-    check_exactly_once(lines_of(h), {"a": 600})
+    check_exactly_once(h.lines(), {"a": 600})
 
 
 def test_second_agent_on_the_same_state_is_refused_and_the_first_keeps_shipping(h: Harness) -> None:
@@ -75,7 +68,7 @@ def test_second_agent_on_the_same_state_is_refused_and_the_first_keeps_shipping(
     h.aggregator(ep)
     append_lines(h.path("logs", "a.log"), make_lines("a", 0, 100))
     first = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
-    wait_for(lambda: acknowledged(h), what="100 lines acknowledged")
+    wait_for(lambda: h.all_acknowledged(), what="100 lines acknowledged")
     second = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "other"}], state="st-node1",
                      name="node2")
     assert second.popen is not None
@@ -85,9 +78,9 @@ def test_second_agent_on_the_same_state_is_refused_and_the_first_keeps_shipping(
     s = h.agent_status()
     assert s is not None and s["agent"] == "node1"
     append_lines(h.path("logs", "a.log"), make_lines("a", 100, 100))
-    wait_for(lambda: len(lines_of(h)) >= 200, what="more lines")
+    wait_for(lambda: len(h.lines()) >= 200, what="more lines")
     h.assert_quiet(ep)
-    check_exactly_once(lines_of(h), {"a": 200})
+    check_exactly_once(h.lines(), {"a": 200})
     assert not h.path("out", "other").exists()
 
 
@@ -97,7 +90,7 @@ def test_agent_with_a_long_state_dir_ships_and_answers_status(h: Harness) -> Non
     state = "state-" + "d" * 120
     append_lines(h.path("logs", "a.log"), make_lines("a", 0, 50))
     h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}], state=state)
-    wait_for(lambda: len(lines_of(h)) == 50, what="50 lines")
+    wait_for(lambda: len(h.lines()) == 50, what="50 lines")
     s = wait_for(lambda: h.agent_status(), what="the agent's status")
     assert s["agent"] == "node1" and len(s["files"]) == 1
     h.assert_quiet(ep)
@@ -113,8 +106,8 @@ def test_rolling_restarts_of_the_aggregator_lose_double_and_storm_nothing(h: Har
     for n in names:
         h.agent(ep, [{"paths": [str(h.path("logs", f"{n}.log"))], "topic": "app"}], name=n, mode=mode)
     for i in range(5):
-        before = len(lines_of(h))
-        wait_for(lambda b=before: len(lines_of(h)) > b + 50, what="lines flowing")
+        before = len(h.lines())
+        wait_for(lambda b=before: len(h.lines()) > b + 50, what="lines flowing")
         if i % 2:
             agg.kill9()
         else:
@@ -127,8 +120,8 @@ def test_rolling_restarts_of_the_aggregator_lose_double_and_storm_nothing(h: Har
         h.assert_quiet(ep)
     counts = writer.stop()
     for n in names:
-        wait_for(lambda n=n: acknowledged(h, n), what=f"{n}: every line acknowledged")
-    check_exactly_once(lines_of(h), counts)
+        wait_for(lambda n=n: h.all_acknowledged(n), what=f"{n}: every line acknowledged")
+    check_exactly_once(h.lines(), counts)
 
 
 def test_cleanly_stopped_agent_says_goodbye_and_shows_stopped_at_once(h: Harness) -> None:
@@ -136,7 +129,7 @@ def test_cleanly_stopped_agent_says_goodbye_and_shows_stopped_at_once(h: Harness
     h.aggregator(ep)
     append_lines(h.path("logs", "a.log"), make_lines("a", 0, 10))
     agent = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
-    wait_for(lambda: acknowledged(h), what="lines acknowledged")
+    wait_for(lambda: h.all_acknowledged(), what="lines acknowledged")
     assert agent.stop(signal.SIGTERM) == 0
     # Within a few seconds, not agent_timeout_s (30 s): the goodbye said so.
     wait_for(lambda: (a := h.status(ep)["agents"][0])["stopped"] and not a["connected"], timeout=5,
@@ -162,7 +155,7 @@ def test_status_after_a_restart_remembers_the_agent_that_is_down(h: Harness) -> 
         append_lines(h.path("logs", f"{n}.log"), make_lines(n, 0, 20))
     h.agent(ep, [{"paths": [str(h.path("logs", "n1.log"))], "topic": "app"}], name="n1")
     n2 = h.agent(ep, [{"paths": [str(h.path("logs", "n2.log"))], "topic": "app"}], name="n2")
-    wait_for(lambda: acknowledged(h, "n1") and acknowledged(h, "n2"), what="both acknowledged")
+    wait_for(lambda: h.all_acknowledged("n1") and h.all_acknowledged("n2"), what="both acknowledged")
     n2.kill9()  # down without a goodbye
     assert agg.stop(signal.SIGTERM) == 0
     agg = h.aggregator(ep, expect)
