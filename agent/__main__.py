@@ -118,6 +118,9 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
     print(f"{len(s['files'])} files, {s['open_files']} open, lag {s['lag_bytes']} bytes, in flight "
           f"{s['inflight_bytes']} of a {s['window_bytes']} byte window, {s['lines_shipped']} lines shipped "
           f"(acknowledged), {s['resends']} resends")
+    for src in s.get("sources", []):
+        empty = f"; matching nothing: {', '.join(src['empty_globs'])}" if src["empty_globs"] else ""
+        print(f"source [{src['topic']}] {', '.join(src['paths'])}: {len(src['files'])} files{empty}")
     for f in s["files"]:
         flags = ("rotated " if f["rotated"] else "") + ("" if f["open"] else "closed")
         print(f"  {f['path']}  [{f['topic']}] id {f['identity']}  offset {f['offset']}/{f['size']}  "

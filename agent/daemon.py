@@ -86,6 +86,7 @@ class Agent(Following):
         self.lag_s = 0.0
         self.started_at = time.time()
         self.reported_paths: list[str] = []  # the file list the aggregator last heard
+        self.empty_globs: set[tuple[int, str]] = set()  # (source index, glob) matching no file
         # Streams whose identity is not on disk yet: saved before their first batch ships, so a
         # crash can never make the agent ship the same bytes again under a new stream id.
         self.unsaved_streams = False
@@ -589,6 +590,17 @@ class Agent(Following):
             args["journal_lag_entries"], args["journal_lag_s"] = self.journals.lag()
         return args
 
+    def sources_status(self) -> list[dict[str, Any]]:
+        """Each configured source: its topic and globs, the files it follows, the globs that
+        match nothing."""
+        out = []
+        for i, source in enumerate(self.config.sources):
+            files = sorted(shown(t.path) for t in self.tailers.values()
+                           if t.source is source and t.rotated_at is None)
+            out.append({"topic": source.topic, "paths": list(source.paths), "files": files,
+                        "empty_globs": [p for p in source.paths if (i, p) in self.empty_globs]})
+        return out
+
     def error_counts(self) -> dict[str, int]:
         """What went wrong with the files, for the aggregator's status: lines cut at their limit,
         bytes discarded with them (over-long lines), batches too large to ship."""
@@ -733,6 +745,7 @@ class Agent(Following):
             "links": {link.role: link.status() for link in transport.links} if transport else {},
             "files": files, "lag_bytes": sum(f["lag_bytes"] for f in files), "lag_s": self.measure_lag_s(),
             "journal": self.journals.status(),
+            "sources": self.sources_status(),
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
             "lines_shipped": self.lines_shipped, "lines_sent": self.lines_sent,
             "batches_shipped": self.batches_shipped,

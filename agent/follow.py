@@ -50,6 +50,7 @@ class Following:
     pending_checkpoints: dict[Ident, Checkpoint]
     unacked: set[Tailer]
     timed: set[Tailer]
+    empty_globs: set[tuple[int, str]]
     queued: set[Tailer]
     ready: deque[Tailer]
     inflight: int
@@ -74,9 +75,12 @@ class Following:
         """Find new files, notice renames, truncations and files that went away."""
         now = time.monotonic()
         names: dict[Ident, list[Named]] = {}
+        matched: list[dict[str, int]] = []
         for source in self.config.sources:
-            for path, st in expand(source):
+            matched.append({})
+            for path, st in expand(source, matched[-1]):
                 names.setdefault((st.st_dev, st.st_ino), []).append((source, path, st))
+        self.note_empty_globs(matched)
         new: list[Named] = []
         for ident, entries in names.items():
             t = self.by_inode.get(ident)
@@ -105,6 +109,22 @@ class Following:
             with self.guard((st.st_dev, st.st_ino), path):
                 self.discover(source, path, st)
         self.enforce_fd_limit(now)
+
+    def note_empty_globs(self, matched: list[dict[str, int]]) -> None:
+        """Say at WARNING when a source's glob matches nothing (at start, and whenever that
+        changes at a rescan), at INFO when it matches again: a default rollout on a host without
+        /var/log/syslog must not ship nothing in silence."""
+        empty = {(i, pattern) for i, source in enumerate(self.config.sources)
+                 for pattern in source.paths if not matched[i].get(pattern)}
+        if empty == self.empty_globs:
+            return
+        sources = self.config.sources
+        for i, pattern in sorted(empty - self.empty_globs):
+            log.warning("sources[%d] (topic %s): %s matches no file", i, sources[i].topic, pattern)
+        for i, pattern in sorted(self.empty_globs - empty):
+            if i < len(sources):
+                log.info("sources[%d] (topic %s): %s matches files now", i, sources[i].topic, pattern)
+        self.empty_globs = empty
 
     def scan_copies(self, names: dict[Ident, list[Named]]) -> None:
         """Copies that grew, copies and unreadable files that are gone."""

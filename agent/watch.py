@@ -34,11 +34,15 @@ log = logging.getLogger("fleetlog.agent.watch")
 IDLE_AFTER_MS = 1000  # without a change for this long, the watcher steps watch_idle_step_ms
 
 
-def expand(source: SourceConfig) -> Iterator[tuple[str, os.stat_result]]:
-    """Regular files matching the source's globs, minus excludes and compressed files."""
+def expand(source: SourceConfig,
+           matched: dict[str, int] | None = None) -> Iterator[tuple[str, os.stat_result]]:
+    """Regular files matching the source's globs, minus excludes and compressed files.
+    ``matched`` counts what each glob matched (before excludes), for globs that match nothing."""
     seen: set[str] = set()
     for pattern in source.paths:
         for path in glob.iglob(pattern, recursive=True):
+            if matched is not None:
+                matched[pattern] = matched.get(pattern, 0) + 1
             if path in seen:
                 continue
             seen.add(path)

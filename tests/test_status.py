@@ -29,3 +29,17 @@ def test_aggregator_status_lists_each_agents_files_and_errors(h: Harness) -> Non
     assert agent["file_list"] == [str(log)]
     assert agent["errors"]["discarded_bytes"] == 1000 - 256
     assert "cut_lines=1" in h.ctl(ep, "status").stdout
+
+
+def test_agent_status_lists_sources_and_warns_of_globs_that_match_nothing(h: Harness) -> None:
+    ep = h.endpoints()
+    h.aggregator(ep)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 5))
+    agent = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log", "/var/log/nonexistent-fleetlog/*.log"],
+                          "topic": "app"}])
+    s = wait_for(lambda: (x := h.agent_status()) is not None and x["sources"] and x, what="agent status")
+    src = s["sources"][0]
+    assert src["files"] == [str(h.path("logs", "a.log"))]
+    assert src["empty_globs"] == ["/var/log/nonexistent-fleetlog/*.log"]
+    assert "/var/log/nonexistent-fleetlog/*.log matches no file" in agent.log()
+    h.assert_quiet(ep)  # said once, not at every rescan
