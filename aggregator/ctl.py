@@ -327,6 +327,11 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
         print(f"aggregatorctl: the aggregator publishes on {xpub} with CURVE only: give --curve-key "
               "(an authorised key) and --server-key (the aggregator's public key)", file=sys.stderr)
         return 2
+    if where.get("known") is False and not args.wait:
+        known = ", ".join(where.get("topics") or []) or "none yet"
+        print(f"aggregatorctl: no topic {args.topic!r} (topics: {known}); --wait to wait for its "
+              "first lines", file=sys.stderr)
+        return 1
     host = client.endpoint[len("tcp://"):].rsplit(":", 1)[0] if client.endpoint.startswith("tcp://") \
         else "127.0.0.1"
     sub = client.socket(zmq.SUB)
@@ -430,7 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     top.set_defaults(func=cmd_top)
     t = sub.add_parser("tail", help="print a topic's lines live")
     t.add_argument("topic")
-    t.add_argument("-n", "--lines", type=int, default=None, help="stop after N lines")
+    t.add_argument("-n", "--lines", type=int, default=None, help="stop after N new lines")
+    t.add_argument("--wait", action="store_true", help="a topic that has no line yet: wait for it")
     t.add_argument("--lossy", action="store_true",
                    help="when it falls behind (lines dropped), say so and go on instead of exiting 4")
     t.set_defaults(func=cmd_tail)

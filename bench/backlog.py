@@ -108,7 +108,7 @@ def run_fleetlog(d: str, logs: str, expected_lines: int, expected_bytes: int, mo
         if stuck_tail:
             with open(os.path.join(d, "tail.log"), "wb") as err:
                 tail = subprocess.Popen([sys.executable, "-m", "aggregator.ctl", "--control", f"ipc://{d}/c.sock",
-                                         "tail", TOPIC], stdout=subprocess.PIPE, stderr=err)
+                                         "tail", TOPIC, "--wait"], stdout=subprocess.PIPE, stderr=err)
             wait_for("the tail's subscription", lambda: (control.call("status", 0.5) or {}).get(
                 "subscriptions"), 30, [aggregator])
         cpu0_aggregator = aggregator.cpu_s()

@@ -85,7 +85,8 @@ def test_stuck_subscriber_is_dropped_and_ingestion_goes_on(h: Harness) -> None:
     h.agent(ep, [{"paths": [str(log)], "topic": "app"}])
     h.status(ep)  # listening: aggregatorctl says at once when nothing listens
     # `aggregatorctl tail app | <something that stopped reading>`.
-    with subprocess.Popen([sys.executable, "-m", "aggregator.ctl", "--control", ep.control, "tail", "app"],
+    with subprocess.Popen([sys.executable, "-m", "aggregator.ctl", "--control", ep.control, "tail", "app",
+                           "--wait"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as tail:
         try:
             # Subscribed once it prints a line (subscriptions reach XPUB asynchronously).

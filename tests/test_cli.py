@@ -72,3 +72,13 @@ def test_a_typo_in_a_key_names_the_file_and_the_nearest_key(short_tmp: Path) -> 
     r = run([PY, "-m", "agent", "--config", str(cfg), "--check-config"])
     assert r.returncode == 2
     assert f"{cfg}: agent.rescan_intervall_ms: unknown key; did you mean rescan_interval_ms?" in r.stderr
+
+
+def test_tail_of_a_topic_that_does_not_exist_says_so(h: Harness) -> None:
+    ep = h.endpoints()
+    h.aggregator(ep)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 3))
+    h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "real"}])
+    wait_for(lambda: h.lines("real"), what="topic real written")
+    r = h.ctl(ep, "tail", "nope")
+    assert r.returncode == 1 and "no topic 'nope' (topics: real)" in r.stderr, r.stderr
