@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import errno
 import logging
 import os
@@ -594,16 +595,17 @@ class Aggregator(Rolling):
             finally:
                 batch.lines.pop()
         now = self.clock()
-        agent, path = batch.agent, batch.path
+        # "received" stays the epoch seconds it always was (compatible); "time" says the same as
+        # RFC 3339 in UTC, and "topic" names the topic, for consumers that merge topics.
+        base = {"agent": batch.agent, "path": batch.path, "topic": batch.topic, "received": now,
+                "time": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="microseconds")}
         if batch.fields is not None:  # a journal batch: each entry's fields beside its line
             return b"".join(
-                orjson.dumps({"line": line, "agent": agent, "path": path, "received": now, **fields},
-                             option=orjson.OPT_APPEND_NEWLINE)
+                orjson.dumps({"line": line, **base, **fields}, option=orjson.OPT_APPEND_NEWLINE)
                 for line, fields in zip(batch.line_list(), batch.fields, strict=True)
             )
         return b"".join(
-            orjson.dumps({"line": line, "agent": agent, "path": path, "received": now},
-                         option=orjson.OPT_APPEND_NEWLINE)
+            orjson.dumps({"line": line, **base}, option=orjson.OPT_APPEND_NEWLINE)
             for line in batch.line_list()
         )
 

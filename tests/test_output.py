@@ -223,7 +223,8 @@ async def test_json_format_per_topic(short_tmp: Path, sender: Sender, version: i
         await until(lambda: count_lines(out / "j" / "j.log") == 4
                     and count_lines(out / "raw" / "raw.log") == 4, what="both topics written")
     docs = [orjson.loads(x) for x in (out / "j" / "j.log").read_bytes().splitlines()]
-    assert docs == [{"line": line, "agent": "fake-01", "path": "/var/log/j.log", "received": clock.t}
+    assert docs == [{"line": line, "agent": "fake-01", "path": "/var/log/j.log", "topic": "j",
+                     "received": clock.t, "time": "2024-01-02T03:04:05.250000+00:00"}
                     for line in lines]
     assert (out / "raw" / "raw.log").read_text() == "".join(line + "\n" for line in lines)
 
