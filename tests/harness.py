@@ -332,7 +332,8 @@ def ask(endpoint: str, command: str, timeout_s: float = 1.0) -> dict[str, Any] |
         sock.send(wire.encode_request(1, command, {}))
         if not sock.poll(int(timeout_s * 1000)):
             return None
-        reply = wire.decode_control(sock.recv())
+        # A status of 10,000 files is megabytes: no control-message limit here.
+        reply = wire.decode_control(sock.recv(), max_bytes=1 << 30)
         return reply.get("result") if reply.get("ok") else None
     finally:
         sock.close(linger=0)
