@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import errno
 import logging
 import os
@@ -17,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import orjson
 import zmq
 import zmq.asyncio
 
 from aggregator import metrics, proxy, registry
 from aggregator.config import Config, load_config
 from aggregator.control import ControlServer
+from aggregator.formats import format_lines
 from aggregator.journal import DurableState, Journal, JournalError, stream_key
 from aggregator.rolling import Rolling
 from aggregator.security import Guard
@@ -583,31 +582,8 @@ class Aggregator(Rolling):
             proxy.publish(self.sockets["xpub"], frames, batch)
 
     def format_batch(self, batch: wire.Batch, fmt: str) -> bytes:
-        if fmt == "raw":
-            if isinstance(batch.lines, str):
-                return batch.lines.encode()  # version 2: the lines as written, newlines included
-            if not batch.lines:
-                return b""
-            # One join and one encode, the trailing newline included (no third copy).
-            batch.lines.append("")
-            try:
-                return "\n".join(batch.lines).encode()
-            finally:
-                batch.lines.pop()
-        now = self.clock()
-        # "received" stays the epoch seconds it always was (compatible); "time" says the same as
-        # RFC 3339 in UTC, and "topic" names the topic, for consumers that merge topics.
-        base = {"agent": batch.agent, "path": batch.path, "topic": batch.topic, "received": now,
-                "time": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="microseconds")}
-        if batch.fields is not None:  # a journal batch: each entry's fields beside its line
-            return b"".join(
-                orjson.dumps({"line": line, **base, **fields}, option=orjson.OPT_APPEND_NEWLINE)
-                for line, fields in zip(batch.line_list(), batch.fields, strict=True)
-            )
-        return b"".join(
-            orjson.dumps({"line": line, **base}, option=orjson.OPT_APPEND_NEWLINE)
-            for line in batch.line_list()
-        )
+        return format_lines(batch.lines, fmt, agent=batch.agent, path=batch.path, topic=batch.topic,
+                            received=self.clock(), fields=batch.fields)
 
     # -- failed writes: a topic held back alone, the journal holding everything -------------------
 
