@@ -43,7 +43,7 @@ from typing import Any
 
 import orjson
 
-from aggregator.writer import SinkError
+from aggregator.files import SinkError
 from fleetlog.durable import write_all, write_atomic
 
 log = logging.getLogger("fleetlog.aggregator.journal")

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from aggregator.config import AggregatorConfig
+from aggregator.files import CompressionCancelled, RollingFileSink, SinkError, TopicFile, compress_file
 from aggregator.journal import Journal
-from aggregator.writer import CompressionCancelled, RollingFileSink, SinkError, TopicFile, compress_file
 from fleetlog.durable import fsync_dir, syncfs
 
 log = logging.getLogger("fleetlog.aggregator")

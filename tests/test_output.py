@@ -25,7 +25,7 @@ from harness import check_exactly_once, count_lines, make_lines, output_lines
 
 from aggregator.config import Config, parse
 from aggregator.daemon import Aggregator
-from aggregator.writer import rotated_name
+from aggregator.files import rotated_name
 from fleetlog import wire
 
 

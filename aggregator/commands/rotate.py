@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from aggregator.writer import SinkError
+from aggregator.files import SinkError
 from fleetlog import wire
 
 HELP = "roll the active file of TOPIC (or of every topic) over now"

@@ -33,7 +33,7 @@ from typing import Protocol
 
 from fleetlog.durable import fsync_dir, write_all
 
-log = logging.getLogger("fleetlog.aggregator.writer")
+log = logging.getLogger("fleetlog.aggregator.files")
 
 _STAMP_RE = re.compile(r"\d{8}T\d{6}Z")
 # A commit fsyncs its dirty files from one thread per _SYNC_PER_THREAD of them, at most

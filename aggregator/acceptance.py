@@ -1,0 +1,128 @@
+"""Per-stream acceptance: a batch is taken only where its stream has reached, exactly once.
+
+Offsets accepted (maybe not yet durable) per stream, batches held back while their topic or the
+journal cannot be written, and the resyncs that ask agents to resend."""
+
+from __future__ import annotations
+
+import logging
+
+from aggregator.files import SinkError
+from aggregator.journal import stream_key
+from aggregator.stages import Stages
+from fleetlog import wire
+
+log = logging.getLogger("fleetlog.aggregator")
+
+
+class Acceptance(Stages):
+    """Which batches are taken (the second stage a batch visits)."""
+
+    def admit(self, batch: wire.Batch) -> int | None:
+        """Whether ``batch`` is taken: the offset its stream has reached (``batch.start``) when
+        it continues the stream exactly; None when it is not taken: held back (its topic or the
+        journal cannot be written; asked again later), empty, a duplicate (dropped, and
+        acknowledged again when already durable) or not where the stream is (its agent is asked
+        to resend from there)."""
+        if self.refusing and self.refuse(batch):
+            return None  # not taken, not acknowledged: agents are asked to resend once it can be written
+        key = stream_key(batch.agent, batch.stream)
+        expected = self.accepted.get(key, batch.base)
+        if batch.start == batch.end:
+            return None
+        if expected < batch.base:
+            expected = self.take_agents_base(key, batch, expected)
+        if batch.end <= expected:
+            self.totals.duplicates_dropped += batch.count
+            durable = self.journal.state.streams.get(key)
+            if durable is not None and durable[0] >= batch.end:
+                self.owe_ack(batch.agent, batch.stream, int(durable[0]))
+            return None
+        if batch.start != expected:
+            self.totals.resyncs += 1
+            self.send_event(batch.agent, wire.encode_event(
+                "resync", stream=batch.stream, offset=expected, seq=batch.seq))
+            return None
+        if self.stream_topic.get(key) != batch.topic and \
+                not self.set_stream_topic(key, batch, expected):
+            return None
+        return expected
+
+    def refuse(self, batch: wire.Batch) -> bool:
+        """Whether ``batch`` is held back: the journal cannot be written, or its topic cannot.
+        Its stream is remembered, and its agent asked to resend once that has changed."""
+        hold = self.state_error
+        if hold is None:
+            hold = self.sink.held.get(batch.topic)
+            if hold is None or hold.retrying:
+                return False
+        key = stream_key(batch.agent, batch.stream)
+        self.refused[key] = (batch.agent, batch.stream, batch.seq, batch.topic,
+                             max(self.accepted.get(key, batch.base), batch.base))
+        hold.refused_batches += 1
+        return True
+
+    def set_stream_topic(self, key: str, batch: wire.Batch, expected: int) -> bool:
+        """Record a stream's topic; False (the batch waits) while batches of it for another topic
+        are uncommitted: one topic's failure must be able to take back all of a stream's."""
+        if key in self.pending:
+            self.refused[key] = (batch.agent, batch.stream, batch.seq, batch.topic, expected)
+            self.commit_wake.set()
+            return False
+        self.stream_topic[key] = batch.topic
+        if len(self.stream_topic) > 2 * len(self.accepted) + 1024:
+            self.stream_topic = {k: t for k, t in self.stream_topic.items() if k in self.accepted}
+        return True
+
+    def take_agents_base(self, key: str, batch: wire.Batch, expected: int) -> int:
+        """The agent says its stream starts at ``batch.base``, past where our state has it: it
+        rebased after we asked for an offset it had seen acknowledged (our journal was damaged or
+        state_dir restored). Its acknowledgements were real, so its word wins: both sides agree
+        on one offset at once instead of asking each other forever."""
+        self.totals.rebased_streams += 1
+        log.warning("agent %s, %s: continuing its stream at %d, where the agent's acknowledged"
+                    " offset stands; our state had it at %d (journal damaged or state_dir restored)",
+                    batch.agent, batch.path, batch.base, expected)
+        self.accepted[key] = batch.base
+        return batch.base
+
+    def resync_refused(self) -> None:
+        """Ask the agents of batches refused meanwhile to resend them now, where they can be taken."""
+        if self.state_error is not None:
+            return
+        held = self.sink.held
+        for key, (agent, stream, seq, topic, offset) in list(self.refused.items()):
+            hold = held.get(topic)
+            if hold is not None and not hold.retrying:
+                continue
+            del self.refused[key]
+            self.send_event(agent, wire.encode_event(
+                "resync", stream=stream, offset=max(self.accepted.get(key, offset), offset), seq=seq))
+
+    def take_back(self, topic: str, *windows: dict[str, int]) -> None:
+        """A topic's fsync failed: cut its file back to its last commit and take back every batch
+        of its streams since (not acknowledged; their agents are asked to resend)."""
+        durable_size = self.journal.state.topics.get(topic)
+        try:
+            self.sink.cut_back(topic, durable_size)
+        except SinkError as exc:
+            log.error("%s (cut again before its next write)", exc)
+        durable = self.journal.state.streams
+        for window in windows:
+            for key in [k for k in window if self.stream_topic.get(k) == topic]:
+                del window[key]
+                committed = durable.get(key)
+                if committed is None:
+                    self.accepted.pop(key, None)
+                else:
+                    self.accepted[key] = int(committed[0])
+                agent, _, stream = key.partition("\x1f")
+                self.refused[key] = (agent, stream, None, topic, self.accepted.get(key, 0))
+
+    def forget_old_streams(self) -> None:
+        """Drop in-memory offsets of streams the journal has forgotten (idle past stream_ttl_s),
+        so a long-running aggregator does not grow with every file its agents ever rotated."""
+        durable = self.journal.state.streams
+        stale = [k for k in self.accepted if k not in durable and k not in self.pending]
+        for key in stale:
+            del self.accepted[key]

@@ -1,0 +1,125 @@
+"""Group commit: fsync the files, journal their lengths and the streams' offsets, then acknowledge."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aggregator.files import SinkError, TopicFile
+from aggregator.stages import Stages
+from fleetlog import wire
+
+log = logging.getLogger("fleetlog.aggregator")
+
+
+class GroupCommit(Stages):
+    """Committing and acknowledging (the last stage a batch visits)."""
+
+    def owe_ack(self, agent: str, stream: str, end: int) -> None:
+        self.owed_acks.setdefault(agent, {})[stream] = end
+
+    async def commit_loop(self) -> None:
+        interval = self.cfg.commit_interval_ms / 1000
+        while True:
+            await self.commit_wake.wait(interval)
+            self.commit_wake.clear()
+            try:
+                async with self.commit_lock:
+                    await self.commit()
+                    if self.state_error is None:
+                        await self.rotate_due()
+            except SinkError as exc:
+                self.on_disk_error(exc)
+            except OSError as exc:
+                self.on_disk_error(SinkError(exc.errno, f"rotation failed: {exc.strerror}"))
+            if self.refusing or self.refused or self.descriptors_short_at is not None:
+                self.probe_disk()
+
+    async def commit(self) -> None:
+        """Group commit: fsync the files, journal their lengths and the streams, then ack.
+
+        A file whose fsync fails is cut back to its last commit and its topic held back alone
+        (its batches since are taken back: not acknowledged, resent by their agents); the others
+        are committed. If the journal record cannot be written, nothing of this commit is
+        acknowledged, the batches stay pending (their data stays in the files) and no batch is
+        taken until a later commit, retried with back-off, succeeds.
+        """
+        state_error = self.state_error
+        if state_error is not None and time.monotonic() < state_error.retry_at:
+            return
+        if self.pending or state_error is not None:
+            if not await self.commit_pending():
+                return
+            if state_error is not None:
+                self.state_error = None
+                self.refusing = bool(self.sink.held)
+                log.warning("commits work again after %.0fs; taking batches (agents resend the %d"
+                            " refused meanwhile)", time.monotonic() - state_error.since,
+                            state_error.refused_batches)
+                self.show_disk_error()
+            if self.journal.state.rotations:
+                self.finish_rotations()
+        if self.refused:
+            self.resync_refused()
+        if self.owed_acks:
+            owed, self.owed_acks = self.owed_acks, {}
+            for agent, streams in owed.items():
+                info = self.agents.get(agent)
+                window = self.grant(info) if info is not None else None
+                self.send_event(agent, wire.encode_event("ack", streams=streams) if window is None else
+                                wire.encode_event("ack", streams=streams, window=window))
+
+    async def commit_pending(self) -> bool:
+        """fsync, take back what failed, journal the rest and owe its acks; False if the journal
+        record could not be written (everything stays pending)."""
+        pending, self.pending = self.pending, {}
+        self.pending_bytes = 0
+        dirty = self.sink.dirty_files()
+        positions = self.sink.positions()
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        for tf in dirty:
+            tf.syncing = True
+        try:
+            failed = await loop.run_in_executor(None, self._sync, dirty) if self.cfg.fsync else {}
+        finally:
+            for tf in dirty:
+                tf.syncing = False
+        for topic, exc in failed.items():
+            self.take_back(topic, pending, self.pending)
+            positions.pop(topic, None)
+            self.hold_topic(topic, SinkError(exc.errno, f"fsync of {topic}/{topic}.log failed:"
+                                                        f" {exc.strerror}"))
+        try:
+            await loop.run_in_executor(None, self._sync_and_journal, [], positions, pending)
+        except SinkError as exc:
+            self.journal.take_unwritten()
+            for key, end in pending.items():
+                self.pending[key] = max(end, self.pending.get(key, 0))
+            self.on_state_error(exc)
+            return False
+        self.sink.mark_committed(positions)
+        if self.sink.held:
+            # Writable again once a real write to it is durable, not when a probe passes.
+            for topic in [t for t, h in self.sink.held.items() if h.retrying and t in positions]:
+                self.release_topic(topic)
+        self.commit_latency.observe(time.monotonic() - started)
+        self.totals.commits += 1
+        for key, end in pending.items():
+            agent, _, stream = key.partition("\x1f")
+            self.owe_ack(agent, stream, end)
+        return True
+
+    def _sync(self, dirty: list[TopicFile]) -> dict[str, OSError]:
+        return self.sink.sync_each(dirty)
+
+    def _sync_and_journal(self, dirty: list[Any], positions: dict[str, int], pending: dict[str, int]) -> None:
+        """fsync ``dirty`` and write the commit record (blocking; SinkError if either failed)."""
+        try:
+            if self.cfg.fsync:
+                self.sink.sync_files(dirty)
+        except OSError as exc:
+            raise SinkError(exc.errno, f"commit failed: {exc.strerror}") from None
+        self.journal.append(positions, pending, sync=self.cfg.fsync)

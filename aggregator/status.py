@@ -1,0 +1,185 @@
+"""Status: counters, rates, liveness, the loop's stalls, and the status document."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aggregator.stages import Stages
+
+if TYPE_CHECKING:
+    from aggregator.agents import AgentInfo
+from fleetlog import __version__
+
+log = logging.getLogger("fleetlog.aggregator")
+
+
+@dataclass
+class TopicStats:
+    lines: int = 0
+    bytes: int = 0
+    rate: float = 0.0
+    _last_lines: int = 0
+
+
+@dataclass
+class Totals:
+    lines_written: int = 0
+    bytes_written: int = 0
+    batches: int = 0
+    duplicates_dropped: int = 0
+    malformed_dropped: int = 0
+    resyncs: int = 0
+    commits: int = 0
+    write_errors: int = 0
+    rotations: int = 0
+    retention_removed: int = 0   # rotated files removed by retention
+    # Streams continued at the agent's acknowledged offset, past what our state knew.
+    rebased_streams: int = 0
+    # Batches refused for want of a file descriptor (taken at a later try).
+    descriptor_waits: int = 0
+    malformed: dict[str, int] = field(default_factory=dict)
+
+
+class StatusReport(Stages):
+    """What `aggregatorctl status` and the metrics show."""
+
+    async def ticker(self) -> None:
+        """Once a second: rates, agent liveness; every 10 s a systemd STATUS=; every minute retention."""
+        ticks = 0
+        wall, mono = self.clock(), time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            wall, mono = self.check_clock(wall, mono)
+            if ticks % 10 == 0:
+                self.notifier.notify("STATUS=" + self.status_line())
+                self.save_registry()
+            if ticks % 3600 == 0:
+                self.forget_old_streams()
+            if ticks % 60 == 0:
+                self._retain_later(None)
+            now = time.monotonic()
+            counted: list[TopicStats | AgentInfo] = [*self.topics.values(), *self.agents.values()]
+            for stats in counted:
+                delta = stats.lines - stats._last_lines
+                stats._last_lines = stats.lines
+                stats.rate = 0.7 * stats.rate + 0.3 * delta
+            for agent in self.agents.values():
+                agent.connected = (agent.heard and not agent.stopped
+                                   and now - agent.last_seen < self.cfg.agent_timeout_s)
+                if not agent.connected:
+                    agent.window = 0  # granted again at its next hello
+            self.catching_up = sum(1 for a in self.agents.values() if a.catching_up)
+            self.granted = sum(a.window for a in self.agents.values())
+            self.share_window()
+
+    def check_clock(self, wall: float, mono: float) -> tuple[float, float]:
+        """Say so when the wall clock was stepped (NTP after a bad start, an operator, a VM
+        resumed): time-based rotation and rotated names follow the new time (README, Output)."""
+        now_wall, now_mono = self.clock(), time.monotonic()
+        step = (now_wall - wall) - (now_mono - mono)
+        if abs(step) >= 5.0:
+            log.warning("the wall clock was stepped %s by %.0f s: files roll over at the next period"
+                        " of the new time, and rotated names never sort before older ones",
+                        "forward" if step > 0 else "back", abs(step))
+        return now_wall, now_mono
+
+    async def loop_probe(self, interval_s: float = 0.1) -> None:
+        """Measure the event loop's stalls: how much later than asked a timer fires."""
+        window_end = time.monotonic() + 10
+        while True:
+            asked = time.monotonic()
+            await asyncio.sleep(interval_s)
+            now = time.monotonic()
+            stall = max(0.0, now - asked - interval_s)
+            if now >= window_end:
+                self.loop_stall_windows = [0.0, self.loop_stall_windows[0]]
+                window_end = now + 10
+            if stall > self.loop_stall_windows[0]:
+                self.loop_stall_windows[0] = stall
+                self.loop_stall_max_s = max(self.loop_stall_max_s, stall)
+
+    def status_line(self) -> str:
+        connected = sum(1 for a in self.agents.values() if a.connected)
+        rate = sum(s.rate for s in self.topics.values())
+        line = (f"{connected} agents connected, {rate:.0f} lines/s, {self.totals.lines_written} lines "
+                f"written to {len(self.topics)} topics")
+        return f"{line}; OUTPUT NOT WRITABLE: {self.disk_error}" if self.disk_error else line
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        try:
+            usage = shutil.disk_usage(self.cfg.output_dir)
+            disk = {"output_free_bytes": usage.free, "output_total_bytes": usage.total,
+                    "output_used_bytes": usage.used}
+        except OSError:
+            disk = {}
+        t = self.totals
+        return {
+            "instance": self.instance,
+            "version": __version__,
+            "uptime_s": round(now - self.started, 1),
+            "endpoints": {"pull": self.cfg.pull, "xsub": self.cfg.xsub, "xpub": self.cfg.xpub,
+                          "control": list(self.cfg.control)},
+            "output_dir": self.cfg.output_dir,
+            "disk": disk,
+            "journal_bytes": _size_or_none(self.journal.journal_path),
+            "disk_error": self.disk_error,
+            "expected_missing": sorted(n for n in self.cfg.expected_agents
+                                       if n not in self.agents or not self.agents[n].connected),
+            "state_error": self.state_error.error if self.state_error else None,
+            "held_topics": [
+                {"name": topic, "error": hold.error, "held_s": round(now - hold.since, 1),
+                 "refused_batches": hold.refused_batches, "retrying": hold.retrying}
+                for topic, hold in sorted(self.sink.held.items())
+            ],
+            "open_files": len(self.sink.open_files), "open_files_max": self.sink.max_open,
+            "agents": [
+                {"name": a.name, "address": a.address, "mode": a.mode, "connected": a.connected,
+                 "stopped": a.stopped, "version": a.version or None,
+                 "uptime_s": round(time.time() - a.started_at, 1) if a.started_at and a.connected else None,
+                 "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
+                 "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),
+                 "lag_bytes": a.lag_bytes, "lag_s": a.lag_s, "window_bytes": a.window or None,
+                 "files": a.files, "file_list": a.file_list, "errors": a.errors,
+                 "agent_id": a.agent_id or None, "problems": a.problems + self.agent_warnings(a),
+                 "journal_lag_entries": a.journal_lag_entries, "journal_lag_s": a.journal_lag_s}
+                for a in sorted(self.agents.values(), key=lambda a: a.name)
+            ],
+            "topics": [
+                {"name": name, "lines": s.lines, "bytes": s.bytes, "lines_per_s": round(s.rate, 1),
+                 "file_bytes": self.sink.files[name].size if name in self.sink.files else None}
+                for name, s in sorted(self.topics.items())
+            ],
+            "totals": {
+                "lines_written": t.lines_written, "bytes_written": t.bytes_written,
+                "batches": t.batches, "duplicates_dropped": t.duplicates_dropped,
+                "malformed_dropped": t.malformed_dropped, "resyncs": t.resyncs,
+                "commits": t.commits, "write_errors": t.write_errors, "streams": len(self.accepted),
+                "rotations": t.rotations, "retention_removed": t.retention_removed,
+                "rebased_streams": t.rebased_streams, "descriptor_waits": t.descriptor_waits,
+                "pending_bytes": self.pending_bytes, "compressions_running": len(self._compressions),
+            },
+            "malformed": dict(t.malformed),
+            "refusals": self.guard.refusals.status(),
+            "control": {"messages_received": self.control.messages_received if self.control else 0,
+                        "commands": dict(self.control.commands) if self.control else {}},
+            "subscriptions": len(self.subscriptions),
+            "loop": {"stall_max_ms": round(1000 * self.loop_stall_max_s, 1),
+                     "stall_recent_ms": round(1000 * max(self.loop_stall_windows), 1)},
+            "flow": {"window_budget_bytes": self.cfg.window_budget_bytes, "agent_window_bytes": self.window,
+                     "agents_catching_up": self.catching_up, "granted_bytes": self.granted},
+        }
+
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
