@@ -29,8 +29,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
 
+from aggregator.sink import Accepted
 from fleetlog.durable import fsync_dir, write_all
 
 log = logging.getLogger("fleetlog.aggregator.files")
@@ -68,13 +68,6 @@ class Hold:
         self.retrying = False
         self.retry_at = now + self.backoff_s
         self.backoff_s = min(8.0, self.backoff_s * 2)
-
-
-class Sink(Protocol):
-    def append(self, topic: str, data: bytes, lines: int) -> None: ...
-    def sync(self) -> dict[str, int]: ...
-    def recover(self, positions: dict[str, int]) -> None: ...
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -255,7 +248,12 @@ class RollingFileSink:
         with entries:
             return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
 
-    # -- the sink interface --------------------------------------------------------------------
+    # -- the sink interface (aggregator/sink.py) ------------------------------------------------
+
+    def add(self, batch: Accepted) -> None:
+        """Take one accepted batch: its text appended to its topic's active file (durable at the
+        next group commit, aggregator/commit.py). Raises SinkError with the file as it was."""
+        self.append(batch.topic, batch.text, batch.lines)
 
     def append(self, topic: str, data: bytes, lines: int) -> None:
         """Write one batch whole, or raise SinkError with the file as it was (nothing taken)."""

@@ -16,6 +16,7 @@ from aggregator.agents import AgentInfo
 from aggregator.files import SinkError
 from aggregator.formats import format_lines
 from aggregator.journal import stream_key
+from aggregator.sink import Accepted
 from aggregator.stages import Stages
 from aggregator.status import TopicStats
 from fleetlog import wire
@@ -85,14 +86,17 @@ class Ingest(Stages):
         key = stream_key(batch.agent, batch.stream)
         topic = batch.topic
         fmt = self.cfg.topic_format(topic)
+        received = self.clock()
         try:
-            data = self.format_batch(batch, fmt)
+            data = format_lines(batch.lines, fmt, agent=batch.agent, path=batch.path, topic=topic,
+                                received=received, fields=batch.fields)
         except TypeError:
             self.malformed("bad_lines", f"{via}:{peer_address(frames[-1])}", "lines must be strings")
             return
         n = batch.count
         try:
-            self.sink.append(topic, data, n)
+            self.sink.add(Accepted(topic, batch.agent, batch.stream, batch.start, batch.end, n, data,
+                                   batch.path, received))
         except SinkError as exc:
             self.refused[key] = (batch.agent, batch.stream, batch.seq, topic, expected)
             self.on_write_error(topic, exc, len(data))
@@ -119,10 +123,6 @@ class Ingest(Stages):
         if self.subscriptions:
             # Subscribers always get version 1 (a list of lines): one shape for consumers.
             proxy.publish(self.sockets["xpub"], frames, batch)
-
-    def format_batch(self, batch: wire.Batch, fmt: str) -> bytes:
-        return format_lines(batch.lines, fmt, agent=batch.agent, path=batch.path, topic=batch.topic,
-                            received=self.clock(), fields=batch.fields)
 
 
 def peer_address(frame: zmq.Frame) -> str:
