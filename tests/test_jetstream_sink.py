@@ -1,0 +1,426 @@
+"""The JetStream sink against real nats-server processes (tests/natsserver.py), in-process.
+
+Every scenario ends by reading the stream back: each (agent, stream) subject holds its source's
+bytes exactly once, in contiguous messages (each Start the previous End), whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats as natspy
+import pytest
+from natsserver import NatsCluster
+
+from aggregator.config import ConfigError, JetStreamConfig, parse
+from aggregator.jetstream import (
+    CommitOutcome,
+    JetStreamSink,
+    escape_token,
+    msg_id,
+    subject_for,
+    unescape_token,
+)
+
+STREAM = "FLTEST"
+
+
+def settings(servers: NatsCluster | list[str], **kw: Any) -> JetStreamConfig:
+    urls = servers.urls if isinstance(servers, NatsCluster) else servers
+    kw.setdefault("publish_timeout_s", 2.0)
+    return JetStreamConfig(servers=tuple(urls), stream=STREAM, subject_prefix="fl", **kw)
+
+
+@asynccontextmanager
+async def running(cfg: JetStreamConfig) -> AsyncIterator[JetStreamSink]:
+    sink = JetStreamSink(cfg)
+    await sink.start()
+    try:
+        yield sink
+    finally:
+        await sink.close()
+
+
+@dataclass
+class Source:
+    """One agent stream: numbered lines with known byte offsets, cut into batches on demand."""
+
+    agent: str
+    stream: str
+    topic: str = "app"
+    path: str = "/var/log/app.log"
+    width: int = 0          # pad each line to about this many bytes
+    lines: list[bytes] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=lambda: [0])
+
+    def grow(self, n: int) -> None:
+        for _ in range(n):
+            i = len(self.lines)
+            line = f"{self.agent} {self.stream} line {i:06d} ".encode().ljust(self.width, b"x") + b"\n"
+            self.lines.append(line)
+            self.offsets.append(self.offsets[-1] + len(line))
+
+    def batch(self, first: int, last: int) -> dict[str, Any]:
+        """add() arguments for lines [first, last)."""
+        return {"topic": self.topic, "agent": self.agent, "stream": self.stream,
+                "start": self.offsets[first], "end": self.offsets[last], "lines": last - first,
+                "text": b"".join(self.lines[first:last]), "path": self.path, "received": time.time()}
+
+    def line_at(self, offset: int) -> int:
+        return self.offsets.index(offset)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.agent, self.stream)
+
+    @property
+    def text(self) -> bytes:
+        return b"".join(self.lines)
+
+
+async def read_back(urls: list[str]) -> list[tuple[str, dict[str, str], bytes]]:
+    """Every message of the stream, in stream order: (subject, headers, payload)."""
+    nc = await natspy.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=5)
+    try:
+        info = json.loads((await nc.request(f"$JS.API.STREAM.INFO.{STREAM}", b"", timeout=5)).data)
+        out = []
+        for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
+            reply = await nc.request(f"$JS.API.STREAM.MSG.GET.{STREAM}", json.dumps({"seq": seq}).encode(),
+                                     timeout=5)
+            answer = json.loads(reply.data)
+            if "error" in answer:
+                continue
+            message = answer["message"]
+            block = base64.b64decode(message.get("hdrs") or "").decode()
+            headers = dict(line.split(": ", 1) for line in block.split("\r\n")[1:] if ": " in line)
+            out.append((message["subject"], headers, base64.b64decode(message.get("data") or "")))
+        return out
+    finally:
+        await nc.close()
+
+
+def check_exactly_once(messages: list[tuple[str, dict[str, str], bytes]], sources: list[Source],
+                       cut: Callable[[bytes], bytes] | None = None) -> None:
+    """Each source's subject holds its whole text once, in contiguous messages whose headers
+    name it; ``cut`` maps a source text to what it becomes after the sink's line cutting."""
+    by_subject: dict[str, list[tuple[dict[str, str], bytes]]] = {}
+    for subject, headers, payload in messages:
+        by_subject.setdefault(subject, []).append((headers, payload))
+    assert set(by_subject) == {subject_for("fl", s.topic, s.agent, s.stream) for s in sources}
+    for s in sources:
+        got = by_subject[subject_for("fl", s.topic, s.agent, s.stream)]
+        position = 0
+        for headers, payload in got:
+            start, end = int(headers["Fleetlog-Start"]), int(headers["Fleetlog-End"])
+            assert start == position, f"{s.key}: a message starts at {start}, the last ended at {position}"
+            assert end > start
+            assert headers["Nats-Msg-Id"] == msg_id(s.agent, s.stream, start, end)
+            assert int(headers["Fleetlog-Lines"]) == payload.count(b"\n")
+            assert unescape_token(headers["Fleetlog-Agent"]) == s.agent
+            assert unescape_token(headers["Fleetlog-Path"]) == s.path
+            position = end
+        assert position == s.offsets[-1], f"{s.key}: stream ends at {position}, source at {s.offsets[-1]}"
+        whole = b"".join(p for _, p in got)
+        assert whole == (cut(s.text) if cut else s.text), f"{s.key}: contents differ"
+
+
+async def commit_until(sink: JetStreamSink, want: dict[tuple[str, str], int], timeout: float = 30.0,
+                       acked: dict[tuple[str, str], int] | None = None) -> list[CommitOutcome]:
+    """Commit again and again until every key is acknowledged up to its end (bounded)."""
+    acked = {} if acked is None else acked
+    outcomes = []
+    deadline = time.monotonic() + timeout
+    while any(acked.get(k, -1) < end for k, end in want.items()):
+        assert time.monotonic() < deadline, f"not acked in {timeout} s: {acked} of {want}; {outcomes[-3:]}"
+        outcome = await sink.commit()
+        outcomes.append(outcome)
+        acked.update(outcome.acked)
+        assert not outcome.resync, outcome
+        if outcome.error:
+            await asyncio.sleep(0.1)
+    return outcomes
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+
+def test_escape_is_reversible_and_subject_safe() -> None:
+    for name in ["web-01", "a.b", "x~y z", "/var/log/app.log", "é\udcff", "*>", ""]:
+        token = escape_token(name)
+        assert unescape_token(token) == name
+        assert all(c.isascii() and (c.isalnum() or c in "_-~") for c in token)
+    assert escape_token("a.b") == "a~2Eb"
+    assert subject_for("fleetlog", "app", "web.01", "s 1") == "fleetlog.app.web~2E01.s~201"
+    with pytest.raises(ValueError):
+        unescape_token("a~4")
+
+
+def test_config_keys_are_checked() -> None:
+    cfg = parse({"aggregator": {"sink": "jetstream", "jetstream": {
+        "servers": ["nats://10.0.0.1:4222", "tls://nats-b:4222"], "replicas": 3,
+        "duplicate_window_s": 1, "publish_timeout_s": 0.5}}}, "t", check_dirs=False).aggregator
+    assert cfg.sink == "jetstream" and cfg.jetstream.replicas == 3
+    assert cfg.jetstream.duplicate_window_s == 1.0 and cfg.jetstream.stream == "FLEETLOG"
+    with pytest.raises(ConfigError) as err:
+        parse({"aggregator": {"sink": "kafka", "jetstream": {
+            "servers": ["http://x:1"], "stream": "A.B", "subject_prefix": "a.>", "replicas": 0,
+            "max_age_s": 10, "credentials": "/nonexistent.creds", "dedup": 1}}}, "t", check_dirs=False)
+    text = str(err.value.problems)
+    for key in ("aggregator.sink", "jetstream.servers", "jetstream.stream", "jetstream.subject_prefix",
+                "jetstream.replicas", "jetstream.duplicate_window_s", "jetstream.credentials",
+                "jetstream.dedup: unknown key"):
+        assert key in text, (key, text)
+
+
+# -- against real servers ---------------------------------------------------------------------
+
+
+async def test_batches_are_published_once_with_the_headers_of_the_format(nats: Any) -> None:
+    servers = nats.single()
+    a, b = Source("web.01", "s1"), Source("web-02", "s~2", topic="db", path="/var/log/db x.log")
+    for s in (a, b):
+        s.grow(30)
+    async with running(settings(servers)) as sink:
+        assert sink.status()["connected"] is not None
+        for first, last in ((0, 10), (10, 20), (20, 30)):   # contiguous: merged into one message
+            sink.add(**a.batch(first, last))
+        sink.add(**b.batch(0, 30), fields=[{"n": i, "é": "ü"} for i in range(30)])
+        outcome = await sink.commit()
+        assert outcome == CommitOutcome(acked={a.key: a.offsets[-1], b.key: b.offsets[-1]})
+        assert await sink.last_end("app", "web.01", "s1") == a.offsets[-1]
+        assert await sink.last_end("app", "nobody", "s1") is None
+        assert sink.status()["published"] == 2 and sink.status()["last_error"] is None
+    messages = await read_back(servers.urls)
+    check_exactly_once(messages, [a, b])
+    headers = {subject: h for subject, h, _ in messages}[subject_for("fl", "db", "web-02", "s~2")]
+    assert headers["Fleetlog-Version"] == "1" and headers["Fleetlog-Topic"] == "db"
+    assert headers["Fleetlog-Stream"] == "s~7E2" and headers["Fleetlog-Path"] == "~2Fvar~2Flog~2Fdb~20x~2Elog"
+    assert json.loads(headers["Fleetlog-Fields"])[3] == {"n": 3, "é": "ü"}
+    assert headers["Fleetlog-Fields"].isascii()
+    assert float(headers["Fleetlog-Received"]) > 1.7e9
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+async def test_retry_inside_and_beyond_the_dedup_window_is_stored_once(nats: Any, replicas: int) -> None:
+    """A second publish of the same range (an aggregator's retry, or another aggregator with the
+    same batch): inside the 1 s window and after it, JetStream keeps one copy and both senders
+    are acknowledged; on one server and on an R3 stream of a 3-node cluster."""
+    servers = nats.single() if replicas == 1 else nats.cluster(3)
+    src = Source("web-01", "s1")
+    src.grow(20)
+    cfg = settings(servers, duplicate_window_s=1, replicas=replicas)
+    async with running(cfg) as first, running(cfg) as late:
+        for retry_after_window in (False, True):
+            lo, hi = (0, 10) if not retry_after_window else (10, 20)
+            # ``late`` reads the subject before ``first`` publishes: its cached position is then
+            # stale, so its publish carries the same id and precondition a lost-answer retry would.
+            await late.last_end(src.topic, src.agent, src.stream)
+            first.add(**src.batch(lo, hi))
+            assert (await first.commit()).acked == {src.key: src.offsets[hi]}
+            if retry_after_window:
+                # The window is a span of time: wait it out (the only sleep of this module).
+                await asyncio.sleep(cfg.duplicate_window_s + 0.3)
+            late.add(**src.batch(lo, hi))
+            assert await late.commit() == CommitOutcome(acked={src.key: src.offsets[hi]})
+        status = late.status()
+        assert status["published"] == 0 and status["already_in"] == 2
+        # Inside the window JetStream says "duplicate" (or, checking the precondition first as
+        # 2.12 does on one server, "wrong last sequence"); after it only the precondition refuses.
+        assert status["duplicates"] + status["precondition_refusals"] == 2
+        assert status["precondition_refusals"] >= 1
+        if replicas == 3:   # a clustered stream checks the id first: the "duplicate" path is taken
+            assert status["duplicates"] == 1
+    check_exactly_once(await read_back(servers.urls), [src])
+
+
+async def test_recut_batch_gets_resync_never_loss(nats: Any) -> None:
+    """The stream holds lines 0-9; batches cut otherwise (after a restart or a failover) are
+    trimmed at a known line boundary, or the agent is resynced to the stream's end."""
+    servers = nats.single()
+    src = Source("web-01", "s1")
+    src.grow(40)
+    async with running(settings(servers)) as a:
+        a.add(**src.batch(0, 10))
+        assert (await a.commit()).acked == {src.key: src.offsets[10]}
+    end = src.offsets[10]
+    async with running(settings(servers)) as b:
+        # 1. A gap: the agent sends from line 15; the stream ends at line 10. Resync there.
+        b.add(**src.batch(15, 20))
+        assert await b.commit() == CommitOutcome(resync={src.key: end})
+        # 2. Overlapping, but its text is not its byte range (the agent cut a line): the stream's
+        # end is no boundary we can trust inside it. Resync, nothing published.
+        recut = src.batch(5, 20)
+        recut["text"] = recut["text"][:-5] + b"\n"
+        b.add(**recut)
+        assert await b.commit() == CommitOutcome(resync={src.key: end})
+        # 3. Overlapping with exact text: the stream's end is a line boundary in it, so the
+        # already-stored part is dropped and the rest published: acknowledged to its end.
+        b.add(**src.batch(5, 25))
+        assert await b.commit() == CommitOutcome(acked={src.key: src.offsets[25]})
+        # 4. The agent, resynced, goes on from the stream's end: accepted as usual.
+        b.add(**src.batch(25, 40))
+        assert (await b.commit()).acked == {src.key: src.offsets[40]}
+        assert b.status()["resyncs"] == 2
+    check_exactly_once(await read_back(servers.urls), [src])
+
+
+async def test_two_sinks_racing_on_the_same_stream_store_it_once(nats: Any) -> None:
+    """Two aggregators receive the same stream cut into different batches and commit at the same
+    time: the stream holds every byte once, and both end acknowledged to the end."""
+    servers = nats.single()
+    sources = [Source("web-01", f"s{i}") for i in range(3)]
+    for s in sources:
+        s.grow(120)
+    async with running(settings(servers)) as a, running(settings(servers)) as b:
+        acked_a: dict[tuple[str, str], int] = {}
+        acked_b: dict[tuple[str, str], int] = {}
+        for step in range(0, 120, 15):
+            for s in sources:
+                for first in range(step, step + 15, 3):
+                    a.add(**s.batch(first, first + 3))
+                for first in range(step, step + 15, 5):
+                    b.add(**s.batch(first, first + 5))
+            outcome_a, outcome_b = await asyncio.gather(a.commit(), b.commit())
+            for outcome, acked in ((outcome_a, acked_a), (outcome_b, acked_b)):
+                assert not outcome.resync, outcome
+                acked.update(outcome.acked)
+        want = {s.key: s.offsets[-1] for s in sources}
+        await commit_until(a, want, acked=acked_a)
+        await commit_until(b, want, acked=acked_b)
+        races = sum(x.status()["precondition_refusals"] + x.status()["duplicates"] for x in (a, b))
+        assert races > 0, "the two sinks never met: the test did not race"
+    check_exactly_once(await read_back(servers.urls), sources)
+
+
+async def test_full_stream_stops_acknowledging_then_resumes_when_there_is_room(nats: Any) -> None:
+    servers = nats.single()
+    src = Source("web-01", "s1", width=1000)
+    src.grow(200)
+    async with running(settings(servers, max_bytes=64 * 1024)) as sink:
+        acked: dict[tuple[str, str], int] = {}
+        error = None
+        added = 0
+        while added < 200 and error is None:
+            sink.add(**src.batch(added, added + 10))
+            added += 10
+            outcome = await sink.commit()
+            acked.update(outcome.acked)
+            error = outcome.error
+        assert error is not None and error.startswith("stream full"), error
+        held = acked[src.key]
+        assert held < src.offsets[added]
+        # Still full: nothing more is acknowledged, and the error stays.
+        outcome = await sink.commit()
+        assert outcome.error and outcome.error.startswith("stream full") and not outcome.acked
+        assert sink.status()["last_error"].startswith("stream full")
+        assert sink.status()["queued_batches"] >= 1
+        # The operator makes room (a larger limit); the same sink resumes on its next commits.
+        nc = await natspy.connect(servers=servers.urls)
+        js = nc.jetstream()
+        info = await js.stream_info(STREAM)
+        info.config.max_bytes = 16 * 1024 * 1024
+        await js.update_stream(info.config)
+        await nc.close()
+        for first in range(added, 200, 10):
+            sink.add(**src.batch(first, first + 10))
+        await commit_until(sink, {src.key: src.offsets[-1]}, acked=acked)
+        assert sink.status()["last_error"] is None
+    check_exactly_once(await read_back(servers.urls), [src])
+
+
+async def test_oversized_batch_is_split_at_lines_and_arrives_whole(nats: Any) -> None:
+    """A server with max_payload 64 KiB: a 1 MB batch goes as several messages (each within the
+    limit with its headers), a journal batch with its fields too; a single 100 KiB line is cut."""
+    servers = nats.single(max_payload=64 * 1024)
+    big = Source("web-01", "big", width=300)
+    big.grow(3500)
+    journal = Source("web-01", "journal", width=200)
+    journal.grow(1000)
+    long = Source("web-01", "long")
+    long.grow(3)
+    long.lines[1] = b"L" * 100_000 + b"\n"
+    long.offsets = [0]
+    for line in long.lines:
+        long.offsets.append(long.offsets[-1] + len(line))
+    async with running(settings(servers)) as sink:
+        assert sink.status()["max_payload"] == 64 * 1024
+        sink.add(**big.batch(0, 3500))
+        sink.add(**journal.batch(0, 1000), fields=[{"PRIORITY": "6", "_PID": str(i)} for i in range(1000)])
+        sink.add(**long.batch(0, 3))
+        await commit_until(sink, {big.key: big.offsets[-1], journal.key: journal.offsets[-1],
+                                  long.key: long.offsets[-1]})
+        status = sink.status()
+        assert status["split_messages"] >= 3500 * 300 // (64 * 1024)
+        assert status["cut_lines"] == 1 and status["cut_bytes"] > 100_000 - 64 * 1024
+    messages = await read_back(servers.urls)
+    for _, headers, payload in messages:
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+        assert header_bytes + len(payload) <= 64 * 1024
+    check_exactly_once([m for m in messages if "long" not in m[0]], [big, journal])
+    long_messages = [m for m in messages if "long" in m[0]]
+    payload = b"".join(p for _, _, p in long_messages)
+    assert payload.startswith(long.lines[0]) and payload.endswith(long.lines[2])
+    assert payload.count(b"\n") == 3 and len(payload) < 64 * 1024
+    assert int(long_messages[-1][1]["Fleetlog-End"]) == long.offsets[-1]
+    fields = [f for subject, h, _ in messages if "journal" in subject
+              for f in json.loads(h["Fleetlog-Fields"])]
+    assert [f["_PID"] for f in fields] == [str(i) for i in range(1000)]
+
+
+async def test_start_without_a_server_is_bounded_then_connects_in_the_background(nats: Any,
+                                                                                  short_tmp: Any) -> None:
+    servers = NatsCluster(short_tmp / "late", 1, clustered=False)   # addresses known, not started
+    src = Source("web-01", "s1")
+    src.grow(10)
+    began = time.monotonic()
+    async with running(settings(servers.urls)) as sink:
+        assert time.monotonic() - began < 10
+        assert sink.status()["connected"] is None and "not connected" in sink.status()["last_error"]
+        sink.add(**src.batch(0, 10))
+        outcome = await sink.commit()
+        assert outcome.error and "not connected" in outcome.error and not outcome.acked
+        try:
+            await asyncio.to_thread(servers.start)
+            await commit_until(sink, {src.key: src.offsets[-1]})
+            assert sink.status()["connected"] is not None and sink.status()["last_error"] is None
+        finally:
+            servers.close()
+
+
+async def test_stream_leader_killed_mid_stream_publishing_resumes_exactly_once(nats: Any) -> None:
+    """An R3 stream on a 3-node cluster: SIGKILL of the stream leader while batches flow. Commits
+    fail during the election, then resume (within 15 s); every range is stored exactly once."""
+    servers = nats.cluster(3)
+    sources = [Source(f"web-{i:02d}", "s1") for i in range(4)]
+    for s in sources:
+        s.grow(400)
+    async with running(settings(servers, replicas=3)) as sink:
+        acked: dict[tuple[str, str], int] = {}
+        killed_at = None
+        errors_seen = 0
+        for step in range(0, 400, 10):
+            for s in sources:
+                sink.add(**s.batch(step, step + 10))
+            if step == 150:
+                leader = await asyncio.to_thread(servers.stream_leader, STREAM)
+                servers.kill(leader)
+                killed_at = time.monotonic()
+            outcome = await sink.commit()
+            acked.update(outcome.acked)
+            assert not outcome.resync, outcome
+            errors_seen += outcome.error is not None
+        assert killed_at is not None
+        await commit_until(sink, {s.key: s.offsets[-1] for s in sources}, acked=acked)
+        resumed_after = time.monotonic() - killed_at
+        status = sink.status()
+        assert status["last_error"] is None
+    assert errors_seen, "no commit failed: the election was not seen"
+    assert resumed_after < 30, resumed_after
+    check_exactly_once(await read_back(servers.urls), sources)
