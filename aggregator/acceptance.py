@@ -6,6 +6,7 @@ journal cannot be written, and the resyncs that ask agents to resend."""
 from __future__ import annotations
 
 import logging
+import time
 
 from aggregator.files import SinkError
 from aggregator.journal import stream_key
@@ -27,7 +28,13 @@ class Acceptance(Stages):
         if self.refusing and self.refuse(batch):
             return None  # not taken, not acknowledged: agents are asked to resend once it can be written
         key = stream_key(batch.agent, batch.stream)
-        expected = self.accepted.get(key, batch.base)
+        expected = self.accepted.get(key)
+        if expected is None:
+            # A stream we have not seen: with the files sink the journal knows every stream it
+            # ever committed, so it starts at its base. With JetStream the stream is the table
+            # (another aggregator, or this one before a restart, may have taken its beginning):
+            # take it where the agent stands, and let the publish precondition decide.
+            expected = batch.base if self.stream_sink is None else batch.start
         if batch.start == batch.end:
             return None
         if expected < batch.base:
@@ -76,12 +83,14 @@ class Acceptance(Stages):
 
     def take_agents_base(self, key: str, batch: wire.Batch, expected: int) -> int:
         """The agent says its stream starts at ``batch.base``, past where our state has it: it
-        rebased after we asked for an offset it had seen acknowledged (our journal was damaged or
-        state_dir restored). Its acknowledgements were real, so its word wins: both sides agree
-        on one offset at once instead of asking each other forever."""
+        rebased after we asked for an offset it had seen acknowledged (our journal was damaged,
+        state_dir restored, or the JetStream stream no longer holds the stream). Its
+        acknowledgements were real, so its word wins: both sides agree on one offset at once
+        instead of asking each other forever."""
         self.totals.rebased_streams += 1
         log.warning("agent %s, %s: continuing its stream at %d, where the agent's acknowledged"
-                    " offset stands; our state had it at %d (journal damaged or state_dir restored)",
+                    " offset stands; our state had it at %d (that state was lost: journal damaged,"
+                    " state_dir restored, or the JetStream stream no longer holds it)",
                     batch.agent, batch.path, batch.base, expected)
         self.accepted[key] = batch.base
         return batch.base
@@ -123,6 +132,14 @@ class Acceptance(Stages):
         """Drop in-memory offsets of streams the journal has forgotten (idle past stream_ttl_s),
         so a long-running aggregator does not grow with every file its agents ever rotated."""
         durable = self.journal.state.streams
+        if self.stream_sink is not None:
+            # No journal compaction forgets them here: streams JetStream acknowledged last more
+            # than stream_ttl_s ago (the stream keeps them; a return reads the subject again).
+            horizon = time.time() - self.cfg.stream_ttl_s
+            for key in [k for k, (_, t) in durable.items() if t < horizon and k not in self.pending]:
+                del durable[key]
+                agent, _, stream = key.partition("\x1f")
+                self.stream_sink.forget(self.stream_topic.get(key, ""), agent, stream)
         stale = [k for k in self.accepted if k not in durable and k not in self.pending]
         for key in stale:
             del self.accepted[key]

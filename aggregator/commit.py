@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from typing import Any
 
 from aggregator.files import SinkError, TopicFile
+from aggregator.journal import stream_key
 from aggregator.stages import Stages
 from fleetlog import wire
 
@@ -28,7 +30,7 @@ class GroupCommit(Stages):
             try:
                 async with self.commit_lock:
                     await self.commit()
-                    if self.state_error is None:
+                    if self.state_error is None and self.stream_sink is None:
                         await self.rotate_due()
             except SinkError as exc:
                 self.on_disk_error(exc)
@@ -50,7 +52,8 @@ class GroupCommit(Stages):
         if state_error is not None and time.monotonic() < state_error.retry_at:
             return
         if self.pending or state_error is not None:
-            if not await self.commit_pending():
+            committed = self.commit_pending() if self.stream_sink is None else self.publish_pending()
+            if not await committed:
                 return
             if state_error is not None:
                 self.state_error = None
@@ -110,6 +113,46 @@ class GroupCommit(Stages):
         for key, end in pending.items():
             agent, _, stream = key.partition("\x1f")
             self.owe_ack(agent, stream, end)
+        return True
+
+    async def publish_pending(self) -> bool:
+        """sink = "jetstream": publish what was accepted since the last commit and owe the acks
+        of what JetStream acknowledged; a stream JetStream already holds further (or less far)
+        than this aggregator thought is resynced. False while some stay unpublished (NATS down,
+        stream full, timeouts): nothing more is taken until a later commit gets them in.
+
+        The journal's in-memory state stands for what JetStream acknowledged (``admit`` acks a
+        resent duplicate from it); nothing is written to disk: the stream is the record."""
+        sink = self.stream_sink
+        assert sink is not None
+        started = time.monotonic()
+        # What the sink holds at the call is published; batches accepted meanwhile wait for the
+        # next commit (they are pending again).
+        pending, self.pending = self.pending, {}
+        outcome = await sink.commit()
+        now = time.time()
+        durable = self.journal.state.streams
+        for (agent, stream), end in outcome.acked.items():
+            durable[stream_key(agent, stream)] = [end, now]
+            self.owe_ack(agent, stream, end)
+        for (agent, stream), offset in outcome.resync.items():
+            key = stream_key(agent, stream)
+            pending.pop(key, None)
+            self.pending.pop(key, None)
+            self.accepted[key] = offset
+            durable[key] = [offset, now]  # the stream holds exactly everything before it
+            self.totals.resyncs += 1
+            self.send_event(agent, wire.encode_event("resync", stream=stream, offset=offset, seq=None))
+        self.pending_bytes = sink.queued()[1]
+        if outcome.error is not None:
+            for key, end in pending.items():
+                durable_end = durable.get(key)
+                if durable_end is None or durable_end[0] < end:
+                    self.pending[key] = max(end, self.pending.get(key, 0))
+            self.on_state_error(SinkError(errno.EAGAIN, f"JetStream: {outcome.error}"))
+            return False
+        self.commit_latency.observe(time.monotonic() - started)
+        self.totals.commits += 1
         return True
 
     def _sync(self, dirty: list[TopicFile]) -> dict[str, OSError]:

@@ -32,9 +32,11 @@ from aggregator.files import (
 from aggregator.flow import FlowControl
 from aggregator.holds import Holds
 from aggregator.ingest import Ingest
+from aggregator.jetstream import JetStreamSink
 from aggregator.journal import DurableState, Journal
 from aggregator.rolling import Rolling
 from aggregator.security import Guard
+from aggregator.sink import Sink
 from aggregator.status import StatusReport, TopicStats, Totals
 from fleetlog import curve, wire
 from fleetlog.dirlock import DirectoryLock
@@ -60,8 +62,16 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
         self.started_wall = clock()
         self.ctx: zmq.asyncio.Context | None = None
         self.sink = RollingFileSink(self.cfg.output_dir, clock=clock)
-        self.locks = [DirectoryLock(self.cfg.state_dir, "aggregator.state_dir"),
-                      DirectoryLock(self.cfg.output_dir, "aggregator.output_dir")]
+        # sink = "jetstream": accepted batches are published to NATS JetStream and no file is
+        # written here (fleetlog-writer makes them); the journal's state is then kept in memory
+        # only, as the table of what JetStream acknowledged (aggregator/commit.py).
+        self.stream_sink = (JetStreamSink(self.cfg.jetstream, clock=clock,
+                                          name=f"fleetlog-aggregator {self.instance}")
+                            if self.cfg.sink == "jetstream" else None)
+        self.out: Sink = self.sink if self.stream_sink is None else self.stream_sink
+        self.locks = [DirectoryLock(self.cfg.state_dir, "aggregator.state_dir")]
+        if self.stream_sink is None:
+            self.locks.append(DirectoryLock(self.cfg.output_dir, "aggregator.output_dir"))
         self.journal = Journal(self.cfg.state_dir, stream_ttl_s=self.cfg.stream_ttl_s)
         self.notifier = SystemdNotifier()
         self.guard = Guard(self.cfg)
@@ -125,7 +135,8 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
 
     async def startup(self) -> None:
         cfg = self.cfg
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        if self.stream_sink is None:
+            os.makedirs(cfg.output_dir, exist_ok=True)
         os.makedirs(cfg.state_dir, exist_ok=True)
         # Before reading or repairing anything: a second aggregator on the same directories
         # would replay the journal and cut the live one's files back.
@@ -136,32 +147,11 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
         limit = raise_open_files_limit()
         self.sink.max_open = open_files_bound(limit)
         log.info("descriptor limit %d: up to %d topic files open at once", limit, self.sink.max_open)
-        journal_existed = os.path.exists(self.journal.journal_path)
-        state = self.journal.recover()
-        # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction
-        # (a full state_dir only postpones it).
-        self.journal.compact_quietly()
-        if state.damage is None:
-            self.recover_rotations(state.rotations)
-            positions = dict(state.topics)
-            if journal_existed:
-                # A topic's first batches are written before its first commit: after a crash in
-                # between no record names it, and its whole active file is uncommitted (agents
-                # resend it). Without a journal (a new or lost state_dir) nothing can be known.
-                for topic in self.sink.topics_on_disk():
-                    positions.setdefault(topic, 0)
-            self.sink.recover(positions)
+        if self.stream_sink is None:
+            leftovers = await self.recover_files()
         else:
-            self.rebuild_journal(state)
-        # Before anything is compressed: the scan removes stale temporaries, and must not take
-        # one a compression started below is still writing.
-        leftovers = uncompressed_rotated(cfg.output_dir)
-        # A file whose period ended while we were down rolls over before it takes a new line.
-        for topic in self.sink.topics_on_disk():
-            if wire.valid_topic(topic):
-                self.sink.open_existing(topic)
-        await self.rotate_due()
-        self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
+            leftovers = []
+            await self.stream_sink.start()
         self.remember(registry.load(cfg.state_dir))
         self.ctx = zmq.asyncio.Context()
         start_zmq_threads(self.ctx)
@@ -188,7 +178,41 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
         self.ready.set()
         self.notifier.notify("READY=1", f"STATUS=listening; {len(self.accepted)} streams known")
         log.info("aggregator %s ready: pull %s, xsub %s, xpub %s, control %s; output %s",
-                 self.instance, cfg.pull, cfg.xsub, cfg.xpub, ", ".join(cfg.control), cfg.output_dir)
+                 self.instance, cfg.pull, cfg.xsub, cfg.xpub, ", ".join(cfg.control),
+                 cfg.output_dir if self.stream_sink is None else
+                 f"JetStream stream {cfg.jetstream.stream} on {', '.join(cfg.jetstream.servers)}")
+
+    async def recover_files(self) -> list[str]:
+        """sink = "files": recover the journal, cut the topic files back to their last commit,
+        finish rotations a crash interrupted. Returns the rotated files left uncompressed."""
+        cfg = self.cfg
+        journal_existed = os.path.exists(self.journal.journal_path)
+        state = self.journal.recover()
+        # Streams idle for longer than stream_ttl_s are forgotten here and at each compaction
+        # (a full state_dir only postpones it).
+        self.journal.compact_quietly()
+        if state.damage is None:
+            self.recover_rotations(state.rotations)
+            positions = dict(state.topics)
+            if journal_existed:
+                # A topic's first batches are written before its first commit: after a crash in
+                # between no record names it, and its whole active file is uncommitted (agents
+                # resend it). Without a journal (a new or lost state_dir) nothing can be known.
+                for topic in self.sink.topics_on_disk():
+                    positions.setdefault(topic, 0)
+            self.sink.recover(positions)
+        else:
+            self.rebuild_journal(state)
+        # Before anything is compressed: the scan removes stale temporaries, and must not take
+        # one a compression started below is still writing.
+        leftovers = uncompressed_rotated(cfg.output_dir)
+        # A file whose period ended while we were down rolls over before it takes a new line.
+        for topic in self.sink.topics_on_disk():
+            if wire.valid_topic(topic):
+                self.sink.open_existing(topic)
+        await self.rotate_due()
+        self.accepted = {k: int(v[0]) for k, v in state.streams.items()}
+        return leftovers
 
     def rebuild_journal(self, state: DurableState) -> None:
         """After damage (not a crash's torn tail) the journal may have lost commits that were
@@ -275,6 +299,8 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
                         " was not committed is resent by the agents")
         self.sink.close()
         self.journal.close()
+        if self.stream_sink is not None:
+            await self.stream_sink.close()
         if self.metrics is not None:
             self.metrics.close()
         for sock in self.sockets.values():

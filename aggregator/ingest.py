@@ -85,7 +85,8 @@ class Ingest(Stages):
             return
         key = stream_key(batch.agent, batch.stream)
         topic = batch.topic
-        fmt = self.cfg.topic_format(topic)
+        # JetStream carries the lines as written; fleetlog-writer applies the topic's format.
+        fmt = self.cfg.topic_format(topic) if self.stream_sink is None else "raw"
         received = self.clock()
         try:
             data = format_lines(batch.lines, fmt, agent=batch.agent, path=batch.path, topic=topic,
@@ -95,8 +96,8 @@ class Ingest(Stages):
             return
         n = batch.count
         try:
-            self.sink.add(Accepted(topic, batch.agent, batch.stream, batch.start, batch.end, n, data,
-                                   batch.path, received))
+            self.out.add(Accepted(topic, batch.agent, batch.stream, batch.start, batch.end, n, data,
+                                  batch.path, received, batch.fields, batch.base))
         except SinkError as exc:
             self.refused[key] = (batch.agent, batch.stream, batch.seq, topic, expected)
             self.on_write_error(topic, exc, len(data))

@@ -33,6 +33,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from aggregator.config import JetStreamConfig
+from aggregator.sink import Accepted
 
 log = logging.getLogger("fleetlog.aggregator.jetstream")
 
@@ -133,6 +134,7 @@ class _Subject:
     pieces: list[_Piece] = field(default_factory=list)
     last_seq: int | None = None       # None: not read from the stream yet (or no longer trusted)
     last_end: int | None = None       # Fleetlog-End of the subject's last message; None: empty
+    base: int | None = None           # where the agent says the stream began (None: not said)
 
 
 @dataclass(slots=True)
@@ -357,13 +359,21 @@ class JetStreamSink:
 
     # -- queueing -------------------------------------------------------------------------------
 
-    def add(self, topic: str, agent: str, stream: str, start: int, end: int, lines: int,
+    def add(self, batch: Accepted) -> None:
+        """The sink interface (aggregator/sink.py): queue one accepted batch (``queue``)."""
+        self.queue(batch.topic, batch.agent, batch.stream, batch.start, batch.end, batch.lines,
+                   batch.text, batch.path, batch.received, batch.fields, base=batch.base)
+
+    def queue(self, topic: str, agent: str, stream: str, start: int, end: int, lines: int,
             text: str | bytes, path: str, received: float,
-            fields: list[dict[str, Any]] | None = None) -> None:
+            fields: list[dict[str, Any]] | None = None, base: int | None = None) -> None:
         """Queue one accepted batch: source bytes [start, end) of (agent, stream) in ``topic``,
         ``lines`` lines in ``text`` (each ending in "\\n"; a str is encoded as UTF-8 with
         surrogateescape), read from ``path``, accepted at ``received`` (epoch seconds), with one
-        fields object per line for journal entries. Contiguous batches of one stream are sent in
+        fields object per line for journal entries. ``base``: where the stream began (the agent
+        says; an empty subject must start there, else the agent resyncs to it: a first batch lost
+        on the way, e.g. by a PUB socket before it connected, is never skipped; None: any start).
+        Contiguous batches of one stream are sent in
         one message when they fit. Raises ValueError if ``fields`` does not match ``lines``."""
         data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
         if fields is not None and len(fields) != lines:
@@ -374,6 +384,8 @@ class JetStreamSink:
             sub = self._subjects[key] = _Subject(topic, agent, stream, subject_for(
                 self.settings.subject_prefix, topic, agent, stream))
         encoded = None if fields is None else [json.dumps(f, separators=(",", ":")) for f in fields]
+        if base is not None:
+            sub.base = base
         sub.pieces.append(_Piece(start, end, data, lines, path, received, encoded,
                                  exact=len(data) == end - start))
 
@@ -461,9 +473,11 @@ class JetStreamSink:
         the offset to resync the agent to when the queue cannot continue the subject: ``L`` lies
         before the queue (the stream lacks bytes we were not sent) or inside a piece at an offset
         that is not a known line boundary (a batch cut differently). None: publish on."""
-        last = sub.last_end
+        # An empty subject continues from the stream's base (the agent's offset 0, or where it
+        # rebased); without one it takes any start.
+        last = sub.last_end if sub.last_end is not None else sub.base
         if last is None or not sub.pieces:
-            return None   # an empty subject takes any start (a new stream, or one aged out)
+            return None
         key = (sub.agent, sub.stream)
         first = sub.pieces[0]
         if last == first.start:

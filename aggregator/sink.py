@@ -28,7 +28,8 @@ class Accepted:
     counts); ``lines`` counts the lines in ``text``; ``text`` is the output bytes (the files
     sink: formatted as the topic's format says; the JetStream sink: the raw lines, each ending in
     a newline, and the writer formats them). ``received`` is when the aggregator took it (epoch
-    seconds); ``fields`` the journal entries' fields, one object per line, or None.
+    seconds); ``fields`` the journal entries' fields, one object per line, or None; ``base`` the
+    offset the stream started at (wire.Batch.base).
     """
 
     topic: str
@@ -41,11 +42,10 @@ class Accepted:
     path: str
     received: float
     fields: list[dict[str, Any]] | None = None
+    base: int = 0  # where the stream began (the agent's word): what an empty subject must start at
 
 
 class Sink(Protocol):
     def add(self, batch: Accepted) -> None:
         """Take ``batch`` (raises files.SinkError, with nothing taken, if it cannot)."""
         ...
-
-    def close(self) -> None: ...

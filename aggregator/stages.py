@@ -27,8 +27,10 @@ if TYPE_CHECKING:
     from aggregator.config import AggregatorConfig, Config
     from aggregator.control import ControlServer
     from aggregator.files import Hold, RollingFileSink, SinkError
+    from aggregator.jetstream import JetStreamSink
     from aggregator.journal import Journal
     from aggregator.security import Guard
+    from aggregator.sink import Sink
     from aggregator.status import TopicStats, Totals
     from fleetlog import wire
     from fleetlog.runtime import SystemdNotifier, Wakeup
@@ -44,6 +46,8 @@ class Stages:
         started_wall: float
         ctx: zmq.asyncio.Context | None
         sink: RollingFileSink
+        stream_sink: JetStreamSink | None
+        out: Sink  # where ingest hands accepted batches: ``sink`` or ``stream_sink``
         journal: Journal
         notifier: SystemdNotifier
         guard: Guard
@@ -101,6 +105,8 @@ class Stages:
         def probe_disk(self) -> None: ...
         def owe_ack(self, agent: str, stream: str, end: int) -> None: ...
         async def commit(self) -> None: ...
+        async def commit_pending(self) -> bool: ...
+        async def publish_pending(self) -> bool: ...
         async def rotate_due(self, force: set[str | None] | None = None) -> list[str]: ...
         def recover_rotations(self, rotations: dict[str, Any]) -> None: ...
         def _retain_later(self, topics: list[str] | None) -> None: ...

@@ -62,7 +62,7 @@ class StatusReport(Stages):
                 self.save_registry()
             if ticks % 3600 == 0:
                 self.forget_old_streams()
-            if ticks % 60 == 0:
+            if ticks % 60 == 0 and self.stream_sink is None:
                 self._retain_later(None)
             now = time.monotonic()
             counted: list[TopicStats | AgentInfo] = [*self.topics.values(), *self.agents.values()]
@@ -127,7 +127,9 @@ class StatusReport(Stages):
             "uptime_s": round(now - self.started, 1),
             "endpoints": {"pull": self.cfg.pull, "xsub": self.cfg.xsub, "xpub": self.cfg.xpub,
                           "control": list(self.cfg.control)},
-            "output_dir": self.cfg.output_dir,
+            "output_dir": self.cfg.output_dir if self.stream_sink is None else None,
+            "sink": self.cfg.sink,
+            "jetstream": self.stream_sink.status() if self.stream_sink is not None else None,
             "disk": disk,
             "journal_bytes": _size_or_none(self.journal.journal_path),
             "disk_error": self.disk_error,

@@ -190,8 +190,8 @@ async def test_batches_are_published_once_with_the_headers_of_the_format(nats: A
     async with running(settings(servers)) as sink:
         assert sink.status()["connected"] is not None
         for first, last in ((0, 10), (10, 20), (20, 30)):   # contiguous: merged into one message
-            sink.add(**a.batch(first, last))
-        sink.add(**b.batch(0, 30), fields=[{"n": i, "é": "ü"} for i in range(30)])
+            sink.queue(**a.batch(first, last))
+        sink.queue(**b.batch(0, 30), fields=[{"n": i, "é": "ü"} for i in range(30)])
         outcome = await sink.commit()
         assert outcome == CommitOutcome(acked={a.key: a.offsets[-1], b.key: b.offsets[-1]})
         assert await sink.last_end("app", "web.01", "s1") == a.offsets[-1]
@@ -222,12 +222,12 @@ async def test_retry_inside_and_beyond_the_dedup_window_is_stored_once(nats: Any
             # ``late`` reads the subject before ``first`` publishes: its cached position is then
             # stale, so its publish carries the same id and precondition a lost-answer retry would.
             await late.last_end(src.topic, src.agent, src.stream)
-            first.add(**src.batch(lo, hi))
+            first.queue(**src.batch(lo, hi))
             assert (await first.commit()).acked == {src.key: src.offsets[hi]}
             if retry_after_window:
                 # The window is a span of time: wait it out (the only sleep of this module).
                 await asyncio.sleep(cfg.duplicate_window_s + 0.3)
-            late.add(**src.batch(lo, hi))
+            late.queue(**src.batch(lo, hi))
             assert await late.commit() == CommitOutcome(acked={src.key: src.offsets[hi]})
         status = late.status()
         assert status["published"] == 0 and status["already_in"] == 2
@@ -247,25 +247,25 @@ async def test_recut_batch_gets_resync_never_loss(nats: Any) -> None:
     src = Source("web-01", "s1")
     src.grow(40)
     async with running(settings(servers)) as a:
-        a.add(**src.batch(0, 10))
+        a.queue(**src.batch(0, 10))
         assert (await a.commit()).acked == {src.key: src.offsets[10]}
     end = src.offsets[10]
     async with running(settings(servers)) as b:
         # 1. A gap: the agent sends from line 15; the stream ends at line 10. Resync there.
-        b.add(**src.batch(15, 20))
+        b.queue(**src.batch(15, 20))
         assert await b.commit() == CommitOutcome(resync={src.key: end})
         # 2. Overlapping, but its text is not its byte range (the agent cut a line): the stream's
         # end is no boundary we can trust inside it. Resync, nothing published.
         recut = src.batch(5, 20)
         recut["text"] = recut["text"][:-5] + b"\n"
-        b.add(**recut)
+        b.queue(**recut)
         assert await b.commit() == CommitOutcome(resync={src.key: end})
         # 3. Overlapping with exact text: the stream's end is a line boundary in it, so the
         # already-stored part is dropped and the rest published: acknowledged to its end.
-        b.add(**src.batch(5, 25))
+        b.queue(**src.batch(5, 25))
         assert await b.commit() == CommitOutcome(acked={src.key: src.offsets[25]})
         # 4. The agent, resynced, goes on from the stream's end: accepted as usual.
-        b.add(**src.batch(25, 40))
+        b.queue(**src.batch(25, 40))
         assert (await b.commit()).acked == {src.key: src.offsets[40]}
         assert b.status()["resyncs"] == 2
     check_exactly_once(await read_back(servers.urls), [src])
@@ -284,9 +284,9 @@ async def test_two_sinks_racing_on_the_same_stream_store_it_once(nats: Any) -> N
         for step in range(0, 120, 15):
             for s in sources:
                 for first in range(step, step + 15, 3):
-                    a.add(**s.batch(first, first + 3))
+                    a.queue(**s.batch(first, first + 3))
                 for first in range(step, step + 15, 5):
-                    b.add(**s.batch(first, first + 5))
+                    b.queue(**s.batch(first, first + 5))
             outcome_a, outcome_b = await asyncio.gather(a.commit(), b.commit())
             for outcome, acked in ((outcome_a, acked_a), (outcome_b, acked_b)):
                 assert not outcome.resync, outcome
@@ -308,7 +308,7 @@ async def test_full_stream_stops_acknowledging_then_resumes_when_there_is_room(n
         error = None
         added = 0
         while added < 200 and error is None:
-            sink.add(**src.batch(added, added + 10))
+            sink.queue(**src.batch(added, added + 10))
             added += 10
             outcome = await sink.commit()
             acked.update(outcome.acked)
@@ -329,7 +329,7 @@ async def test_full_stream_stops_acknowledging_then_resumes_when_there_is_room(n
         await js.update_stream(info.config)
         await nc.close()
         for first in range(added, 200, 10):
-            sink.add(**src.batch(first, first + 10))
+            sink.queue(**src.batch(first, first + 10))
         await commit_until(sink, {src.key: src.offsets[-1]}, acked=acked)
         assert sink.status()["last_error"] is None
     check_exactly_once(await read_back(servers.urls), [src])
@@ -351,9 +351,9 @@ async def test_oversized_batch_is_split_at_lines_and_arrives_whole(nats: Any) ->
         long.offsets.append(long.offsets[-1] + len(line))
     async with running(settings(servers)) as sink:
         assert sink.status()["max_payload"] == 64 * 1024
-        sink.add(**big.batch(0, 3500))
-        sink.add(**journal.batch(0, 1000), fields=[{"PRIORITY": "6", "_PID": str(i)} for i in range(1000)])
-        sink.add(**long.batch(0, 3))
+        sink.queue(**big.batch(0, 3500))
+        sink.queue(**journal.batch(0, 1000), fields=[{"PRIORITY": "6", "_PID": str(i)} for i in range(1000)])
+        sink.queue(**long.batch(0, 3))
         await commit_until(sink, {big.key: big.offsets[-1], journal.key: journal.offsets[-1],
                                   long.key: long.offsets[-1]})
         status = sink.status()
@@ -383,7 +383,7 @@ async def test_start_without_a_server_is_bounded_then_connects_in_the_background
     async with running(settings(servers.urls)) as sink:
         assert time.monotonic() - began < 10
         assert sink.status()["connected"] is None and "not connected" in sink.status()["last_error"]
-        sink.add(**src.batch(0, 10))
+        sink.queue(**src.batch(0, 10))
         outcome = await sink.commit()
         assert outcome.error and "not connected" in outcome.error and not outcome.acked
         try:
@@ -407,7 +407,7 @@ async def test_stream_leader_killed_mid_stream_publishing_resumes_exactly_once(n
         errors_seen = 0
         for step in range(0, 400, 10):
             for s in sources:
-                sink.add(**s.batch(step, step + 10))
+                sink.queue(**s.batch(step, step + 10))
             if step == 150:
                 leader = await asyncio.to_thread(servers.stream_leader, STREAM)
                 servers.kill(leader)

@@ -1,0 +1,159 @@
+"""Aggregators with ``sink = "jetstream"``: real agents, real aggregators, real nats-server.
+
+Each scenario ends by reading the whole stream back: every line written to the agents' files is
+in it exactly once and in its file's order, each (agent, stream) subject's messages contiguous
+(every Fleetlog-Start the previous Fleetlog-End), and the daemons quiet again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import nats as natspy
+import pytest
+from harness import Harness, Writer, check_exactly_once, wait_for
+from natsserver import NatsCluster
+
+from aggregator.jetstream import unescape_token
+
+STREAM = "FLEETLOG"
+
+
+def jetstream_sets(servers: NatsCluster, replicas: int = 1) -> list[str]:
+    urls = ", ".join(f'"{u}"' for u in servers.urls)
+    return ["aggregator.sink=jetstream", f"aggregator.jetstream.servers=[{urls}]",
+            f"aggregator.jetstream.replicas={replicas}", "aggregator.jetstream.publish_timeout_s=2"]
+
+
+def read_stream(urls: list[str], stream: str = STREAM) -> list[tuple[str, dict[str, str], bytes]]:
+    """Every message of ``stream`` in stream order: (subject, headers, payload)."""
+
+    async def read() -> list[tuple[str, dict[str, str], bytes]]:
+        nc = await natspy.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=5)
+        try:
+            info = json.loads((await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)).data)
+            out = []
+            for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
+                reply = await nc.request(f"$JS.API.STREAM.MSG.GET.{stream}",
+                                         json.dumps({"seq": seq}).encode(), timeout=5)
+                answer = json.loads(reply.data)
+                if "error" in answer:
+                    continue
+                message = answer["message"]
+                block = base64.b64decode(message.get("hdrs") or "").decode()
+                headers = dict(line.split(": ", 1) for line in block.split("\r\n")[1:] if ": " in line)
+                out.append((message["subject"], headers, base64.b64decode(message.get("data") or "")))
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def stream_lines(urls: list[str]) -> list[str]:
+    """The lines of the stream, checking on the way that each subject's messages are contiguous."""
+    ends: dict[str, int] = {}
+    lines: list[str] = []
+    for subject, headers, payload in read_stream(urls):
+        start, end = int(headers["Fleetlog-Start"]), int(headers["Fleetlog-End"])
+        previous = ends.get(subject)
+        assert previous is None or start == previous, \
+            f"{subject}: a message starts at {start}, the one before it ended at {previous}"
+        ends[subject] = end
+        assert payload.count(b"\n") == int(headers["Fleetlog-Lines"])
+        assert unescape_token(headers["Fleetlog-Topic"]) == "app"
+        lines += payload.decode(errors="replace").splitlines()
+    return lines
+
+
+def start_writer(h: Harness) -> Writer:
+    paths = {tag: h.path("logs", f"{tag}.log") for tag in ("a", "b")}
+    h.path("logs").mkdir(exist_ok=True)
+    return Writer(paths, lines_per_tick=20, tick_s=0.01).start()
+
+
+def sources(h: Harness) -> list[dict[str, object]]:
+    return [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}]
+
+
+def finish(h: Harness, writer: Writer, urls: list[str], *names: str, timeout: float = 90) -> None:
+    """Stop writing, wait until every agent has every line acknowledged, check the stream."""
+    counts = writer.stop()
+    for name in names or ("node1",):
+        wait_for(lambda name=name: h.all_acknowledged(name), timeout=timeout,  # type: ignore[misc]
+                 what=f"{name}: every line acknowledged")
+    check_exactly_once(stream_lines(urls), counts)
+
+
+@pytest.mark.parametrize("mode", ["push", "pub"])
+def test_aggregator_killed_mid_stream_publishes_each_line_once(h: Harness, nats, mode: str) -> None:
+    servers = nats.single()
+    ep = h.endpoints()
+    agg = h.aggregator(ep, *jetstream_sets(servers))
+    writer = start_writer(h)
+    h.agent(ep, sources(h), mode=mode)
+    for _ in range(3):
+        wait_for(lambda: h.status(ep)["totals"]["lines_written"] > 0, what="lines accepted")
+        time.sleep(0.3)
+        agg.kill9()
+        agg = h.aggregator(ep, *jetstream_sets(servers))
+    finish(h, writer, servers.urls)
+    h.assert_quiet(ep)
+
+
+def test_agent_moving_to_a_second_aggregator_on_the_same_stream_doubles_nothing(h: Harness, nats) -> None:
+    """Aggregator A dies with batches published but not acknowledged; the agent resends them to
+    B, which has never seen the stream: the subject's precondition and last message tell B what
+    is in already, so nothing is published twice and nothing is skipped."""
+    servers = nats.single()
+    ep_a, ep_b = h.endpoints(tcp=True), h.endpoints(tcp=True)
+    agg_a = h.aggregator(ep_a, *jetstream_sets(servers), state="agg-a")
+    h.aggregator(ep_b, *jetstream_sets(servers), state="agg-b")
+    writer = start_writer(h)
+    agent = h.agent(ep_a, sources(h))
+    wait_for(lambda: h.status(ep_a)["totals"]["lines_written"] > 200, what="lines through A")
+    agg_a.kill9()
+    agent.kill9()
+    h.agent(ep_b, sources(h))  # the same agent (same state_dir), now pointed at B
+    finish(h, writer, servers.urls)
+    h.assert_quiet(ep_b)
+
+
+def test_nats_down_stops_acknowledging_then_everything_arrives_once(h: Harness, nats) -> None:
+    servers = nats.single()
+    ep = h.endpoints()
+    h.aggregator(ep, *jetstream_sets(servers))
+    writer = start_writer(h)
+    h.agent(ep, sources(h))
+    wait_for(lambda: h.status(ep)["totals"]["lines_written"] > 100, what="lines accepted")
+    servers.kill(0)
+    wait_for(lambda: h.status(ep)["state_error"] is not None, timeout=30, what="the aggregator says so")
+    acked = h.agent_status()["lines_shipped"] if h.agent_status() else 0
+    time.sleep(1.0)  # lines keep being written; none may be acknowledged while NATS is down
+    status = h.agent_status()
+    assert status is not None and status["lines_shipped"] == acked
+    servers.restart(0)
+    wait_for(lambda: h.status(ep)["state_error"] is None, timeout=60, what="commits work again")
+    finish(h, writer, servers.urls)
+    h.assert_quiet(ep)
+
+
+def test_stream_leader_killed_mid_stream_publishing_resumes_and_doubles_nothing(h: Harness, nats) -> None:
+    servers = nats.cluster(3)
+    ep = h.endpoints()
+    h.aggregator(ep, *jetstream_sets(servers, replicas=3))
+    writer = start_writer(h)
+    h.agent(ep, sources(h))
+    wait_for(lambda: h.status(ep)["totals"]["lines_written"] > 200, timeout=30, what="lines accepted")
+    leader = servers.stream_leader(STREAM)
+    servers.kill(leader)
+    written = h.status(ep)["totals"]["lines_written"]
+    wait_for(lambda: h.status(ep)["totals"]["lines_written"] > written + 200, timeout=45,
+             what="publishing resumed after the election")
+    servers.restart(leader)
+    finish(h, writer, servers.urls, timeout=120)
+    h.assert_quiet(ep)
+
