@@ -166,11 +166,19 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def render_status(s: dict[str, Any]) -> str:
     disk = s["disk"]
-    out = [f"aggregator {s['instance']} (fleetlog {s.get('version', '?')})  up {_age(s['uptime_s'])}  "
-           f"output {s['output_dir']}  "
-           f"disk free {_size(disk.get('output_free_bytes'))} of {_size(disk.get('output_total_bytes'))}"]
+    js = s.get("jetstream")
+    if js:  # sink = "jetstream": no files here
+        where = (f"sink JetStream stream {js['stream']} (R{js['replicas']}) via "
+                 f"{js['connected'] or 'NOT CONNECTED'}, {js['published']} messages published, "
+                 f"{_size(js['queued_bytes'])} queued")
+    else:
+        where = (f"output {s['output_dir']}  disk free {_size(disk.get('output_free_bytes'))} of "
+                 f"{_size(disk.get('output_total_bytes'))}")
+    out = [f"aggregator {s['instance']} (fleetlog {s.get('version', '?')})  up {_age(s['uptime_s'])}"
+           f"  {where}"]
     if s.get("disk_error"):
-        out.append(f"!! output not writable, nothing is being acknowledged: {s['disk_error']}")
+        what = "cannot publish" if js else "output not writable"
+        out.append(f"!! {what}, nothing is being acknowledged: {s['disk_error']}")
     out.append("")
     agents = s["agents"]
     out.append(f"agents ({len(agents)})")

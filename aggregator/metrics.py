@@ -187,6 +187,9 @@ class AggregatorCollector:
         yield gauge("streams", "Streams (agent file incarnations) known", value=len(agg.accepted))
         yield gauge("output_writable", "0 while writes to the output fail (nothing is acknowledged)",
                     value=0 if agg.disk_error else 1)
+        if agg.stream_sink is not None:
+            yield from _jetstream_metrics(agg.stream_sink.status(), counter, gauge)
+            return
         with contextlib.suppress(OSError):
             yield gauge("journal_bytes", "Size of the commit journal",
                         value=os.path.getsize(agg.journal.journal_path))
@@ -197,6 +200,22 @@ class AggregatorCollector:
         yield gauge("output_free_bytes", "Free space on the output_dir file system", value=usage.free)
         yield gauge("output_used_bytes", "Used space on the output_dir file system", value=usage.used)
         yield gauge("output_total_bytes", "Size of the output_dir file system", value=usage.total)
+
+
+def _jetstream_metrics(js: dict[str, Any], counter: Any, gauge: Any) -> Iterator[Any]:
+    """sink = "jetstream": the publisher's state and counters (aggregator/jetstream.py)."""
+    yield gauge("jetstream_connected", "1 while connected to a NATS server",
+                value=1 if js["connected"] else 0)
+    yield gauge("jetstream_queued_bytes", "Accepted bytes not yet acknowledged by JetStream",
+                value=js["queued_bytes"])
+    for name, doc in (("published", "Messages JetStream acknowledged"),
+                      ("duplicates", "Publishes JetStream answered as duplicates (inside its window)"),
+                      ("precondition_refusals", "Publishes refused by the expected-sequence precondition"),
+                      ("resyncs", "Streams an agent was asked to resend from the stream's end"),
+                      ("retries", "Publishes retried after a timeout or no responders"),
+                      ("full_refusals", "Publishes refused because the stream is full")):
+        family = counter(f"jetstream_{name}", doc)
+        yield _value(family, js[name])
 
 
 def _value(family: Any, value: float) -> Any:

@@ -131,6 +131,9 @@ def test_nats_down_stops_acknowledging_then_everything_arrives_once(h: Harness, 
     wait_for(lambda: h.status(ep)["totals"]["lines_written"] > 100, what="lines accepted")
     servers.kill(0)
     wait_for(lambda: h.status(ep)["state_error"] is not None, timeout=30, what="the aggregator says so")
+    shown = h.ctl(ep, "status").stdout
+    assert "sink JetStream stream FLEETLOG (R1) via NOT CONNECTED" in shown, shown
+    assert "!! cannot publish, nothing is being acknowledged" in shown, shown
     acked = h.agent_status()["lines_shipped"] if h.agent_status() else 0
     time.sleep(1.0)  # lines keep being written; none may be acknowledged while NATS is down
     status = h.agent_status()
