@@ -104,6 +104,7 @@ class GroupCommit(Stages):
             self.on_state_error(exc)
             return False
         self.sink.mark_committed(positions)
+        self.sink.trim_open_files()
         if self.sink.held:
             # Writable again once a real write to it is durable, not when a probe passes.
             for topic in [t for t, h in self.sink.held.items() if h.retrying and t in positions]:

@@ -310,6 +310,13 @@ class RollingFileSink:
                 if tf.size == size:
                     self._changed.discard(topic)
 
+    def trim_open_files(self) -> int:
+        """After a commit: close the least recently written files beyond ``max_open`` (a file
+        holding unsynced data keeps its descriptor until a commit has fsynced it, so a burst
+        over many topics can leave more open than the bound). Returns how many were closed."""
+        over = len(self._open_files) - self.max_open
+        return self._close_least_recent(over) if over > 0 else 0
+
     def dirty_files(self) -> list[TopicFile]:
         """The files to fsync for the next commit, marked clean (call on the loop thread)."""
         files = self.files
