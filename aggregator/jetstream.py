@@ -212,6 +212,8 @@ class JetStreamSink:
         self.nc: NatsClient | None = None
         self._connector: asyncio.Task[None] | None = None
         self._stream_ready = False
+        self._stream_seen = False
+        self._stream_differs: list[str] = []
         self._subjects: dict[tuple[str, str, str], _Subject] = {}
         self._last_error: str | None = None
         self._logged_state: dict[str, str] = {}
@@ -303,20 +305,23 @@ class JetStreamSink:
             if exc.code != ERR_STREAM_NOT_FOUND:
                 self._set_error("stream", f"stream {s.stream}: {exc}")
                 return False
+            if self._stream_seen:
+                log.warning("jetstream: stream %s is gone (deleted?): creating it again; what it held"
+                            " is lost to the writers", s.stream)
             try:
                 info = await self._api(f"STREAM.CREATE.{s.stream}", json.dumps(wanted).encode())
-            except (_Refused, JetStreamUnavailable) as exc2:
+            except (_Refused, JetStreamUnavailable, nats.errors.Error, TimeoutError) as exc2:
                 self._set_error("stream", f"stream {s.stream} cannot be created: {exc2}")
                 return False
             log.info("jetstream: created stream %s (subjects %s, %d replica(s), dedup window %g s,"
                      " discard %s)", s.stream, wanted["subjects"][0], s.replicas, s.duplicate_window_s,
                      s.discard)
-        except JetStreamUnavailable as exc:
-            self._set_error("stream", f"stream {s.stream}: {exc}")
+        except (JetStreamUnavailable, nats.errors.Error, TimeoutError) as exc:
+            self._set_error("stream", f"stream {s.stream} cannot be checked: {exc or type(exc).__name__}")
             return False
         self._check_stream(info.get("config") or {}, wanted)
         self._set_error("stream", None)
-        self._stream_ready = True
+        self._stream_ready = self._stream_seen = True
         return True
 
     def _check_stream(self, have: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -326,7 +331,8 @@ class JetStreamSink:
         for key in ("num_replicas", "discard", "duplicate_window", "storage"):
             if key in have and have[key] != wanted[key]:
                 differs.append(f"{key} {have[key]} (configured {wanted[key]})")
-        if differs:
+        if differs and differs != self._stream_differs:
+            self._stream_differs = differs
             log.warning("jetstream: stream %s exists with other settings, left as it is: %s",
                         self.settings.stream, "; ".join(differs))
 
@@ -441,7 +447,7 @@ class JetStreamSink:
                 return
             if not sub.pieces or sub.pieces[0].start >= target:
                 return
-            message = self._build(sub)
+            message = self._build(sub, target)
             answer = await self._publish(sub, message)
             if answer is None:   # refused or duplicate: the subject's last message decides
                 rounds += 1
@@ -534,8 +540,9 @@ class JetStreamSink:
             headers["Fleetlog-Fields"] = "[" + ",".join(fields) + "]"
         return headers
 
-    def _build(self, sub: _Subject) -> _Message:
-        """The next message from the front of ``sub``'s queue, at most the server's max_payload
+    def _build(self, sub: _Subject, target: int) -> _Message:
+        """The next message from the front of ``sub``'s queue (no piece ending after ``target``:
+        batches added during this commit wait for the next), at most the server's max_payload
         with its headers: contiguous pieces of one path merged, a piece too large split at line
         boundaries, a single line too large cut (the agent's ``max_line_bytes`` rule: the rest of
         the line is dropped, counted, said once)."""
@@ -552,7 +559,7 @@ class JetStreamSink:
         take = [first]
         for piece in sub.pieces[1:]:
             more = len(piece.data) + (0 if piece.fields is None else sum(len(f) + 1 for f in piece.fields))
-            if (piece.start != take[-1].end or piece.path != first.path
+            if (piece.start != take[-1].end or piece.end > target or piece.path != first.path
                     or (piece.fields is None) != (first.fields is None) or cost + more > budget):
                 break
             take.append(piece)
@@ -579,7 +586,7 @@ class JetStreamSink:
             lines += 1
         if lines == 0:
             self._cut_line(sub, piece, budget)
-            return self._build(sub)
+            return self._build(sub, piece.end)
         end = self._split_offset(piece, size, lines)
         piece.cuts[end] = (size, lines)
         self.counters["split_messages"] += 1
@@ -666,6 +673,10 @@ class JetStreamSink:
             self.counters["errors"] += 1
             raise _Stuck("refused", f"{sub.name}: JetStream refused: {exc}") from exc
         if attempt == PUBLISH_ATTEMPTS - 1:
+            if isinstance(exc, nats.errors.NoRespondersError):
+                # Nobody takes the subject: an election, or the stream is gone (deleted). The
+                # next commit checks the stream again and creates it when it is missing.
+                self._stream_ready = False
             raise _Stuck("timeout", f"{sub.name}: no answer from JetStream ({type(exc).__name__}: {exc})"
                          f" after {PUBLISH_ATTEMPTS} attempts (a leader election?)") from exc
 
@@ -717,7 +728,8 @@ class JetStreamSink:
 
     def _set_error(self, state: str, message: str | None, kind: str = "") -> None:
         """Record the error of one state (connect, link, stream, commit) and log it once per
-        change of its kind: ERROR while batches wait for JetStream, INFO when it is over."""
+        change of its kind: ERROR while batches wait for JetStream (WARNING for the link alone),
+        INFO when it is over."""
         if message is None:
             self._errors.pop(state, None)
             if self._logged_state.pop(state, None) is not None:
@@ -726,7 +738,8 @@ class JetStreamSink:
             self._errors[state] = message
             if self._logged_state.get(state) != (kind or message):
                 self._logged_state[state] = kind or message
-                log.error("jetstream: %s", message)
+                # A lost link alone is worked around (reconnecting); batches waiting are at risk.
+                log.log(logging.WARNING if state == "link" else logging.ERROR, "jetstream: %s", message)
         self._last_error = next(iter(self._errors.values()), None)
 
     def status(self) -> dict[str, Any]:

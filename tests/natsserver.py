@@ -222,9 +222,11 @@ class NatsCluster:
         return [n.url for n in self.nodes]
 
     def stream_info(self, stream: str) -> dict[str, Any] | None:
-        """The monitoring view (/jsz stream_detail) of ``stream`` from the first live node that
-        holds it: keys name, state {messages, bytes, first_seq, last_seq, ...}, cluster
-        {leader, replicas}. None if no live node knows the stream."""
+        """The monitoring view (/jsz stream_detail) of ``stream``: keys name, state {messages,
+        bytes, first_seq, last_seq, ...}, cluster {leader, replicas [{name, current, ...}]}.
+        The leader's own view when a live node says it leads (a follower's view of the other
+        replicas is not current), else the first live node's. None if no live node knows it."""
+        views = []
         for node in self.nodes:
             if not node.alive():
                 continue
@@ -235,8 +237,10 @@ class NatsCluster:
             for account in jsz.get("account_details") or []:
                 for detail in account.get("stream_detail") or []:
                     if detail.get("name") == stream:
-                        return dict(detail)
-        return None
+                        if (detail.get("cluster") or {}).get("leader") == node.name:
+                            return dict(detail)
+                        views.append(dict(detail))
+        return views[0] if views else None
 
     def stream_leader(self, stream: str, timeout: float = 15.0) -> int:
         """Index of the node leading ``stream`` (waits, bounded, until a live node leads it)."""
