@@ -214,6 +214,7 @@ class JetStreamSink:
         self._stream_ready = False
         self._stream_seen = False
         self._stream_differs: list[str] = []
+        self._stream_max_msg_size = -1
         self._subjects: dict[tuple[str, str, str], _Subject] = {}
         self._last_error: str | None = None
         self._logged_state: dict[str, str] = {}
@@ -281,6 +282,12 @@ class JetStreamSink:
         self._set_error("link", None)
         log.info("jetstream: reconnected to %s", url)
 
+    def max_message_bytes(self) -> int:
+        """The largest message (headers + payload, bytes) the connected server and the stream
+        take: the server's max_payload, or the stream's max_msg_size when smaller."""
+        limit = self.nc.max_payload if self.nc is not None else 1024 * 1024
+        return min(limit, self._stream_max_msg_size) if self._stream_max_msg_size > 0 else limit
+
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
@@ -320,6 +327,8 @@ class JetStreamSink:
             self._set_error("stream", f"stream {s.stream} cannot be checked: {exc or type(exc).__name__}")
             return False
         self._check_stream(info.get("config") or {}, wanted)
+        # An operator may cap the stream's messages below the servers' max_payload.
+        self._stream_max_msg_size = int((info.get("config") or {}).get("max_msg_size") or -1)
         self._set_error("stream", None)
         self._stream_ready = self._stream_seen = True
         return True
@@ -430,6 +439,9 @@ class JetStreamSink:
     async def _commit_subject(self, sub: _Subject, n: int, outcome: CommitOutcome) -> None:
         """Publish the first ``n`` pieces of ``sub`` (fewer if pieces were resolved meanwhile)."""
         key = (sub.agent, sub.stream)
+        n = min(n, len(sub.pieces))   # forget() may have emptied it while this waited its turn
+        if n == 0:
+            return
         target = sub.pieces[n - 1].end   # what this commit is about; later adds wait
         rounds = 0
         while sub.pieces and sub.pieces[0].start < target:
@@ -547,7 +559,7 @@ class JetStreamSink:
         boundaries, a single line too large cut (the agent's ``max_line_bytes`` rule: the rest of
         the line is dropped, counted, said once)."""
         assert self.nc is not None
-        limit = self.nc.max_payload - _SIZE_MARGIN_BYTES
+        limit = self.max_message_bytes() - _SIZE_MARGIN_BYTES
         first = sub.pieces[0]
         # Headers with the longest numbers they can take: the budget never depends on the digits.
         base = _header_bytes(self._headers(sub, first, 10**19, 10**19, 10**19, None)) + len(
@@ -620,7 +632,7 @@ class JetStreamSink:
         if self.counters["cut_lines"] == 1:
             log.warning("jetstream: %s: a line of %d bytes does not fit the server's max_payload (%d"
                         " bytes with headers): cut to %d bytes (counted as cut_lines; said once)",
-                        sub.name, nl + 1, self.nc.max_payload if self.nc else -1, keep + 1)
+                        sub.name, nl + 1, self.max_message_bytes(), keep + 1)
         piece.data = piece.data[:keep] + piece.data[nl:]
         piece.exact = False
         piece.cuts = {}
@@ -744,10 +756,10 @@ class JetStreamSink:
 
     def status(self) -> dict[str, Any]:
         """The sink's state for the aggregator's status: ``connected`` (server host:port or None),
-        ``stream``, ``replicas``, ``max_payload`` (bytes), ``queued_batches``, ``queued_bytes``,
-        ``last_error`` (None when healthy) and the counters (published, published_bytes,
-        duplicates, precondition_refusals, already_in, resyncs, retries, full_refusals,
-        split_messages, cut_lines, cut_bytes, reads, errors)."""
+        ``stream``, ``replicas``, ``max_payload`` (bytes: ``max_message_bytes()``),
+        ``queued_batches``, ``queued_bytes``, ``last_error`` (None when healthy) and the counters
+        (published, published_bytes, duplicates, precondition_refusals, already_in, resyncs,
+        retries, full_refusals, split_messages, cut_lines, cut_bytes, reads, errors)."""
         batches, size = self.queued()
         url = self.nc.connected_url if self.connected and self.nc is not None else None
         return {
@@ -755,7 +767,7 @@ class JetStreamSink:
             "connected": url.netloc if url is not None else None,
             "stream": self.settings.stream,
             "replicas": self.settings.replicas,
-            "max_payload": self.nc.max_payload if self.nc is not None else None,
+            "max_payload": self.max_message_bytes() if self.nc is not None else None,
             "queued_batches": batches,
             "queued_bytes": size,
             "last_error": self._last_error,

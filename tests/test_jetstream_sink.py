@@ -392,6 +392,25 @@ async def test_oversized_batch_is_split_at_lines_and_arrives_whole(nats: Any) ->
     assert [f["_PID"] for f in fields] == [str(i) for i in range(1000)]
 
 
+async def test_existing_stream_is_kept_and_its_message_limit_obeyed(nats: Any, caplog: Any) -> None:
+    """A stream made by the operator (1 replica where 3 are configured, max_msg_size 16 KiB):
+    the sink says what differs, changes nothing, and splits its batches to fit the stream."""
+    servers = nats.single()
+    nc = await natspy.connect(servers=servers.urls)
+    await nc.jetstream().add_stream(name=STREAM, subjects=["fl.>"], max_msg_size=16 * 1024)
+    await nc.close()
+    src = Source("web-01", "s1", width=200)
+    src.grow(500)
+    async with running(settings(servers, replicas=3)) as sink:
+        assert sink.status()["max_payload"] == 16 * 1024
+        assert "num_replicas 1 (configured 3)" in caplog.text
+        sink.add(**src.batch(0, 500))
+        await commit_until(sink, {src.key: src.offsets[-1]})
+    messages = await read_back(servers.urls)
+    assert len(messages) >= 500 * 200 // (16 * 1024)
+    check_exactly_once(messages, [src])
+
+
 async def test_start_without_a_server_is_bounded_then_connects_in_the_background(nats: Any,
                                                                                   short_tmp: Any) -> None:
     servers = NatsCluster(short_tmp / "late", 1, clustered=False)   # addresses known, not started
