@@ -10,6 +10,7 @@ short temporary path, so a node restarted with ``restart(i)`` comes back with it
         nats.urls                                 # ["nats://127.0.0.1:PORT", ...]
         nats.kill(nats.stream_leader("FLEETLOG"))  # SIGKILL by default
         nats.restart(i)                           # same ports, same store
+        nats.wait_stream_current("FLEETLOG")      # every replica caught up again
 
 Every method blocks (subprocesses and HTTP polls, each wait bounded); from an async test call the
 waiting ones through ``asyncio.to_thread`` so the event loop under test keeps running. ``close()``
@@ -256,6 +257,21 @@ class NatsCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no live leader for stream {stream} after {timeout} s: {info}")
             time.sleep(0.05)
+
+    def wait_stream_current(self, stream: str, timeout: float = 30.0) -> None:
+        """Wait until ``stream``'s leader reports every other replica current (after a node was
+        restarted: it has caught up). Raises TimeoutError with the last view."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.stream_info(stream) or {}
+            cluster = info.get("cluster") or {}
+            replicas = cluster.get("replicas") or []
+            if (not self.clustered and info) or (cluster.get("leader") and replicas
+                                                  and all(r.get("current") for r in replicas)):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream {stream} replicas not current after {timeout} s: {info}")
+            time.sleep(0.1)
 
     # -- faults ---------------------------------------------------------------------------------
 

@@ -519,19 +519,8 @@ async def test_stream_leader_killed_mid_stream_publishing_resumes_exactly_once(n
         assert resumed_after < 15, f"publishing resumed {resumed_after:.1f} s after the kill"
         # Healthy again: the killed node comes back and catches up; the sink has nothing left.
         await asyncio.to_thread(servers.restart, leader)
-        await asyncio.to_thread(wait_replicas_current, servers)
+        await asyncio.to_thread(servers.wait_stream_current, STREAM)
         status = sink.status()
         assert status["last_error"] is None and status["queued_batches"] == 0
         assert status["connected"] is not None
     check_exactly_once(await read_back(servers.urls), sources)
-
-
-def wait_replicas_current(servers: NatsCluster, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = servers.stream_info(STREAM) or {}
-        replicas = (info.get("cluster") or {}).get("replicas") or []
-        if len(replicas) == 2 and all(r.get("current") for r in replicas):
-            return
-        assert time.monotonic() < deadline, f"replicas not current after {timeout} s: {info}"
-        time.sleep(0.1)
