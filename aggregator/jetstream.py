@@ -214,6 +214,9 @@ class JetStreamSink:
         self.nc: NatsClient | None = None
         self._connector: asyncio.Task[None] | None = None
         self._stream_ready = False
+        self._stream_seen = False
+        self._stream_differs: list[str] = []
+        self._stream_max_msg_size = -1
         self._subjects: dict[tuple[str, str, str], _Subject] = {}
         self._last_error: str | None = None
         self._logged_state: dict[str, str] = {}
@@ -281,6 +284,12 @@ class JetStreamSink:
         self._set_error("link", None)
         log.info("jetstream: reconnected to %s", url)
 
+    def max_message_bytes(self) -> int:
+        """The largest message (headers + payload, bytes) the connected server and the stream
+        take: the server's max_payload, or the stream's max_msg_size when smaller."""
+        limit = self.nc.max_payload if self.nc is not None else 1024 * 1024
+        return min(limit, self._stream_max_msg_size) if self._stream_max_msg_size > 0 else limit
+
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
@@ -305,20 +314,25 @@ class JetStreamSink:
             if exc.code != ERR_STREAM_NOT_FOUND:
                 self._set_error("stream", f"stream {s.stream}: {exc}")
                 return False
+            if self._stream_seen:
+                log.warning("jetstream: stream %s is gone (deleted?): creating it again; what it held"
+                            " is lost to the writers", s.stream)
             try:
                 info = await self._api(f"STREAM.CREATE.{s.stream}", json.dumps(wanted).encode())
-            except (_Refused, JetStreamUnavailable) as exc2:
+            except (_Refused, JetStreamUnavailable, nats.errors.Error, TimeoutError) as exc2:
                 self._set_error("stream", f"stream {s.stream} cannot be created: {exc2}")
                 return False
             log.info("jetstream: created stream %s (subjects %s, %d replica(s), dedup window %g s,"
                      " discard %s)", s.stream, wanted["subjects"][0], s.replicas, s.duplicate_window_s,
                      s.discard)
-        except JetStreamUnavailable as exc:
-            self._set_error("stream", f"stream {s.stream}: {exc}")
+        except (JetStreamUnavailable, nats.errors.Error, TimeoutError) as exc:
+            self._set_error("stream", f"stream {s.stream} cannot be checked: {exc or type(exc).__name__}")
             return False
         self._check_stream(info.get("config") or {}, wanted)
+        # An operator may cap the stream's messages below the servers' max_payload.
+        self._stream_max_msg_size = int((info.get("config") or {}).get("max_msg_size") or -1)
         self._set_error("stream", None)
-        self._stream_ready = True
+        self._stream_ready = self._stream_seen = True
         return True
 
     def _check_stream(self, have: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -328,7 +342,8 @@ class JetStreamSink:
         for key in ("num_replicas", "discard", "duplicate_window", "storage"):
             if key in have and have[key] != wanted[key]:
                 differs.append(f"{key} {have[key]} (configured {wanted[key]})")
-        if differs:
+        if differs and differs != self._stream_differs:
+            self._stream_differs = differs
             log.warning("jetstream: stream %s exists with other settings, left as it is: %s",
                         self.settings.stream, "; ".join(differs))
 
@@ -436,6 +451,9 @@ class JetStreamSink:
     async def _commit_subject(self, sub: _Subject, n: int, outcome: CommitOutcome) -> None:
         """Publish the first ``n`` pieces of ``sub`` (fewer if pieces were resolved meanwhile)."""
         key = (sub.agent, sub.stream)
+        n = min(n, len(sub.pieces))   # forget() may have emptied it while this waited its turn
+        if n == 0:
+            return
         target = sub.pieces[n - 1].end   # what this commit is about; later adds wait
         rounds = 0
         while sub.pieces and sub.pieces[0].start < target:
@@ -453,7 +471,7 @@ class JetStreamSink:
                 return
             if not sub.pieces or sub.pieces[0].start >= target:
                 return
-            message = self._build(sub)
+            message = self._build(sub, target)
             answer = await self._publish(sub, message)
             if answer is None:   # refused or duplicate: the subject's last message decides
                 rounds += 1
@@ -548,13 +566,14 @@ class JetStreamSink:
             headers["Fleetlog-Fields"] = "[" + ",".join(fields) + "]"
         return headers
 
-    def _build(self, sub: _Subject) -> _Message:
-        """The next message from the front of ``sub``'s queue, at most the server's max_payload
+    def _build(self, sub: _Subject, target: int) -> _Message:
+        """The next message from the front of ``sub``'s queue (no piece ending after ``target``:
+        batches added during this commit wait for the next), at most the server's max_payload
         with its headers: contiguous pieces of one path merged, a piece too large split at line
         boundaries, a single line too large cut (the agent's ``max_line_bytes`` rule: the rest of
         the line is dropped, counted, said once)."""
         assert self.nc is not None
-        limit = self.nc.max_payload - _SIZE_MARGIN_BYTES
+        limit = self.max_message_bytes() - _SIZE_MARGIN_BYTES
         first = sub.pieces[0]
         # Headers with the longest numbers they can take: the budget never depends on the digits.
         base = _header_bytes(self._headers(sub, first, 10**19, 10**19, 10**19, None)) + len(
@@ -566,7 +585,7 @@ class JetStreamSink:
         take = [first]
         for piece in sub.pieces[1:]:
             more = len(piece.data) + (0 if piece.fields is None else sum(len(f) + 1 for f in piece.fields))
-            if (piece.start != take[-1].end or piece.path != first.path
+            if (piece.start != take[-1].end or piece.end > target or piece.path != first.path
                     or (piece.fields is None) != (first.fields is None) or cost + more > budget):
                 break
             take.append(piece)
@@ -593,7 +612,7 @@ class JetStreamSink:
             lines += 1
         if lines == 0:
             self._cut_line(sub, piece, budget)
-            return self._build(sub)
+            return self._build(sub, piece.end)
         end = self._split_offset(piece, size, lines)
         piece.cuts[end] = (size, lines)
         self.counters["split_messages"] += 1
@@ -627,7 +646,7 @@ class JetStreamSink:
         if self.counters["cut_lines"] == 1:
             log.warning("jetstream: %s: a line of %d bytes does not fit the server's max_payload (%d"
                         " bytes with headers): cut to %d bytes (counted as cut_lines; said once)",
-                        sub.name, nl + 1, self.nc.max_payload if self.nc else -1, keep + 1)
+                        sub.name, nl + 1, self.max_message_bytes(), keep + 1)
         piece.data = piece.data[:keep] + piece.data[nl:]
         piece.exact = False
         piece.cuts = {}
@@ -680,6 +699,10 @@ class JetStreamSink:
             self.counters["errors"] += 1
             raise _Stuck("refused", f"{sub.name}: JetStream refused: {exc}") from exc
         if attempt == PUBLISH_ATTEMPTS - 1:
+            if isinstance(exc, nats.errors.NoRespondersError):
+                # Nobody takes the subject: an election, or the stream is gone (deleted). The
+                # next commit checks the stream again and creates it when it is missing.
+                self._stream_ready = False
             raise _Stuck("timeout", f"{sub.name}: no answer from JetStream ({type(exc).__name__}: {exc})"
                          f" after {PUBLISH_ATTEMPTS} attempts (a leader election?)") from exc
 
@@ -731,7 +754,8 @@ class JetStreamSink:
 
     def _set_error(self, state: str, message: str | None, kind: str = "") -> None:
         """Record the error of one state (connect, link, stream, commit) and log it once per
-        change of its kind: ERROR while batches wait for JetStream, INFO when it is over."""
+        change of its kind: ERROR while batches wait for JetStream (WARNING for the link alone),
+        INFO when it is over."""
         if message is None:
             self._errors.pop(state, None)
             if self._logged_state.pop(state, None) is not None:
@@ -740,15 +764,16 @@ class JetStreamSink:
             self._errors[state] = message
             if self._logged_state.get(state) != (kind or message):
                 self._logged_state[state] = kind or message
-                log.error("jetstream: %s", message)
+                # A lost link alone is worked around (reconnecting); batches waiting are at risk.
+                log.log(logging.WARNING if state == "link" else logging.ERROR, "jetstream: %s", message)
         self._last_error = next(iter(self._errors.values()), None)
 
     def status(self) -> dict[str, Any]:
         """The sink's state for the aggregator's status: ``connected`` (server host:port or None),
-        ``stream``, ``replicas``, ``max_payload`` (bytes), ``queued_batches``, ``queued_bytes``,
-        ``last_error`` (None when healthy) and the counters (published, published_bytes,
-        duplicates, precondition_refusals, already_in, resyncs, retries, full_refusals,
-        split_messages, cut_lines, cut_bytes, reads, errors)."""
+        ``stream``, ``replicas``, ``max_payload`` (bytes: ``max_message_bytes()``),
+        ``queued_batches``, ``queued_bytes``, ``last_error`` (None when healthy) and the counters
+        (published, published_bytes, duplicates, precondition_refusals, already_in, resyncs,
+        retries, full_refusals, split_messages, cut_lines, cut_bytes, reads, errors)."""
         batches, size = self.queued()
         url = self.nc.connected_url if self.connected and self.nc is not None else None
         return {
@@ -756,7 +781,7 @@ class JetStreamSink:
             "connected": url.netloc if url is not None else None,
             "stream": self.settings.stream,
             "replicas": self.settings.replicas,
-            "max_payload": self.nc.max_payload if self.nc is not None else None,
+            "max_payload": self.max_message_bytes() if self.nc is not None else None,
             "queued_batches": batches,
             "queued_bytes": size,
             "last_error": self._last_error,

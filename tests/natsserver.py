@@ -10,6 +10,7 @@ short temporary path, so a node restarted with ``restart(i)`` comes back with it
         nats.urls                                 # ["nats://127.0.0.1:PORT", ...]
         nats.kill(nats.stream_leader("FLEETLOG"))  # SIGKILL by default
         nats.restart(i)                           # same ports, same store
+        nats.wait_stream_current("FLEETLOG")      # every replica caught up again
 
 Every method blocks (subprocesses and HTTP polls, each wait bounded); from an async test call the
 waiting ones through ``asyncio.to_thread`` so the event loop under test keeps running. ``close()``
@@ -222,9 +223,11 @@ class NatsCluster:
         return [n.url for n in self.nodes]
 
     def stream_info(self, stream: str) -> dict[str, Any] | None:
-        """The monitoring view (/jsz stream_detail) of ``stream`` from the first live node that
-        holds it: keys name, state {messages, bytes, first_seq, last_seq, ...}, cluster
-        {leader, replicas}. None if no live node knows the stream."""
+        """The monitoring view (/jsz stream_detail) of ``stream``: keys name, state {messages,
+        bytes, first_seq, last_seq, ...}, cluster {leader, replicas [{name, current, ...}]}.
+        The leader's own view when a live node says it leads (a follower's view of the other
+        replicas is not current), else the first live node's. None if no live node knows it."""
+        views = []
         for node in self.nodes:
             if not node.alive():
                 continue
@@ -235,8 +238,10 @@ class NatsCluster:
             for account in jsz.get("account_details") or []:
                 for detail in account.get("stream_detail") or []:
                     if detail.get("name") == stream:
-                        return dict(detail)
-        return None
+                        if (detail.get("cluster") or {}).get("leader") == node.name:
+                            return dict(detail)
+                        views.append(dict(detail))
+        return views[0] if views else None
 
     def stream_leader(self, stream: str, timeout: float = 15.0) -> int:
         """Index of the node leading ``stream`` (waits, bounded, until a live node leads it)."""
@@ -252,6 +257,21 @@ class NatsCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no live leader for stream {stream} after {timeout} s: {info}")
             time.sleep(0.05)
+
+    def wait_stream_current(self, stream: str, timeout: float = 30.0) -> None:
+        """Wait until ``stream``'s leader reports every other replica current (after a node was
+        restarted: it has caught up). Raises TimeoutError with the last view."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.stream_info(stream) or {}
+            cluster = info.get("cluster") or {}
+            replicas = cluster.get("replicas") or []
+            if (not self.clustered and info) or (cluster.get("leader") and replicas
+                                                  and all(r.get("current") for r in replicas)):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream {stream} replicas not current after {timeout} s: {info}")
+            time.sleep(0.1)
 
     # -- faults ---------------------------------------------------------------------------------
 
