@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleetlog.aggregator.control")
 
+# Requests of BACKGROUND commands (history: a read of files in a thread) running at once.
+MAX_BACKGROUND = 8
+
 
 @dataclass(frozen=True, slots=True)
 class Peer:
@@ -52,6 +55,7 @@ class ControlServer:
         # a hello storm shows here first, and the tests' health check reads it.
         self.messages_received = 0
         self.commands: dict[str, int] = {}  # requests taken, by command
+        self.background: set[asyncio.Task[None]] = set()
 
     def bind(self) -> None:
         if self.guard.enabled:
@@ -150,6 +154,27 @@ class ControlServer:
                 req_id, error=f"{request['command']} is an admin command: use the aggregator's ipc://"
                               " control socket or an admin key"))
             return
+        if getattr(command, "BACKGROUND", False):
+            # Answered when done, while the socket goes on serving agents; a few at a time.
+            if len(self.background) >= MAX_BACKGROUND:
+                self.reply(peer.sock, envelope, wire.encode_reply(
+                    req_id, error=f"{request['command']}: busy ({MAX_BACKGROUND} such requests running);"
+                                  " try again"))
+                return
+            task = asyncio.create_task(self.run(command, request, envelope, peer))
+            self.background.add(task)
+            task.add_done_callback(self._background_done)
+            return
+        await self.run(command, request, envelope, peer)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.errors += 1
+            log.warning("a control request failed: %r", exc)
+
+    async def run(self, command: Any, request: dict[str, Any], envelope: list[bytes], peer: Peer) -> None:
+        req_id = request.get("id")
         try:
             result = await command.run(self.agg, request["args"], peer)
         except (ValueError, KeyError, TypeError) as exc:
@@ -175,6 +200,8 @@ class ControlServer:
         self.reply(sock, [routing_id], body)
 
     def close(self) -> None:
+        for task in self.background:
+            task.cancel()
         for sock, _ in self.sockets:
             sock.close(linger=500)
         self.sockets = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import secrets
 import sys
 import time
 from typing import Any
@@ -13,6 +14,7 @@ import orjson
 import zmq
 
 from aggregator.config import load_config
+from aggregator.history import PROBE_PREFIX
 from aggregator.proxy import SUBSCRIBER_BUFFER_BYTES, SUBSCRIBER_HWM
 from fleetlog import __version__, curve, wire
 from fleetlog.cli import RefusalWatch, die_quietly_on_closed_pipe, nothing_listens
@@ -320,7 +322,8 @@ def cmd_top(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_tail(client: Client, args: argparse.Namespace) -> int:
-    """Subscribe to the topic on XPUB and print lines until interrupted (or --lines N).
+    """Print the topic's last ``-n`` lines (from the aggregator's files), then its lines live
+    from XPUB until interrupted (or ``--count`` new lines).
 
     A subscriber that does not keep up (its output blocked) is cut off by the aggregator past
     proxy.SUBSCRIBER_BUFFER_BYTES; a stream's next batch then starts after where the last one
@@ -328,6 +331,9 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
     """
     if not wire.valid_topic(args.topic):
         print(f"aggregatorctl: not a topic name: {args.topic!r}", file=sys.stderr)
+        return 2
+    if args.lines < 0 or (args.count is not None and args.count < 0):
+        print("aggregatorctl: -n and --count take a number of lines, 0 or more", file=sys.stderr)
         return 2
     where = client.call("tail", topic=args.topic)
     xpub = where["xpub"]
@@ -348,38 +354,78 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
     sub.setsockopt(zmq.RCVHWM, SUBSCRIBER_HWM)
     # Prefix filtering would also match "nginx-errors" for "nginx": filter exactly below.
     sub.setsockopt(zmq.SUBSCRIBE, args.topic.encode())
+    probe = secrets.token_hex(8)
+    if args.lines:
+        # After the topic's: once the aggregator sees this one, it has the topic's (history.py).
+        sub.setsockopt(zmq.SUBSCRIBE, PROBE_PREFIX + probe.encode())
     sub.connect(local_endpoint(xpub, host))
-    want = args.topic.encode()
-    ends: dict[tuple[str, str], int] = {}  # (agent, stream) -> end offset of the last batch seen
-    printed = 0
     try:
-        while args.lines is None or printed < args.lines:
-            frames = sub.recv_multipart()
-            if frames[0] != want:
-                continue
-            try:
-                batch = wire.decode_batch(frames)
-            except wire.WireError:
-                continue
-            key = (batch.agent, batch.stream)
-            last = ends.get(key)
-            ends[key] = batch.end
-            if last is not None and batch.start > last:
-                print(f"aggregatorctl: tail fell behind: {batch.start - last} bytes of {batch.agent}:"
-                      f"{batch.path} were dropped (a subscriber that does not keep up is cut off past "
-                      f"{SUBSCRIBER_BUFFER_BYTES >> 20} MiB queued)", file=sys.stderr)
-                if not args.lossy:
-                    return EXIT_FELL_BEHIND
-            for line in batch.line_list():
-                sys.stdout.write(line + "\n")
-                printed += 1
-                if args.lines is not None and printed >= args.lines:
-                    break
-            sys.stdout.flush()
+        return _follow(client, sub, args, probe)
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         sub.close(linger=0)
+
+
+def _history(client: Client, args: argparse.Namespace, probe: str) -> dict[tuple[str, str], int]:
+    """Print the last ``args.lines`` lines; return each stream's offset where they end."""
+    deadline = time.monotonic() + client.timeout_s
+    while True:
+        try:
+            reply = client.call("history", topic=args.topic, lines=args.lines, probe=probe)
+        except CommandFailed as exc:
+            if "unknown command" not in str(exc):
+                raise
+            print("aggregatorctl: this aggregator cannot send a topic's last lines (it is older than"
+                  " this aggregatorctl): new lines only", file=sys.stderr)
+            return {}
+        if reply.get("subscribed"):
+            break
+        if time.monotonic() > deadline:
+            raise Unreachable(f"the subscription to {args.topic!r} did not reach the aggregator within "
+                              f"{client.timeout_s:g}s (is its xpub endpoint reachable from here?)")
+        time.sleep(0.02)
+    if reply.get("truncated"):
+        print(f"aggregatorctl: only the last {len(reply['lines'])} lines fit in one answer "
+              f"({reply.get('max_bytes', 0) >> 20} MiB)", file=sys.stderr)
+    if reply["lines"]:
+        sys.stdout.write("\n".join(reply["lines"]) + "\n")
+        sys.stdout.flush()
+    return {(agent, stream): int(end) for agent, stream, end in reply["cut"]}
+
+
+def _follow(client: Client, sub: zmq.Socket, args: argparse.Namespace,  # type: ignore[type-arg]
+            probe: str) -> int:
+    # (agent, stream) -> end offset of what was printed last: the history's cut, then each batch.
+    ends = _history(client, args, probe) if args.lines else {}
+    cut = dict(ends)
+    want = args.topic.encode()
+    printed = 0
+    while args.count is None or printed < args.count:
+        frames = sub.recv_multipart()
+        if frames[0] != want:
+            continue
+        try:
+            batch = wire.decode_batch(frames)
+        except wire.WireError:
+            continue
+        key = (batch.agent, batch.stream)
+        if batch.end <= cut.get(key, -1):
+            continue  # published before the history was taken: printed with it
+        last = ends.get(key)
+        ends[key] = batch.end
+        if last is not None and batch.start > last:
+            print(f"aggregatorctl: tail fell behind: {batch.start - last} bytes of {batch.agent}:"
+                  f"{batch.path} were dropped (a subscriber that does not keep up is cut off past "
+                  f"{SUBSCRIBER_BUFFER_BYTES >> 20} MiB queued)", file=sys.stderr)
+            if not args.lossy:
+                return EXIT_FELL_BEHIND
+        for line in batch.line_list():
+            sys.stdout.write(line + "\n")
+            printed += 1
+            if args.count is not None and printed >= args.count:
+                break
+        sys.stdout.flush()
     return 0
 
 
@@ -441,9 +487,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="default 1")
     top.add_argument("--iterations", type=int, default=None, metavar="N", help="stop after N screens")
     top.set_defaults(func=cmd_top)
-    t = sub.add_parser("tail", help="print a topic's lines live")
+    t = sub.add_parser(
+        "tail", help="print a topic's last lines, then its new lines as they come",
+        description="Print the last N lines of TOPIC's output (its active file, then its rotated "
+                    "files, compressed or not, if the active one holds fewer), read by the "
+                    "aggregator, then follow its new lines live, like tail -n N -f.",
+        epilog="The seam between the last lines and the live ones is exact: none missing, none "
+               "twice, unless tail falls behind (see --lossy). Lines of a json topic are shown "
+               "as the agents wrote them, as are the live ones.")
     t.add_argument("topic")
-    t.add_argument("-n", "--lines", type=int, default=None, help="stop after N new lines")
+    t.add_argument("-n", "--lines", type=int, default=10, metavar="N",
+                   help="print the last N lines first (default 10; 0: only new lines)")
+    t.add_argument("--count", type=int, default=None, metavar="N",
+                   help="exit after N new lines (not counting the last lines of -n)")
     t.add_argument("--wait", action="store_true", help="a topic that has no line yet: wait for it")
     t.add_argument("--lossy", action="store_true",
                    help="when it falls behind (lines dropped), say so and go on instead of exiting 4")

@@ -134,7 +134,8 @@ def test_ctl_tail_prints_a_topics_lines(h: Harness) -> None:
     h.agent(ep, [{"paths": [str(log)], "topic": "tailme"}])
     h.status(ep)  # listening (aggregatorctl says at once when nothing listens yet)
     proc = subprocess.Popen([sys.executable, "-m", "aggregator.ctl", "--control", ep.control,
-                             "tail", "tailme", "--wait", "-n", "3"], stdout=subprocess.PIPE, text=True)
+                             "tail", "tailme", "--wait", "-n", "0", "--count", "3"],
+                            stdout=subprocess.PIPE, text=True)
     try:
         n = 0
         deadline = time.monotonic() + 20
