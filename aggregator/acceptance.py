@@ -9,6 +9,7 @@ import logging
 import time
 
 from aggregator.files import SinkError
+from aggregator.formats import safe_name
 from aggregator.journal import stream_key
 from aggregator.stages import Stages
 from fleetlog import wire
@@ -50,21 +51,30 @@ class Acceptance(Stages):
             self.send_event(batch.agent, wire.encode_event(
                 "resync", stream=batch.stream, offset=expected, seq=batch.seq))
             return None
-        if self.stream_topic.get(key) != batch.topic and \
+        if self.stream_topic.get(key) != self.file_key(batch) and \
                 not self.set_stream_topic(key, batch, expected):
             return None
         return expected
+
+    def file_key(self, batch: wire.Batch) -> str:
+        """The sink's key of the file ``batch`` goes to: its topic, or ``<topic>/<agent>`` when
+        the topic is split by agent (aggregator/files.py; with sink = "jetstream" always the
+        topic: fleetlog-writer makes the files). Streams and holds go by this key."""
+        topic = batch.topic
+        if self.stream_sink is None and self.cfg.topic_split(topic):
+            return f"{topic}/{safe_name(batch.agent)}"
+        return topic
 
     def refuse(self, batch: wire.Batch) -> bool:
         """Whether ``batch`` is held back: the journal cannot be written, or its topic cannot.
         Its stream is remembered, and its agent asked to resend once that has changed."""
         hold = self.state_error
         if hold is None:
-            hold = self.sink.held.get(batch.topic)
+            hold = self.sink.held.get(self.file_key(batch))
             if hold is None or hold.retrying:
                 return False
         key = stream_key(batch.agent, batch.stream)
-        self.refused[key] = (batch.agent, batch.stream, batch.seq, batch.topic,
+        self.refused[key] = (batch.agent, batch.stream, batch.seq, self.file_key(batch),
                              max(self.accepted.get(key, batch.base), batch.base))
         hold.refused_batches += 1
         return True
@@ -73,10 +83,10 @@ class Acceptance(Stages):
         """Record a stream's topic; False (the batch waits) while batches of it for another topic
         are uncommitted: one topic's failure must be able to take back all of a stream's."""
         if key in self.pending:
-            self.refused[key] = (batch.agent, batch.stream, batch.seq, batch.topic, expected)
+            self.refused[key] = (batch.agent, batch.stream, batch.seq, self.file_key(batch), expected)
             self.commit_wake.set()
             return False
-        self.stream_topic[key] = batch.topic
+        self.stream_topic[key] = self.file_key(batch)
         if len(self.stream_topic) > 2 * len(self.accepted) + 1024:
             self.stream_topic = {k: t for k, t in self.stream_topic.items() if k in self.accepted}
         return True

@@ -93,7 +93,7 @@ class GroupCommit(Stages):
         for topic, exc in failed.items():
             self.take_back(topic, pending, self.pending)
             positions.pop(topic, None)
-            self.hold_topic(topic, SinkError(exc.errno, f"fsync of {topic}/{topic}.log failed:"
+            self.hold_topic(topic, SinkError(exc.errno, f"fsync of {self.sink.active_path(topic)} failed:"
                                                         f" {exc.strerror}"))
         try:
             await loop.run_in_executor(None, self._sync_and_journal, [], positions, pending)

@@ -7,18 +7,20 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from aggregator.formats import FORMATS
 from fleetlog import curve, wire
 from fleetlog.tomlconf import ConfigError, Section, apply_overrides, dir_problem, listen_problem, read_toml
 
 DEFAULT_PATH = "/etc/fleetlog/aggregator.toml"
-FORMATS = ("raw", "json")
 COMPRESSIONS = ("gzip", "none")
 SINKS = ("files", "jetstream")
 
 
 @dataclass(frozen=True, slots=True)
 class TopicConfig:
-    format: str = "raw"
+    # None: the aggregator's own setting.
+    format: str | None = None
+    split_by_agent: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,8 @@ class AggregatorConfig:
     xpub: str = "tcp://127.0.0.1:5557"
     control: tuple[str, ...] = ("tcp://127.0.0.1:5558",)
     format: str = "raw"
+    # Each agent's lines in a file of its own: <output_dir>/<topic>/<agent>/<topic>.log.
+    split_by_agent: bool = False
     topics: dict[str, TopicConfig] = field(default_factory=dict)
     # Group commit: how long written lines may wait for fsync+ack, and how many bytes.
     commit_interval_ms: int = 200
@@ -86,7 +90,12 @@ class AggregatorConfig:
 
     def topic_format(self, topic: str) -> str:
         t = self.topics.get(topic)
-        return t.format if t is not None else self.format
+        return t.format if t is not None and t.format is not None else self.format
+
+    def topic_split(self, topic: str) -> bool:
+        """Whether the topic's lines go to one file per agent."""
+        t = self.topics.get(topic)
+        return t.split_by_agent if t is not None and t.split_by_agent is not None else self.split_by_agent
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +115,9 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         t = topics_section.table(name)
         if not wire.valid_topic(name):
             t.problem("", "not a valid topic name ([A-Za-z0-9._-]{1,128}, not starting with a dot)")
-        topics[name] = TopicConfig(format=t.choice("format", "raw", FORMATS))
+        topics[name] = TopicConfig(
+            format=t.choice("format", "raw", FORMATS) if "format" in t.data else None,
+            split_by_agent=t.bool("split_by_agent", False) if "split_by_agent" in t.data else None)
         t.finish()
     cfg = AggregatorConfig(
         output_dir=s.str("output_dir", d.output_dir),
@@ -116,6 +127,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         xpub=s.endpoint("xpub", d.xpub),
         control=s.endpoints("control", d.control),
         format=s.choice("format", d.format, FORMATS),
+        split_by_agent=s.bool("split_by_agent", d.split_by_agent),
         topics=topics,
         commit_interval_ms=s.int("commit_interval_ms", d.commit_interval_ms, 1, 10_000),
         commit_max_bytes=s.int("commit_max_bytes", d.commit_max_bytes, 4096),

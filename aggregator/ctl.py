@@ -14,6 +14,7 @@ import orjson
 import zmq
 
 from aggregator.config import load_config
+from aggregator.formats import safe_name
 from aggregator.history import PROBE_PREFIX
 from aggregator.proxy import SUBSCRIBER_BUFFER_BYTES, SUBSCRIBER_HWM
 from fleetlog import __version__, curve, wire
@@ -359,6 +360,7 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
         # After the topic's: once the aggregator sees this one, it has the topic's (history.py).
         sub.setsockopt(zmq.SUBSCRIBE, PROBE_PREFIX + probe.encode())
     sub.connect(local_endpoint(xpub, host))
+    args.format = where.get("format")
     try:
         return _follow(client, sub, args, probe)
     except KeyboardInterrupt:
@@ -398,6 +400,7 @@ def _follow(client: Client, sub: zmq.Socket, args: argparse.Namespace,  # type: 
             probe: str) -> int:
     # (agent, stream) -> end offset of what was printed last: the history's cut, then each batch.
     ends = _history(client, args, probe) if args.lines else {}
+    fmt = args.format
     cut = dict(ends)
     want = args.topic.encode()
     printed = 0
@@ -420,8 +423,9 @@ def _follow(client: Client, sub: zmq.Socket, args: argparse.Namespace,  # type: 
                   f"{SUBSCRIBER_BUFFER_BYTES >> 20} MiB queued)", file=sys.stderr)
             if not args.lossy:
                 return EXIT_FELL_BEHIND
+        prefix = safe_name(batch.agent) + " " if fmt == "raw_agent" else ""
         for line in batch.line_list():
-            sys.stdout.write(line + "\n")
+            sys.stdout.write(prefix + line.replace("\n", "\n" + prefix) + "\n")
             printed += 1
             if args.count is not None and printed >= args.count:
                 break

@@ -26,6 +26,7 @@ from aggregator.files import (
     Hold,
     RollingFileSink,
     SinkError,
+    key_topic,
     open_files_bound,
     uncompressed_rotated,
 )
@@ -198,7 +199,7 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
                 # A topic's first batches are written before its first commit: after a crash in
                 # between no record names it, and its whole active file is uncommitted (agents
                 # resend it). Without a journal (a new or lost state_dir) nothing can be known.
-                for topic in self.sink.topics_on_disk():
+                for topic in self.sink.keys_on_disk():
                     positions.setdefault(topic, 0)
             self.sink.recover(positions)
         else:
@@ -207,8 +208,8 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
         # one a compression started below is still writing.
         leftovers = uncompressed_rotated(cfg.output_dir)
         # A file whose period ended while we were down rolls over before it takes a new line.
-        for topic in self.sink.topics_on_disk():
-            if wire.valid_topic(topic):
+        for topic in self.sink.keys_on_disk():
+            if wire.valid_topic(key_topic(topic)):
                 self.sink.open_existing(topic)
         await self.rotate_due()
         self.accepted = {k: int(v[0]) for k, v in state.streams.items()}

@@ -10,6 +10,11 @@ to a distributed log (NATS JetStream, Kafka) can take this one's place:
 
 Files are opened with O_NOFOLLOW under ``<output_dir>/<topic>/`` only; topic names were checked
 against the wire alphabet before they get here, so no path can leave ``output_dir``.
+
+Each file has a key: its topic, or ``<topic>/<agent>`` for a topic split by agent (the agent's
+name as ``formats.safe_name`` gives it), whose files are ``<output_dir>/<topic>/<agent>/<topic>.log``
+and its rotated files beside it. The methods' ``topic`` arguments are such keys: each file is
+rolled, compressed, retained, journaled and recovered on its own.
 """
 
 from __future__ import annotations
@@ -85,6 +90,11 @@ class TopicFile:
     needs_cut: bool = False  # a failed write could not be cut back yet: cut before the next
 
 
+def key_topic(key: str) -> str:
+    """The topic of a file key (``web`` for ``web`` and for ``web/web-01``): the stem of its names."""
+    return key.partition("/")[0]
+
+
 def rotated_name(topic: str, when: float, n: int = 0) -> str:
     """``<topic>.<UTC timestamp>.log``; the ``n``-th extra rotation within one second gets ``_NNN``,
     which sorts after the plain name, so ``ls`` (and retention) see rotated files oldest first."""
@@ -134,20 +144,23 @@ class RollingFileSink:
     # -- paths -------------------------------------------------------------------------------
 
     def topic_dir(self, topic: str) -> str:
-        """The topic's directory, created if needed. SinkError (with the errno) if it cannot be."""
-        path = os.path.join(self.output_dir, topic)
-        try:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(path, 0o755)
-            st = os.lstat(path)
-        except OSError as exc:
-            raise SinkError(exc.errno, f"cannot create {path}: {exc.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise SinkError(errno.ENOTDIR, f"{path} is not a directory (a symlink or file is in the way)")
+        """The key's directory (and its topic's), created if needed. SinkError (with the errno)
+        if it cannot be."""
+        parts = [key_topic(topic), topic] if "/" in topic else [topic]
+        for part in parts:
+            path = os.path.join(self.output_dir, part)
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(path, 0o755)
+                st = os.lstat(path)
+            except OSError as exc:
+                raise SinkError(exc.errno, f"cannot create {path}: {exc.strerror}") from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise SinkError(errno.ENOTDIR, f"{path} is not a directory (a symlink or file is in the way)")
         return path
 
     def active_path(self, topic: str) -> str:
-        return os.path.join(self.output_dir, topic, f"{topic}.log")
+        return os.path.join(self.output_dir, topic, f"{key_topic(topic)}.log")
 
     def _open(self, topic: str) -> TopicFile:
         """The topic's file, with a descriptor (SinkError if it cannot get one)."""
@@ -155,7 +168,7 @@ class RollingFileSink:
         if tf is not None and tf.fd >= 0:
             self._open_files.move_to_end(topic)
             return tf
-        path = os.path.join(self.topic_dir(topic), f"{topic}.log")
+        path = os.path.join(self.topic_dir(topic), f"{key_topic(topic)}.log")
         if len(self._open_files) >= self.max_open:
             self._close_least_recent(len(self._open_files) - self.max_open + 1)
         try:
@@ -238,6 +251,21 @@ class RollingFileSink:
         tf = self.files[topic] = TopicFile(topic, path, -1, st.st_size, opened_at=started,
                                            committed=st.st_size)
         return tf
+
+    def keys_on_disk(self) -> list[str]:
+        """The keys of every file directory under output_dir: each topic's, and each of its
+        agents' (``<topic>/<agent>``) for topics split by agent now or earlier."""
+        return [key for topic in self.topics_on_disk() for key in self.keys_of(topic)]
+
+    def keys_of(self, topic: str) -> list[str]:
+        """The topic's key and those of its agents' directories on disk."""
+        try:
+            entries = os.scandir(os.path.join(self.output_dir, topic))
+        except OSError:
+            return [topic]
+        with entries:
+            return [topic, *sorted(f"{topic}/{e.name}" for e in entries
+                                   if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))]
 
     def topics_on_disk(self) -> list[str]:
         """Topic directories under output_dir (from this run or earlier ones)."""
@@ -406,7 +434,7 @@ class RollingFileSink:
         """Bytes each active file holds past ``positions`` (topics on disk the journal does not
         know count whole), without changing anything."""
         extra = {}
-        for topic in self.topics_on_disk():
+        for topic in self.keys_on_disk():
             try:
                 st = os.lstat(self.active_path(topic))
             except OSError:
@@ -463,18 +491,19 @@ class RollingFileSink:
         time; if a rotated file is named later than that (the clock was stepped back), that
         file's time with the next ``_NNN`` (and ``ahead`` records the topic, for one warning)."""
         now = self.clock()
-        base = rotated_name(topic, now)
+        stem = key_topic(topic)
+        base = rotated_name(stem, now)
         prefix = base[: -len(".log")]
-        keys = (_order_key(topic, n) for n in self.rotated_files(topic))
-        newest = max((k for k in keys if _STAMP_RE.fullmatch(k[0], len(topic) + 1)), default=None)
+        keys = (_order_key(stem, n) for n in self.rotated_files(topic))
+        newest = max((k for k in keys if _STAMP_RE.fullmatch(k[0], len(stem) + 1)), default=None)
         if newest is None or newest[0] < prefix:
             self.ahead.pop(topic, None)
             return base
-        stem, taken = newest
-        if stem > prefix:
-            self.ahead.setdefault(topic, f"{stem}.log")
-        when = calendar.timegm(time.strptime(stem[len(topic) + 1:], "%Y%m%dT%H%M%SZ"))
-        return rotated_name(topic, when, taken + 1)
+        newest_stem, taken = newest
+        if newest_stem > prefix:
+            self.ahead.setdefault(topic, f"{newest_stem}.log")
+        when = calendar.timegm(time.strptime(newest_stem[len(stem) + 1:], "%Y%m%dT%H%M%SZ"))
+        return rotated_name(stem, when, taken + 1)
 
     def retire(self, topic: str) -> TopicFile | None:
         """A rotating topic's file, taken out of the sink (the next write opens a new active
@@ -500,15 +529,18 @@ class RollingFileSink:
         (or after a crash in between) ``X.log`` and ``X.log.gz`` both exist; only the ``.gz`` is
         listed, so retention does not count one file twice."""
         directory = os.path.join(self.output_dir, topic)
+        stem = key_topic(topic)
         try:
-            names = set(os.listdir(directory))
+            with os.scandir(directory) as entries:
+                # Files only: an agent's directory may be named like a rotated file.
+                names = {e.name for e in entries if e.is_file(follow_symlinks=False)}
         except FileNotFoundError:
             return []
-        prefix = f"{topic}."
-        active = f"{topic}.log"
+        prefix = f"{stem}."
+        active = f"{stem}.log"
         return sorted((n for n in names if n.startswith(prefix) and n != active
                        and (n.endswith(".log.gz") or (n.endswith(".log") and f"{n}.gz" not in names))),
-                      key=lambda n: _order_key(topic, n))
+                      key=lambda n: _order_key(stem, n))
 
 
 def _order_key(topic: str, name: str) -> tuple[str, int]:
@@ -568,8 +600,9 @@ def compress_file(path: str, cancel: threading.Event | None = None) -> str | Non
 
 
 def uncompressed_rotated(output_dir: str) -> list[str]:
-    """Rotated files a crash left uncompressed (and stale temporaries, which are removed)."""
-    found = []
+    """Rotated files a crash left uncompressed (and stale temporaries, which are removed), in
+    topic directories and in their agents' directories."""
+    found: list[str] = []
     try:
         topics = os.listdir(output_dir)
     except FileNotFoundError:
@@ -578,11 +611,22 @@ def uncompressed_rotated(output_dir: str) -> list[str]:
         directory = os.path.join(output_dir, topic)
         if not os.path.isdir(directory) or os.path.islink(directory):
             continue
-        for name in os.listdir(directory):
-            path = os.path.join(directory, name)
-            if name.endswith(".gz.tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            elif name.startswith(f"{topic}.") and name.endswith(".log") and name != f"{topic}.log":
-                found.append(path)
+        _uncompressed_in(directory, topic, found)
+        with os.scandir(directory) as entries:
+            agents = [e.path for e in entries
+                      if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+        for agent_dir in agents:
+            _uncompressed_in(agent_dir, topic, found)
     return sorted(found)
+
+
+def _uncompressed_in(directory: str, topic: str, found: list[str]) -> None:
+    with os.scandir(directory) as entries:
+        files = [e.name for e in entries if e.is_file(follow_symlinks=False)]
+    for name in files:
+        path = os.path.join(directory, name)
+        if name.endswith(".gz.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        elif name.startswith(f"{topic}.") and name.endswith(".log") and name != f"{topic}.log":
+            found.append(path)

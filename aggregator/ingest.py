@@ -84,12 +84,12 @@ class Ingest(Stages):
         if expected is None:
             return
         key = stream_key(batch.agent, batch.stream)
-        topic = batch.topic
+        topic = self.file_key(batch)  # the files sink's key: <topic>/<agent> when split by agent
         # JetStream carries the lines as written; fleetlog-writer applies the topic's format.
-        fmt = self.cfg.topic_format(topic) if self.stream_sink is None else "raw"
+        fmt = self.cfg.topic_format(batch.topic) if self.stream_sink is None else "raw"
         received = self.clock()
         try:
-            data = format_lines(batch.lines, fmt, agent=batch.agent, path=batch.path, topic=topic,
+            data = format_lines(batch.lines, fmt, agent=batch.agent, path=batch.path, topic=batch.topic,
                                 received=received, fields=batch.fields)
         except TypeError:
             self.malformed("bad_lines", f"{via}:{peer_address(frames[-1])}", "lines must be strings")

@@ -26,7 +26,14 @@ from collections.abc import Callable
 from typing import Any
 
 from aggregator.config import AggregatorConfig
-from aggregator.files import CompressionCancelled, RollingFileSink, SinkError, TopicFile, compress_file
+from aggregator.files import (
+    CompressionCancelled,
+    RollingFileSink,
+    SinkError,
+    TopicFile,
+    compress_file,
+    key_topic,
+)
 from aggregator.journal import Journal
 from fleetlog.durable import fsync_dir, syncfs
 
@@ -146,13 +153,18 @@ class Rolling:
 
     def _due_topics(self, force: set[str | None]) -> list[str]:
         cfg = self.cfg
-        # Forced rotations also reach topics not written to since the start or a reopen.
-        for topic in (set(self.sink.topics_on_disk()) if None in force else force) - {None}:
-            if topic not in self.sink.files:
-                self.sink.open_existing(topic)  # type: ignore[arg-type]
+        # Forced rotations also reach files not written to since the start or a reopen (a
+        # topic's: its own and, split by agent, its agents').
+        if force:
+            keys = self.sink.keys_on_disk() if None in force else \
+                [key for topic in force if topic is not None for key in self.sink.keys_of(topic)]
+            for key in keys:
+                if key not in self.sink.files:
+                    self.sink.open_existing(key)
         due = self.sink.due
         return [topic for topic, tf in self.sink.files.items() if tf.size and (
-            topic in force or None in force or due(topic, cfg.rotate_max_bytes, cfg.rotate_interval_s))]
+            None in force or key_topic(topic) in force
+            or due(topic, cfg.rotate_max_bytes, cfg.rotate_interval_s))]
 
     def _start_rotations(self, sizes: dict[str, int], dirty: list[TopicFile], positions: dict[str, int],
                          pending: dict[str, int]) -> dict[str, str]:
@@ -166,7 +178,7 @@ class Rolling:
         renamed = {}
         for topic, name in names.items():
             directory = os.path.join(self.cfg.output_dir, topic)
-            active = os.path.join(directory, f"{topic}.log")
+            active = os.path.join(directory, f"{key_topic(topic)}.log")
             try:
                 os.rename(active, os.path.join(directory, name))
             except OSError as exc:
@@ -214,7 +226,8 @@ class Rolling:
         intent says (as a restart would), and close the intent with the next record."""
         for topic, (name, size) in rotated.items():
             directory = os.path.join(self.cfg.output_dir, topic)
-            rotated_path, active = os.path.join(directory, name), os.path.join(directory, f"{topic}.log")
+            rotated_path = os.path.join(directory, name)
+            active = os.path.join(directory, f"{key_topic(topic)}.log")
             for path, keep in ((rotated_path, size), (active, 0)):
                 try:
                     os.truncate(path, keep)
@@ -240,7 +253,7 @@ class Rolling:
         for topic, info in list(rotations.items()):
             name, size = info["name"], info["size"]
             directory = os.path.join(self.cfg.output_dir, topic)
-            active = os.path.join(directory, f"{topic}.log")
+            active = os.path.join(directory, f"{key_topic(topic)}.log")
             target = os.path.join(directory, name)
             if not os.path.exists(target) and os.path.exists(active):
                 os.truncate(active, size)
@@ -296,7 +309,7 @@ class Rolling:
         self._retain_waiting.clear()
 
         def retain() -> None:
-            topics = self.sink.topics_on_disk() if batch is None else batch
+            topics = self.sink.keys_on_disk() if batch is None else batch
             for topic in topics:
                 try:
                     self.apply_retention(topic)

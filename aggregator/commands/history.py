@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from aggregator import history
+from aggregator.files import key_topic
 from fleetlog import wire
 
 HELP = "a topic's last N lines (from its files), with each stream's offset where they end"
@@ -45,19 +46,23 @@ async def run(agg: Any, args: dict[str, Any], peer: Any) -> dict[str, Any]:
             raise ValueError("probe must be a token of up to 64 letters and digits")
         if history.PROBE_PREFIX + probe.encode() not in agg.subscriptions:
             return {"subscribed": False}
-    snap, cut = take_snapshot(agg, topic)
+    # A topic split by agent (or once split): each file of it, the topic's own first, then its
+    # agents' in name order; all taken in this one step of the loop.
+    keys = sorted({*agg.sink.keys_of(topic), *(k for k in agg.sink.files if key_topic(k) == topic)},
+                  key=lambda k: (k != topic, k))
+    snaps = [take_snapshot(agg, key) for key in keys]
+    cut = streams_cut(agg, topic)
     fmt = agg.cfg.topic_format(topic)
     try:
-        lines, truncated = await asyncio.get_running_loop().run_in_executor(None, read_lines, snap, n, fmt)
+        lines, truncated = await asyncio.get_running_loop().run_in_executor(None, read_lines, snaps, n, fmt)
     except OSError as exc:
         raise ValueError(f"cannot read {topic}'s files: {exc}") from None
     return {"subscribed": True, "lines": lines, "truncated": truncated, "cut": cut,
             "max_bytes": history.HISTORY_MAX_BYTES}
 
 
-def take_snapshot(agg: Any, topic: str) -> tuple[history.Snapshot, list[list[Any]]]:
-    """On the loop, between two batches: what the history reads, and each of the topic's
-    streams' accepted end offset as ``[agent, stream, end]``."""
+def take_snapshot(agg: Any, topic: str) -> history.Snapshot:
+    """On the loop, between two batches: what the history of one file key reads."""
     snap = history.Snapshot()
     tf = agg.sink.files.get(topic)
     try:
@@ -81,20 +86,36 @@ def take_snapshot(agg: Any, topic: str) -> tuple[history.Snapshot, list[list[Any
         except OSError:
             pass
     snap.rotated = rotated
+    return snap
+
+
+def streams_cut(agg: Any, topic: str) -> list[list[Any]]:
+    """Each of the topic's streams' accepted end offset, as ``[agent, stream, end]``."""
     cut = []
-    for key, stream_topic in agg.stream_topic.items():
-        if stream_topic == topic and (end := agg.accepted.get(key)) is not None:
+    for key, file_key in agg.stream_topic.items():
+        if key_topic(file_key) == topic and (end := agg.accepted.get(key)) is not None:
             agent, _, stream = key.partition("\x1f")
             cut.append([agent, stream, end])
-    return snap, cut
+    return cut
 
 
-def read_lines(snap: history.Snapshot, n: int, fmt: str) -> tuple[list[str], bool]:
-    """Thread: the history as text, each line as the agent wrote it (a ``json`` topic's lines
-    are taken out of their objects, as the live feed shows them)."""
-    raw, truncated = history.read_history(snap, n)
+def read_lines(snaps: list[history.Snapshot], n: int, fmt: str) -> tuple[list[str], bool]:
+    """Thread: the last ``n`` lines of each snapshot, one after the other, as text (a ``json``
+    topic's lines taken out of their objects, as tail shows the live ones)."""
+    raw: list[bytes] = []
+    truncated = False
+    try:
+        for snap in snaps:
+            if truncated:
+                break
+            got, truncated = history.read_history(snap, n, history.HISTORY_MAX_BYTES
+                                                  - sum(len(x) + 1 for x in raw))
+            raw += got
+    finally:
+        for snap in snaps:
+            snap.close()
     if fmt == "json":
-        lines = []
+        lines: list[str] = []
         for line in raw:
             try:
                 obj = orjson.loads(line)

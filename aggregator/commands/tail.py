@@ -13,5 +13,7 @@ async def run(agg: Any, args: dict[str, Any], peer: Any) -> dict[str, Any]:
     # wait in silence when it has no keys (it may have reached us over the plain ipc:// socket).
     topic = args.get("topic")
     known = sorted(set(agg.topics) | set(agg.sink.topics_on_disk()))
+    # "format": tail shows a raw_agent topic's lines after their agent's name, as its files do.
     return {"xpub": agg.cfg.xpub, "curve": bool(agg.guard.enabled),
+            "format": agg.cfg.topic_format(topic) if isinstance(topic, str) else None,
             "known": topic in known if isinstance(topic, str) else None, "topics": known[:50]}
