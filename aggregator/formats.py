@@ -24,7 +24,8 @@ _SAFE_MAX = 200
 def safe_name(name: str) -> str:
     """An agent name as a file name and a one-word prefix: ``[A-Za-z0-9._-]`` kept, every other
     byte of its UTF-8 form as ``%XX``, a leading dot as ``%2E`` (so ``.``, ``..`` and hidden
-    names cannot be made), the empty name as ``%``; past 200 bytes, the first 180 then ``~``
+    names cannot be made), the last dot of a name ending in ``.log``, ``.gz`` or ``.tmp`` too
+    (never taken for a topic's file), the empty name as ``%``; past 200 bytes, the first 180 then ``~``
     and 16 hex digits of its SHA-256. Different names give different results (each form can
     be told apart), and a result never holds ``/``, a space or a control character."""
     raw = name.encode("utf-8", "surrogatepass")
@@ -33,6 +34,10 @@ def safe_name(name: str) -> str:
         return "%"
     if out[0] == ".":
         out = "%2E" + out[1:]
+    if out.endswith((".log", ".gz", ".tmp")):
+        # Not to be taken for a topic's own file (``app.log``, ``app.<stamp>.log.gz``) beside it.
+        dot = out.rindex(".")
+        out = f"{out[:dot]}%2E{out[dot + 1:]}"
     if len(out) > _SAFE_MAX:
         out = out[:180] + "~" + hashlib.sha256(raw).hexdigest()[:16]
     return out

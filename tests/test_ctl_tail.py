@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Harness, append_lines, make_lines, output_lines, wait_for
+from harness import Harness, append_lines, count_lines, make_lines, output_lines, wait_for
 from test_security import Keys, agent_keys, secure_aggregator
 
 from aggregator import history
@@ -198,3 +198,21 @@ def test_tail_n_under_curve_is_a_read_only_command_for_any_authorised_key(h: Har
                  "--server-key", keys.public("aggregator"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == make_lines("s", 7, 5)
+
+
+def test_tail_n_of_a_topic_split_by_agent_prints_each_agents_last_lines(h: Harness) -> None:
+    """Files split by agent hold no order across agents: the last N lines of each agent's
+    files, agent after agent (named by the raw_agent format), then the live lines."""
+    ep = h.endpoints()
+    h.aggregator(ep, "aggregator.split_by_agent=true", "aggregator.format=\"raw_agent\"")
+    for name, tag in (("web-01", "w"), ("db-01", "d")):
+        log = h.path("logs", f"{name}.log")
+        append_lines(log, make_lines(tag, 0, 8))
+        h.agent(ep, [{"paths": [str(log)], "topic": "app"}], name=name)
+    out = h.path("out", "app")
+    wait_for(lambda: all(count_lines(out / n / "app.log") == 8 for n in ("web-01", "db-01")), timeout=30,
+             what="both agents' lines")
+    r = ctl_tail(h, ep.control, "app", "-n", "2", "--count", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"db-01 {x}" for x in make_lines("d", 6, 2)] + \
+        [f"web-01 {x}" for x in make_lines("w", 6, 2)]

@@ -21,11 +21,21 @@ from typing import Any
 import orjson
 import pytest
 import zmq
-from harness import check_exactly_once, count_lines, make_lines, output_lines
+from harness import (
+    Harness,
+    Writer,
+    append_lines,
+    check_exactly_once,
+    count_lines,
+    make_lines,
+    output_lines,
+    wait_for,
+)
 
 from aggregator.config import Config, parse
 from aggregator.daemon import Aggregator
 from aggregator.files import rotated_name
+from aggregator.formats import safe_name
 from fleetlog import wire
 
 
@@ -320,3 +330,107 @@ async def test_a_failed_start_closes_what_it_opened(short_tmp: Path) -> None:
     finally:
         taken.close(linger=0)
         blocker.term()
+
+
+# ---- per-agent files and the raw_agent format, against real daemons ------------------------------
+
+
+def agent_lines(directory: Path, topic: str) -> list[str]:
+    """Every line of one agent's (or a topic's) files in ``directory``: rotated ones (gzip'd or
+    not) oldest first, then the active one."""
+    rotated = sorted((p for p in directory.iterdir() if p.is_file() and p.name != f"{topic}.log"
+                      and p.name.startswith(f"{topic}.")), key=lambda p: p.name.removesuffix(".gz"))
+    out: list[str] = []
+    for p in rotated:
+        data = gzip.decompress(p.read_bytes()) if p.name.endswith(".gz") else p.read_bytes()
+        out += data.decode().splitlines()
+    active = directory / f"{topic}.log"
+    return out + (active.read_text().splitlines() if active.exists() else [])
+
+
+def test_split_by_agent_keeps_each_agents_lines_exactly_once_in_its_own_files_through_kill9_and_rotation(
+        h: Harness) -> None:
+    """Two agents write one topic; each one's lines land in <topic>/<agent>/, exactly once, in
+    order, through aggregator kill -9s and size rotations (compressed); none in the merged file."""
+    ep = h.endpoints()
+    agg_args = ("aggregator.split_by_agent=true", "aggregator.rotate_max_bytes=60000",
+                "aggregator.retain_files=0")
+    agg = h.aggregator(ep, *agg_args)
+    writers = {}
+    for name, tag in (("web-01", "w"), ("db-01", "d")):
+        log = h.path("logs", f"{name}.log")
+        writers[name] = Writer({tag: log}, lines_per_tick=10, tick_s=0.01).start()
+        h.agent(ep, [{"paths": [str(log)], "topic": "app"}], name=name)
+    out = h.path("out", "app")
+    for cycle in range(1, 3):
+        wait_for(lambda: all(count_lines(out / n / "app.log") > 0 for n in writers), timeout=30,
+                 what="lines of both agents")
+        wait_for(lambda c=cycle: all(len(list((out / n).glob("app.*.log.gz"))) >= c for n in writers),
+                 timeout=60, what="a rotated, compressed file of each agent")
+        agg.kill9()
+        agg = h.aggregator(ep, *agg_args)
+    counts = {name: w.stop() for name, w in writers.items()}
+    for name, tag in (("web-01", "w"), ("db-01", "d")):
+        wait_for(lambda n=name, t=tag: len(agent_lines(out / n, "app")) >= counts[n][t], timeout=60,
+                 what=f"every line of {name}")
+    wait_for(lambda: all(h.all_acknowledged(n) for n in writers), timeout=30, what="all acknowledged")
+    for name in writers:
+        check_exactly_once(agent_lines(out / name, "app"), counts[name])
+        assert len(list((out / name).glob("app.*.log.gz"))) >= 2
+    assert not (out / "app.log").exists() or count_lines(out / "app.log") == 0
+
+
+def test_raw_agent_format_prefixes_each_line_with_its_agent_and_tail_shows_it(h: Harness) -> None:
+    ep = h.endpoints()
+    h.aggregator(ep, "aggregator.topics.app.format=\"raw_agent\"")
+    for name, tag in (("web-01", "w"), ("db-01", "d")):
+        log = h.path("logs", f"{name}.log")
+        append_lines(log, make_lines(tag, 0, 5))
+        h.agent(ep, [{"paths": [str(log)], "topic": "app"}], name=name)
+    out = h.path("out")
+    wait_for(lambda: len(output_lines(out, "app")) == 10, timeout=30, what="both agents' lines")
+    lines = output_lines(out, "app")
+    assert sorted(lines) == sorted([f"web-01 {x}" for x in make_lines("w", 0, 5)]
+                                   + [f"db-01 {x}" for x in make_lines("d", 0, 5)])
+    r = h.ctl(ep, "tail", "app", "-n", "3", "--count", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == lines[-3:]
+
+
+def test_hostile_agent_names_stay_inside_their_topic_directory(h: Harness) -> None:
+    """Names that are paths (``..``, ``a/b``, ``../../etc``), hidden, spaced, with control
+    characters, empty-looking or over-long each get one directory of their own under the topic,
+    named safely (formats.safe_name), and a name that is not UTF-8 is dropped as malformed."""
+    ep = h.endpoints()
+    h.aggregator(ep, "aggregator.split_by_agent=true", "aggregator.format=\"raw_agent\"")
+    h.status(ep)
+    names = ["..", ".", "a/b", "../../etc", ".hidden", "x y", "tab\there", "nul\x00lf\n", "é" * 120, "%2E",
+             "z" * 250, "app.log", "app.20260101T000000Z.log.gz", "x.gz.tmp"]
+    for i, name in enumerate(names):
+        s = Sender(ep.pull, agent=name)
+        s.send("app", [f"line of agent {i}"])
+        s.sock.close(linger=5000)
+        s.ctx.term()
+    s = Sender(ep.pull, agent="BADNAME")
+    topic, body = wire.encode_batch(wire.Batch(topic="app", agent="BADNAME", stream="s", base=0,
+                                               path="/x", file="1:2:ab", seq=0, start=0, end=5,
+                                               lines=["bad!"]))
+    s.sock.send_multipart([topic, bytes(body).replace(b'"BADNAME"', b'"\xff\xfe"')])
+    s.sock.close(linger=5000)
+    s.ctx.term()
+    out = h.path("out")
+    wait_for(lambda: h.status(ep)["totals"]["lines_written"] == len(names), timeout=30,
+             what="a line of each agent written")
+    wait_for(lambda: h.status(ep)["totals"]["malformed_dropped"] == 1, timeout=30,
+             what="the name that is not UTF-8 dropped")
+    # Nothing outside the topic's directory, one directory per agent, no hidden ones.
+    assert sorted(p.name for p in out.iterdir()) == ["app"]
+    dirs = sorted(p.name for p in (out / "app").iterdir())
+    assert len(dirs) == len(names) and all(not d.startswith(".") and "/" not in d for d in dirs)
+    assert all(len(d.encode()) <= 200 and (out / "app" / d).is_dir() for d in dirs)
+    assert not any(d.endswith((".log", ".gz", ".tmp")) for d in dirs)
+    for i, name in enumerate(names):
+        d = out / "app" / safe_name(name)
+        assert (d / "app.log").read_text() == f"{safe_name(name)} line of agent {i}\n"
+    assert safe_name("..") == "%2E." and safe_name("a/b") == "a%2Fb" and safe_name("%2E") == "%252E"
+    assert safe_name("app.log") == "app%2Elog" and safe_name("web-01") == "web-01"
