@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aggregator.files import key_topic
 from aggregator.stages import Stages
 
 if TYPE_CHECKING:
@@ -114,6 +115,11 @@ class StatusReport(Stages):
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        # Active file bytes per topic: a topic split by agent has one active file per agent.
+        file_bytes: dict[str, int] = {}
+        for key, tf in self.sink.files.items():
+            topic = key_topic(key)
+            file_bytes[topic] = file_bytes.get(topic, 0) + tf.size
         try:
             usage = shutil.disk_usage(self.cfg.output_dir)
             disk = {"output_free_bytes": usage.free, "output_total_bytes": usage.total,
@@ -156,7 +162,7 @@ class StatusReport(Stages):
             ],
             "topics": [
                 {"name": name, "lines": s.lines, "bytes": s.bytes, "lines_per_s": round(s.rate, 1),
-                 "file_bytes": self.sink.files[name].size if name in self.sink.files else None}
+                 "file_bytes": file_bytes.get(name)}
                 for name, s in sorted(self.topics.items())
             ],
             "totals": {

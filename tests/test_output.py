@@ -378,6 +378,8 @@ def test_split_by_agent_keeps_each_agents_lines_exactly_once_in_its_own_files_th
         check_exactly_once(agent_lines(out / name, "app"), counts[name])
         assert len(list((out / name).glob("app.*.log.gz"))) >= 2
     assert not (out / "app.log").exists() or count_lines(out / "app.log") == 0
+    topic = next(t for t in h.status(ep)["topics"] if t["name"] == "app")
+    assert topic["file_bytes"] == sum((out / n / "app.log").stat().st_size for n in writers)
 
 
 def test_raw_agent_format_prefixes_each_line_with_its_agent_and_tail_shows_it(h: Harness) -> None:

@@ -66,7 +66,7 @@ def take_snapshot(agg: Any, topic: str) -> history.Snapshot:
     snap = history.Snapshot()
     tf = agg.sink.files.get(topic)
     try:
-        if tf is not None and tf.fd >= 0:
+        if tf is not None and tf.fd >= 0 and os.path.isdir("/proc/self/fd"):
             # The file the sink writes to (during a rotation: the renamed one, until retired),
             # opened again for reading (the sink's descriptor is write-only).
             snap.fd, snap.size = os.open(f"/proc/self/fd/{tf.fd}", os.O_RDONLY | os.O_CLOEXEC), tf.size
