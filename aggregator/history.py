@@ -13,7 +13,6 @@ gzip-compressed rotated file (gzip cannot be read backwards; only the last lines
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import gzip
 import os
@@ -50,14 +49,22 @@ def tail_of(fd: int, end: int, n: int, max_bytes: int) -> tuple[list[bytes], boo
     first, and whether lines precede them (more than ``n``, or cut by ``max_bytes``)."""
     if n <= 0 or end <= 0:
         return [], end > 0
-    data = b""
+    chunks: list[bytes] = []
     pos = end
-    # Each newline before the last byte starts a line: n of them give n whole lines.
-    while pos > 0 and data.count(b"\n", 0, len(data) - 1) < n and len(data) < max_bytes:
+    newlines = held = 0
+    ends_in_newline = False
+    # Each newline but the last byte's starts a line: n of them give n whole lines.
+    while pos > 0 and newlines - ends_in_newline < n and held < max_bytes:
         step = min(_CHUNK_BYTES, pos)
         pos -= step
-        data = os.pread(fd, step, pos) + data
-    lines = (data[:-1] if data.endswith(b"\n") else data).split(b"\n")
+        chunk = os.pread(fd, step, pos)
+        if not chunks:
+            ends_in_newline = chunk.endswith(b"\n")
+        chunks.append(chunk)
+        newlines += chunk.count(b"\n")
+        held += len(chunk)
+    data = b"".join(reversed(chunks))
+    lines = (data[:-1] if ends_in_newline else data).split(b"\n")
     more = pos > 0
     if more:  # the first piece may be the end of a line that started before ``pos``
         lines = lines[1:]
@@ -68,29 +75,36 @@ def tail_of(fd: int, end: int, n: int, max_bytes: int) -> tuple[list[bytes], boo
 
 def tail_of_gzip(path: str, n: int, max_bytes: int) -> tuple[list[bytes], bool]:
     """The last ``n`` lines of a gzip-compressed file, decompressed in chunks (the whole file is
-    read; memory holds at most ``n`` lines and about ``max_bytes``). FileNotFoundError if gone."""
-    keep: collections.deque[bytes] = collections.deque()
+    read; memory holds at most ``n`` lines and about twice ``max_bytes``). FileNotFoundError if
+    it is gone."""
+    tail: list[bytes] = []
     held = 0
     more = False
-
-    def add(line: bytes) -> None:
-        nonlocal held, more
-        keep.append(line)
-        held += len(line) + 1
-        while len(keep) > n or (held > max_bytes and keep):
-            held -= len(keep.popleft()) + 1
-            more = True
-
     rest = b""
+
+    def take(parts: list[bytes]) -> None:
+        nonlocal held, more
+        tail.extend(parts)
+        held += sum(map(len, parts)) + len(parts)
+        if len(tail) > n:
+            drop = len(tail) - n
+            held -= sum(map(len, tail[:drop])) + drop
+            del tail[:drop]
+            more = True
+        if held > 2 * max_bytes:  # trimmed now and then, not per line
+            kept, more_now = _fit(tail, max_bytes, more)
+            del tail[:len(tail) - len(kept)]
+            held = sum(map(len, tail)) + len(tail)
+            more = more_now
+
     with gzip.open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK_BYTES * 16):
             parts = (rest + chunk).split(b"\n")
             rest = parts.pop()
-            for line in parts:
-                add(line)
+            take(parts)
     if rest:
-        add(rest)
-    return list(keep), more
+        take([rest])
+    return _fit(tail, max_bytes, more)
 
 
 def _fit(lines: list[bytes], max_bytes: int, more: bool) -> tuple[list[bytes], bool]:

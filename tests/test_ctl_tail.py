@@ -223,3 +223,28 @@ def test_tail_n_of_a_topic_split_by_agent_prints_each_agents_last_lines(h: Harne
                          for n in ("web-01", "db-01")), timeout=30, what="both agents' files rotated")
     again = ctl_tail(h, ep.control, "app", "-n", "2", "--count", "0")
     assert again.returncode == 0 and again.stdout == r.stdout, again.stderr
+
+
+@pytest.mark.parametrize(("n", "max_bytes"), [(5, 1 << 20), (30_000, 1 << 20), (30_000, 100_000), (10, 5)])
+def test_history_of_a_gzip_file_keeps_the_last_lines_within_its_bounds(tmp_path: Path, n: int,
+                                                                        max_bytes: int) -> None:
+    lines = [f"{i:06d} {'y' * (i % 50)}".encode() for i in range(50_000)]
+    gz = tmp_path / "t.20260101T000000Z.log.gz"
+    gz.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    for path in (str(gz), None):
+        if path is None:  # the same, uncompressed, read backwards
+            plain = tmp_path / "t.log"
+            plain.write_bytes(b"\n".join(lines) + b"\n")
+            got, cut = history.read_history(history.Snapshot(fd=os.open(plain, os.O_RDONLY),
+                                                              size=plain.stat().st_size), n, max_bytes)
+        else:
+            got, cut = history.read_history(history.Snapshot(rotated=[path]), n, max_bytes)
+        fit = 0
+        total = 0
+        for line in reversed(lines[-n:]):
+            total += len(line) + 1
+            if total > max_bytes:
+                break
+            fit += 1
+        assert got == (lines[-fit:] if fit else [])
+        assert cut == (fit < n)
