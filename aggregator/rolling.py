@@ -116,7 +116,8 @@ class Rolling:
         log.info("rotated %d topics (%s%s)", len(names), some, ", ..." if len(names) > 3 else "")
         self.totals.rotations += len(names)
         self._retain_later(list(names))
-        return list(names.values())
+        # An agent's file (split by agent) is named with its directory: app/web-01/app.<stamp>.log.
+        return [f"{t}/{n}" if "/" in t else n for t, n in names.items()]
 
     async def close_files(self) -> None:
         """Make the active files durable and close them, off the loop: an fsync per file costs
