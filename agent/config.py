@@ -19,6 +19,7 @@ from fleetlog.tomlconf import (
     Section,
     apply_overrides,
     dir_problem,
+    endpoint_problem,
     listen_problem,
     nearest_existing,
     read_toml,
@@ -254,7 +255,8 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         mode=s.choice("mode", d.mode, ("push", "pub")),
         data=s.endpoint("data", d.data),
         control=s.endpoint("control", d.control),
-        status_socket=s.endpoint("status_socket", ""),
+        # "" (the documented default) means the default socket.
+        status_socket=s.str("status_socket", "", lambda v: endpoint_problem(v) if v else None),
         batch_max_lines=s.int("batch_max_lines", d.batch_max_lines, 1),
         batch_max_bytes=s.int("batch_max_bytes", d.batch_max_bytes, 1024, MAX_BATCH_BYTES),
         batch_max_delay_ms=s.int("batch_max_delay_ms", d.batch_max_delay_ms, 0, 60_000),

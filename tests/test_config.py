@@ -195,3 +195,13 @@ topic = "t"
     secret.chmod(0o644)
     r = check("agent", agent)
     assert r.returncode != 0 and "agent.curve_secret_key" in r.stderr and "chmod 600" in r.stderr, r.stderr
+
+
+def test_agent_status_socket_empty_is_the_documented_default(tmp_path: Path) -> None:
+    """README: ``status_socket = ""`` means the default socket under state_dir."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\nstate_dir = "{tmp_path}"\nstatus_socket = ""\n'
+                   f'[[sources]]\npaths = ["{tmp_path}/*.log"]\ntopic = "x"\n')
+    r = subprocess.run([sys.executable, "-m", "agent", "--config", str(cfg), "--check-config"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
