@@ -24,7 +24,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from agent.config import JournalConfig
-from agent.journal import machines
+from agent.journal import last_cursor, machines
 from agent.journal_source import JournalSource, JStream
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ class JournalSection:
         self.had_checkpoint = False
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.listing_failed = False
+        self.mixed = False
         if not self.per_machine:
             self.add("")
 
@@ -58,7 +59,7 @@ class JournalSection:
             machine = doc.get("machine")
             if not self.per_machine:
                 self.sources[""].restore(doc)
-            elif isinstance(machine, str) and machine:
+            elif isinstance(machine, str):
                 self.saved[machine] = doc
             else:
                 self.legacy = doc
@@ -86,18 +87,7 @@ class JournalSection:
         first_look = True
         try:
             while True:
-                found, why = await machines(self.cfg)
-                if found is None:
-                    if not self.listing_failed:  # ERROR: no new machine is read until it works
-                        log.error("journal %s: cannot list the machines in %s with %s: %s; trying again"
-                                  " every %.0fs", self.cfg.topic, self.cfg.directory, self.cfg.journalctl,
-                                  why, DISCOVER_S)
-                    self.listing_failed = True
-                else:
-                    if self.listing_failed:
-                        log.info("journal %s: machines listed again", self.cfg.topic)
-                    self.listing_failed = False
-                    self.start_machines(found, first_look)
+                if await self.look(first_look):
                     first_look = False
                 if not self.tasks:
                     await asyncio.sleep(DISCOVER_S)
@@ -111,7 +101,43 @@ class JournalSection:
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
+    async def look(self, first_look: bool) -> bool:
+        """List the directory's machines and start reading those not read yet; False if
+        journalctl could not list them."""
+        found, why = await machines(self.cfg)
+        if found is None:
+            if not self.listing_failed:  # ERROR: no new machine is read until it works
+                log.error("journal %s: cannot list the machines in %s with %s: %s; trying again"
+                          " every %.0fs", self.cfg.topic, self.cfg.directory, self.cfg.journalctl,
+                          why, DISCOVER_S)
+            self.listing_failed = True
+            return False
+        if self.listing_failed:
+            log.info("journal %s: machines listed again", self.cfg.topic)
+        self.listing_failed = False
+        # No _MACHINE_ID in any entry (journald always writes one; hand-made export format may
+        # not): one journal, if it has an entry at all.
+        if (not found and not self.sources and "" not in self.saved
+                and await last_cursor(self.cfg) is not None):
+            log.info("journal %s: no entry in %s names its machine (_MACHINE_ID); reading it as one"
+                     " journal", self.cfg.topic, self.cfg.directory)
+            found = [""]
+        self.start_machines(found, first_look)
+        return True
+
     def start_machines(self, found: list[str], first_look: bool) -> None:
+        if "" in self.saved or "" in self.sources:  # read as one journal (see run)
+            if "" not in self.sources:
+                found = [""]
+            elif found and found != [""] and not self.mixed:
+                self.mixed = True  # WARNING: the directory is read as one merged journal
+                log.warning("journal %s: entries naming their machine appeared in %s, read as one"
+                            " journal since its first entries named none; they are read with it"
+                            " (give each machine's journal a directory of its own)",
+                            self.cfg.topic, self.cfg.directory)
+                return
+            else:
+                return
         new = [m for m in found if m not in self.sources]
         if self.legacy is not None and first_look and len(new) == 1:
             self.saved[new[0]] = self.legacy   # one machine: the old checkpoint is all its own

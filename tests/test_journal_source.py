@@ -36,11 +36,12 @@ class Journal:
     """Journal files in a directory, written the way journald's entries reach a collector:
     export format piped through systemd-journal-remote (which appends to an existing file)."""
 
-    def __init__(self, directory: Path, file: str = "system") -> None:
+    def __init__(self, directory: Path, file: str = "system", machine: str | None = None) -> None:
         self.dir = directory
         self.file = file
         directory.mkdir(exist_ok=True)
-        self.machine = uuid.uuid4().hex  # every entry journald writes carries its _MACHINE_ID
+        # Every entry journald writes carries its _MACHINE_ID ("": hand-made entries without one).
+        self.machine = uuid.uuid4().hex if machine is None else machine
         self.boot = uuid.uuid4().hex
         self.realtime_us = int(time.time() * 1e6) - 3_600_000_000  # an hour ago, rising per entry
         self.count = 0
@@ -51,11 +52,12 @@ class Journal:
     def write(self, messages: list[bytes | str], file: str | None = None, unit: str = "app.service",
               identifier: str = "app", priority: int = 5, transport: str = "journal") -> None:
         out = bytearray()
+        machine = f"_MACHINE_ID={self.machine}\n" if self.machine else ""
         for msg in messages:
             self.count += 1
             self.realtime_us += 10
             out += (f"__REALTIME_TIMESTAMP={self.realtime_us}\n__MONOTONIC_TIMESTAMP={self.count * 10}\n"
-                    f"_BOOT_ID={self.boot}\n_MACHINE_ID={self.machine}\n_HOSTNAME=host-{self.boot[:4]}\n_SYSTEMD_UNIT={unit}\n"
+                    f"_BOOT_ID={self.boot}\n{machine}_HOSTNAME=host-{self.boot[:4]}\n_SYSTEMD_UNIT={unit}\n"
                     f"SYSLOG_IDENTIFIER={identifier}\nPRIORITY={priority}\n_PID=4242\n"
                     f"_TRANSPORT={transport}\n").encode()
             body = msg.encode() if isinstance(msg, str) else msg
@@ -574,3 +576,23 @@ def test_journal_machine_id_match_ships_one_machine_of_a_collected_directory(h: 
     assert not warnings_of(agent.log()), warnings_of(agent.log())
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.root / "out", "jr"), {"B": 800})
+
+
+@needs_journal
+def test_journal_directory_without_machine_ids_is_read_as_one_journal(h: Harness) -> None:
+    """Hand-made export format without _MACHINE_ID: no machine to list, read as one journal,
+    resumed after its cursor."""
+    ep = h.endpoints()
+    j = Journal(h.path("journal"), machine="")
+    j.write_tagged("J", 0, 100)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 100), what="the first entries")
+    assert "reading it as one journal" in agent.log()
+    assert agent.stop() == 0
+    j.write_tagged("J", 100, 100)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 200), what="the entries written while down")
+    assert not warnings_of(agent.log()), warnings_of(agent.log())
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 200})
