@@ -151,7 +151,9 @@ class JournalSection:
             self.legacy = None
 
     def checkpoints(self) -> list[dict[str, Any]]:
-        return [src.checkpoint() for src in self.sources.values() if src.known] + list(self.saved.values())
+        """The machines' checkpoints, and those not in use yet (saved before the first look)."""
+        kept = list(self.saved.values()) + ([self.legacy] if self.legacy is not None else [])
+        return [src.checkpoint() for src in self.sources.values() if src.known] + kept
 
     def status(self) -> dict[str, Any]:
         """One row for the section: the machines' sums (their own rows under ``machines``)."""

@@ -596,3 +596,29 @@ def test_journal_directory_without_machine_ids_is_read_as_one_journal(h: Harness
     assert not warnings_of(agent.log()), warnings_of(agent.log())
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 200})
+
+
+@needs_journal
+def test_journal_checkpoint_from_before_machines_resumes_its_one_machine(h: Harness) -> None:
+    """A checkpoint written before directories were read per machine (no "machine" key): a
+    directory of one machine resumes after its cursor, in its streams, nothing twice."""
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 300)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 300), what="the first entries")
+    stream = journal_status(h)["stream"]
+    assert agent.stop() == 0
+    path = h.root / "st-node1" / "checkpoints.json"
+    doc = orjson.loads(path.read_bytes())
+    for cp in doc["journal"]:
+        del cp["machine"]
+    path.write_bytes(orjson.dumps(doc))
+    j.write_tagged("J", 300, 100)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 400), what="the entries written while down")
+    assert journal_status(h)["stream"] == stream
+    assert not warnings_of(agent.log()), warnings_of(agent.log())
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 400})
