@@ -51,7 +51,7 @@ class JournalSection:
         self.listing_failed = False
         self.mixed = False
         if not self.per_machine:
-            self.add("")
+            self.add("", first_look=True)
 
     def restore(self, docs: list[dict[str, Any]]) -> None:
         self.had_checkpoint = bool(docs)

@@ -219,12 +219,18 @@ def test_journal_start_at_end_ships_only_new_entries(h: Harness) -> None:
     j.write_tagged("OLD", 0, 50)
     h.aggregator(ep)
     journal_agent(h, ep, h.path("journal"), start_at="end")
+    # The same through one reader of one machine (a _MACHINE_ID= match), not one per machine.
+    h.agent(ep, [], f'journal=[{{topic="jm", directory="{h.path("journal")}", start_at="end", '
+                    f'matches=["_MACHINE_ID={j.machine}"]}}]', name="node2")
     wait_for(lambda: h.agent_status() and journal_status(h)["cursor"], what="the agent at the journal's end")
+    wait_for(lambda: (s := h.agent_status("node2")) and s["journal"][0]["cursor"], what="node2 at the end")
     j.write_tagged("J", 0, 20)
     wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 20, what="20 new entries")
+    wait_for(lambda: len(output_lines(h.root / "out", "jm")) >= 20, what="20 new entries for node2")
     wait_for(lambda: acked_everything(h, 20), what="everything acknowledged")
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 20})
+    check_exactly_once(output_lines(h.root / "out", "jm"), {"J": 20})
 
 
 @needs_journal
