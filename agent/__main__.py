@@ -128,6 +128,8 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
     for j in s.get("journal", []):
         reader = ("reading" if j["reader_running"]
                   else f"journalctl not running ({j['reader_restarts']} restarts)")
+        if "machines" in j:
+            reader += f" ({len(j['machines'])} machines)"
         print(f"  {j['path']}  [{j['topic']}] {' '.join(j['matches']) or 'all entries'}  "
               f"{j['entries_acked']} entries acknowledged, lag {j['lag_entries']} entries / {j['lag_s']:.1f}s"
               f"{', ' + str(j['entries_missing']) + ' missing' if j['entries_missing'] else ''}  {reader}")

@@ -17,7 +17,7 @@ import zmq.asyncio
 from agent import batch, metrics
 from agent.config import AgentConfig, Config, load_config
 from agent.follow import Following
-from agent.journal_source import JournalSources
+from agent.journal_sources import JournalSources
 from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
 from agent.tail import Chunk, Rewritten, Tailer, name_base64, shown
@@ -105,7 +105,7 @@ class Agent(Following):
         self.failing: dict[tuple[int, int], str] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics: metrics.MetricsServer | None = None
-        self.journals = JournalSources(self)  # [[journal]] sources (agent/journal_source.py)
+        self.journals = JournalSources(self)  # [[journal]] sources (agent/journal_sources.py)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -26,7 +26,11 @@ handled here:
   with ``--merge``; the system journal adds a match on this machine's ``_MACHINE_ID``, so that
   it stays this machine's journal (``--merge`` also opens other machines' journals, such as
   containers' or systemd-journal-remote's under /var/log/journal). The one-shot calls (no
-  ``--follow``) read this machine's journal without ``--merge``.
+  ``--follow``) read this machine's journal without ``--merge``. A directory of several
+  machines' journals is read with one journalctl per machine, each with a match on its
+  ``_MACHINE_ID`` (``machine``; see journal_sources.py), the probe too: journalctl seeks a
+  cursor by sequence number only in its own writer's files, and another machine's entry of the
+  same microsecond is not the next one of this journal.
 * journalctl exits when its stdout closes, so a killed agent leaves no reader behind.
 """
 
@@ -180,7 +184,13 @@ def local_machine_match(cfg: JournalConfig) -> list[str]:
     return [f"_MACHINE_ID={machine}"] if machine else []
 
 
-def command(cfg: JournalConfig, cursor: str | None, follow: bool = True) -> list[str]:
+def machine_match(cfg: JournalConfig, machine: str) -> list[str]:
+    """The match that keeps a reader to one machine's journal: ``machine`` (one machine of a
+    directory of several, see journal_source.py), else this machine for the system journal."""
+    return [f"_MACHINE_ID={machine}"] if machine else local_machine_match(cfg)
+
+
+def command(cfg: JournalConfig, cursor: str | None, follow: bool = True, machine: str = "") -> list[str]:
     """journalctl's argv: every entry from ``cursor`` (itself included), or from the start."""
     argv = [cfg.journalctl, "--output=json", "--all", "--no-pager", "--quiet", "--merge",
             f"--output-fields={OUTPUT_FIELDS}"]
@@ -193,17 +203,37 @@ def command(cfg: JournalConfig, cursor: str | None, follow: bool = True) -> list
     if cursor:
         argv.append(f"--cursor={cursor}")
     argv.append("--no-tail")
-    return argv + list(cfg.field_matches) + local_machine_match(cfg)
+    return argv + list(cfg.field_matches) + machine_match(cfg, machine)
 
 
-async def probe(cfg: JournalConfig, cursor: str) -> tuple[bool, str | None]:
+async def machines(cfg: JournalConfig) -> tuple[list[str] | None, str]:
+    """The ``_MACHINE_ID`` values of the entries in ``cfg.directory`` (journalctl reads them from
+    the files' field tables, not entry by entry), or None and why journalctl failed."""
+    argv = [cfg.journalctl, "--no-pager", "--quiet", "--field=_MACHINE_ID", f"--directory={cfg.directory}"]
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        return None, str(exc)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        return None, err.decode(errors="replace").strip()[:300] or f"exit status {proc.returncode}"
+    found = (line.strip() for line in out.decode(errors="replace").splitlines())
+    return sorted(m for m in found if m), ""
+
+
+async def probe(cfg: JournalConfig, cursor: str, machine: str = "") -> tuple[bool, str | None]:
     """Whether the entry at ``cursor`` is still in the journal, and the cursor of the first
-    entry at or after its place (any entry, matches aside), or None if there is none. Only
-    the first line is read; journalctl is then ended."""
+    entry at or after its place (any entry of ``machine``'s, if given, matches aside), or None
+    if there is none. Only the first line is read; journalctl is then ended."""
     argv = [cfg.journalctl, "--output=json", "--no-pager", "--quiet", "--output-fields=MESSAGE",
             f"--cursor={cursor}"]
     if cfg.directory:
         argv.append(f"--directory={cfg.directory}")
+    # Another machine's entry at the same time is not the next one of this journal.
+    argv += [f"_MACHINE_ID={machine}"] if machine else [
+        m for m in cfg.field_matches if m.startswith("_MACHINE_ID=")]
     try:
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE,
@@ -225,8 +255,9 @@ async def probe(cfg: JournalConfig, cursor: str) -> tuple[bool, str | None]:
     return same_entry(entry.cursor, cursor), entry.cursor
 
 
-async def last_cursor(cfg: JournalConfig) -> str | None:
-    """The cursor of the newest matching entry, or None (no entry, or journalctl failed)."""
+async def last_cursor(cfg: JournalConfig, machine: str = "") -> str | None:
+    """The cursor of the newest matching entry (of ``machine``'s, if given), or None (no entry,
+    or journalctl failed)."""
     argv = [cfg.journalctl, "--output=json", "--no-pager", "--quiet", "--lines=1",
             "--output-fields=MESSAGE"]
     if cfg.directory:
@@ -235,6 +266,7 @@ async def last_cursor(cfg: JournalConfig) -> str | None:
         argv.append(f"--priority={cfg.priority}")
     try:
         proc = await asyncio.create_subprocess_exec(*argv, *cfg.field_matches,
+                                                    *([f"_MACHINE_ID={machine}"] if machine else []),
                                                     stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE)
@@ -254,8 +286,10 @@ async def last_cursor(cfg: JournalConfig) -> str | None:
 class Reader:
     """One running ``journalctl --follow`` and the entries it printed that were not taken yet."""
 
-    def __init__(self, cfg: JournalConfig) -> None:
+    def __init__(self, cfg: JournalConfig, machine: str = "") -> None:
         self.cfg = cfg
+        self.machine = machine
+        self.name = cfg.topic + (f" machine {machine}" if machine else "")
         self.proc: asyncio.subprocess.Process | None = None
         self._rest = b""
         self._stderr_task: asyncio.Task[None] | None = None
@@ -270,17 +304,17 @@ class Reader:
         self._rest = b""
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *command(self.cfg, cursor), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, limit=READ_BYTES)
+                *command(self.cfg, cursor, machine=self.machine), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=READ_BYTES)
         except OSError as exc:
             # ERROR: nothing of this journal is shipped until it can run. Said once.
             log.log(logging.DEBUG if self.cannot_start else logging.ERROR,
-                    "journal %s: cannot start %s: %s", self.cfg.topic, self.cfg.journalctl, exc)
+                    "journal %s: cannot start %s: %s", self.name, self.cfg.journalctl, exc)
             self.cannot_start = True
             self.proc = None
             return
         if self.cannot_start:
-            log.info("journal %s: %s runs again", self.cfg.topic, self.cfg.journalctl)
+            log.info("journal %s: %s runs again", self.name, self.cfg.journalctl)
         self.cannot_start = False
         self._stderr_task = asyncio.create_task(self._log_stderr(self.proc), name="journalctl-stderr")
 
@@ -290,7 +324,7 @@ class Reader:
         async for line in proc.stderr:
             if line not in said and len(said) < 100:
                 said.add(line)
-                log.warning("journal %s: journalctl says: %s", self.cfg.topic,
+                log.warning("journal %s: journalctl says: %s", self.name,
                             line.decode(errors="replace").strip())
 
     async def read(self) -> list[Entry] | None:
@@ -312,7 +346,7 @@ class Reader:
                 self.malformed += 1
                 if self.malformed == 1:
                     log.warning("journal %s: journalctl printed a line that is not an entry: %r",
-                                self.cfg.topic, raw[:200])
+                                self.name, raw[:200])
                 continue
             out.append(entry)
         return out

@@ -1,5 +1,8 @@
 """``[[journal]]`` sources: journal entries as streams, shipped and acknowledged like files.
 
+A ``JournalSource`` reads one machine's journal (the system journal, or one machine of a
+directory of several: journal_sources.py runs one per machine found there).
+
 The aggregator accepts batches per (agent, stream) by offsets, so a journal source maps its
 entries onto streams with byte offsets: one stream per journal writer incarnation (a seqnum id
 and a boot id, the ``epoch``: a new boot or a journal started afresh begins a new stream), whose
@@ -18,7 +21,6 @@ batch ships, so a crash can never ship the same entries under a second stream id
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -80,11 +82,13 @@ class Shipped:
 
 
 class JournalSource:
-    def __init__(self, agent: Agent, cfg: JournalConfig) -> None:
+    def __init__(self, agent: Agent, cfg: JournalConfig, machine: str = "") -> None:
         self.agent = agent
         self.cfg = cfg
+        self.machine = machine                    # "": every entry the config matches
+        self.name = cfg.topic + (f" machine {machine}" if machine else "")
         self.path = f"journal:{cfg.directory or 'system'}"
-        self.reader = Reader(cfg)
+        self.reader = Reader(cfg, machine)
         self.streams: dict[str, JStream] = {}     # by epoch
         self.by_id: dict[str, JStream] = {}
         self.ring: deque[Shipped] = deque()
@@ -125,7 +129,7 @@ class JournalSource:
                              offset=int(s["offset"]), acked=int(s["acked"]), seq=int(s["seq"]))
             except (KeyError, TypeError, ValueError):
                 log.warning("journal %s: skipping a malformed stream in the checkpoint: %r",
-                            self.cfg.topic, s)
+                            self.name, s)
                 continue
             st.ship_pos = max(st.acked, st.offset)
             self.add_stream(st)
@@ -139,7 +143,7 @@ class JournalSource:
             first_start.setdefault(b.stream.stream, b.start)
         streams = [{"epoch": s.epoch, "stream": s.stream, "base": s.base, "seq": s.seq, "acked": s.acked,
                     "offset": first_start.get(s.stream, s.offset)} for s in self.streams.values()]
-        return {"key": self.cfg.key, "topic": self.cfg.topic, "cursor": self.cursor,
+        return {"key": self.cfg.key, "machine": self.machine, "topic": self.cfg.topic, "cursor": self.cursor,
                 "realtime_us": realtime_of(self.cursor) if self.cursor else None,
                 "entries_acked": self.entries_acked, "streams": streams}
 
@@ -159,14 +163,14 @@ class JournalSource:
     async def start_reader(self) -> None:
         start = self.read_cursor or self.cursor
         if start is None and not self.known and self.cfg.start_at == "end":
-            start = await last_cursor(self.cfg)
+            start = await last_cursor(self.cfg, self.machine)
             if start is not None:
-                log.info("journal %s: starting at its end (start_at = \"end\")", self.cfg.topic)
+                log.info("journal %s: starting at its end (start_at = \"end\")", self.name)
                 self.cursor = start
         self.known = True
         self.agent.checkpoints_dirty = True
         if start is not None:
-            exists, after = await probe(self.cfg, start)
+            exists, after = await probe(self.cfg, start, self.machine)
             if not exists:
                 self.saved_entry_gone(start, after)
         self.expect_first = start
@@ -188,7 +192,7 @@ class JournalSource:
                     await self.wake.wait(0.1)
                     continue
                 if read_task is None:
-                    read_task = asyncio.create_task(self.reader.read(), name=f"journal-read-{self.cfg.topic}")
+                    read_task = asyncio.create_task(self.reader.read(), name=f"journal-read-{self.name}")
                 self.wake.clear()
                 if not read_task.done():
                     waker = asyncio.ensure_future(self.wake.wait(0.1 if self.inflight_bytes() else None))
@@ -205,13 +209,13 @@ class JournalSource:
                     log.log(logging.WARNING if backoff == 1.0 else logging.DEBUG,
                             "journal %s: journalctl exited (status %s); starting it again in %.0fs"
                             " (doubling up to %.0fs while it keeps exiting)",
-                            self.cfg.topic, code, backoff, RESTART_MAX_S)
+                            self.name, code, backoff, RESTART_MAX_S)
                     await asyncio.sleep(backoff)
                     backoff = min(2 * backoff, RESTART_MAX_S)
                     await self.start_reader()
                     continue
                 if backoff > 1.0 and entries:
-                    log.info("journal %s: journalctl reads again", self.cfg.topic)
+                    log.info("journal %s: journalctl reads again", self.name)
                     backoff = 1.0
                 self.take(entries)
                 self.watch_tail()
@@ -231,9 +235,9 @@ class JournalSource:
         self._tail_probed = now
 
         async def probe_tail() -> None:
-            self.tail_cursor = await last_cursor(self.cfg)
+            self.tail_cursor = await last_cursor(self.cfg, self.machine)
             self.lag()
-        self._tail_task = asyncio.create_task(probe_tail(), name=f"journal-tail-{self.cfg.topic}")
+        self._tail_task = asyncio.create_task(probe_tail(), name=f"journal-tail-{self.name}")
 
     def take(self, entries: list[Entry]) -> None:
         """Entries read: skip the one journalctl was started at, batch the rest into the ring."""
@@ -273,7 +277,7 @@ class JournalSource:
             if not self.entries_cut:
                 log.warning("journal %s: a message longer than max_line_bytes (%d) was cut there"
                             " (counted in fleetlog-agent status as entries_cut; said once)",
-                            self.cfg.topic, self.cfg.max_line_bytes)
+                            self.name, self.cfg.max_line_bytes)
             self.entries_cut += cut
         self.bytes_read += sum(e.size for e in entries)
         self.read_cursor = entries[-1].cursor
@@ -285,7 +289,7 @@ class JournalSource:
         st = JStream(epoch=epoch, stream=new_stream_id())
         if self.streams:
             log.info("journal %s: a new boot or journal writer (%s); new stream %s",
-                     self.cfg.topic, epoch, st.stream)
+                     self.name, epoch, st.stream)
         self.add_stream(st)
         self.unsaved = True
         return st
@@ -299,14 +303,14 @@ class JournalSource:
         if missing is None:
             log.warning("journal %s: the saved position is no longer in the journal (vacuumed or rotated"
                         " away); resuming at the oldest entry after it; entries written %s may be missing"
-                        " (how many cannot be known: the journal's writer changed)", self.cfg.topic, when)
+                        " (how many cannot be known: the journal's writer changed)", self.name, when)
         elif missing:
             self.entries_missing += missing
             log.warning("journal %s: the saved position is no longer in the journal (vacuumed or rotated"
                         " away); resuming at the oldest entry after it; up to %d entries %s may be missing",
-                        self.cfg.topic, missing, when)
+                        self.name, missing, when)
         else:
-            log.info("journal %s: the saved position is gone, and nothing after it", self.cfg.topic)
+            log.info("journal %s: the saved position is gone, and nothing after it", self.name)
         # Offsets counted from here on cannot be matched with what the aggregator holds of the
         # old streams: new streams ship what follows (twice at worst, never lost). Streams with
         # batches in flight stay known to their acknowledgements.
@@ -414,7 +418,7 @@ class JournalSource:
             return  # sent before our last rewind
         if offset < st.acked:
             log.warning("journal %s: aggregator asks for stream %s from %d but acknowledged %d before;"
-                        " rebasing", self.cfg.topic, st.stream, offset, st.acked)
+                        " rebasing", self.name, st.stream, offset, st.acked)
             st.base = offset = st.acked
             self.unsaved = True
         self.agent.resends += 1
@@ -445,7 +449,8 @@ class JournalSource:
     def status(self) -> dict[str, Any]:
         lag_entries, lag_s = self.lag()
         current = next(reversed(self.streams.values()), None)
-        return {"topic": self.cfg.topic, "path": self.path, "matches": list(self.cfg.field_matches),
+        return {"topic": self.cfg.topic, "machine": self.machine, "path": self.path,
+                "matches": list(self.cfg.field_matches),
                 "priority": self.cfg.priority, "stream": current.stream if current else None,
                 "offset": current.acked if current else 0, "shipped": current.ship_pos if current else 0,
                 "cursor": self.cursor, "entries_read": self.entries_read, "entries_acked": self.entries_acked,
@@ -469,73 +474,3 @@ def _utc(us: int | None) -> str:
     if us is None:
         return "?"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(us / 1e6))
-
-
-class JournalSources:
-    """The agent's ``[[journal]]`` sources: what daemon.py calls."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.sources = [JournalSource(agent, cfg) for cfg in agent.config.journals]
-
-    def __bool__(self) -> bool:
-        return bool(self.sources)
-
-    def start(self, saved: list[dict[str, Any]]) -> list[asyncio.Task[None]]:
-        by_key = {doc.get("key"): doc for doc in saved}
-        for src in self.sources:
-            doc = by_key.get(src.cfg.key)
-            if doc is not None:
-                src.restore(doc)
-        return [asyncio.create_task(src.run(), name=f"journal {src.cfg.topic}") for src in self.sources]
-
-    def _find(self, stream: str) -> tuple[JournalSource, JStream] | None:
-        for src in self.sources:
-            st = src.by_id.get(stream)
-            if st is not None:
-                return src, st
-        return None
-
-    def ack(self, stream: str, end: Any) -> bool:
-        found = self._find(stream)
-        if found is None or type(end) is not int:
-            return False
-        return found[0].ack(found[1], end)
-
-    def resync(self, stream: str, offset: Any, seq: Any) -> None:
-        found = self._find(stream)
-        if found is None or type(offset) is not int or type(seq) is not int:
-            return
-        found[0].resync(found[1], offset, seq)
-
-    def rewind_unacked(self) -> None:
-        for src in self.sources:
-            src.rewind_unacked()
-
-    def inflight_bytes(self) -> int:
-        return sum(src.inflight_bytes() for src in self.sources)
-
-    def lag_bytes(self) -> int:
-        return sum(src.lag_bytes() for src in self.sources)
-
-    def unacked_streams(self) -> list[str]:
-        return [st.stream for src in self.sources for st in src.streams.values() if st.ship_pos > st.acked]
-
-    def lag(self) -> tuple[int, float]:
-        lags = [src.lag() for src in self.sources]
-        return sum(e for e, _ in lags), max((s for _, s in lags), default=0.0)
-
-    def checkpoints(self) -> list[dict[str, Any]]:
-        return [src.checkpoint() for src in self.sources if src.known]
-
-    def status(self) -> list[dict[str, Any]]:
-        return [src.status() for src in self.sources]
-
-    async def stop(self) -> None:
-        for src in self.sources:
-            with contextlib.suppress(ProcessLookupError):
-                await src.reader.stop()
-
-    def kill_now(self) -> None:
-        for src in self.sources:
-            src.reader.kill_now()

@@ -121,12 +121,20 @@ def journal_metrics(a: Agent) -> Iterator[Any]:
     missing = CounterMetricFamily(PREFIX + "journal_entries_missing",
                                   "Journal entries vacuumed or rotated away before they were read",
                                   labels=labels)
+    # A section over a directory of several machines has a source per machine: one row per topic.
+    totals: dict[str, list[float]] = {}
     for src in sources:
         entries, seconds = src.last_lag  # computed on the event loop (the ring is not ours to walk)
-        lag.add_metric([src.cfg.topic], entries)
-        lag_s.add_metric([src.cfg.topic], seconds)
-        acked.add_metric([src.cfg.topic], src.entries_acked)
-        missing.add_metric([src.cfg.topic], src.entries_missing)
+        t = totals.setdefault(src.cfg.topic, [0, 0.0, 0, 0])
+        t[0] += entries
+        t[1] = max(t[1], seconds)
+        t[2] += src.entries_acked
+        t[3] += src.entries_missing
+    for topic, (entries, seconds, n_acked, n_missing) in totals.items():
+        lag.add_metric([topic], entries)
+        lag_s.add_metric([topic], seconds)
+        acked.add_metric([topic], n_acked)
+        missing.add_metric([topic], n_missing)
     yield from (lag, lag_s, acked, missing)
 
 

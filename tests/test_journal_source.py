@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 from harness import Endpoints, Harness, Proc, check_exactly_once, free_port, output_lines, wait_for
+from test_aggregator_faults import mount_tmpfs, mounts  # noqa: F401 (a fixture)
 from test_ops import scrape
 
 from agent.journal import missing_between, same_entry, text_of
@@ -35,9 +36,12 @@ class Journal:
     """Journal files in a directory, written the way journald's entries reach a collector:
     export format piped through systemd-journal-remote (which appends to an existing file)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, file: str = "system", machine: str | None = None) -> None:
         self.dir = directory
+        self.file = file
         directory.mkdir(exist_ok=True)
+        # Every entry journald writes carries its _MACHINE_ID ("": hand-made entries without one).
+        self.machine = uuid.uuid4().hex if machine is None else machine
         self.boot = uuid.uuid4().hex
         self.realtime_us = int(time.time() * 1e6) - 3_600_000_000  # an hour ago, rising per entry
         self.count = 0
@@ -45,14 +49,15 @@ class Journal:
     def new_boot(self) -> None:
         self.boot = uuid.uuid4().hex
 
-    def write(self, messages: list[bytes | str], file: str = "system", unit: str = "app.service",
+    def write(self, messages: list[bytes | str], file: str | None = None, unit: str = "app.service",
               identifier: str = "app", priority: int = 5, transport: str = "journal") -> None:
         out = bytearray()
+        machine = f"_MACHINE_ID={self.machine}\n" if self.machine else ""
         for msg in messages:
             self.count += 1
             self.realtime_us += 10
             out += (f"__REALTIME_TIMESTAMP={self.realtime_us}\n__MONOTONIC_TIMESTAMP={self.count * 10}\n"
-                    f"_BOOT_ID={self.boot}\n_HOSTNAME=host-{self.boot[:4]}\n_SYSTEMD_UNIT={unit}\n"
+                    f"_BOOT_ID={self.boot}\n{machine}_HOSTNAME=host-{self.boot[:4]}\n_SYSTEMD_UNIT={unit}\n"
                     f"SYSLOG_IDENTIFIER={identifier}\nPRIORITY={priority}\n_PID=4242\n"
                     f"_TRANSPORT={transport}\n").encode()
             body = msg.encode() if isinstance(msg, str) else msg
@@ -61,8 +66,9 @@ class Journal:
             else:
                 out += b"MESSAGE=" + body + b"\n\n"
         assert JOURNAL_REMOTE is not None
-        subprocess.run([JOURNAL_REMOTE, f"--output={self.dir / file}.journal", "-"], input=bytes(out),
-                       check=True, capture_output=True, timeout=120)
+        output = self.dir / f"{file or self.file}.journal"
+        subprocess.run([JOURNAL_REMOTE, f"--output={output}", "-"], input=bytes(out), check=True,
+                       capture_output=True, timeout=120)
 
     def write_tagged(self, tag: str, start: int, count: int, **kw: Any) -> None:
         self.write([f"{tag}#{n:08d} {'y' * 40}" for n in range(start, start + count)], **kw)
@@ -213,12 +219,18 @@ def test_journal_start_at_end_ships_only_new_entries(h: Harness) -> None:
     j.write_tagged("OLD", 0, 50)
     h.aggregator(ep)
     journal_agent(h, ep, h.path("journal"), start_at="end")
+    # The same through one reader of one machine (a _MACHINE_ID= match), not one per machine.
+    h.agent(ep, [], f'journal=[{{topic="jm", directory="{h.path("journal")}", start_at="end", '
+                    f'matches=["_MACHINE_ID={j.machine}"]}}]', name="node2")
     wait_for(lambda: h.agent_status() and journal_status(h)["cursor"], what="the agent at the journal's end")
+    wait_for(lambda: (s := h.agent_status("node2")) and s["journal"][0]["cursor"], what="node2 at the end")
     j.write_tagged("J", 0, 20)
     wait_for(lambda: len(output_lines(h.root / "out", "jr")) >= 20, what="20 new entries")
+    wait_for(lambda: len(output_lines(h.root / "out", "jm")) >= 20, what="20 new entries for node2")
     wait_for(lambda: acked_everything(h, 20), what="everything acknowledged")
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 20})
+    check_exactly_once(output_lines(h.root / "out", "jm"), {"J": 20})
 
 
 @needs_journal
@@ -435,3 +447,184 @@ def test_journal_reader_missing_for_a_while_is_started_again_and_says_so_once(h:
     assert "runs again" in agent.log()
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 200})
+
+
+def saved_cursors(h: Harness, name: str = "node1") -> dict[str, str]:
+    """The journal cursors in the agent's checkpoints file, by machine."""
+    try:
+        doc = orjson.loads((h.root / f"st-{name}" / "checkpoints.json").read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return {}
+    return {j.get("machine", ""): j["cursor"] for j in doc.get("journal", []) if j.get("cursor")}
+
+
+def warnings_of(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+
+
+@needs_journal
+def test_journals_of_three_machines_in_one_directory_ship_exactly_once_through_kills(h: Harness) -> None:
+    """A collector's directory: three machines' journals, their entries interleaved in time (two
+    machines in one file, as systemd-journal-remote --split-mode=none writes them, the third in a
+    file of its own; the third appears only while the agent follows). Each machine's entries
+    ship exactly once and in its journal's order through kill -9 of the agent and of the
+    aggregator, none waits on another, and no position is said to be gone."""
+    ep = h.endpoints()
+    d = h.path("journal")
+    machines = {"A": Journal(d, file="remote-all"), "B": Journal(d, file="remote-all"),
+                "C": Journal(d, file="remote-c")}
+    sent = dict.fromkeys(machines, 0)
+
+    def write_round(tags: str, count: int) -> None:
+        for _ in range(count // 100):       # interleaved: 100 of each machine in turn
+            for tag in tags:
+                machines[tag].write_tagged(tag, sent[tag], 100)
+                sent[tag] += 100
+
+    def shipped() -> int:
+        return len(output_lines(h.root / "out", "jr"))
+
+    write_round("AB", 2000)
+    agg = h.aggregator(ep)
+    extra = ("agent.batch_max_lines=37",)   # batches end inside the machines' runs
+    agent = journal_agent(h, ep, d, *extra)
+    wait_for(lambda: shipped() >= 1500, what="1500 entries")
+    wait_for(lambda: saved_cursors(h), what="a cursor saved")
+    agent.kill9()
+    logs = agent.log()
+    write_round("AB", 500)                  # while the agent is down
+    agent = journal_agent(h, ep, d, *extra)
+    wait_for(lambda: shipped() >= 4000, what="4000 entries")
+    write_round("ABC", 1000)                # the third machine's journal appears while followed
+    wait_for(lambda: shipped() >= 5000, what="5000 entries")
+    agg.kill9()
+    write_round("ABC", 500)                 # while the aggregator is down
+    h.aggregator(ep)
+    total = sum(sent.values())
+    wait_for(lambda: shipped() >= total, timeout=60, what=f"{total} entries")
+    wait_for(lambda: acked_everything(h, total), timeout=30, what="everything acknowledged")
+    js = journal_status(h)
+    assert (js["lag_entries"], js["entries_missing"]) == (0, 0)
+    check_exactly_once(output_lines(h.root / "out", "jr"), sent)  # per machine: once, in order
+    warnings = warnings_of(logs + agent.log())
+    assert not warnings, warnings
+    h.assert_quiet(ep)
+
+
+@needs_journal
+def test_journal_machine_vacuumed_while_agent_down_warns_for_that_machine_with_the_count(
+        h: Harness, mounts: list[Path]) -> None:  # noqa: F811 (the fixture)
+    """Two machines' journals in one directory; while the agent is down, machine A's oldest file
+    (holding its saved cursor) is vacuumed. The agent says so once, at WARNING, for A, with the
+    number of A's entries lost (A's files rotate in one seqnum lineage, as journald's and
+    systemd-journal-remote's do: on a 16 MiB tmpfs they rotate every ~1500 entries); machine B
+    resumes after its own cursor, silently; a later restart without vacuum says nothing."""
+    ep = h.endpoints()
+    d = h.path("journal")
+    mount_tmpfs(d, "16m")
+    mounts.append(d)
+    a, b = Journal(d, file="remote-a"), Journal(d, file="remote-b")
+    for n in range(0, 1000, 100):                   # interleaved
+        a.write_tagged("A", n, 100)
+        b.write_tagged("B", n // 2, 50)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, d)
+    wait_for(lambda: acked_everything(h, 1500), what="both machines' first entries")
+    assert agent.stop() == 0
+    assert len(saved_cursors(h)) == 2
+    a.write_tagged("A", 1000, 3000)                 # rotates A's file twice
+    b.write_tagged("B", 500, 500)
+    archived = sorted(p.name for p in d.glob("remote-a@*.journal"))
+    assert len(archived) >= 2, archived             # head seqnums (hex) in the names, oldest first
+    heads = [int(name.split("-")[-2], 16) for name in archived]
+    (d / archived[0]).unlink()                      # A's entries with seqnums 1 .. heads[1]-1
+    lost = heads[1] - 1 - 1000                      # A's entries after its saved cursor, never read
+    agent = journal_agent(h, ep, d)
+    expected = 1000 + 1000 + 3000 - lost
+    wait_for(lambda: acked_everything(h, expected), what=f"{expected} entries")
+    gone = [line for line in agent.log().splitlines() if "no longer in the journal" in line]
+    assert len(gone) == 1 and " WARNING " in gone[0] and f"up to {lost} entries" in gone[0], gone
+    assert a.machine in gone[0]
+    assert journal_status(h)["entries_missing"] == lost
+    assert not [w for w in warnings_of(agent.log()) if w not in gone]
+    lines = output_lines(h.root / "out", "jr")
+    check_exactly_once([line for line in lines if line.startswith("B#")], {"B": 1000})
+    got_a = [int(line.split(" ")[0][2:]) for line in lines if line.startswith("A#")]
+    assert got_a == list(range(1000)) + list(range(heads[1] - 1, 4000))
+    assert agent.stop() == 0                        # and again, nothing vacuumed: nothing said
+    a.write_tagged("A", 4000, 10)
+    agent = journal_agent(h, ep, d)
+    wait_for(lambda: acked_everything(h, expected + 10), what="the entries after")
+    assert not warnings_of(agent.log()), warnings_of(agent.log())
+    h.assert_quiet(ep)
+
+
+@needs_journal
+def test_journal_machine_id_match_ships_one_machine_of_a_collected_directory(h: Harness) -> None:
+    """matches = ["_MACHINE_ID=..."] on a directory of several machines (one file, interleaved):
+    that machine's entries only, once and in order, resumed after a restart."""
+    ep = h.endpoints()
+    d = h.path("journal")
+    a, b = Journal(d, file="remote-all"), Journal(d, file="remote-all")
+    for n in range(0, 500, 50):
+        a.write_tagged("A", n, 50)
+        b.write_tagged("B", n, 50)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, d, matches=[f"_MACHINE_ID={b.machine}"])
+    wait_for(lambda: acked_everything(h, 500), what="machine B's entries")
+    assert agent.stop() == 0
+    for n in range(500, 800, 50):
+        b.write_tagged("B", n, 50)
+        a.write_tagged("A", n, 50)
+    agent = journal_agent(h, ep, d, matches=[f"_MACHINE_ID={b.machine}"])
+    wait_for(lambda: acked_everything(h, 800), what="machine B's later entries")
+    assert journal_status(h)["machine"] == ""       # one reader: the match names the machine
+    assert not warnings_of(agent.log()), warnings_of(agent.log())
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"B": 800})
+
+
+@needs_journal
+def test_journal_directory_without_machine_ids_is_read_as_one_journal(h: Harness) -> None:
+    """Hand-made export format without _MACHINE_ID: no machine to list, read as one journal,
+    resumed after its cursor."""
+    ep = h.endpoints()
+    j = Journal(h.path("journal"), machine="")
+    j.write_tagged("J", 0, 100)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 100), what="the first entries")
+    assert "reading it as one journal" in agent.log()
+    assert agent.stop() == 0
+    j.write_tagged("J", 100, 100)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 200), what="the entries written while down")
+    assert not warnings_of(agent.log()), warnings_of(agent.log())
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 200})
+
+
+@needs_journal
+def test_journal_checkpoint_from_before_machines_resumes_its_one_machine(h: Harness) -> None:
+    """A checkpoint written before directories were read per machine (no "machine" key): a
+    directory of one machine resumes after its cursor, in its streams, nothing twice."""
+    ep = h.endpoints()
+    j = Journal(h.path("journal"))
+    j.write_tagged("J", 0, 300)
+    h.aggregator(ep)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 300), what="the first entries")
+    stream = journal_status(h)["stream"]
+    assert agent.stop() == 0
+    path = h.root / "st-node1" / "checkpoints.json"
+    doc = orjson.loads(path.read_bytes())
+    for cp in doc["journal"]:
+        del cp["machine"]
+    path.write_bytes(orjson.dumps(doc))
+    j.write_tagged("J", 300, 100)
+    agent = journal_agent(h, ep, h.path("journal"))
+    wait_for(lambda: acked_everything(h, 400), what="the entries written while down")
+    assert journal_status(h)["stream"] == stream
+    assert not warnings_of(agent.log()), warnings_of(agent.log())
+    h.assert_quiet(ep)
+    check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 400})
