@@ -77,14 +77,6 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     root = Section(data, "", problems)
     s = root.table("aggregator")
     d = AggregatorConfig()
-    topics: dict[str, TopicConfig] = {}
-    topics_section = s.table("topics")
-    for name in list(topics_section.data):
-        t = topics_section.table(name)
-        if not wire.valid_topic(name):
-            t.problem("", "not a valid topic name ([A-Za-z0-9._-]{1,128}, not starting with a dot)")
-        topics[name] = TopicConfig(format=t.choice("format", "raw", FORMATS))
-        t.finish()
     cfg = AggregatorConfig(
         output_dir=s.str("output_dir", d.output_dir),
         state_dir=s.str("state_dir", d.state_dir),
@@ -92,18 +84,11 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         xsub=s.endpoint("xsub", d.xsub),
         xpub=s.endpoint("xpub", d.xpub),
         control=s.endpoints("control", d.control),
-        format=s.choice("format", d.format, FORMATS),
-        topics=topics,
+        **parse_output(s),
         commit_interval_ms=s.int("commit_interval_ms", d.commit_interval_ms, 1, 10_000),
         commit_max_bytes=s.int("commit_max_bytes", d.commit_max_bytes, 4096),
-        fsync=s.bool("fsync", d.fsync),
         max_message_bytes=s.int("max_message_bytes", d.max_message_bytes, 1024, 1 << 30),
         window_budget_bytes=s.int("window_budget_bytes", d.window_budget_bytes, 0),
-        rotate_max_bytes=s.int("rotate_max_bytes", d.rotate_max_bytes, 0),
-        rotate_interval_s=s.int("rotate_interval_s", d.rotate_interval_s, 0),
-        compress=s.choice("compress", d.compress, COMPRESSIONS),
-        retain_files=s.int("retain_files", d.retain_files, 0),
-        retain_days=s.int("retain_days", d.retain_days, 0),
         stream_ttl_s=s.int("stream_ttl_s", d.stream_ttl_s, 60),
         agent_timeout_s=s.int("agent_timeout_s", d.agent_timeout_s, 1),
         expected_agents=s.str_list("expected_agents", d.expected_agents),
@@ -130,6 +115,30 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     if problems:
         raise ConfigError([f"{source}: {problem}" for problem in problems])
     return Config(aggregator=cfg, source=source)
+
+
+def parse_output(s: Section) -> dict[str, Any]:
+    """The output keys of ``s`` (format, [topics.NAME], rotation, compression, retention, fsync)
+    as AggregatorConfig fields: fleetlog-writer takes the same keys and writes the same files."""
+    d = AggregatorConfig()
+    topics: dict[str, TopicConfig] = {}
+    topics_section = s.table("topics")
+    for name in list(topics_section.data):
+        t = topics_section.table(name)
+        if not wire.valid_topic(name):
+            t.problem("", "not a valid topic name ([A-Za-z0-9._-]{1,128}, not starting with a dot)")
+        topics[name] = TopicConfig(format=t.choice("format", "raw", FORMATS))
+        t.finish()
+    return {
+        "format": s.choice("format", d.format, FORMATS),
+        "topics": topics,
+        "fsync": s.bool("fsync", d.fsync),
+        "rotate_max_bytes": s.int("rotate_max_bytes", d.rotate_max_bytes, 0),
+        "rotate_interval_s": s.int("rotate_interval_s", d.rotate_interval_s, 0),
+        "compress": s.choice("compress", d.compress, COMPRESSIONS),
+        "retain_files": s.int("retain_files", d.retain_files, 0),
+        "retain_days": s.int("retain_days", d.retain_days, 0),
+    }
 
 
 def _check_keys(cfg: AggregatorConfig, problems: list[str]) -> None:
@@ -161,4 +170,4 @@ def load_config(path: str | None, overrides: list[str] | None = None, check_dirs
     return parse(data, source, check_dirs=check_dirs)
 
 
-__all__ = ["AggregatorConfig", "Config", "ConfigError", "TopicConfig", "load_config"]
+__all__ = ["AggregatorConfig", "Config", "ConfigError", "TopicConfig", "load_config", "parse_output"]

@@ -1,0 +1,282 @@
+"""fleetlog-writer against a real nats-server: messages published as the aggregators' JetStream
+sink publishes them (JETSTREAM-FORMAT.md), real writer processes, real files."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import pytest
+from harness import Harness, check_exactly_once, free_port, make_lines, output_lines, wait_for
+from nats.js import api
+
+STREAM = "FLEETLOG"
+PREFIX = "fleetlog"
+
+
+def escape_token(name: str) -> str:
+    """As the sink escapes a name: every UTF-8 byte outside [A-Za-z0-9_-] as ~XX."""
+    return "".join(chr(b) if (chr(b).isalnum() and b < 128) or chr(b) in "_-" else f"~{b:02X}"
+                   for b in name.encode("utf-8", "surrogateescape"))
+
+
+class Feed:
+    """Publishes batches of id-carrying lines into the stream from an event loop of its own
+    (a thread), as aggregators would: per (topic, agent, stream) contiguous byte ranges, a
+    message id and the expected-last-subject-sequence precondition."""
+
+    def __init__(self, url: str, **stream_kw: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.offsets: dict[tuple[str, str, str], int] = {}
+        self.subject_seq: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        self.sent: list[tuple[str, bytes, dict[str, str]]] = []
+        self.nc: Any = self.call(nats.connect(url))
+        self.js = self.nc.jetstream()
+        config = api.StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"], storage=api.StorageType.FILE,
+                                  duplicate_window=1.0, **stream_kw)
+        self.call(self.js.add_stream(config))
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def batch(self, topic: str, agent: str, stream: str, tag: str,
+              count: int) -> tuple[str, bytes, dict[str, str]]:
+        """The next ``count`` lines of ``tag`` as one message (not published)."""
+        first = self.counts.get(tag, 0)
+        payload = ("\n".join(make_lines(tag, first, count)) + "\n").encode()
+        self.counts[tag] = first + count
+        key = (topic, agent, stream)
+        start = self.offsets.get(key, 0)
+        end = self.offsets[key] = start + len(payload)
+        subject = f"{PREFIX}.{escape_token(topic)}.{escape_token(agent)}.{escape_token(stream)}"
+        headers = {
+            "Nats-Msg-Id": f"{escape_token(agent)}.{escape_token(stream)}.{start}.{end}",
+            "Fleetlog-Version": "1", "Fleetlog-Topic": escape_token(topic),
+            "Fleetlog-Agent": escape_token(agent), "Fleetlog-Stream": escape_token(stream),
+            "Fleetlog-Start": str(start), "Fleetlog-End": str(end), "Fleetlog-Lines": str(count),
+            "Fleetlog-Path": escape_token(f"/var/log/{tag}.log"), "Fleetlog-Received": f"{time.time():.6f}",
+        }
+        return subject, payload, headers
+
+    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str],
+                       precondition: bool) -> Any:
+        if precondition:
+            expected = str(self.subject_seq.get(subject, 0))
+            headers = {**headers, "Nats-Expected-Last-Subject-Sequence": expected}
+        ack = await self.js.publish(subject, payload, headers=headers)
+        self.subject_seq[subject] = ack.seq
+        return ack
+
+    def publish(self, topic: str, agent: str, stream: str, tag: str, count: int, per_msg: int = 50) -> None:
+        """``count`` lines of ``tag`` in messages of ``per_msg`` lines."""
+        while count > 0:
+            n = min(per_msg, count)
+            subject, payload, headers = self.batch(topic, agent, stream, tag, n)
+            self.call(self._publish(subject, payload, headers, True))
+            self.sent.append((subject, payload, headers))
+            count -= n
+
+    def republish(self, index: int) -> Any:
+        """Message ``index`` of those sent again, as a publisher that lost its ack might (no
+        message id, no precondition: the stream takes it)."""
+        subject, payload, headers = self.sent[index]
+        headers = {k: v for k, v in headers.items() if k != "Nats-Msg-Id"}
+        return self.call(self._publish(subject, payload, headers, False))
+
+    def last_seq(self) -> int:
+        info = self.call(self.js.stream_info(STREAM))
+        return int(info.state.last_seq)
+
+    def close(self) -> None:
+        try:
+            self.call(self.nc.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
+
+
+@pytest.fixture
+def server(nats: Any) -> Any:
+    return nats.single()
+
+
+@pytest.fixture
+def feeds() -> Any:
+    made: list[Feed] = []
+
+    def make(url: str, **kw: Any) -> Feed:
+        made.append(Feed(url, **kw))
+        return made[-1]
+
+    yield make
+    for feed in made:
+        feed.close()
+
+
+def writer_status(h: Harness, proc: Any) -> dict[str, Any]:
+    r = h.ctl(_Ctl(proc.control), "status", "--json")
+    assert r.returncode == 0, r.stderr
+    return dict(orjson.loads(r.stdout))
+
+
+class _Ctl:
+    """What Harness.ctl needs of an endpoint set: the control endpoint."""
+
+    def __init__(self, control: str) -> None:
+        self.control = control
+
+
+def caught_up(h: Harness, proc: Any, last_seq: int) -> dict[str, Any] | None:
+    s = writer_status(h, proc)
+    return s if s["committed_seq"] >= last_seq and s["lag_messages"] == 0 else None
+
+
+def all_lines(root: Path, topic: str) -> list[str]:
+    return output_lines(root, topic, include_rotated=True)
+
+
+def test_writer_writes_every_line_once_in_order_and_rolls_by_size(h: Harness, server: Any,
+                                                                  feeds: Any) -> None:
+    feed = feeds(server.urls[0])
+    w = h.writer(server.urls, "writer.rotate_max_bytes=20000", "writer.compress=\"gzip\"")
+    for _ in range(4):
+        feed.publish("app", "web-01", "s1", "a", 250, per_msg=40)
+        feed.publish("app", "web.02", "s 2", "b", 250, per_msg=25)
+        feed.publish("db", "web-01", "s3", "c", 300, per_msg=60)
+    last = feed.last_seq()
+    s = wait_for(lambda: caught_up(h, w, last), timeout=60, what="the writer to apply the stream")
+    check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 1000, "b": 1000})
+    check_exactly_once(all_lines(h.root / "wout", "db"), {"c": 1200})
+    rotated = wait_for(lambda: sorted(p.name for p in (h.root / "wout" / "app").iterdir()
+                                      if p.name.endswith(".log.gz")), timeout=30, what="compressed files")
+    assert rotated, rotated
+    assert all(gzip.decompress((h.root / "wout" / "app" / n).read_bytes()) for n in rotated)
+    assert s["totals"]["lines_written"] == 3200 and s["totals"]["duplicates_dropped"] == 0
+    assert s["totals"]["rotations"] >= 1 and s["discarded"]["unwritten_total"] == 0
+    assert {t["name"]: t["lines"] for t in s["topics"]} == {"app": 2000, "db": 1200}
+    text = h.ctl(_Ctl(w.control), "status")
+    assert text.returncode == 0 and "writer" in text.stdout and "lag: 0 messages" in text.stdout, text
+    assert w.stop() == 0
+    assert "Traceback" not in w.log()
+
+
+def test_writer_killed_repeatedly_while_messages_flow_writes_every_line_once(
+        h: Harness, server: Any, feeds: Any) -> None:
+    feed = feeds(server.urls[0])
+    stop = threading.Event()
+
+    def publish() -> None:
+        while not stop.is_set():
+            feed.publish("app", "web-01", "s1", "a", 40, per_msg=20)
+            feed.publish("app", "web-02", "s2", "b", 30, per_msg=10)
+            time.sleep(0.01)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    w = h.writer(server.urls, "writer.rotate_max_bytes=200000", "writer.commit_interval_ms=50")
+    try:
+        for _ in range(5):
+            base = wait_for(lambda w=w: writer_status(h, w)["committed_seq"], timeout=30,
+                            what="the writer to commit")
+            wait_for(lambda w=w, base=base: writer_status(h, w)["applied_seq"] > base + 20, timeout=30,
+                     what="the writer to apply more")
+            w.kill9()
+            w = h.writer(server.urls, "writer.rotate_max_bytes=200000", "writer.commit_interval_ms=50")
+    finally:
+        stop.set()
+        publisher.join(timeout=30)
+    last = feed.last_seq()
+    s = wait_for(lambda: caught_up(h, w, last), timeout=60, what="the writer to catch up")
+    check_exactly_once(all_lines(h.root / "wout", "app"), dict(feed.counts))
+    assert s["totals"]["stream_gaps"] == 0 and s["discarded"]["unwritten_total"] == 0
+    assert "cutting" in "".join(p.log() for p in h.procs if p.name.startswith("writer")), \
+        "no kill left an uncommitted tail to cut: the soak did not test recovery"
+    h.assert_quiet()
+
+
+def test_two_writers_make_two_full_copies(h: Harness, server: Any, feeds: Any) -> None:
+    feed = feeds(server.urls[0])
+    w1 = h.writer(server.urls, out="copy1", state="st1")
+    feed.publish("app", "web-01", "s1", "a", 500)
+    w2 = h.writer(server.urls, out="copy2", state="st2")
+    feed.publish("app", "web-02", "s2", "b", 500)
+    last = feed.last_seq()
+    for w in (w1, w2):
+        wait_for(lambda w=w: caught_up(h, w, last), timeout=60, what="both writers to catch up")
+    for out in ("copy1", "copy2"):
+        check_exactly_once(all_lines(h.root / out, "app"), {"a": 500, "b": 500})
+    copies = [(h.root / out / "app" / "app.log").read_bytes() for out in ("copy1", "copy2")]
+    assert copies[0] == copies[1]
+
+
+def test_stream_discarding_unwritten_messages_raises_the_alarm(h: Harness, server: Any, feeds: Any) -> None:
+    feed = feeds(server.urls[0], max_msgs=20, discard=api.DiscardPolicy.OLD)
+    metrics_port = free_port()
+    extra = (f"writer.metrics_listen=\"127.0.0.1:{metrics_port}\"",)
+    w = h.writer(server.urls, *extra)
+    feed.publish("app", "web-01", "s1", "a", 100, per_msg=10)
+    first = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    assert first["discarded"]["unwritten_total"] == 0
+    assert w.stop() == 0
+    applied = first["committed_seq"]
+    feed.publish("app", "web-01", "s1", "a", 500, per_msg=10)  # 50 messages; the stream keeps 20
+    last = feed.last_seq()
+    w = h.writer(server.urls, *extra)
+    s = wait_for(lambda: caught_up(h, w, last), timeout=60, what="the writer to catch up")
+    gone = last - 20 - applied
+    assert s["discarded"]["unwritten_total"] == gone, s["discarded"]
+    assert s["discarded"]["last"]["first_seq"] == applied + 1
+    assert s["discarded"]["last"]["last_seq"] == last - 20
+    assert s["totals"]["stream_gaps"] == 1  # the (agent, stream) net sees the same hole
+    log_text = w.log()
+    assert f"discarded {gone} messages" in log_text and "ERROR" in log_text
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert f"fleetlog_writer_discarded_unwritten_total {float(gone)}" in text, text
+    assert "fleetlog_writer_lag_messages 0.0" in text
+    lines = all_lines(h.root / "wout", "app")
+    ids = [int(line.split(" ", 1)[0].split("#")[1]) for line in lines]
+    kept = list(range(100)) + list(range(600 - 200, 600))  # 20 messages of 10 lines survived
+    assert ids == kept
+
+
+def test_duplicate_message_is_dropped_and_counted(h: Harness, server: Any, feeds: Any) -> None:
+    feed = feeds(server.urls[0])
+    w = h.writer(server.urls)
+    feed.publish("app", "web-01", "s1", "a", 100, per_msg=25)
+    ack = feed.republish(1)  # lines 25..49 once more, as a separate stream message
+    assert not ack.duplicate
+    feed.publish("app", "web-01", "s1", "a", 50, per_msg=25)
+    last = feed.last_seq()
+    s = wait_for(lambda: caught_up(h, w, last), timeout=60, what="the writer to catch up")
+    check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 150})
+    assert s["totals"]["duplicate_messages"] == 1 and s["totals"]["duplicates_dropped"] == 25
+    assert s["totals"]["stream_gaps"] == 0
+
+
+def test_writer_sigterm_then_restart_resumes_after_its_position(h: Harness, server: Any, feeds: Any) -> None:
+    feed = feeds(server.urls[0])
+    w = h.writer(server.urls)
+    feed.publish("app", "web-01", "s1", "a", 200)
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    w.popen.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(lambda: "configuration reloaded" in w.log(), what="the reload")
+    assert w.stop() == 0
+    feed.publish("app", "web-01", "s1", "a", 200)
+    w = h.writer(server.urls)
+    s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 400})
+    assert s["totals"]["duplicate_messages"] == 0 and s["totals"]["messages_applied"] == 4
