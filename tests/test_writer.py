@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 import orjson
 import pytest
 from harness import Harness, check_exactly_once, free_port, make_lines, output_lines, wait_for
@@ -34,7 +39,7 @@ class Feed:
     (a thread), as aggregators would: per (topic, agent, stream) contiguous byte ranges, a
     message id and the expected-last-subject-sequence precondition."""
 
-    def __init__(self, url: str, **stream_kw: Any) -> None:
+    def __init__(self, urls: list[str], **stream_kw: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -42,10 +47,11 @@ class Feed:
         self.subject_seq: dict[str, int] = {}
         self.counts: dict[str, int] = {}
         self.sent: list[tuple[str, bytes, dict[str, str]]] = []
-        self.nc: Any = self.call(nats.connect(url))
+        self.nc: Any = self.call(nats.connect(servers=urls, max_reconnect_attempts=-1,
+                                                         reconnect_time_wait=0.2))
         self.js = self.nc.jetstream()
         config = api.StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"], storage=api.StorageType.FILE,
-                                  duplicate_window=1.0, **stream_kw)
+                                  **{"duplicate_window": 1.0, **stream_kw})
         self.call(self.js.add_stream(config))
 
     def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
@@ -75,9 +81,24 @@ class Feed:
         if precondition:
             expected = str(self.subject_seq.get(subject, 0))
             headers = {**headers, "Nats-Expected-Last-Subject-Sequence": expected}
-        ack = await self.js.publish(subject, payload, headers=headers)
-        self.subject_seq[subject] = ack.seq
-        return ack
+        # Through a leader election: the same message again (same id: the stream answers
+        # "duplicate" if the first try got in) until the stream takes it, within 30 s.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                ack = await self.js.publish(subject, payload, headers=headers, timeout=2)
+            except nats.js.errors.APIError as exc:
+                if exc.code != 503 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            except nats.errors.Error:  # timeouts, no responders, reconnecting
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            self.subject_seq[subject] = ack.seq
+            return ack
 
     def publish(self, topic: str, agent: str, stream: str, tag: str, count: int, per_msg: int = 50) -> None:
         """``count`` lines of ``tag`` in messages of ``per_msg`` lines."""
@@ -117,8 +138,8 @@ def server(nats: Any) -> Any:
 def feeds() -> Any:
     made: list[Feed] = []
 
-    def make(url: str, **kw: Any) -> Feed:
-        made.append(Feed(url, **kw))
+    def make(urls: list[str], **kw: Any) -> Feed:
+        made.append(Feed(urls, **kw))
         return made[-1]
 
     yield make
@@ -150,7 +171,7 @@ def all_lines(root: Path, topic: str) -> list[str]:
 
 def test_writer_writes_every_line_once_in_order_and_rolls_by_size(h: Harness, server: Any,
                                                                   feeds: Any) -> None:
-    feed = feeds(server.urls[0])
+    feed = feeds(server.urls)
     w = h.writer(server.urls, "writer.rotate_max_bytes=20000", "writer.compress=\"gzip\"")
     for _ in range(4):
         feed.publish("app", "web-01", "s1", "a", 250, per_msg=40)
@@ -175,7 +196,7 @@ def test_writer_writes_every_line_once_in_order_and_rolls_by_size(h: Harness, se
 
 def test_writer_killed_repeatedly_while_messages_flow_writes_every_line_once(
         h: Harness, server: Any, feeds: Any) -> None:
-    feed = feeds(server.urls[0])
+    feed = feeds(server.urls)
     stop = threading.Event()
 
     def publish() -> None:
@@ -208,7 +229,7 @@ def test_writer_killed_repeatedly_while_messages_flow_writes_every_line_once(
 
 
 def test_two_writers_make_two_full_copies(h: Harness, server: Any, feeds: Any) -> None:
-    feed = feeds(server.urls[0])
+    feed = feeds(server.urls)
     w1 = h.writer(server.urls, out="copy1", state="st1")
     feed.publish("app", "web-01", "s1", "a", 500)
     w2 = h.writer(server.urls, out="copy2", state="st2")
@@ -223,7 +244,7 @@ def test_two_writers_make_two_full_copies(h: Harness, server: Any, feeds: Any) -
 
 
 def test_stream_discarding_unwritten_messages_raises_the_alarm(h: Harness, server: Any, feeds: Any) -> None:
-    feed = feeds(server.urls[0], max_msgs=20, discard=api.DiscardPolicy.OLD)
+    feed = feeds(server.urls, max_msgs=20, discard=api.DiscardPolicy.OLD)
     metrics_port = free_port()
     extra = (f"writer.metrics_listen=\"127.0.0.1:{metrics_port}\"",)
     w = h.writer(server.urls, *extra)
@@ -254,7 +275,7 @@ def test_stream_discarding_unwritten_messages_raises_the_alarm(h: Harness, serve
 
 
 def test_duplicate_message_is_dropped_and_counted(h: Harness, server: Any, feeds: Any) -> None:
-    feed = feeds(server.urls[0])
+    feed = feeds(server.urls)
     w = h.writer(server.urls)
     feed.publish("app", "web-01", "s1", "a", 100, per_msg=25)
     ack = feed.republish(1)  # lines 25..49 once more, as a separate stream message
@@ -268,7 +289,7 @@ def test_duplicate_message_is_dropped_and_counted(h: Harness, server: Any, feeds
 
 
 def test_writer_sigterm_then_restart_resumes_after_its_position(h: Harness, server: Any, feeds: Any) -> None:
-    feed = feeds(server.urls[0])
+    feed = feeds(server.urls)
     w = h.writer(server.urls)
     feed.publish("app", "web-01", "s1", "a", 200)
     wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
@@ -280,3 +301,44 @@ def test_writer_sigterm_then_restart_resumes_after_its_position(h: Harness, serv
     s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
     check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 400})
     assert s["totals"]["duplicate_messages"] == 0 and s["totals"]["messages_applied"] == 4
+
+
+def test_stream_leader_killed_while_the_writer_reads_loses_nothing(h: Harness, nats: Any, feeds: Any) -> None:
+    cluster = nats.cluster(3)
+    feed = feeds(cluster.urls, num_replicas=3, duplicate_window=120.0)
+    w = h.writer(cluster.urls)
+    feed.publish("app", "web-01", "s1", "a", 400, per_msg=20)
+    wait_for(lambda: writer_status(h, w)["applied_seq"] >= 5, timeout=60, what="the writer to read")
+    cluster.kill(cluster.stream_leader(STREAM))
+    feed.publish("app", "web-01", "s1", "a", 400, per_msg=20)  # retried through the election
+    last = feed.last_seq()
+    s = wait_for(lambda: caught_up(h, w, last), timeout=60, what="the writer to catch up")
+    check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 800})
+    assert s["discarded"]["unwritten_total"] == 0 and s["totals"]["stream_gaps"] == 0
+    h.assert_quiet()
+
+
+def test_writer_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """deploy/systemd/fleetlog-writer.service, its ExecStart* pointed at a stub (verify insists
+    that commands exist): no warning from ``systemd-analyze verify``, low exposure."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+    stub = tmp_path / "bin" / "fleetlog-writer"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    source = Path(__file__).parent.parent / "deploy" / "systemd" / "fleetlog-writer.service"
+    unit = tmp_path / "fleetlog-writer.service"
+    unit.write_text(source.read_text().replace("/opt/fleetlog/venv/bin/", f"{stub.parent}/"))
+    verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"})
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify
+    security = subprocess.run([analyze, "security", "--offline=true", "--threshold=30", str(unit)],
+                              capture_output=True, text=True, timeout=60)
+    assert security.returncode == 0, security.stdout[-2000:] + security.stderr
+    text = source.read_text()
+    for line in ("Type=notify", "WatchdogSec=30", "Restart=on-failure", "KillSignal=SIGTERM",
+                 "ExecStart=/opt/fleetlog/venv/bin/fleetlog-writer --config /etc/fleetlog/writer.toml",
+                 "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=fleetlog/writer"):
+        assert f"\n{line}\n" in text, line
