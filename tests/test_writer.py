@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -342,3 +343,53 @@ def test_writer_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
                  "ExecStart=/opt/fleetlog/venv/bin/fleetlog-writer --config /etc/fleetlog/writer.toml",
                  "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=fleetlog/writer"):
         assert f"\n{line}\n" in text, line
+
+
+@pytest.fixture
+def small_fs(short_tmp: Path) -> Any:
+    mount = short_tmp / "wout"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {r.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_output_disk_full_then_room_again_loses_nothing(h: Harness, server: Any, feeds: Any,
+                                                        small_fs: Path) -> None:
+    feed = feeds(server.urls)
+    w = h.writer(server.urls, "writer.rotate_max_bytes=0")
+    feed.publish("app", "web-01", "s1", "a", 6000, per_msg=100)  # ~430 KB into 256 KB
+    s = wait_for(lambda: (s := writer_status(h, w))["disk_error"] and s, timeout=60,
+                 what="the writer to find the output full")
+    assert s["lag_messages"] > 0 and w.alive()
+    assert "output not writable" in w.log()
+    r = subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    last = feed.last_seq()
+    s = wait_for(lambda: caught_up(h, w, last), timeout=60, what="the writer to write the rest")
+    assert s["disk_error"] is None and "output writable again" in w.log()
+    check_exactly_once(all_lines(small_fs, "app"), {"a": 6000})
+    h.assert_quiet()
+
+
+def test_readme_writer_config_passes_check_config(short_tmp: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("    # /etc/fleetlog/writer.toml\n", 1)[1].split("\n\n", 1)[0]
+    config = short_tmp / "writer.toml"
+    config.write_text("\n".join(line[4:] for line in block.splitlines()) + "\n")
+    base = [sys.executable, "-m", "writer", "--config", str(config), "--check-config",
+            "--set", f"writer.output_dir={short_tmp / 'o'}", "--set", f"writer.state_dir={short_tmp / 's'}"]
+    ok = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([*base, "--set", "writer.servers=[\"http://x\"]", "--set",
+                          "writer.rotate_max_byte=1", "--set", "writer.stream=\"a.b\""],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    for key in ("writer.servers", "writer.rotate_max_byte: unknown key; did you mean rotate_max_bytes?",
+                "writer.stream"):
+        assert key in bad.stderr, bad.stderr

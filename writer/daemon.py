@@ -348,7 +348,8 @@ class Writer(Rolling):
                 await self.pause(backoff)
                 backoff = min(8.0, backoff * 2)
                 continue
-            backoff = 1.0
+            if self.disk_error is None:
+                backoff = 1.0
             async with self.commit_lock:
                 try:
                     await self.apply_all(msgs)

@@ -55,12 +55,13 @@ class Source:
         self.connected = False
         self.error: str | None = None  # why we cannot read now (for status), None when we can
         self.consumers_made = 0
+        self.closing = False  # our own close: its disconnect is no news
 
     async def connect(self) -> None:
         """Connect (raises one of NATS_ERRORS when no server answers); the client reconnects by
         itself afterwards, and the callbacks say so once per change."""
         async def disconnected() -> None:
-            if self.connected:
+            if self.connected and not self.closing:
                 log.warning("lost the NATS connection; reconnecting (nothing is lost: reading"
                             " resumes after the last applied message)")
             self.connected = False
@@ -73,6 +74,7 @@ class Source:
         async def error(exc: Exception) -> None:
             log.debug("NATS client: %s", exc)
 
+        self.closing = False
         options: dict[str, Any] = {}
         if self.credentials:
             options["user_credentials"] = self.credentials
@@ -143,6 +145,7 @@ class Source:
     async def close(self) -> None:
         await self.close_consumer()
         nc, self.nc = self.nc, None
+        self.closing = True
         if nc is not None:
             with contextlib.suppress(*NATS_ERRORS):
                 await nc.close()
