@@ -54,6 +54,9 @@ log = logging.getLogger("fleetlog.writer")
 _PROBE_MAX = 1000
 # With messages waiting and none applied for this long, the consumer is made again.
 _STALL_S = 5.0
+# One pull asks for about this many bytes at most (messages are up to the server's max_payload,
+# 1 MiB by default: 1,000 of them must not be asked for at once).
+_FETCH_BYTES = 16 * 1024 * 1024
 
 
 class ReadAgain(Exception):
@@ -132,6 +135,7 @@ class Writer(Rolling):
         self.source_problem: str | None = None
         self.read_again = False
         self.progress_at = time.monotonic()
+        self.msg_bytes = 4096.0   # the mean size of recent messages (sizes the pulls)
         self._warned: set[str] = set()    # malformed reasons and stream keys already logged
         self.commit_lock = asyncio.Lock()
         self.commit_latency = LatencyHistogram()
@@ -341,7 +345,7 @@ class Writer(Rolling):
                     continue
                 # Applied lines wait for a commit at most commit_interval_ms (the fetch's timeout).
                 wait_s = max(0.05, self.wcfg.commit_interval_ms / 1000) if self.pending else 1.0
-                msgs = await self.source.fetch(self.wcfg.fetch_batch, wait_s)
+                msgs = await self.source.fetch(self.fetch_size(), wait_s)
             except NATS_ERRORS as exc:
                 self.say_source_problem(f"reading {self.wcfg.stream}: {exc or type(exc).__name__}")
                 await self.source.close_consumer()
@@ -359,7 +363,7 @@ class Writer(Rolling):
                 except SinkError as exc:
                     self.on_disk_error(exc)
                     self.read_again = True
-                due = (not msgs or len(msgs) < self.wcfg.fetch_batch
+                due = (not msgs or len(msgs) < self.fetch_size()
                        or self.pending_bytes >= self.wcfg.commit_max_bytes
                        or time.monotonic() - last_commit >= self.wcfg.commit_interval_ms / 1000)
                 if due:
@@ -370,6 +374,10 @@ class Writer(Rolling):
             if self.disk_error is not None and self.read_again:
                 await self.pause(backoff)
                 backoff = min(8.0, backoff * 2)
+
+    def fetch_size(self) -> int:
+        """Messages per pull: fetch_batch, fewer when messages are big (about _FETCH_BYTES a pull)."""
+        return max(1, min(self.wcfg.fetch_batch, int(_FETCH_BYTES / self.msg_bytes)))
 
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if asked to stop."""
@@ -423,6 +431,7 @@ class Writer(Rolling):
 
     async def apply_all(self, msgs: list[Msg]) -> None:
         for msg in msgs:
+            self.msg_bytes = 0.9 * self.msg_bytes + 0.1 * max(256, len(msg.data))
             seq = msg.metadata.sequence.stream
             if seq <= self.applied_seq:
                 continue  # delivered again (a consumer made again overlaps what we had)
@@ -575,6 +584,7 @@ class Writer(Rolling):
                 self.stream = await self.source.stream_state()
             except NATS_ERRORS:
                 continue
+            self.forget_old_streams()
             lag = self.lag_messages
             if lag == 0:
                 self.lag_s = 0.0
@@ -590,6 +600,15 @@ class Writer(Rolling):
                          lag, _STALL_S)
                 self.read_again = True
                 self.progress_at = time.monotonic()
+
+    def forget_old_streams(self) -> None:
+        """Drop the end offsets the journal has forgotten (idle past stream_ttl_s), so that a
+        long-running writer does not grow with every file its agents ever rotated."""
+        if len(self.ends) <= len(self.journal.state.streams):
+            return
+        durable = self.journal.state.streams
+        for key in [k for k in self.ends if k not in durable and k not in self.pending]:
+            del self.ends[key]
 
     @property
     def lag_messages(self) -> int:
