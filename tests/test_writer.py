@@ -393,3 +393,52 @@ def test_readme_writer_config_passes_check_config(short_tmp: Path) -> None:
     for key in ("writer.servers", "writer.rotate_max_byte: unknown key; did you mean rotate_max_bytes?",
                 "writer.stream"):
         assert key in bad.stderr, bad.stderr
+
+
+def test_malformed_and_overlapping_messages_never_stop_the_writer(h: Harness, server: Any,
+                                                                  feeds: Any) -> None:
+    feed = feeds(server.urls)
+    w = h.writer(server.urls, "writer.topics.js.format=json")
+    feed.publish("app", "web-01", "s1", "a", 100, per_msg=50)
+    feed.call(feed.js.publish(f"{PREFIX}.app.x.y", b"no headers\n"))
+    feed.call(feed.js.publish(f"{PREFIX}.app.x.y", b"v2\n", headers={"Fleetlog-Version": "2"}))
+    # Lines 90..119 again from offset 90 * 72: the 10 already written are cut off at a line.
+    width = len(make_lines("a", 0, 1)[0]) + 1
+    subject, payload, headers = feed.batch("app", "web-01", "s1", "a", 30)
+    payload = ("\n".join(make_lines("a", 90, 30)) + "\n").encode()
+    headers |= {"Fleetlog-Start": str(90 * width), "Fleetlog-End": str(120 * width)}
+    feed.subject_seq[subject] = feed.call(feed.js.publish(subject, payload, headers=headers)).seq
+    feed.offsets[("app", "web-01", "s1")], feed.counts["a"] = 120 * width, 120
+    feed.publish("app", "web-01", "s1", "a", 30)
+    feed.publish("js", "web.01", "j1", "j", 10)
+    s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 150})
+    assert s["malformed"] == {"no_headers": 1, "bad_version": 1}, s["malformed"]
+    assert s["totals"]["overlaps"] == 0 and s["totals"]["duplicate_messages"] == 0
+    objects = [orjson.loads(line) for line in all_lines(h.root / "wout", "js")]
+    assert [o["line"] for o in objects] == make_lines("j", 0, 10)
+    assert {(o["agent"], o["path"], o["topic"]) for o in objects} == {("web.01", "/var/log/j.log", "js")}
+    assert w.log().count("dropped a malformed message") == 2
+
+
+def test_message_headers_read_back() -> None:
+    from writer import message
+
+    for name in ("web-01", "a.b c~d", "é/ü", "raw\udcff\udc80bytes", ""):
+        assert message.unescape_token(escape_token(name)) == name
+    for bad in ("a.b", "~2", "~zz", "x y"):
+        with pytest.raises(message.BadMessage):
+            message.unescape_token(bad)
+    headers = {"Fleetlog-Version": "1", "Fleetlog-Topic": "app", "Fleetlog-Agent": "web~2E01",
+               "Fleetlog-Stream": "s1", "Fleetlog-Start": "10", "Fleetlog-End": "16", "Fleetlog-Lines": "2",
+               "Fleetlog-Path": "~2Fvar~2Flog~2Fx", "Fleetlog-Received": "1764495600.5"}
+    m = message.parse(headers, b"ab\ncd\n")
+    assert (m.agent, m.path, m.start, m.end, m.lines, m.key) == ("web.01", "/var/log/x", 10, 16, 2,
+                                                                 "web.01\x1fs1")
+    for change, reason in (({"Fleetlog-Lines": "3"}, "bad_payload"), ({"Fleetlog-End": "9"}, "bad_range"),
+                           ({"Fleetlog-Topic": "~2Eapp"}, "bad_topic"),
+                           ({"Fleetlog-Start": "-1"}, "bad_header"),
+                           ({"Fleetlog-Fields": "[{}]"}, "bad_fields")):
+        with pytest.raises(message.BadMessage) as exc:
+            message.parse(headers | change, b"ab\ncd\n")
+        assert exc.value.reason == reason

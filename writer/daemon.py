@@ -495,8 +495,13 @@ class Writer(Rolling):
         if fmt == "raw":
             data = payload
         else:
-            data = format_lines(payload.decode("utf-8", "surrogateescape"), fmt, agent=m.agent, path=m.path,
-                                topic=m.topic, received=m.received, fields=m.fields)
+            try:
+                data = format_lines(payload.decode("utf-8", "surrogateescape"), fmt, agent=m.agent,
+                                    path=m.path, topic=m.topic, received=m.received, fields=m.fields)
+            except (TypeError, ValueError) as exc:  # orjson's JSONEncodeError is a TypeError
+                self.applied_seq = seq
+                self.malformed("unformattable", f"sequence {seq} ({m.topic})", f"as {fmt}: {exc}")
+                return
         lines = payload.count(b"\n")
         self.sink.append(m.topic, data, lines)
         self.applied_seq = seq
@@ -529,7 +534,7 @@ class Writer(Rolling):
                           " starts at %d); counted as stream_gaps", where, last, m.start, m.start)
             return m.payload
         cut = last - m.start
-        if len(m.payload) == m.end - m.start and m.payload[cut - 1: cut] == b"\n":
+        if m.fields is None and len(m.payload) == m.end - m.start and m.payload[cut - 1: cut] == b"\n":
             return m.payload[cut:]
         self.totals.overlaps += 1
         log.error("%s: a message covers bytes %d-%d, of which %d-%d are already written and cannot be"
