@@ -51,8 +51,8 @@ class Feed:
         self.nc: Any = self.call(nats.connect(servers=urls, max_reconnect_attempts=-1,
                                                          reconnect_time_wait=0.2))
         self.js = self.nc.jetstream()
-        config = api.StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"], storage=api.StorageType.FILE,
-                                  **{"duplicate_window": 1.0, **stream_kw})
+        config = api.StreamConfig(name=STREAM, storage=api.StorageType.FILE,
+                                  **{"duplicate_window": 1.0, "subjects": [f"{PREFIX}.>"], **stream_kw})
         self.call(self.js.add_stream(config))
 
     def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
@@ -118,8 +118,8 @@ class Feed:
         return self.call(self._publish(subject, payload, headers, False))
 
     def last_seq(self) -> int:
-        info = self.call(self.js.stream_info(STREAM))
-        return int(info.state.last_seq)
+        """The stream sequence of the last fleetlog message this feed published."""
+        return max(self.subject_seq.values())
 
     def close(self) -> None:
         try:
@@ -442,3 +442,22 @@ def test_message_headers_read_back() -> None:
         with pytest.raises(message.BadMessage) as exc:
             message.parse(headers | change, b"ab\ncd\n")
         assert exc.value.reason == reason
+
+
+def test_nats_server_restarted_and_foreign_subjects_in_the_stream_lose_nothing(
+        h: Harness, server: Any, feeds: Any) -> None:
+    feed = feeds(server.urls, subjects=[f"{PREFIX}.>", "other.>"])
+    w = h.writer(server.urls)
+    for _ in range(3):
+        feed.publish("app", "web-01", "s1", "a", 100, per_msg=20)
+        feed.call(feed.js.publish("other.thing", b"not for the writer"))
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    server.restart(0)  # SIGKILL, then the same ports and store; the writer's consumer is gone
+    for _ in range(3):
+        feed.publish("app", "web-01", "s1", "a", 100, per_msg=20)
+        feed.call(feed.js.publish("other.thing", b"not for the writer"))
+    s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 600})
+    assert s["discarded"]["unwritten_total"] == 0 and s["malformed"] == {}
+    assert s["totals"]["consumers_made"] >= 2
+    h.assert_quiet()

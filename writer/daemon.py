@@ -135,6 +135,8 @@ class Writer(Rolling):
         self.source_problem: str | None = None
         self.read_again = False
         self.progress_at = time.monotonic()
+        self.pending_messages: int | None = None  # the consumer's count of messages to deliver
+        self._stalled = False
         self.msg_bytes = 4096.0   # the mean size of recent messages (sizes the pulls)
         self._warned: set[str] = set()    # malformed reasons and stream keys already logged
         self.commit_lock = asyncio.Lock()
@@ -422,6 +424,7 @@ class Writer(Rolling):
             self.say_source_problem(f"cannot make a consumer on {self.wcfg.stream}: {exc}")
             return False
         self.totals.consumers_made += 1
+        self.pending_messages = None  # the old consumer's count; the ticker asks the new one
         self.read_again = False
         self.progress_at = time.monotonic()
         if self.source_problem is not None:
@@ -451,12 +454,13 @@ class Writer(Rolling):
         gone = max(0, min(after, state.first_seq) - first)
         for seq in range(max(first, state.first_seq), min(after, max(first, state.first_seq) + _PROBE_MAX)):
             held = await self.source.holds(seq)
-            if held is not False:
+            if held in ("ours", None):
                 raise ReadAgain(f"the consumer skipped sequence {seq}, which the stream "
                                 f"{'still holds' if held else 'may still hold'}")
-            gone += 1
+            gone += held == "gone"  # "other": a subject outside the prefix, not for us
         gone += max(0, after - max(first, state.first_seq) - _PROBE_MAX)  # deleted en masse
-        self.discarded(first, after - 1, gone)
+        if gone:
+            self.discarded(first, after - 1, gone)
 
     def discarded(self, first: int, last: int, count: int) -> None:
         self.totals.discarded_unwritten += count
@@ -587,11 +591,17 @@ class Writer(Rolling):
                 continue
             try:
                 self.stream = await self.source.stream_state()
+                self.pending_messages = await self.source.pending()
+            except nats.js.errors.NotFoundError:
+                self.pending_messages = None
+                self.stall("the consumer is gone (its server restarted?)")
+                continue
             except NATS_ERRORS:
                 continue
             self.forget_old_streams()
             lag = self.lag_messages
             if lag == 0:
+                self._stalled = False
                 self.lag_s = 0.0
                 if self.alarm is not None:
                     log.info("caught up with stream %s; %d messages were discarded before this writer"
@@ -600,11 +610,19 @@ class Writer(Rolling):
                 continue
             when = await self.source.received_at(self.applied_seq + 1)
             self.lag_s = max(0.0, time.time() - when) if when is not None else None
-            if time.monotonic() - self.progress_at > _STALL_S and not self.read_again:
-                log.info("%d messages waiting and none delivered for %.0fs: making the consumer again",
-                         lag, _STALL_S)
-                self.read_again = True
-                self.progress_at = time.monotonic()
+            if time.monotonic() - self.progress_at > _STALL_S:
+                self.stall(f"{lag} messages waiting and none delivered for {_STALL_S:.0f}s")
+            else:
+                self._stalled = False
+
+    def stall(self, why: str) -> None:
+        """The consumer delivers nothing while messages wait: make it again (said once a stall)."""
+        if self.read_again:
+            return
+        (log.debug if self._stalled else log.info)("%s: making the consumer again", why)
+        self._stalled = True
+        self.read_again = True
+        self.progress_at = time.monotonic()
 
     def forget_old_streams(self) -> None:
         """Drop the end offsets the journal has forgotten (idle past stream_ttl_s), so that a
@@ -617,6 +635,10 @@ class Writer(Rolling):
 
     @property
     def lag_messages(self) -> int:
+        """Messages of the stream not applied yet: the consumer's count (only subjects under the
+        prefix), else the stream's last sequence minus the applied one."""
+        if self.pending_messages is not None and self.source.sub is not None:
+            return self.pending_messages
         return max(0, self.stream.last_seq - self.applied_seq)
 
     def status(self) -> dict[str, Any]:

@@ -115,16 +115,26 @@ class Source:
             return []
         return msgs
 
-    async def holds(self, seq: int) -> bool | None:
-        """Whether the stream still holds message ``seq`` (None: could not tell)."""
+    async def pending(self) -> int | None:
+        """Messages under the prefix after those delivered to this writer (the consumer's count)
+        plus those delivered and still buffered here; None without a consumer (or if it is gone:
+        raises nats.js.errors.NotFoundError then)."""
+        if self.nc is None or self.sub is None or self.consumer is None:
+            return None
+        info = await self.nc.jetstream().consumer_info(self.stream, self.consumer, timeout=2)
+        return int(info.num_pending or 0) + int(self.sub.pending_msgs)
+
+    async def holds(self, seq: int) -> str | None:
+        """What the stream holds at ``seq``: "ours" (a message under the subject prefix), "other"
+        (another subject: the consumer's filter skips it), "gone" (removed); None: could not tell."""
         assert self.nc is not None
         try:
-            await self.nc.jetstream().get_msg(self.stream, seq)
+            msg = await self.nc.jetstream().get_msg(self.stream, seq)
         except nats.js.errors.NotFoundError:
-            return False
+            return "gone"
         except NATS_ERRORS:
             return None
-        return True
+        return "ours" if (msg.subject or "").startswith(self.subjects[:-1]) else "other"
 
     async def received_at(self, seq: int) -> float | None:
         """When the stream stored the first message at or after ``seq`` (epoch seconds), or None."""
