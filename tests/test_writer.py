@@ -461,3 +461,23 @@ def test_nats_server_restarted_and_foreign_subjects_in_the_stream_lose_nothing(
     assert s["discarded"]["unwritten_total"] == 0 and s["malformed"] == {}
     assert s["totals"]["consumers_made"] >= 2
     h.assert_quiet()
+
+
+def test_writer_waits_for_nats_and_the_stream_and_says_so(h: Harness, server: Any, feeds: Any) -> None:
+    nowhere = h.writer([f"nats://127.0.0.1:{free_port()}"], out="o1", state="s1")
+    s = wait_for(lambda: (s := writer_status(h, nowhere))["nats"]["problem"] and s, timeout=30,
+                 what="the writer to say NATS is not there")
+    assert not s["nats"]["connected"] and nowhere.alive()
+    w = h.writer(server.urls)  # the stream does not exist yet
+    wait_for(lambda: "does not exist" in (writer_status(h, w)["nats"]["problem"] or ""), timeout=30,
+             what="the writer to say the stream is missing")
+    feed = feeds(server.urls)
+    feed.publish("app", "web-01", "s1", "a", 100)
+    s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    assert s["nats"]["problem"] is None and s["nats"]["connected"]
+    check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 100})
+    rotated = h.ctl(_Ctl(w.control), "rotate")
+    assert rotated.returncode == 0 and "rotated to app." in rotated.stdout, rotated
+    assert w.log().count("does not exist") == 1 and nowhere.log().count("WARNING") == 1
+    h.assert_quiet()
+    assert nowhere.stop() == 0 and w.stop() == 0

@@ -78,10 +78,14 @@ class Source:
         options: dict[str, Any] = {}
         if self.credentials:
             options["user_credentials"] = self.credentials
-        self.nc = await nats.connect(
+        # A bounded first connect (each server twice), so that "no server answers" reaches the
+        # log and status; once connected, the client reconnects for ever by itself.
+        nc = await nats.connect(
             servers=list(self.servers), name="fleetlog-writer", allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=2,
+            max_reconnect_attempts=1, reconnect_time_wait=1, connect_timeout=2,
             disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error, **options)
+        nc.options["max_reconnect_attempts"] = -1
+        self.nc = nc
         self.connected = True
 
     async def stream_state(self) -> StreamState:
