@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,9 @@ import orjson
 import pytest
 from harness import Harness, check_exactly_once, free_port, make_lines, output_lines, wait_for
 from nats.js import api
+from prometheus_client.parser import text_string_to_metric_families
 
+RULES = Path(__file__).parent.parent / "deploy" / "prometheus" / "fleetlog-writer-rules.yml"
 STREAM = "FLEETLOG"
 PREFIX = "fleetlog"
 
@@ -265,10 +268,18 @@ def test_stream_discarding_unwritten_messages_raises_the_alarm(h: Harness, serve
     assert s["totals"]["stream_gaps"] == 1  # the (agent, stream) net sees the same hole
     log_text = w.log()
     assert f"discarded {gone} messages" in log_text and "ERROR" in log_text
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    # lag_seconds is known from the writer's first look at the stream (once a second).
+    text = wait_for(lambda: "fleetlog_writer_lag_seconds" in (t := scrape()) and t,
+                    what="lag_seconds in the metrics")
     assert f"fleetlog_writer_discarded_unwritten_total {float(gone)}" in text, text
     assert "fleetlog_writer_lag_messages 0.0" in text
+    exposed = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    used = set(re.findall(r"\bfleetlog_writer_[a-z_]+", RULES.read_text()))
+    assert len(used) >= 4 and not used - exposed, sorted(used - exposed)
     lines = all_lines(h.root / "wout", "app")
     ids = [int(line.split(" ", 1)[0].split("#")[1]) for line in lines]
     kept = list(range(100)) + list(range(600 - 200, 600))  # 20 messages of 10 lines survived
@@ -481,3 +492,12 @@ def test_writer_waits_for_nats_and_the_stream_and_says_so(h: Harness, server: An
     assert w.log().count("does not exist") == 1 and nowhere.log().count("WARNING") == 1
     h.assert_quiet()
     assert nowhere.stop() == 0 and w.stop() == 0
+
+
+def test_writer_alerting_rules_pass_their_unit_tests() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus package; make system-deps installs it) is missing")
+    for argv in (["check", "rules", RULES.name], ["test", "rules", "fleetlog-writer-rules.test.yml"]):
+        r = subprocess.run([promtool, *argv], cwd=RULES.parent, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
