@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import nats.js.errors
@@ -34,7 +34,6 @@ import zmq.asyncio
 from nats.aio.msg import Msg
 
 from aggregator.control import ControlServer
-from aggregator.formats import format_lines
 from aggregator.journal import Journal
 from aggregator.metrics import LatencyHistogram
 from aggregator.rolling import Rolling
@@ -43,7 +42,8 @@ from fleetlog import wire
 from fleetlog.dirlock import DirectoryLock
 from fleetlog.runtime import SystemdNotifier, raise_open_files_limit, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
-from writer import commands, message, metrics, status
+from writer import commands, metrics, status
+from writer.apply import Applier, Totals
 from writer.config import Config, load_config
 from writer.files import RollingFileSink, SinkError, open_files_bound, uncompressed_rotated
 from writer.source import NATS_ERRORS, Source, StreamState
@@ -61,31 +61,6 @@ _FETCH_BYTES = 16 * 1024 * 1024
 
 class ReadAgain(Exception):
     """The consumer skipped messages the stream still holds: make it again from the position."""
-
-
-@dataclass
-class TopicStats:
-    lines: int = 0
-    bytes: int = 0
-
-
-@dataclass
-class Totals:
-    lines_written: int = 0
-    bytes_written: int = 0
-    messages_applied: int = 0
-    duplicates_dropped: int = 0     # lines of messages already written (End <= the recorded end)
-    duplicate_messages: int = 0
-    malformed_dropped: int = 0      # messages that are not fleetlog version 1
-    stream_gaps: int = 0            # messages whose Start is past their (agent, stream)'s end
-    overlaps: int = 0               # messages starting before their stream's end, written whole
-    discarded_unwritten: int = 0    # stream messages gone before this writer read them (kept across restarts)
-    consumers_made: int = 0
-    commits: int = 0
-    write_errors: int = 0
-    rotations: int = 0
-    retention_removed: int = 0
-    malformed: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,13 +92,8 @@ class Writer(Rolling):
                              self.wcfg.credentials)
         self.notifier = SystemdNotifier()
         self.guard = Guard(self.cfg)
-        self.topics: dict[str, TopicStats] = {}
         self.totals = Totals()
-        # (agent, stream) key -> end offset of the last message applied (maybe not committed yet).
-        self.ends: dict[str, int] = {}
-        # Applied since the last commit: key -> end (the shared rolling code journals these too).
-        self.pending: dict[str, int] = {}
-        self.pending_bytes = 0
+        self.applier = Applier(self.sink, self.cfg, self.totals)
         self.applied_seq = 0      # the last stream sequence applied to the files
         self.committed_seq = 0    # ... and made durable by a commit
         self.stream_created = ""  # the creation time of the stream we read (another: made anew)
@@ -138,7 +108,6 @@ class Writer(Rolling):
         self.pending_messages: int | None = None  # the consumer's count of messages to deliver
         self._stalled = False
         self.msg_bytes = 4096.0   # the mean size of recent messages (sizes the pulls)
-        self._warned: set[str] = set()    # malformed reasons and stream keys already logged
         self.commit_lock = asyncio.Lock()
         self.commit_latency = LatencyHistogram()
         self.stopping = asyncio.Event()
@@ -219,7 +188,7 @@ class Writer(Rolling):
             self.journal.append(sizes, {}, rotations=dict.fromkeys(state.rotations) or None)
             log.error("journal damaged: output kept whole; lines after sequence %s may appear twice",
                       state.marks.get("stream_seq", 0))
-        self.ends = {k: int(v[0]) for k, v in state.streams.items()}
+        self.applier.ends = {k: int(v[0]) for k, v in state.streams.items()}
         marks = state.marks
         self.applied_seq = self.committed_seq = int(marks.get("stream_seq", 0))
         self.stream_created = str(marks.get("stream_created", ""))
@@ -304,6 +273,7 @@ class Writer(Rolling):
         if new.writer.log_level != self.wcfg.log_level:
             logging.getLogger().setLevel(new.writer.log_level.upper())
         self.config, self.wcfg, self.cfg = new, new.writer, new.writer.files()
+        self.applier.cfg = self.cfg
         async with self.commit_lock:
             await self.commit()
             await self.close_files()
@@ -326,13 +296,8 @@ class Writer(Rolling):
         self.disk_error = str(exc)
 
     def malformed(self, reason: str, where: str, detail: str = "") -> None:
-        """A message (or a control request) that cannot be used: counted, logged once per reason."""
-        self.totals.malformed_dropped += 1
-        self.totals.malformed[reason] = self.totals.malformed.get(reason, 0) + 1
-        if reason not in self._warned:
-            self._warned.add(reason)
-            log.error("dropped a malformed message (%s) at %s: %s; its lines are not written (logged"
-                      " once per reason, counted in status)", reason, where, detail)
+        """A control request that cannot be used (the control server reports them here)."""
+        self.applier.malformed(reason, where, detail)
 
     # -- reading the stream --------------------------------------------------------------------
 
@@ -440,7 +405,12 @@ class Writer(Rolling):
                 continue  # delivered again (a consumer made again overlaps what we had)
             if seq != self.applied_seq + 1:
                 await self.account_gap(self.applied_seq + 1, seq)
-            self.apply(seq, msg)
+            written = self.applier.apply(seq, msg)  # SinkError: not applied, read again
+            self.applied_seq = seq
+            self.progress_at = time.monotonic()
+            if written and self.disk_error is not None:
+                log.warning("output writable again; writing on from sequence %d", seq)
+                self.disk_error = None
 
     async def account_gap(self, first: int, after: int) -> None:
         """Sequences ``first``..``after - 1`` were not delivered: fine if the stream no longer
@@ -476,76 +446,6 @@ class Writer(Rolling):
             self.alarm.messages += count
             self.alarm.last_seq = last
 
-    def apply(self, seq: int, msg: Msg) -> None:
-        """Write one message to its topic's file (SinkError: nothing of it written, not applied)."""
-        try:
-            m = message.parse(msg.headers, msg.data)
-        except message.BadMessage as exc:
-            self.applied_seq = seq
-            self.malformed(exc.reason, f"sequence {seq} ({msg.subject[:200]})", str(exc))
-            return
-        payload = m.payload
-        last = self.ends.get(m.key)
-        if last is not None and m.end <= last:
-            self.applied_seq = seq
-            self.totals.duplicate_messages += 1
-            self.totals.duplicates_dropped += m.lines
-            log.debug("dropped sequence %d: %s %s %d-%d already written (to %d)", seq, m.agent, m.stream,
-                      m.start, m.end, last)
-            return
-        if last is not None and m.start != last:
-            payload = self.mismatch(m, last)
-        fmt = self.cfg.topic_format(m.topic)
-        if fmt == "raw":
-            data = payload
-        else:
-            try:
-                data = format_lines(payload.decode("utf-8", "surrogateescape"), fmt, agent=m.agent,
-                                    path=m.path, topic=m.topic, received=m.received, fields=m.fields)
-            except (TypeError, ValueError) as exc:  # orjson's JSONEncodeError is a TypeError
-                self.applied_seq = seq
-                self.malformed("unformattable", f"sequence {seq} ({m.topic})", f"as {fmt}: {exc}")
-                return
-        lines = payload.count(b"\n")
-        self.sink.append(m.topic, data, lines)
-        self.applied_seq = seq
-        self.progress_at = time.monotonic()
-        self.ends[m.key] = m.end
-        self.pending[m.key] = m.end
-        self.pending_bytes += len(data)
-        stats = self.topics.get(m.topic)
-        if stats is None:
-            stats = self.topics[m.topic] = TopicStats()
-        stats.lines += lines
-        stats.bytes += len(data)
-        self.totals.lines_written += lines
-        self.totals.bytes_written += len(data)
-        self.totals.messages_applied += 1
-        if self.disk_error is not None:
-            log.warning("output writable again; writing on from sequence %d", seq)
-            self.disk_error = None
-
-    def mismatch(self, m: message.Message, last: int) -> bytes:
-        """A message that does not start where its stream ended: a gap (Start past the end:
-        written, counted, ERROR once per stream) or an overlap (its first ``last - start`` bytes
-        already written: cut off when they are whole lines of the source, else written whole)."""
-        where = f"{m.agent} {m.stream} ({m.path})"
-        if m.start > last:
-            self.totals.stream_gaps += 1
-            if f"gap\x1e{m.key}" not in self._warned:
-                self._warned.add(f"gap\x1e{m.key}")
-                log.error("gap in %s: bytes %d-%d of the source are not in the stream (this message"
-                          " starts at %d); counted as stream_gaps", where, last, m.start, m.start)
-            return m.payload
-        cut = last - m.start
-        if m.fields is None and len(m.payload) == m.end - m.start and m.payload[cut - 1: cut] == b"\n":
-            return m.payload[cut:]
-        self.totals.overlaps += 1
-        log.error("%s: a message covers bytes %d-%d, of which %d-%d are already written and cannot be"
-                  " cut off at a line; written whole (those lines may appear twice)", where, m.start,
-                  m.end, m.start, last)
-        return m.payload
-
     # -- group commit ----------------------------------------------------------------------------
 
     async def commit(self) -> None:
@@ -554,8 +454,7 @@ class Writer(Rolling):
                  "discarded_unwritten": self.totals.discarded_unwritten}
         if not self.pending and self.journal.state.marks == marks:
             return
-        pending, self.pending = self.pending, {}
-        self.pending_bytes = 0
+        pending = self.applier.take_pending()
         dirty = self.sink.dirty_files()
         positions = self.sink.positions()
         started = time.monotonic()
@@ -563,8 +462,7 @@ class Writer(Rolling):
         try:
             await loop.run_in_executor(None, self._sync_and_journal, dirty, positions, pending, marks)
         except SinkError:
-            for key, end in pending.items():
-                self.pending[key] = max(end, self.pending.get(key, 0))
+            self.applier.restore_pending(pending)
             raise
         self.sink.mark_committed(positions)
         self.committed_seq = marks["stream_seq"]
@@ -598,7 +496,7 @@ class Writer(Rolling):
                 continue
             except NATS_ERRORS:
                 continue
-            self.forget_old_streams()
+            self.applier.forget(self.journal.state.streams)
             lag = self.lag_messages
             if lag == 0:
                 self._stalled = False
@@ -624,14 +522,22 @@ class Writer(Rolling):
         self.read_again = True
         self.progress_at = time.monotonic()
 
-    def forget_old_streams(self) -> None:
-        """Drop the end offsets the journal has forgotten (idle past stream_ttl_s), so that a
-        long-running writer does not grow with every file its agents ever rotated."""
-        if len(self.ends) <= len(self.journal.state.streams):
-            return
-        durable = self.journal.state.streams
-        for key in [k for k in self.ends if k not in durable and k not in self.pending]:
-            del self.ends[key]
+    # The shared rolling code (Rolling) reads and resets what was applied since the last commit.
+    @property
+    def pending(self) -> dict[str, int]:
+        return self.applier.pending
+
+    @pending.setter
+    def pending(self, value: dict[str, int]) -> None:
+        self.applier.pending = value
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.applier.pending_bytes
+
+    @pending_bytes.setter
+    def pending_bytes(self, value: int) -> None:
+        self.applier.pending_bytes = value
 
     @property
     def lag_messages(self) -> int:

@@ -68,7 +68,7 @@ class WriterCollector:
         yield gauge("stream_last_sequence", "The stream's last sequence", w.stream.last_seq)
         lines = counter("lines", "Lines written, per topic", labels=["topic"])
         nbytes = counter("bytes", "Bytes written (as formatted), per topic", labels=["topic"])
-        for name, s in list(w.topics.items()):
+        for name, s in list(w.applier.topics.items()):
             lines.add_metric([name], s.lines)
             nbytes.add_metric([name], s.bytes)
         yield lines

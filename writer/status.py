@@ -68,7 +68,7 @@ def status(w: Writer) -> dict[str, Any]:
         "topics": [
             {"name": name, "lines": s.lines, "bytes": s.bytes,
              "file_bytes": w.sink.files[name].size if name in w.sink.files else None}
-            for name, s in sorted(w.topics.items())
+            for name, s in sorted(w.applier.topics.items())
         ],
         "totals": {
             "lines_written": t.lines_written, "bytes_written": t.bytes_written,
@@ -77,7 +77,7 @@ def status(w: Writer) -> dict[str, Any]:
             "stream_gaps": t.stream_gaps, "overlaps": t.overlaps,
             "discarded_unwritten": t.discarded_unwritten, "consumers_made": t.consumers_made,
             "commits": t.commits, "write_errors": t.write_errors, "rotations": t.rotations,
-            "retention_removed": t.retention_removed, "streams": len(w.ends),
+            "retention_removed": t.retention_removed, "streams": len(w.applier.ends),
             "pending_bytes": w.pending_bytes, "compressions_running": len(w._compressions),
         },
         "malformed": dict(t.malformed),
