@@ -503,3 +503,18 @@ def test_writer_alerting_rules_pass_their_unit_tests() -> None:
     for argv in (["check", "rules", RULES.name], ["test", "rules", "fleetlog-writer-rules.test.yml"]):
         r = subprocess.run([promtool, *argv], cwd=RULES.parent, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_journal_keeps_the_writers_marks_across_compaction(tmp_path: Path) -> None:
+    from aggregator.journal import Journal
+
+    j = Journal(str(tmp_path), compact_bytes=400)
+    j.recover()
+    for seq in range(1, 30):
+        j.append({"app": seq * 10}, {"a\x1fs": seq * 10}, marks={"stream_seq": seq, "stream_created": "t"})
+    j.append({"app": 300}, {}, rotations={"app": {"name": "app.x.log", "size": 300}})  # no marks: kept
+    j.close()
+    assert (tmp_path / "state.json").exists()  # compacted on the way
+    state = Journal(str(tmp_path)).recover()
+    assert state.marks == {"stream_seq": 29, "stream_created": "t"}
+    assert state.topics == {"app": 300} and state.streams["a\x1fs"][0] == 290

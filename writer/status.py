@@ -104,8 +104,10 @@ def render(s: dict[str, Any]) -> str:
     where = nats["connected_url"] or "not connected (" + ", ".join(nats["servers"]) + ")"
     out.append(f"stream {stream['name']} on {where}: sequences {stream['first_seq']}-{stream['last_seq']}, "
                f"applied {s['applied_seq']} (committed {s['committed_seq']})")
-    lag_s = "-" if s["lag_s"] is None else f"{s['lag_s']:.1f}s"
-    out.append(f"lag: {s['lag_messages']} messages, oldest unapplied {lag_s} old")
+    lag = f"lag: {s['lag_messages']} messages"
+    if s["lag_messages"] and s["lag_s"] is not None:
+        lag += f", the oldest unapplied one {s['lag_s']:.1f}s old"
+    out.append(lag)
     if nats.get("problem"):
         out.append(f"!! {nats['problem']}")
     if s.get("disk_error"):
