@@ -229,6 +229,8 @@ def test_writer_killed_repeatedly_while_messages_flow_writes_every_line_once(
     s = wait_for(lambda: caught_up(h, w, last), timeout=60, what="the writer to catch up")
     check_exactly_once(all_lines(h.root / "wout", "app"), dict(feed.counts))
     assert s["totals"]["stream_gaps"] == 0 and s["discarded"]["unwritten_total"] == 0
+    # Exactly once by the position alone: the safety net had nothing to drop.
+    assert s["totals"]["duplicate_messages"] == 0
     assert "cutting" in "".join(p.log() for p in h.procs if p.name.startswith("writer")), \
         "no kill left an uncommitted tail to cut: the soak did not test recovery"
     h.assert_quiet()
@@ -329,6 +331,7 @@ def test_stream_leader_killed_while_the_writer_reads_loses_nothing(h: Harness, n
     s = wait_for(lambda: caught_up(h, w, last), timeout=60, what="the writer to catch up")
     check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 800})
     assert s["discarded"]["unwritten_total"] == 0 and s["totals"]["stream_gaps"] == 0
+    assert s["totals"]["duplicate_messages"] == 0 and "made anew" not in w.log()
     h.assert_quiet()
 
 
@@ -472,7 +475,8 @@ def test_nats_server_restarted_and_foreign_subjects_in_the_stream_lose_nothing(
     s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
     check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 600})
     assert s["discarded"]["unwritten_total"] == 0 and s["malformed"] == {}
-    assert s["totals"]["consumers_made"] >= 2
+    assert s["totals"]["consumers_made"] >= 2 and s["totals"]["duplicate_messages"] == 0
+    assert "made anew" not in w.log()
     h.assert_quiet()
 
 
