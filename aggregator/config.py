@@ -72,6 +72,30 @@ class Config:
     source: str = "<built-in defaults>"
 
 
+def parse_output(s: Section) -> dict[str, Any]:
+    """The output keys of ``s`` (format, [topics.NAME], rotation, compression, retention, fsync)
+    as AggregatorConfig fields: fleetlog-writer takes the same keys and writes the same files."""
+    d = AggregatorConfig()
+    topics: dict[str, TopicConfig] = {}
+    topics_section = s.table("topics")
+    for name in list(topics_section.data):
+        t = topics_section.table(name)
+        if not wire.valid_topic(name):
+            t.problem("", "not a valid topic name ([A-Za-z0-9._-]{1,128}, not starting with a dot)")
+        topics[name] = TopicConfig(format=t.choice("format", "raw", FORMATS))
+        t.finish()
+    return {
+        "format": s.choice("format", d.format, FORMATS),
+        "topics": topics,
+        "fsync": s.bool("fsync", d.fsync),
+        "rotate_max_bytes": s.int("rotate_max_bytes", d.rotate_max_bytes, 0),
+        "rotate_interval_s": s.int("rotate_interval_s", d.rotate_interval_s, 0),
+        "compress": s.choice("compress", d.compress, COMPRESSIONS),
+        "retain_files": s.int("retain_files", d.retain_files, 0),
+        "retain_days": s.int("retain_days", d.retain_days, 0),
+    }
+
+
 def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     problems: list[str] = []
     root = Section(data, "", problems)
@@ -117,30 +141,6 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     return Config(aggregator=cfg, source=source)
 
 
-def parse_output(s: Section) -> dict[str, Any]:
-    """The output keys of ``s`` (format, [topics.NAME], rotation, compression, retention, fsync)
-    as AggregatorConfig fields: fleetlog-writer takes the same keys and writes the same files."""
-    d = AggregatorConfig()
-    topics: dict[str, TopicConfig] = {}
-    topics_section = s.table("topics")
-    for name in list(topics_section.data):
-        t = topics_section.table(name)
-        if not wire.valid_topic(name):
-            t.problem("", "not a valid topic name ([A-Za-z0-9._-]{1,128}, not starting with a dot)")
-        topics[name] = TopicConfig(format=t.choice("format", "raw", FORMATS))
-        t.finish()
-    return {
-        "format": s.choice("format", d.format, FORMATS),
-        "topics": topics,
-        "fsync": s.bool("fsync", d.fsync),
-        "rotate_max_bytes": s.int("rotate_max_bytes", d.rotate_max_bytes, 0),
-        "rotate_interval_s": s.int("rotate_interval_s", d.rotate_interval_s, 0),
-        "compress": s.choice("compress", d.compress, COMPRESSIONS),
-        "retain_files": s.int("retain_files", d.retain_files, 0),
-        "retain_days": s.int("retain_days", d.retain_days, 0),
-    }
-
-
 def _check_keys(cfg: AggregatorConfig, problems: list[str]) -> None:
     if not cfg.curve_secret_key:
         for key in ("authorized_keys_dir", "admin_keys_dir"):
@@ -170,4 +170,4 @@ def load_config(path: str | None, overrides: list[str] | None = None, check_dirs
     return parse(data, source, check_dirs=check_dirs)
 
 
-__all__ = ["AggregatorConfig", "Config", "ConfigError", "TopicConfig", "load_config", "parse_output"]
+__all__ = ["AggregatorConfig", "Config", "ConfigError", "TopicConfig", "load_config"]
