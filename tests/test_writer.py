@@ -522,3 +522,48 @@ def test_journal_keeps_the_writers_marks_across_compaction(tmp_path: Path) -> No
     state = Journal(str(tmp_path)).recover()
     assert state.marks == {"stream_seq": 29, "stream_created": "t"}
     assert state.topics == {"app": 300} and state.streams["a\x1fs"][0] == 290
+
+
+def test_the_aggregators_jetstream_sink_and_the_writer_agree(h: Harness, nats: Any) -> None:
+    """What the aggregator's sink publishes (messages split at lines under a small max_payload,
+    escaped names, journal fields) the writer writes back byte for byte (raw) and line for line
+    with the fields (json). Skips on a branch without the sink (aggregator/jetstream.py)."""
+    jetstream = pytest.importorskip("aggregator.jetstream")
+    from aggregator.config import JetStreamConfig
+
+    server = nats.single(max_payload=65536)
+    sources = {("app", "web.01", "s1", "/var/log/a b.log"): 3000,
+               ("db", "web-02", "s~2", "/var/log/db.log"): 2000}
+    texts = {key: [f"{key[1]} line {i:06d} ".encode().ljust(300, b"x") + b"\n" for i in range(n)]
+             for key, n in sources.items()}
+
+    async def publish() -> None:
+        sink = jetstream.JetStreamSink(JetStreamConfig(servers=tuple(server.urls), stream=STREAM,
+                                                       subject_prefix=PREFIX, publish_timeout_s=2.0))
+        await sink.start()
+        try:
+            for (topic, agent, stream, path), lines in texts.items():
+                offset = 0
+                for i in range(0, len(lines), 100):
+                    text = b"".join(lines[i:i + 100])
+                    fields = [{"n": i + k, "é": "ü"} for k in range(100)] if topic == "db" else None
+                    sink.add(topic=topic, agent=agent, stream=stream, start=offset, end=offset + len(text),
+                             lines=100, text=text, path=path, received=time.time(), fields=fields)
+                    offset += len(text)
+                    if i % 500 == 0:
+                        assert not (await sink.commit()).error
+            outcome = await sink.commit()
+            assert not outcome.error and not outcome.resync, outcome
+        finally:
+            await sink.close()
+
+    asyncio.run(publish())
+    w = h.writer(server.urls, "writer.topics.db.format=json")
+    wait_for(lambda: (s := writer_status(h, w))["applied_seq"] and s["lag_messages"] == 0
+             and s["applied_seq"] == s["stream"]["last_seq"], timeout=60, what="the writer to catch up")
+    app = texts[("app", "web.01", "s1", "/var/log/a b.log")]
+    assert (h.root / "wout" / "app" / "app.log").read_bytes() == b"".join(app)
+    objects = [orjson.loads(line) for line in all_lines(h.root / "wout", "db")]
+    db = texts[("db", "web-02", "s~2", "/var/log/db.log")]
+    assert [o["line"] for o in objects] == [line.decode()[:-1] for line in db]
+    assert objects[5]["n"] == 5 and objects[5]["é"] == "ü" and objects[5]["path"] == "/var/log/db.log"
