@@ -567,3 +567,28 @@ def test_the_aggregators_jetstream_sink_and_the_writer_agree(h: Harness, nats: A
     db = texts[("db", "web-02", "s~2", "/var/log/db.log")]
     assert [o["line"] for o in objects] == [line.decode()[:-1] for line in db]
     assert objects[5]["n"] == 5 and objects[5]["é"] == "ü" and objects[5]["path"] == "/var/log/db.log"
+
+
+def test_stream_deleted_and_made_anew_is_read_from_its_start(h: Harness, server: Any, feeds: Any) -> None:
+    feed = feeds(server.urls)
+    w = h.writer(server.urls)
+    feed.publish("app", "web-01", "s1", "a", 300, per_msg=10)  # 30 messages
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    feed.call(feed.js.delete_stream(STREAM))
+    feed.call(feed.js.add_stream(api.StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"])))
+    feed.subject_seq.clear()
+    feed.publish("app", "web-01", "s1", "a", 50, per_msg=10)  # sequences 1-5 of the new stream
+    wait_for(lambda: len(all_lines(h.root / "wout", "app")) >= 350, timeout=60,
+             what="the writer to read the new stream")
+    # (Its committed sequence goes down: 30 of the old stream, then 5 of the new one.)
+    s = wait_for(lambda: (s := writer_status(h, w))["committed_seq"] == 5 and s, timeout=60,
+                 what="the writer to commit the new stream's position")
+    check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 350})
+    assert s["applied_seq"] == 5 and s["discarded"]["unwritten_total"] == 0
+    assert w.log().count("was made anew") == 1
+    w.kill9()  # its journal now holds the new stream's position
+    w = h.writer(server.urls)
+    feed.publish("app", "web-01", "s1", "a", 50, per_msg=10)
+    s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 400})
+    assert "made anew" not in w.log() and s["totals"]["duplicate_messages"] == 0

@@ -375,8 +375,10 @@ class Writer(Rolling):
             self.say_source_problem(f"NATS at {', '.join(self.wcfg.servers)}: {exc or type(exc).__name__}")
             return False
         self.stream = state
+        # (The applied sequence, not the committed one: after a reset to the new stream's start it
+        # is below the old commit until the next one, and must not be taken for a second renewal.)
         if (self.stream_created and state.created and state.created != self.stream_created) \
-                or state.last_seq < self.committed_seq:
+                or state.last_seq < self.applied_seq:
             log.error("stream %s was made anew (created %s, last sequence %d; this writer had read to"
                       " %d of the one created %s): reading the new one from its start; what is already"
                       " written is dropped by its (agent, stream) end offsets", self.wcfg.stream,
