@@ -49,13 +49,13 @@ run: $(RUN_STAMP)
 	$(BIN)/python -m fleetlog.demo
 
 test: $(STAMP) system-deps
-	$(BIN)/ruff check agent aggregator fleetlog tests bench
-	$(BIN)/mypy agent aggregator fleetlog
+	$(BIN)/ruff check agent aggregator fleetlog writer tests bench
+	$(BIN)/mypy agent aggregator fleetlog writer
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check agent aggregator fleetlog tests bench
-	$(BIN)/mypy agent aggregator fleetlog
+	$(BIN)/ruff check agent aggregator fleetlog writer tests bench
+	$(BIN)/mypy agent aggregator fleetlog writer
 
 # BENCH_ARGS: options of bench/backlog.py, e.g. --stuck-tail (a subscriber that stops reading).
 # The file backlog table, then the journal row (entries/s, CPU per million entries).

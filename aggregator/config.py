@@ -104,10 +104,9 @@ class Config:
     source: str = "<built-in defaults>"
 
 
-def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
-    problems: list[str] = []
-    root = Section(data, "", problems)
-    s = root.table("aggregator")
+def parse_output(s: Section) -> dict[str, Any]:
+    """The output keys of ``s`` (format, [topics.NAME], rotation, compression, retention, fsync)
+    as AggregatorConfig fields: fleetlog-writer takes the same keys and writes the same files."""
     d = AggregatorConfig()
     topics: dict[str, TopicConfig] = {}
     topics_section = s.table("topics")
@@ -119,6 +118,23 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
             format=t.choice("format", "raw", FORMATS) if "format" in t.data else None,
             split_by_agent=t.bool("split_by_agent", False) if "split_by_agent" in t.data else None)
         t.finish()
+    return {
+        "format": s.choice("format", d.format, FORMATS),
+        "topics": topics,
+        "fsync": s.bool("fsync", d.fsync),
+        "rotate_max_bytes": s.int("rotate_max_bytes", d.rotate_max_bytes, 0),
+        "rotate_interval_s": s.int("rotate_interval_s", d.rotate_interval_s, 0),
+        "compress": s.choice("compress", d.compress, COMPRESSIONS),
+        "retain_files": s.int("retain_files", d.retain_files, 0),
+        "retain_days": s.int("retain_days", d.retain_days, 0),
+    }
+
+
+def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
+    problems: list[str] = []
+    root = Section(data, "", problems)
+    s = root.table("aggregator")
+    d = AggregatorConfig()
     cfg = AggregatorConfig(
         output_dir=s.str("output_dir", d.output_dir),
         state_dir=s.str("state_dir", d.state_dir),
@@ -126,19 +142,12 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         xsub=s.endpoint("xsub", d.xsub),
         xpub=s.endpoint("xpub", d.xpub),
         control=s.endpoints("control", d.control),
-        format=s.choice("format", d.format, FORMATS),
+        **parse_output(s),
         split_by_agent=s.bool("split_by_agent", d.split_by_agent),
-        topics=topics,
         commit_interval_ms=s.int("commit_interval_ms", d.commit_interval_ms, 1, 10_000),
         commit_max_bytes=s.int("commit_max_bytes", d.commit_max_bytes, 4096),
-        fsync=s.bool("fsync", d.fsync),
         max_message_bytes=s.int("max_message_bytes", d.max_message_bytes, 1024, 1 << 30),
         window_budget_bytes=s.int("window_budget_bytes", d.window_budget_bytes, 0),
-        rotate_max_bytes=s.int("rotate_max_bytes", d.rotate_max_bytes, 0),
-        rotate_interval_s=s.int("rotate_interval_s", d.rotate_interval_s, 0),
-        compress=s.choice("compress", d.compress, COMPRESSIONS),
-        retain_files=s.int("retain_files", d.retain_files, 0),
-        retain_days=s.int("retain_days", d.retain_days, 0),
         stream_ttl_s=s.int("stream_ttl_s", d.stream_ttl_s, 60),
         agent_timeout_s=s.int("agent_timeout_s", d.agent_timeout_s, 1),
         expected_agents=s.str_list("expected_agents", d.expected_agents),

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 import zmq
@@ -43,9 +44,11 @@ class ControlServer:
     """One ROUTER for all control endpoints; with CURVE on, a second one, plain, for the
     ipc:// endpoints (protected by file permissions instead)."""
 
-    def __init__(self, agg: Aggregator, ctx: zmq.asyncio.Context, endpoints: tuple[str, ...],
-                 guard: Guard) -> None:
+    def __init__(self, agg: Aggregator | Any, ctx: zmq.asyncio.Context, endpoints: tuple[str, ...],
+                 guard: Guard, commands: dict[str, ModuleType] | None = None) -> None:
         self.agg = agg
+        # Another daemon (fleetlog-writer) answers its own subset of the commands.
+        self.table = COMMANDS if commands is None else commands
         self.ctx = ctx
         self.endpoints = endpoints
         self.guard = guard
@@ -141,11 +144,11 @@ class ControlServer:
         if "command" not in request:
             return  # a stray reply or event; nothing to answer
         req_id = request.get("id")
-        command = COMMANDS.get(request["command"])
+        command = self.table.get(request["command"])
         if command is not None:
             self.commands[request["command"]] = self.commands.get(request["command"], 0) + 1
         if command is None:
-            known = ", ".join(sorted(COMMANDS))
+            known = ", ".join(sorted(self.table))
             self.reply(peer.sock, envelope, wire.encode_reply(
                 req_id, error=f"unknown command {request['command']!r}; known: {known}"))
             return

@@ -168,6 +168,9 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def render_status(s: dict[str, Any]) -> str:
+    if s.get("kind") == "writer":  # a fleetlog-writer's control endpoint answers the same commands
+        from writer.status import render
+        return render(s)
     disk = s["disk"]
     js = s.get("jetstream")
     if js:  # sink = "jetstream": no files here

@@ -74,6 +74,9 @@ class DurableState:
     # key -> [end offset, last commit time]
     streams: dict[str, list[float]] = field(default_factory=dict)
     rotations: dict[str, Any] = field(default_factory=dict)
+    # A consumer's own position beside the files (fleetlog-writer: the last applied stream
+    # sequence); each record's "marks" update it, and a snapshot keeps it.
+    marks: dict[str, Any] = field(default_factory=dict)
     # Set by recovery when the journal or snapshot was damaged (not a crash's torn tail): what
     # was found, for the log. The topic files must then not be cut back.
     damage: str | None = None
@@ -89,6 +92,7 @@ class DurableState:
                 self.rotations.pop(topic, None)
             else:
                 self.rotations[topic] = info
+        self.marks.update(record.get("marks", {}))
 
 
 def _record_at(data: bytes, pos: int) -> tuple[dict[str, Any], int] | None:
@@ -153,7 +157,7 @@ class Journal:
             with open(self.snapshot_path, "rb") as fh:
                 snap = orjson.loads(fh.read())
             state = DurableState(seq=snap["seq"], topics=snap["topics"], streams=snap["streams"],
-                                 rotations=snap.get("rotations", {}))
+                                 rotations=snap.get("rotations", {}), marks=snap.get("marks", {}))
         except FileNotFoundError:
             pass
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
@@ -228,7 +232,8 @@ class Journal:
         return path
 
     def append(self, topics: dict[str, int], streams: dict[str, int],
-               rotations: dict[str, Any] | None = None, sync: bool = True) -> int:
+               rotations: dict[str, Any] | None = None, sync: bool = True,
+               marks: dict[str, Any] | None = None) -> int:
         """Make one commit record durable. Blocking (fsync): run it off the event loop.
 
         Raises JournalError if it could not; the journal and ``state`` are then as before the call
@@ -240,6 +245,8 @@ class Journal:
             rotations = {**dict.fromkeys(self._closing), **(rotations or {})}
         if rotations:
             record["rotations"] = rotations
+        if marks:
+            record["marks"] = marks
         body = orjson.dumps(record)
         frame = _HEADER.pack(len(body), zlib.crc32(body)) + body
         try:
@@ -310,7 +317,7 @@ class Journal:
                 log.info("forgot %d streams idle for more than %ds", len(stale), int(ttl_s))
         write_atomic(self.snapshot_path, orjson.dumps(
             {"seq": state.seq, "topics": state.topics, "streams": state.streams,
-             "rotations": state.rotations}))
+             "rotations": state.rotations, "marks": state.marks}))
         # The snapshot holds everything: a crash before the truncate only replays older seqs.
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)

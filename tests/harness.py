@@ -55,6 +55,7 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
     env: dict[str, str] | None = None  # added to (not instead of) the test's environment
     state_dir: Path | None = None      # an agent's, for its status socket
+    control: str | None = None         # a fleetlog-writer's control endpoint, for the health check
 
     def start(self) -> Proc:
         env = {**os.environ, **self.env} if self.env else None
@@ -155,6 +156,24 @@ class Harness:
         self.ep = ep
         return self._proc("aggregator", args, env).start()
 
+    def writer(self, servers: list[str], *extra: str, out: str = "wout", state: str = "wst",
+               control: str | None = None, env: dict[str, str] | None = None) -> Proc:
+        """A fleetlog-writer reading the stream from ``servers``; its control endpoint (an ipc://
+        socket of its own unless given) is ``proc.control``."""
+        self.counter += 1
+        control = control or f"ipc://{self.root}/w{self.counter}.sock"
+        args = [PY, "-m", "writer",
+                "--set", f"writer.output_dir={self.root / out}",
+                "--set", f"writer.state_dir={self.root / state}",
+                "--set", f"writer.servers={orjson.dumps(servers).decode()}",
+                "--set", f"writer.control={control}",
+                "--set", "writer.log_level=debug"]
+        for item in extra:
+            args += ["--set", item]
+        proc = self._proc(f"writer-{out}", args, env)
+        proc.control = control
+        return proc.start()
+
     def agent(self, ep: Endpoints, sources: list[dict[str, Any]], *extra: str, name: str = "node1",
               mode: str = "push", state: str | None = None, env: dict[str, str] | None = None,
               wrap: list[str] | None = None) -> Proc:
@@ -217,8 +236,8 @@ class Harness:
         return output_lines(self.root / out, topic)
 
     def daemons(self) -> list[Proc]:
-        """The aggregators and agents still running."""
-        return [p for p in self.procs if p.alive() and p.name.startswith(("aggregator", "agent-"))]
+        """The aggregators, agents and writers still running."""
+        return [p for p in self.procs if p.alive() and p.name.startswith(("aggregator", "agent-", "writer"))]
 
     def measure(self, ep: Endpoints | None, window_s: float) -> Health:
         """What each running daemon does over ``window_s``: CPU, log lines, control messages."""
@@ -240,8 +259,9 @@ class Harness:
                     s = ask(endpoint, "status")
                     if s is not None and "control" in s:
                         counts[p.name] = s["control"]["messages_sent"] + s["control"]["messages_received"]
-                elif p.name.startswith("aggregator") and ep is not None:
-                    s = ask(ep.control, "status")
+                elif (endpoint := p.control or (ep.control if ep is not None and
+                                                p.name.startswith("aggregator") else None)):
+                    s = ask(endpoint, "status")
                     if s is not None:
                         counts[p.name] = s["control"]["messages_received"]
                 if p.name not in counts:
