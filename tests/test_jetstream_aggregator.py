@@ -14,7 +14,7 @@ import time
 
 import nats as natspy
 import pytest
-from harness import Harness, Writer, check_exactly_once, wait_for
+from harness import Harness, Writer, check_exactly_once, output_lines, wait_for
 from natsserver import NatsCluster
 
 from aggregator.jetstream import unescape_token
@@ -160,3 +160,36 @@ def test_stream_leader_killed_mid_stream_publishing_resumes_and_doubles_nothing(
     finish(h, writer, servers.urls, timeout=120)
     h.assert_quiet(ep)
 
+
+
+def test_two_aggregators_and_a_writer_make_each_line_once_in_the_files(h: Harness, nats) -> None:
+    """The whole scale-out path: two agents on two aggregators, one of them killed and its agent
+    moved to the other, a fleetlog-writer killed mid-stream: the writer's topic file holds every
+    line once and in its file's order."""
+    servers = nats.single()
+    ep_a, ep_b = h.endpoints(tcp=True), h.endpoints(tcp=True)
+    agg_a = h.aggregator(ep_a, *jetstream_sets(servers), state="agg-a")
+    h.aggregator(ep_b, *jetstream_sets(servers), state="agg-b")
+    writer_proc = h.writer(servers.urls)
+    logs = {tag: h.path("logs", f"{tag}.log") for tag in ("a", "b", "c", "d")}
+    h.path("logs").mkdir(exist_ok=True)
+    writer = Writer(logs, lines_per_tick=20, tick_s=0.01).start()
+    one = [{"paths": [str(logs["a"]), str(logs["b"])], "topic": "app"}]
+    two = [{"paths": [str(logs["c"]), str(logs["d"])], "topic": "app"}]
+    first = h.agent(ep_a, one, name="web-01")
+    h.agent(ep_b, two, name="web-02")
+    wait_for(lambda: h.status(ep_a)["totals"]["lines_written"] > 200, what="lines through A")
+    agg_a.kill9()
+    first.kill9()
+    h.agent(ep_b, one, name="web-01")  # the same agent (same state_dir), moved to B
+    writer_proc.kill9()
+    writer_proc = h.writer(servers.urls)
+    counts = writer.stop()
+    for name in ("web-01", "web-02"):
+        wait_for(lambda name=name: h.all_acknowledged(name), timeout=90,  # type: ignore[misc]
+                 what=f"{name}: every line acknowledged")
+    total = sum(counts.values())
+    wait_for(lambda: len(output_lines(h.path("wout"), "app")) >= total, timeout=60,
+             what="every line in the writer's file")
+    check_exactly_once(output_lines(h.path("wout"), "app"), counts)
+    h.assert_quiet(ep_b)
