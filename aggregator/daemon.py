@@ -384,8 +384,25 @@ class Aggregator(Rolling):
         except (TimeoutError, SinkError) as exc:
             log.warning("final commit did not finish (%s); agents will resend what was not acknowledged",
                         exc or f"not within shutdown_timeout_s={self.cfg.shutdown_timeout_s}")
+        self.tell_agents_stopping()
         self.save_registry()
         await self.release(deadline)
+
+    def tell_agents_stopping(self) -> int:
+        """Tell every connected agent that this aggregator stops (after the final commit's acks,
+        on the same connection, so they arrive first): agents with another aggregator move to
+        it at once instead of after a heartbeat timeout. The control sockets linger on close,
+        so the events go out. Returns how many agents were told. Self-contained: called once,
+        from shutdown."""
+        body = wire.encode_event(wire.EVENT_STOPPING, instance=self.instance)
+        told = 0
+        for info in self.agents.values():
+            if info.connected and info.routing_id and info.route is not None:
+                self.send_event(info.name, body)
+                told += 1
+        if told:
+            log.info("told %d connected agents that this aggregator stops", told)
+        return told
 
     async def release(self, deadline: float | None = None) -> None:
         """Cancel the tasks, let compressions finish until shortly before ``deadline`` (a
