@@ -4,6 +4,7 @@ rank order (a kill -9, a SIGTERM's word, no acknowledgement, all down), losing n
 from __future__ import annotations
 
 import itertools
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from harness import PY, Endpoints, Harness, Proc, Writer, _inline_table, count_l
 
 from agent.config import AggregatorEndpoints, load_config
 from agent.failover import rank
+from fleetlog import curve
 from fleetlog.tomlconf import ConfigError
 
 # A line of the Writer: "w0#00000012 " and 60 x's, and its newline.
@@ -333,3 +335,33 @@ def test_a_single_aggregator_agent_waits_for_it_as_before(h: Harness) -> None:
     assert "switching aggregator" not in next(p for p in h.procs if p.name == "agent-s").log()
     h.ep = ep
     h.assert_quiet(ep)
+
+
+def test_refused_by_the_first_aggregator_moves_to_the_next(h: Harness) -> None:
+    """The first aggregator refuses this agent's CURVE key (not in its authorized_keys_dir): the
+    agent says so once and moves to the next, which has every line once. Both share the
+    aggregators' key pair, as a fleet's aggregators do."""
+    keys = h.root / "keys"
+    for name in ("aggregator", "agent"):
+        curve.generate(str(keys), name)
+    for label, authorised in (("a", False), ("b", True)):
+        (h.root / f"keys-{label}").mkdir()
+        if authorised:
+            shutil.copy(keys / "agent.key", h.root / f"keys-{label}")
+    eps = {"a": h.endpoints(tcp=True), "b": h.endpoints(tcp=True)}
+    for label, ep in eps.items():
+        aggregator(h, ep, label, f"aggregator.curve_secret_key={keys / 'aggregator.key_secret'}",
+                   f"aggregator.authorized_keys_dir={h.root / f'keys-{label}'}")
+    name = name_preferring(eps["a"], list(eps.values()), "r")
+    w = writer(h, name, limit=2000)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name,
+          f"agent.curve_secret_key={keys / 'agent.key_secret'}",
+          f"agent.curve_server_key={keys / 'aggregator.key'}")
+    wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=30, what="the agent moved to b")
+    s = h.agent_status(name)
+    assert s is not None and "refuse" in s["aggregators"]["last_switch"]["reason"]
+    wait_for(lambda: w.total == 6000 and all_acknowledged(h, name), timeout=60, what="every line")
+    check_union(outputs(h, "app", "b"), w.stop(), max_doubles=0)
+    assert output_lines(h.root / "out-a", "app") == []
+    h.ep = eps["b"]
+    h.assert_quiet(eps["b"])
