@@ -786,6 +786,7 @@ class Agent(Following):
             "data": transport.endpoint.data if transport else self.cfg.data,
             "aggregators": transport.status() if transport else None,
             "rebased_after_switch": self.rebased_after_switch,
+            "torn_sends": transport.torn_sends if transport else 0,
             "aggregator": transport.instance if transport else None,
             "aggregator_last_reply_s": transport.last_reply_age_s() if transport else None,
             "agent_id": transport.agent_id if transport else None,

@@ -109,6 +109,7 @@ class Transport:
         self._hello_backoff_s = HELLO_FIRST_RETRY_S
         self._goodbye_sent = False
         self.sent_batches = 0
+        self.torn_sends = 0  # batches whose connection went away between their two parts
         self.sent_bytes = 0
         # Control messages each way: steady at one heartbeat and its reply a beat (plus acks).
         self.control_sent = 0
@@ -211,10 +212,17 @@ class Transport:
                 if self.generation != generation:
                     return
         # ZeroMQ takes a message's later parts once it took its first (the high-water mark
-        # counts whole messages), so this never raises Again. Copied even when large: a
-        # zero-copy send hands the buffer to pyzmq's garbage-collector thread, which cost
-        # more than the copy (backlog: 88% -> 94% of the floor's throughput).
-        raw.send(frames[1], _NOW)
+        # counts whole messages), unless the connection went away in between (the aggregator
+        # stopping): then it takes the first part back and says Again. The batch went nowhere,
+        # as if lost on the way: the aggregator's resync, the ack timeout or the hello after its
+        # restart sends it again. (An uncaught Again here stopped the whole agent.) Copied even
+        # when large: a zero-copy send hands the buffer to pyzmq's garbage-collector thread,
+        # which cost more than the copy (backlog: 88% -> 94% of the floor's throughput).
+        try:
+            raw.send(frames[1], _NOW)
+        except zmq.Again:
+            self.torn_sends += 1
+            return
         self.sent_batches += 1
         self.sent_bytes += len(frames[1])
 
