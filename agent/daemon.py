@@ -667,10 +667,12 @@ class Agent(Following):
             self.ack_problem = None
 
     def check_ack_stall(self) -> None:
-        """Batches out and nothing at all acknowledged for two ack timeouts (the first resent
-        them), although the aggregator answers heartbeats: with another aggregator configured,
-        move to it. Looked at once a beat, here rather than in the read loop, which may be
-        waiting for room on a data socket nobody reads."""
+        """Batches out and nothing at all acknowledged for two ack timeouts since the aggregator
+        in use answered its hello (the first timeout resent them, if it still answered): with
+        another aggregator configured, move to it, whether or not it answers heartbeats (with
+        lines flowing this is noticed before a long heartbeat timeout). Looked at once a beat,
+        here rather than in the read loop, which may be waiting for room on a data socket
+        nobody reads."""
         transport = self.transport
         if transport is None or transport.instance is None or not (
                 self.unacked or self.journals.inflight_bytes()):
