@@ -79,8 +79,9 @@ class Agent(Following):
         # The last acknowledgement of anything, or the last move to another aggregator
         # (monotonic): none for two ack timeouts with batches out, and the agent moves on.
         self.last_any_ack = time.monotonic()
-        # Streams the aggregator moved to had at an offset before the acknowledged one.
-        self.rebased_after_switch = 0
+        # Streams an aggregator asked for from before their acknowledged offset (with several
+        # aggregators: one that had the stream before another took it further).
+        self.rebased_streams = 0
         self.checkpoints_dirty = True
         # The aggregator's max_message_bytes (its hello reply says; the default until then): no
         # batch is read larger than what encodes within it (see read_bytes).
@@ -544,10 +545,11 @@ class Agent(Following):
             # damaged), or, with several aggregators, this one last had the stream before
             # another took it further: start the stream again from what we know is durable,
             # rather than shipping it all twice. The new base tells it so, and it takes our
-            # word: one answer, said once per stream (after a move it is expected: counted).
+            # word: one answer, said once per stream (with several aggregators it is expected:
+            # counted, at DEBUG).
             if t.base < t.acked:
-                if self.transport is not None and self.transport.failover.switches:
-                    self.rebased_after_switch += 1
+                self.rebased_streams += 1
+                if self.transport is not None and self.transport.failover.several:
                     log.debug("aggregator %s had %s at %d, another took it to %d: continuing from %d",
                               self.transport.endpoint.control, t.path, offset, t.acked, t.acked)
                 else:
@@ -787,7 +789,7 @@ class Agent(Following):
             "uptime_s": round(time.time() - self.started_at, 1), "mode": self.cfg.mode,
             "data": transport.endpoint.data if transport else self.cfg.data,
             "aggregators": transport.status() if transport else None,
-            "rebased_after_switch": self.rebased_after_switch,
+            "rebased_streams": self.rebased_streams,
             "torn_sends": transport.torn_sends if transport else 0,
             "aggregator": transport.instance if transport else None,
             "aggregator_last_reply_s": transport.last_reply_age_s() if transport else None,
