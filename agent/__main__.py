@@ -119,7 +119,8 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
     if aggs and len(aggs["ranked"]) > 1:
         order = ", ".join(a["control"] + (" (in use)" if a["in_use"] else "") for a in aggs["ranked"])
         last = aggs["last_switch"]
-        moved = (f"; {aggs['switches']} switches, the last from {last['from']} to {last['to']}: "
+        n = aggs["switches"]
+        moved = (f"; {n} switch{'' if n == 1 else 'es'}, the last from {last['from']} to {last['to']}: "
                  f"{last['reason']}") if last else ""
         print(f"aggregators in this agent's order: {order}{moved}")
     print(f"{len(s['files'])} files, {s['open_files']} open, lag {s['lag_bytes']} bytes, in flight "

@@ -222,6 +222,10 @@ def test_aggregator_killed_agent_moves_to_the_next_and_loses_nothing(h: Harness)
     assert "no reply" in s["aggregators"]["last_switch"]["reason"]
     log = next(p for p in h.procs if p.name == f"agent-{name}").log()
     assert log.count("switching aggregator:") == 1
+    text = subprocess.run([PY, "-m", "agent", "status", "--set", f"agent.state_dir={h.root / f'st-{name}'}"],
+                          capture_output=True, text=True, timeout=20).stdout
+    assert (f"aggregators in this agent's order: {eps['a'].control}, {eps['b'].control} (in use); 1 switch,"
+            f" the last from {eps['a'].control} to {eps['b'].control}: no reply") in text, text
     h.ep = eps["b"]
     h.assert_quiet(eps["b"])
 
