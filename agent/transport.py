@@ -413,6 +413,7 @@ class Transport:
         one configured, move now rather than after a heartbeat timeout; with none, wait for it
         (said once per instance)."""
         instance = msg.get("instance")
+        log.debug("aggregator %s says it is stopping (we talk to %s)", instance, self.instance)
         if instance is not None and instance != self.instance:
             return  # an older instance's word
         if self.fail_over(f"aggregator {self.instance} is stopping"):

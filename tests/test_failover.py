@@ -117,6 +117,25 @@ def aggregator(h: Harness, ep: Endpoints, label: str, *extra: str) -> Proc:
     return h._proc(f"aggregator-{label}", args).start()
 
 
+def fresh(h: Harness, label: str, *extra: str) -> tuple[Endpoints, Proc]:
+    """Aggregator ``label`` on free loopback ports, up (its log says ready). Another test run on
+    this machine may take a port between free_port() and the bind: then new ports."""
+    for _ in range(5):
+        ep = h.endpoints(tcp=True)
+        proc = aggregator(h, ep, label, *extra)
+        wait_for(lambda p=proc: not p.alive() or " ready: " in p.log(), what=f"aggregator {label} up")
+        if proc.alive():
+            return ep, proc
+        assert "Address already in use" in proc.log(), proc.log()
+    raise AssertionError("no free ports for an aggregator in 5 tries")
+
+
+def pair(h: Harness, *extra: str) -> tuple[dict[str, Endpoints], dict[str, Proc]]:
+    """Aggregators a and b, up."""
+    started = {label: fresh(h, label, *extra) for label in ("a", "b")}
+    return {k: v[0] for k, v in started.items()}, {k: v[1] for k, v in started.items()}
+
+
 def entry(ep: Endpoints, data: str | None = None) -> dict[str, Any]:
     return {"data": data or ep.pull, "control": ep.control}
 
@@ -203,8 +222,7 @@ def test_aggregator_killed_agent_moves_to_the_next_and_loses_nothing(h: Harness)
     two outputs. With the files sink, lines the killed one committed but had not acknowledged
     are in both (at most the agent's in-flight window); each output holds each file's lines
     once and in order."""
-    eps = {"a": h.endpoints(tcp=True), "b": h.endpoints(tcp=True)}
-    procs = {label: aggregator(h, ep, label) for label, ep in eps.items()}
+    eps, procs = pair(h)
     name = name_preferring(eps["a"], list(eps.values()), "n")
     w = writer(h, name)
     agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name)
@@ -234,8 +252,7 @@ def test_sigterm_of_the_aggregator_in_use_moves_its_agents_at_once(h: Harness) -
     """An aggregator stopping tells its agents; one with another aggregator moves at once (its
     heartbeat timeout here is 15 s, far beyond the wait) and stays there when the first comes
     back (sticky); one with that aggregator only waits for it and loses nothing."""
-    eps = {"a": h.endpoints(tcp=True), "b": h.endpoints(tcp=True)}
-    procs = {label: aggregator(h, ep, label) for label, ep in eps.items()}
+    eps, procs = pair(h)
     name = name_preferring(eps["a"], list(eps.values()), "m")
     w = writer(h, name)
     solo = writer(h, "solo")
@@ -244,6 +261,9 @@ def test_sigterm_of_the_aggregator_in_use_moves_its_agents_at_once(h: Harness) -
     out_a = h.root / "out-a"
     wait_for(lambda: count_lines(out_a / "app" / "app.log") > 1000
              and count_lines(out_a / "solo" / "solo.log") > 1000, what="lines of both agents through a")
+    # Both known to a (their hellos answered: batches go before), so that it can tell them.
+    wait_for(lambda: all((s := h.agent_status(n)) is not None and s["aggregator"] is not None
+                         for n in (name, "solo")), what="both agents connected to a")
     assert procs["a"].stop(signal.SIGTERM) == 0
     wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=10, what="the agent moved to b")
     s = h.agent_status(name)
@@ -266,8 +286,7 @@ def test_sigterm_of_the_aggregator_in_use_moves_its_agents_at_once(h: Harness) -
 
 
 def test_both_aggregators_down_then_one_back_ships_again_quietly(h: Harness) -> None:
-    eps = {"a": h.endpoints(tcp=True), "b": h.endpoints(tcp=True)}
-    procs = {label: aggregator(h, ep, label) for label, ep in eps.items()}
+    eps, procs = pair(h)
     name = name_preferring(eps["a"], list(eps.values()), "d")
     w = writer(h, name)
     agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name)
@@ -294,9 +313,7 @@ def test_no_acknowledgement_moves_to_the_next_and_loses_nothing(h: Harness) -> N
     """The first aggregator answers heartbeats but never acknowledges (its data endpoint here is
     a socket nobody reads): after two ack timeouts the agent moves on, and the second has every
     line once."""
-    eps = {"a": h.endpoints(tcp=True), "b": h.endpoints(tcp=True)}
-    for label, ep in eps.items():
-        aggregator(h, ep, label)
+    eps, _ = pair(h)
     ctx = zmq.Context()
     void = ctx.socket(zmq.PULL)
     void.setsockopt(zmq.RCVHWM, 1)
@@ -323,8 +340,7 @@ def test_no_acknowledgement_moves_to_the_next_and_loses_nothing(h: Harness) -> N
 def test_a_single_aggregator_agent_waits_for_it_as_before(h: Harness) -> None:
     """The single data/control pair: no ranking, no moves; kill -9 and restart of the
     aggregator cost a wait and a resend, as ever."""
-    ep = h.endpoints(tcp=True)
-    agg = aggregator(h, ep, "a")
+    ep, agg = fresh(h, "a")
     w = writer(h, "s")
     agent(h, [entry(ep)], "app", "s")
     wait_for(lambda: count_lines(h.root / "out-a" / "app" / "app.log") > 1000, what="first lines")
@@ -352,10 +368,9 @@ def test_refused_by_the_first_aggregator_moves_to_the_next(h: Harness) -> None:
         (h.root / f"keys-{label}").mkdir()
         if authorised:
             shutil.copy(keys / "agent.key", h.root / f"keys-{label}")
-    eps = {"a": h.endpoints(tcp=True), "b": h.endpoints(tcp=True)}
-    for label, ep in eps.items():
-        aggregator(h, ep, label, f"aggregator.curve_secret_key={keys / 'aggregator.key_secret'}",
-                   f"aggregator.authorized_keys_dir={h.root / f'keys-{label}'}")
+    eps = {label: fresh(h, label, f"aggregator.curve_secret_key={keys / 'aggregator.key_secret'}",
+                        f"aggregator.authorized_keys_dir={h.root / f'keys-{label}'}")[0]
+           for label in ("a", "b")}
     name = name_preferring(eps["a"], list(eps.values()), "r")
     w = writer(h, name, limit=2000)
     agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name,
@@ -375,8 +390,7 @@ def test_back_to_an_aggregator_that_is_behind_continues_from_the_acknowledged_of
     """a killed (the agent moves to b), a back, b killed (the agent moves back to a): a last had
     each stream where the agent left it, b took them further. a asks for its old offsets; the
     agent continues from what b acknowledged (no line of b's again in a's output), quietly."""
-    eps = {"a": h.endpoints(tcp=True), "b": h.endpoints(tcp=True)}
-    procs = {label: aggregator(h, ep, label) for label, ep in eps.items()}
+    eps, procs = pair(h)
     name = name_preferring(eps["a"], list(eps.values()), "k")
     w = writer(h, name)
     agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name)
