@@ -4,6 +4,7 @@ rank order (a kill -9, a SIGTERM's word, no acknowledgement, all down), losing n
 from __future__ import annotations
 
 import itertools
+import logging
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import zmq
 from harness import PY, Endpoints, Harness, Proc, Writer, _inline_table, count_lines, output_lines, wait_for
 
 from agent.config import AggregatorEndpoints, load_config
-from agent.failover import rank
+from agent.failover import Failover, rank
 from fleetlog import curve
 from fleetlog.tomlconf import ConfigError
 
@@ -54,6 +55,27 @@ def test_ranking_is_stable_and_spreads_a_fleet_evenly() -> None:
     moved = [n for n in names
              if rank(n, three)[0] != three[1] and rank(n, three[::2])[0] != rank(n, three)[0]]
     assert moved == []
+
+
+def test_moves_go_round_in_rank_order_and_wait_only_while_none_answers(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The choice alone: the first move away from one that answered is at once, then each one
+    that never answered keeps its trial; going round without an answer is said once."""
+    f = Failover("web-01", aggs(3), trial_s=60.0)
+    order = list(f.ranked)
+    f.on_answer()
+    assert f.want("no reply") and f.wait_s() == 0.0
+    assert f.move().target == order[1]
+    assert f.want("no answer") and f.wait_s() > 59   # order[1] never answered: its trial first
+    with caplog.at_level(logging.DEBUG, logger="fleetlog.agent.failover"):
+        for expected in (order[2], order[0], order[1], order[2]):
+            assert f.move().target == expected
+    assert sum("no aggregator answers" in r.message for r in caplog.records) == 1
+    # Three moves from ones that never answered (all three tried): then said once, then DEBUG.
+    assert [r.levelname for r in caplog.records] == ["INFO", "INFO", "WARNING", "DEBUG"]
+    f.on_answer()
+    assert f.current == order[2] and f.wait_s() == 0.0 and f.status()["switches"] == 5
+    assert not Failover("web-01", aggs(1), trial_s=1.0).want("no reply")  # one: nowhere to go
 
 
 def agent_config(tmp: Path, *items: str) -> Any:
