@@ -115,6 +115,14 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
         sys.stdout.write(orjson.dumps(s).decode() + "\n")
         return 0
     print(f"agent {s['agent']} ({s['mode']} to {s['data']}, aggregator {s['aggregator'] or 'not connected'})")
+    aggs = s.get("aggregators")
+    if aggs and len(aggs["ranked"]) > 1:
+        order = ", ".join(a["control"] + (" (in use)" if a["in_use"] else "") for a in aggs["ranked"])
+        last = aggs["last_switch"]
+        n = aggs["switches"]
+        moved = (f"; {n} switch{'' if n == 1 else 'es'}, the last from {last['from']} to {last['to']}: "
+                 f"{last['reason']}") if last else ""
+        print(f"aggregators in this agent's order: {order}{moved}")
     print(f"{len(s['files'])} files, {s['open_files']} open, lag {s['lag_bytes']} bytes, in flight "
           f"{s['inflight_bytes']} of a {s['window_bytes']} byte window, {s['lines_shipped']} lines shipped "
           f"(acknowledged), {s['resends']} resends")

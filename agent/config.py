@@ -52,12 +52,24 @@ class SourceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AggregatorEndpoints:
+    """One aggregator as an agent reaches it: its pull (push mode) or xsub (pub mode) endpoint,
+    and its control endpoint (which also names it: the ranking hashes it)."""
+    data: str
+    control: str
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     name: str
     state_dir: str = "/var/lib/fleetlog/agent"
     mode: str = "push"
     data: str = "tcp://127.0.0.1:5555"
     control: str = "tcp://127.0.0.1:5558"
+    # Several aggregators (``aggregators = [{data, control}, ...]``), instead of data/control:
+    # the agent ranks them by a rendezvous hash of its name and uses one at a time (see
+    # agent/failover.py). Empty: the single data/control pair.
+    aggregators: tuple[AggregatorEndpoints, ...] = ()
     # Where `fleetlog-agent status` finds this agent; default ipc://<state_dir>/agent.sock.
     status_socket: str = ""
     batch_max_lines: int = 10_000
@@ -90,6 +102,11 @@ class AgentConfig:
     metrics_listen: str = ""
     log_level: str = "info"
     loop: str = "uvloop"
+
+    @property
+    def aggregator_list(self) -> tuple[AggregatorEndpoints, ...]:
+        """The aggregators this agent may use, as configured (one for the single pair)."""
+        return self.aggregators or (AggregatorEndpoints(self.data, self.control),)
 
     @property
     def status_endpoint(self) -> str:
@@ -164,6 +181,36 @@ def _regex_problem(value: str) -> str | None:
     except re.error as exc:
         return f"not a regular expression: {exc}"
     return None
+
+
+def _parse_aggregators(s: Section) -> tuple[AggregatorEndpoints, ...]:
+    """``aggregators = [{ data = "...", control = "..." }, ...]``: each entry checked like the
+    single pair, which it replaces (both given is a mistake: which one would be meant?)."""
+    if "aggregators" not in s.data:
+        return ()
+    given = [k for k in ("data", "control") if k in s.data]
+    if given:
+        s.problem("aggregators", f"give either aggregators or the single {' and '.join(given)} key,"
+                                 " not both (aggregators lists each aggregator's data and control)")
+    value = s.data["aggregators"]
+    if not isinstance(value, list) or not value:
+        s.tables("aggregators")  # marks the key as known
+        s.problem("aggregators", "must be a non-empty list of tables like"
+                                 " { data = \"tcp://agg-a:5555\", control = \"tcp://agg-a:5558\" }")
+        return ()
+    out: list[AggregatorEndpoints] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(s.tables("aggregators")):
+        for key in ("data", "control"):
+            if key not in entry.data:
+                entry.problem(key, "missing (each aggregator needs its data and control endpoints)")
+        item = AggregatorEndpoints(data=entry.endpoint("data", ""), control=entry.endpoint("control", ""))
+        entry.finish()
+        if item.control and item.control in seen:
+            entry.problem("control", f"{item.control} is also aggregators[{seen[item.control]}]'s")
+        seen.setdefault(item.control, i)
+        out.append(item)
+    return tuple(out)
 
 
 def _parse_source(s: Section) -> SourceConfig:
@@ -255,6 +302,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         mode=s.choice("mode", d.mode, ("push", "pub")),
         data=s.endpoint("data", d.data),
         control=s.endpoint("control", d.control),
+        aggregators=_parse_aggregators(s),
         # "" (the documented default) means the default socket.
         status_socket=s.str("status_socket", "", lambda v: endpoint_problem(v) if v else None),
         batch_max_lines=s.int("batch_max_lines", d.batch_max_lines, 1),
@@ -341,4 +389,5 @@ def load_config(path: str | None, overrides: list[str] | None = None, check_dirs
     return parse(data, source, check_dirs=check_dirs)
 
 
-__all__ = ["AgentConfig", "Config", "ConfigError", "JournalConfig", "SourceConfig", "load_config"]
+__all__ = ["AgentConfig", "AggregatorEndpoints", "Config", "ConfigError", "JournalConfig", "SourceConfig",
+           "load_config"]

@@ -16,6 +16,7 @@ import zmq.asyncio
 
 from agent import batch, metrics
 from agent.config import AgentConfig, Config, load_config
+from agent.failover import Switch
 from agent.follow import Following
 from agent.journal_sources import JournalSources
 from agent.offsets import Checkpoint, CheckpointStore
@@ -75,6 +76,12 @@ class Agent(Following):
         self.started = asyncio.Event()
         # The journal sources' last acknowledgement progress (file streams keep their own).
         self.last_ack_progress = time.monotonic()
+        # The last acknowledgement of anything, or the last move to another aggregator
+        # (monotonic): none for two ack timeouts with batches out, and the agent moves on.
+        self.last_any_ack = time.monotonic()
+        # Streams an aggregator asked for from before their acknowledged offset (with several
+        # aggregators: one that had the stream before another took it further).
+        self.rebased_streams = 0
         self.checkpoints_dirty = True
         # The aggregator's max_message_bytes (its hello reply says; the default until then): no
         # batch is read larger than what encodes within it (see read_bytes).
@@ -130,7 +137,7 @@ class Agent(Following):
         self.ctx = zmq.asyncio.Context()
         start_zmq_threads(self.ctx)
         self.transport = Transport(self.ctx, self.cfg, self.on_event, self.on_hello, self.on_window,
-                                   self.hello_args, self.heartbeat_args)
+                                   self.hello_args, self.heartbeat_args, self.on_switch)
         self.transport.connect()
         self.status_server = StatusServer(self, self.ctx, self.cfg.status_endpoint)
         self.status_server.bind()
@@ -152,8 +159,10 @@ class Agent(Following):
         supervise(self._tasks, self.request_stop)
         self.started.set()
         self.notifier.notify("READY=1", f"STATUS=following {len(self.tailers)} files")
-        log.info("agent %s ready: %d files from %d sources, %s to %s", self.cfg.name, len(self.tailers),
-                 len(self.config.sources), self.cfg.mode, self.cfg.data)
+        ranked = self.transport.failover.ranked
+        order = f" (aggregators in order: {', '.join(a.control for a in ranked)})" if len(ranked) > 1 else ""
+        log.info("agent %s ready: %d files from %d sources, %s to %s%s", self.cfg.name, len(self.tailers),
+                 len(self.config.sources), self.cfg.mode, self.transport.endpoint.data, order)
 
     async def serve(self) -> None:
         try:
@@ -448,6 +457,19 @@ class Agent(Following):
                       "aggregator's max_message_bytes or lower this source's max_line_bytes",
                       t.path, chunk.start, chunk.end - chunk.start, size, self.max_message_bytes)
 
+    def on_switch(self, switch: Switch) -> None:
+        """Moved to another aggregator (``switch`` says why and which): as after a restart of
+        the aggregator, everything not acknowledged is shipped again, from the acknowledged
+        offsets, to the new one only (the old sockets are closed with what they held)."""
+        self.rewind_unacked()
+        self.last_any_ack = time.monotonic()
+        self.stalled_since = None
+        # As at start, until the new aggregator's hello reply says otherwise.
+        self.window = min(MIN_WINDOW, self.cfg.max_inflight_bytes)
+        self.wire_v2 = False
+        self.acked_event.set()
+        self.wake.set()
+
     def rewind_unacked(self) -> None:
         """Ship everything not acknowledged again, from the files."""
         for t in self.unacked:
@@ -467,6 +489,7 @@ class Agent(Following):
                 for stream, end in streams.items():
                     self.ack(stream, end)
             self.stalled_since = None
+            self.last_any_ack = time.monotonic()
         elif event == "resync":
             self.resync(msg.get("stream"), msg.get("offset"), msg.get("seq"))
         if "window" in msg:
@@ -519,12 +542,20 @@ class Agent(Following):
             return  # stale (sent before our last rewind)
         if offset < t.acked:
             # The aggregator lost what it had acknowledged (its state_dir was lost or its journal
-            # damaged): start the stream again from what we know is durable, rather than
-            # shipping it all twice. The new base tells it so, and it takes our word: one
-            # answer, said once per stream.
+            # damaged), or, with several aggregators, this one last had the stream before
+            # another took it further: start the stream again from what we know is durable,
+            # rather than shipping it all twice. The new base tells it so, and it takes our
+            # word: one answer, said once per stream (with several aggregators it is expected:
+            # counted, at DEBUG).
             if t.base < t.acked:
-                log.warning("aggregator asks for %s from %d but acknowledged %d before; continuing"
-                            " from %d (rebasing the stream)", t.path, offset, t.acked, t.acked)
+                self.rebased_streams += 1
+                if self.transport is not None and self.transport.failover.several:
+                    log.debug("aggregator %s had %s at %d, another took it to %d: continuing from %d",
+                              self.transport.endpoint.control, t.path, offset, t.acked, t.acked)
+                else:
+                    log.warning("aggregator asks for %s from %d but acknowledged %d before;"
+                                " continuing from %d (rebasing the stream)", t.path, offset, t.acked,
+                                t.acked)
                 t.base = t.acked
                 self.unsaved_streams = True
             offset = t.acked
@@ -541,8 +572,10 @@ class Agent(Following):
         if isinstance(committed, dict):
             for stream, end in committed.items():
                 self.ack(stream, end)
+        self.last_any_ack = time.monotonic()
         if restarted:
-            log.info("aggregator restarted: shipping everything not acknowledged again")
+            log.info("aggregator %s is new to this agent (a restart, or a move to another):"
+                     " shipping everything not acknowledged again", result.get("instance"))
             self.rewind_unacked()
         self.inflight = self.inflight_bytes()
         versions = result.get("wire")
@@ -570,12 +603,16 @@ class Agent(Following):
                 "version": __version__, "started_at": self.started_at, "streams": streams[:20_000],
                 "lag_bytes": self.reported_lag, "lag_s": self.measure_lag_s(),
                 "max_inflight_bytes": self.cfg.max_inflight_bytes, "problems": self.problems(),
-                "heartbeat_interval_ms": self.cfg.heartbeat_interval_ms}
+                "heartbeat_interval_ms": self.cfg.heartbeat_interval_ms,
+                # Several: a stream further on than this aggregator knows is normal (another
+                # one acknowledged it), not a sign of lost state.
+                "aggregators": len(self.cfg.aggregator_list)}
 
     def heartbeat_args(self) -> dict[str, Any]:
         """A heartbeat's content; once a beat, it also looks at whether acks are flowing."""
         self.reported_lag = self.lag_bytes()
         self.check_acks_flow()
+        self.check_ack_stall()
         assert self.transport is not None
         args: dict[str, Any] = {"agent": self.cfg.name, "agent_id": self.transport.agent_id,
                                 "mode": self.cfg.mode, "lag_bytes": self.reported_lag,
@@ -622,17 +659,32 @@ class Agent(Following):
         transport = self.transport
         stalled = (self.stalled_since is not None and now - self.stalled_since >= limit
                    and transport is not None and transport.answers(limit))
-        if stalled and self.ack_problem is None:
+        if stalled and self.ack_problem is None and transport is not None:
             endpoint = "pull" if self.cfg.mode == "push" else "xsub"
             self.ack_problem = (
                 f"connected, but no acknowledgement for over {limit:g}s although the aggregator"
-                f" answers heartbeats: is `data` ({self.cfg.data}) the aggregator's {endpoint}"
+                f" answers heartbeats: is `data` ({transport.endpoint.data}) the aggregator's {endpoint}"
                 f" endpoint ({self.cfg.mode} mode)? (if it is, `aggregatorctl status` says why it"
                 " does not acknowledge)")
             log.warning("%s", self.ack_problem)
         elif not stalled and self.ack_problem is not None and self.stalled_since is None:
             log.info("acknowledgements arrive again")
             self.ack_problem = None
+
+    def check_ack_stall(self) -> None:
+        """Batches out and nothing at all acknowledged for two ack timeouts since the aggregator
+        in use answered its hello (the first timeout resent them, if it still answered): with
+        another aggregator configured, move to it, whether or not it answers heartbeats (with
+        lines flowing this is noticed before a long heartbeat timeout). Looked at once a beat,
+        here rather than in the read loop, which may be waiting for room on a data socket
+        nobody reads."""
+        transport = self.transport
+        if transport is None or transport.instance is None or not (
+                self.unacked or self.journals.inflight_bytes()):
+            return
+        silent_s = time.monotonic() - self.last_any_ack
+        if silent_s >= 2 * self.cfg.ack_timeout_ms / 1000:
+            transport.fail_over(f"no acknowledgement for {silent_s:.1f}s with batches out")
 
     def problems(self) -> list[str]:
         """What is wrong now (connections, refusals, the aggregator's word, missing acks)."""
@@ -737,7 +789,11 @@ class Agent(Following):
         transport = self.transport
         return {
             "agent": self.cfg.name, "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 1), "mode": self.cfg.mode, "data": self.cfg.data,
+            "uptime_s": round(time.time() - self.started_at, 1), "mode": self.cfg.mode,
+            "data": transport.endpoint.data if transport else self.cfg.data,
+            "aggregators": transport.status() if transport else None,
+            "rebased_streams": self.rebased_streams,
+            "torn_sends": transport.torn_sends if transport else 0,
             "aggregator": transport.instance if transport else None,
             "aggregator_last_reply_s": transport.last_reply_age_s() if transport else None,
             "agent_id": transport.agent_id if transport else None,

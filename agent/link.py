@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -40,17 +41,22 @@ class Link:
 
     ``problem`` is what is wrong now (None: nothing known); ``up`` is True between a successful
     handshake and the next disconnection. ``role`` is "control" or "data"; ``hint`` is the
-    question to ask the operator when the endpoint looks like the wrong one.
+    question to ask the operator when the endpoint looks like the wrong one. ``problem`` is what
+    an earlier link to the same endpoint last said (a new link after a move to another
+    aggregator and back: not said again); ``on_failure`` is called after each failed handshake
+    that leaves a problem known.
     """
 
     def __init__(self, role: str, sock: zmq.asyncio.Socket, endpoint: str, hint: str,
-                 curve_public: bytes | None = None) -> None:
+                 curve_public: bytes | None = None, problem: str | None = None,
+                 on_failure: Callable[[Link], None] | None = None) -> None:
         self.role = role
         self.sock = sock
         self.endpoint = endpoint
         self.hint = hint
         self.curve_public = curve_public
-        self.problem: str | None = None
+        self.on_failure = on_failure
+        self.problem: str | None = problem
         self.up = False
         self.handshakes = 0
         self.failures = 0          # handshakes failed since the last one that succeeded
@@ -100,10 +106,12 @@ class Link:
             self.failures += 1
             self.set_problem(self._refused_text(value))
             self._reconnect_later()
+            self._failed()
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self.failures += 1
             self.set_problem(self._protocol_text(value))
             self._reconnect_later()
+            self._failed()
         elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             # ZeroMQ reconnects by itself here. One such failure can be an aggregator going down
             # in mid-handshake; every attempt failing is a peer that cannot read our hello.
@@ -112,6 +120,8 @@ class Link:
                 # Never instead of a refusal already said: a refused client sometimes sees the
                 # peer close before it reads the reason, and the log would flip between the two.
                 self.set_problem(self._no_detail_text())
+            if self.failures >= 2:
+                self._failed()
         elif event == zmq.EVENT_DISCONNECTED:
             self.up = False
             if self._retry is None and self._gave_up is None:
@@ -119,6 +129,10 @@ class Link:
                 self._gave_up = loop.call_later(GAVE_UP_AFTER_S, self._check_gave_up)
         elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECTED, zmq.EVENT_CONNECT_DELAYED):
             self._cancel_gave_up()
+
+    def _failed(self) -> None:
+        if self.problem is not None and self.on_failure is not None:
+            self.on_failure(self)
 
     def set_problem(self, problem: str | None) -> None:
         """Log a change of problem once: WARNING when one starts or changes, INFO when it ends."""
@@ -146,6 +160,7 @@ class Link:
             self.set_problem(f"{self.endpoint} closes the {self.role} connection as soon as it is made, and"
                              f" ZeroMQ gives up on it (a socket of another type answers there): {self.hint}")
         self._reconnect_later()
+        self._failed()
 
     def _reconnect_later(self) -> None:
         if self._retry is not None:

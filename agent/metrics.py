@@ -23,6 +23,7 @@ Metrics (all prefixed ``fleetlog_agent_``):
                                       (missing: vacuumed before they were read, see the README)
     nul_bytes_skipped_total           runs of NULs where a line starts (copytruncate holes), skipped
     connected                         1 once the aggregator answered the hello
+    aggregator_switches_total         moves to another aggregator (several configured)
     info{agent, mode, version}
 """
 
@@ -102,6 +103,9 @@ class AgentCollector:
                   Tailer.nul_bytes_total)
         yield one(GaugeMetricFamily(PREFIX + "connected", "1 once the aggregator answered the hello"),
                   1 if transport is not None and transport.instance else 0)
+        yield one(CounterMetricFamily(PREFIX + "aggregator_switches",
+                                      "Moves to another aggregator (several configured)"),
+                  transport.failover.switches if transport is not None else 0)
         yield from journal_metrics(a)
 
 

@@ -2,13 +2,20 @@
 
 The control channel carries hello (on start and whenever the aggregator's instance id
 changes, i.e. it restarted), heartbeats with this agent's lag, and the aggregator's events:
-``ack`` (these streams are durable up to these offsets) and ``resync`` (this stream continues at
-this offset; ship from there).
+``ack`` (these streams are durable up to these offsets), ``resync`` (this stream continues at
+this offset; ship from there) and ``stopping`` (it is going down: move to another one now).
+
+With several aggregators configured, one is used at a time (agent/failover.py chooses). A move
+closes both sockets, with whatever their queues hold, and opens new ones to the next: no batch
+sent before the move can reach the old aggregator after it, so a stream's batches never go to
+two aggregators at once. The agent then behaves as after an aggregator restart: hello, and
+everything not acknowledged shipped again from the acknowledged offsets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -19,7 +26,8 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, AggregatorEndpoints
+from agent.failover import Failover, Switch
 from agent.link import Link
 from fleetlog import curve, wire
 
@@ -68,7 +76,8 @@ class Transport:
                  on_hello: Callable[[dict[str, Any], bool], None],
                  on_window: Callable[[Any], None],
                  hello_args: Callable[[], dict[str, Any]],
-                 heartbeat_args: Callable[[], dict[str, Any]]) -> None:
+                 heartbeat_args: Callable[[], dict[str, Any]],
+                 on_switch: Callable[[Switch], None] | None = None) -> None:
         self.ctx = ctx
         self.cfg = cfg
         self.on_event = on_event
@@ -76,6 +85,19 @@ class Transport:
         self.on_window = on_window
         self.hello_args = hello_args
         self.heartbeat_args = heartbeat_args
+        self.on_switch = on_switch
+        # The heartbeat timeout: three beats without a word from the aggregator.
+        self.timeout_s = 3 * cfg.heartbeat_interval_ms / 1000
+        self.failover = Failover(cfg.name, cfg.aggregator_list, self.timeout_s)
+        self._move = asyncio.Event()
+        self._moved_event = asyncio.Event()  # wakes the heartbeat loop after a move
+        # Bumped by every move: a batch read before it is not sent after it (it is read again).
+        self.generation = 0
+        # What each endpoint's links last said was wrong: a link made again after a move starts
+        # from it, so a refusal is logged once per change, not once per round.
+        self._link_problems: dict[tuple[str, str], str | None] = {}
+        self._stopping_said: str | None = None
+        self._opened_at = 0.0  # loop.time() the sockets to the aggregator in use were opened
         self.data: zmq.asyncio.Socket | None = None
         self._data_raw: zmq.Socket | None = None  # type: ignore[type-arg]
         self.control: zmq.asyncio.Socket | None = None
@@ -87,6 +109,7 @@ class Transport:
         self._hello_backoff_s = HELLO_FIRST_RETRY_S
         self._goodbye_sent = False
         self.sent_batches = 0
+        self.torn_sends = 0  # batches whose connection went away between their two parts
         self.sent_bytes = 0
         # Control messages each way: steady at one heartbeat and its reply a beat (plus acks).
         self.control_sent = 0
@@ -97,12 +120,24 @@ class Transport:
         # a request is answered again. Logged once per change of reason.
         self.refusal: str | None = None
         self._refused = False  # since the last hello answered: ship everything again after it
+        self._moved = False    # to another aggregator since the last hello answered: the same
         # What the aggregator's replies say is wrong with this agent (e.g. another agent uses
         # its name); logged when it changes.
         self.told: tuple[str, ...] = ()
 
+    @property
+    def endpoint(self) -> AggregatorEndpoints:
+        """The aggregator in use."""
+        return self.failover.current
+
     def connect(self) -> None:
+        self.agent_id = load_agent_id(self.cfg.state_dir)
+        self._open()
+
+    def _open(self) -> None:
         kind = zmq.PUSH if self.cfg.mode == "push" else zmq.PUB
+        target = self.endpoint
+        self._opened_at = asyncio.get_running_loop().time()
         # Kept at once, so that close() closes them when a setting below fails (an open socket
         # would hold ctx.term(), and with it the exit, for ever).
         data = self.data = self.ctx.socket(kind)
@@ -114,7 +149,6 @@ class Transport:
         control = self.control = self.ctx.socket(zmq.DEALER)
         # The name and this agent's id: two agents given one name by mistake get two routes at
         # the aggregator (one identity would take the other's replies), which can tell both.
-        self.agent_id = load_agent_id(self.cfg.state_dir)
         control.setsockopt(zmq.IDENTITY, f"{self.cfg.name[:200]}/{self.agent_id}".encode()[:255])
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.SNDHWM, 100)
@@ -143,22 +177,27 @@ class Transport:
             sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
         kind_name = "pull" if self.cfg.mode == "push" else "xsub"
         self.links = [
-            Link("control", control, self.cfg.control,
-                 f"is `control` ({self.cfg.control}) the aggregator's control endpoint?", public),
-            Link("data", data, self.cfg.data,
-                 f"is `data` ({self.cfg.data}) the aggregator's {kind_name} endpoint ({self.cfg.mode}"
-                 " mode)?", public),
+            Link("control", control, target.control,
+                 f"is `control` ({target.control}) the aggregator's control endpoint?", public,
+                 self._link_problems.get(("control", target.control)), self._on_link_problem),
+            Link("data", data, target.data,
+                 f"is `data` ({target.data}) the aggregator's {kind_name} endpoint ({self.cfg.mode}"
+                 " mode)?", public, self._link_problems.get(("data", target.data)),
+                 self._on_link_problem),
         ]
         for link in self.links:
             link.monitor()
-        data.connect(self.cfg.data)
-        control.connect(self.cfg.control)
+        data.connect(target.data)
+        control.connect(target.control)
         self._data_raw = zmq.Socket.shadow(data.underlying)
 
     async def send(self, frames: list[bytes]) -> None:
-        """Send now if ZeroMQ has room (no future needed), else wait for room."""
+        """Send now if ZeroMQ has room (no future needed), else wait for room. A batch still
+        waiting when the agent moves to another aggregator is not sent: everything not
+        acknowledged is read again from the acknowledged offsets for the new one."""
         assert self.data is not None and self._data_raw is not None
         raw = self._data_raw
+        generation = self.generation
         while True:
             try:
                 # Plain sends with int flags: send_multipart's loop and enum arithmetic cost more
@@ -169,14 +208,36 @@ class Transport:
                 # No room (or no connection: IMMEDIATE): wait until there is, with a poll
                 # rather than a send future, which, cancelled at shutdown, would be left
                 # holding an exception nobody retrieves.
-                await self.data.poll(1000, zmq.POLLOUT)  # type: ignore[call-arg]
+                await self._wait_for_room()
+                if self.generation != generation:
+                    return
         # ZeroMQ takes a message's later parts once it took its first (the high-water mark
-        # counts whole messages), so this never raises Again. Copied even when large: a
-        # zero-copy send hands the buffer to pyzmq's garbage-collector thread, which cost
-        # more than the copy (backlog: 88% -> 94% of the floor's throughput).
-        raw.send(frames[1], _NOW)
+        # counts whole messages), unless the connection went away in between (the aggregator
+        # stopping): then it takes the first part back and says Again. The batch went nowhere,
+        # as if lost on the way: the aggregator's resync, the ack timeout or the hello after its
+        # restart sends it again. (An uncaught Again here stopped the whole agent.) Copied even
+        # when large: a zero-copy send hands the buffer to pyzmq's garbage-collector thread,
+        # which cost more than the copy (backlog: 88% -> 94% of the floor's throughput).
+        try:
+            raw.send(frames[1], _NOW)
+        except zmq.Again:
+            self.torn_sends += 1
+            return
         self.sent_batches += 1
         self.sent_bytes += len(frames[1])
+
+    async def _wait_for_room(self) -> None:
+        """Until the data socket may take a message, at most a second. A move closes the socket,
+        which cancels the poll: that ends the wait, not the task waiting (asyncio.wait)."""
+        assert self.data is not None
+        poll = cast("asyncio.Future[Any]", self.data.poll(1000, zmq.POLLOUT))  # type: ignore[call-arg]
+        try:
+            await asyncio.wait((poll,))
+        finally:
+            if not poll.done():
+                poll.cancel()
+            elif not poll.cancelled():
+                poll.exception()
 
     def request(self, command: str, args: dict[str, Any]) -> int | None:
         """Send a request now; its id, or None when it could not go (not connected: the
@@ -235,27 +296,97 @@ class Transport:
     async def heartbeat_loop(self) -> None:
         interval = self.cfg.heartbeat_interval_ms / 1000
         while True:
+            self.check_silence()
             if self.instance is None:
                 # Until the first hello is answered, ask again with back-off from 20 ms (the
                 # connection is usually up within a few) to the heartbeat interval (the
                 # aggregator may be starting, or down).
                 self.ask_hello()
-                await asyncio.sleep(self._hello_backoff_s)
+                await self._nap(self._hello_backoff_s)
                 self._hello_backoff_s = min(2 * self._hello_backoff_s, interval)
                 continue
-            await asyncio.sleep(interval)
-            self.request("heartbeat", self.heartbeat_args())
+            await self._nap(interval)
+            if self.instance is not None:  # not moved to another aggregator meanwhile
+                self.request("heartbeat", self.heartbeat_args())
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when the agent moves to another aggregator (its hello then
+        goes at once, not after a heartbeat interval)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._moved_event.wait(), seconds)
+        self._moved_event.clear()
 
     async def receive_loop(self) -> None:
-        """Control messages from the aggregator, and the connections' monitors, until cancelled."""
-        await asyncio.gather(self._receive(), *(link.watch() for link in self.links))
+        """Control messages from the aggregator, and the connections' monitors, until cancelled;
+        and the moves to another aggregator, made here between two sessions of those."""
+        while True:
+            if self.failover.wanted is None:
+                self._move.clear()
+            session = asyncio.ensure_future(
+                asyncio.gather(self._receive(), *(link.watch() for link in self.links)))
+            moving = asyncio.ensure_future(self._move.wait())
+            try:
+                await asyncio.wait((session, moving), return_when=asyncio.FIRST_COMPLETED)
+                if session.done():
+                    session.result()  # a failure in the session is the task's (supervise says so)
+                if (delay := self.failover.wait_s()) > 0:
+                    await asyncio.sleep(delay)  # the one in use still has its trial
+            finally:
+                for future in (session, moving):
+                    future.cancel()
+                await asyncio.gather(session, moving, return_exceptions=True)
+            if self.failover.answered and self.failover.wanted is not None and delay > 0:
+                self.failover.wanted = None  # it answered during its trial: it stays
+                continue
+            self._switch()
+
+    def fail_over(self, reason: str) -> bool:
+        """Move to the next aggregator in rank order, soon (from the receive loop); False when
+        there is no other (a single aggregator: wait for it, as ever)."""
+        if not self.failover.want(reason):
+            return False
+        self._move.set()
+        return True
+
+    def check_silence(self) -> None:
+        """Nothing from the aggregator in use for a heartbeat timeout (since we connected to it,
+        when it never answered): try the next one."""
+        heard = max(self.last_reply, self._opened_at)
+        silent = asyncio.get_running_loop().time() - heard
+        if silent >= self.timeout_s:
+            self.fail_over(f"no reply for {silent:.1f}s" if self.last_reply else
+                           f"no answer within {self.timeout_s:g}s")
+
+    def _switch(self) -> None:
+        """Close both sockets (dropping whatever they hold) and open new ones to the next
+        aggregator; from then on as after a restart of the aggregator."""
+        for link in self.links:
+            self._link_problems[(link.role, link.endpoint)] = link.problem
+            link.close()
+        for sock in (self.data, self.control):
+            if sock is not None:
+                sock.close(linger=0)
+        self.data = self.control = None
+        self._data_raw = None
+        switch = self.failover.move()
+        self.generation += 1
+        self._moved = True
+        self.instance = None
+        self.last_reply = 0.0
+        self._hellos.clear()
+        self._hello_backoff_s = HELLO_FIRST_RETRY_S
+        self._open()
+        self._moved_event.set()
+        if self.on_switch is not None:
+            self.on_switch(switch)
 
     async def _receive(self) -> None:
         assert self.control is not None
+        control = self.control
         loop = asyncio.get_running_loop()
         while True:
             try:
-                body = await self.control.recv()
+                body = await control.recv()
             except zmq.Again:
                 continue  # woken with nothing to read (seen with CURVE handshakes)
             self.control_received += 1
@@ -266,13 +397,36 @@ class Transport:
                 continue
             if "event" in msg:
                 self.last_reply = loop.time()
-                self.on_event(msg)
+                if msg["event"] == wire.EVENT_STOPPING:
+                    self.on_stopping(msg)
+                else:
+                    self.on_event(msg)
                 continue
             if not msg.get("ok"):
                 self.on_refused(msg.get("id"), str(msg.get("error")))
                 continue
             self.last_reply = loop.time()
             self.on_reply(msg.get("id"), msg.get("result") or {})
+
+    def on_stopping(self, msg: dict[str, Any]) -> None:
+        """The aggregator in use says it is stopping (a restart, a rolling upgrade): with another
+        one configured, move now rather than after a heartbeat timeout; with none, wait for it
+        (said once per instance)."""
+        instance = msg.get("instance")
+        log.debug("aggregator %s says it is stopping (we talk to %s)", instance, self.instance)
+        if instance is not None and instance != self.instance:
+            return  # an older instance's word
+        if self.fail_over(f"aggregator {self.instance} is stopping"):
+            return
+        if self._stopping_said != self.instance:
+            self._stopping_said = self.instance
+            log.info("aggregator %s is stopping; waiting for it to come back", self.instance)
+
+    def _on_link_problem(self, link: Link) -> None:
+        """A link says what is wrong with the aggregator in use (it refuses this agent's key, it
+        is not an aggregator): with another one configured, move on."""
+        if link.problem is not None:
+            self.fail_over(f"{link.role} connection refused: {link.problem}")
 
     def on_refused(self, req_id: Any, error: str) -> None:
         """A request refused (another live agent has our name, our key was revoked...). The
@@ -286,6 +440,7 @@ class Transport:
         self._refused = True
         self.instance = None
         self.last_reply = 0.0
+        self.fail_over(f"it refuses this agent: {error}")
 
     def problems(self) -> list[str]:
         """What is wrong with this agent's connection now, for status and heartbeats."""
@@ -329,9 +484,10 @@ class Transport:
             else:
                 # After a refusal, what was shipped meanwhile may have been dropped: as after a
                 # restart of the aggregator, everything unacknowledged goes again.
-                restarted = self.instance is not None or self._refused
-                self._refused = False
+                restarted = self.instance is not None or self._refused or self._moved
+                self._refused = self._moved = False
                 self.instance = instance
+                self.failover.on_answer()
                 self.on_hello(result, restarted)
         elif instance != self.instance:
             if not self.hello_in_flight():
@@ -341,6 +497,10 @@ class Transport:
             return
         if "window" in result:
             self.on_window(result["window"])
+
+    def status(self) -> dict[str, Any]:
+        """The aggregator in use, the ranked list and the moves so far."""
+        return self.failover.status()
 
     def goodbye(self) -> None:
         """Tell the aggregator we stop cleanly (best effort: the control socket lingers a

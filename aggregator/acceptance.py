@@ -98,6 +98,13 @@ class Acceptance(Stages):
         acknowledgements were real, so its word wins: both sides agree on one offset at once
         instead of asking each other forever."""
         self.totals.rebased_streams += 1
+        info = self.agents.get(batch.agent)
+        if info is not None and info.aggregators > 1:
+            # Another aggregator acknowledged it while this one was not in use: expected.
+            log.debug("agent %s, %s: continuing its stream at %d, acknowledged by another aggregator"
+                      " (we had %d)", batch.agent, batch.path, batch.base, expected)
+            self.accepted[key] = batch.base
+            return batch.base
         log.warning("agent %s, %s: continuing its stream at %d, where the agent's acknowledged"
                     " offset stands; our state had it at %d (that state was lost: journal damaged,"
                     " state_dir restored, or the JetStream stream no longer holds it)",

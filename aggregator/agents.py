@@ -35,6 +35,7 @@ class AgentInfo:
     stopped: bool = False  # said goodbye: stopped cleanly, not lost
     heard: bool = True     # by this instance (False: remembered from before a restart)
     version: str = ""
+    aggregators: int = 1  # how many aggregators the agent is configured with (its hello says)
     started_at: float = 0.0   # wall-clock time the agent started (from its hello)
     errors: dict[str, int] = field(default_factory=dict)  # its files' troubles (heartbeats)
     file_list: list[str] = field(default_factory=list)     # what it follows (heartbeats, on change)
@@ -60,6 +61,8 @@ class AgentInfo:
         mode = args.get("mode")
         if mode in ("push", "pub"):
             self.mode = mode
+        if type(args.get("aggregators")) is int:
+            self.aggregators = args["aggregators"]
         version, started_at = args.get("version"), args.get("started_at")
         if isinstance(version, str) and len(version) <= 64:
             self.version = version
@@ -203,6 +206,21 @@ class AgentRegistry(Stages):
             return []
         return [f"agent name {info.name!r} is also used by another agent at {clash[0]} (id {clash[1]}),"
                 " refused while this one is connected: give each agent its own agent.name"]
+
+    def tell_agents_stopping(self) -> int:
+        """Tell every connected agent that this aggregator stops (after the final commit's acks,
+        on the same connection, so they arrive first): agents with another aggregator move to
+        it at once instead of after a heartbeat timeout. The control sockets linger on close,
+        so the events go out. Returns how many agents were told. Called once, from shutdown."""
+        body = wire.encode_event(wire.EVENT_STOPPING, instance=self.instance)
+        told = 0
+        for info in self.agents.values():
+            if info.connected and info.routing_id and info.route is not None:
+                self.send_event(info.name, body)
+                told += 1
+        if told:
+            log.info("told %d connected agents that this aggregator stops", told)
+        return told
 
     def send_event(self, agent: str, body: bytes) -> None:
         info = self.agents.get(agent)

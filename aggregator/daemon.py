@@ -270,6 +270,7 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
         except (TimeoutError, SinkError) as exc:
             log.warning("final commit did not finish (%s); agents will resend what was not acknowledged",
                         exc or f"not within shutdown_timeout_s={self.cfg.shutdown_timeout_s}")
+        self.tell_agents_stopping()
         self.save_registry()
         await self.release(deadline)
 

@@ -33,7 +33,10 @@ it continues its stream exactly (``start`` equal to the end of the last accepted
 
 Control messages (DEALER <-> ROUTER on the control endpoint) are single orjson frames:
 requests ``{"id", "command", "args"}``, replies ``{"id", "ok", "result" | "error"}`` and, from the
-aggregator to an agent without a request, events ``{"event": "ack" | "resync", ...}``.
+aggregator to an agent without a request, events ``{"event": "ack" | "resync" | "stopping", ...}``.
+``stopping`` (``{"event": "stopping", "instance": ID}``) is sent to every connected agent when
+an aggregator stops, after its last acknowledgements: an agent with another aggregator configured
+moves to it at once; others (and older agents, which ignore events they do not know) wait.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ MIN_WINDOW = 1024 * 1024
 TOPIC_RE = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _NAME_MAX = 256
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The control event an aggregator sends its agents as it stops (see the module's docstring).
+EVENT_STOPPING = "stopping"
 
 
 class WireError(ValueError):

@@ -1,0 +1,438 @@
+"""Agents with several aggregators: ranked by a rendezvous hash, sticking to one, failing over in
+rank order (a kill -9, a SIGTERM's word, no acknowledgement, all down), losing no line."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from harness import PY, Endpoints, Harness, Proc, Writer, _inline_table, count_lines, output_lines, wait_for
+
+from agent.config import AggregatorEndpoints, load_config
+from agent.failover import Failover, rank
+from fleetlog import curve
+from fleetlog.tomlconf import ConfigError
+
+# A line of the Writer: "w0#00000012 " and 60 x's, and its newline.
+LINE_BYTES = 74
+# The agents' in-flight window and batch size here: what an aggregator killed with -9 may have
+# written without acknowledging it is at most one window plus the batch read when it was almost
+# full, so at most this many lines of the union are in both outputs (the files sink).
+WINDOW_BYTES = 1024 * 1024
+BATCH_BYTES = 64 * 1024
+MAX_DOUBLES = (WINDOW_BYTES + BATCH_BYTES) // LINE_BYTES
+
+
+# ---- ranking and config (pure) ------------------------------------------------------------------
+
+
+def aggs(n: int) -> tuple[AggregatorEndpoints, ...]:
+    return tuple(AggregatorEndpoints(f"tcp://agg-{i}:5555", f"tcp://agg-{i}:5558") for i in range(n))
+
+
+def test_ranking_is_stable_and_spreads_a_fleet_evenly() -> None:
+    three = aggs(3)
+    firsts = Counter(rank(f"web-{i:04d}", three)[0].control for i in range(3000))
+    assert set(firsts) == {a.control for a in three}
+    assert all(900 <= n <= 1100 for n in firsts.values()), firsts  # 1000 each, within 10%
+    for name in ("web-0001", "db-7", "x"):
+        order = rank(name, three)
+        assert rank(name, three) == order                      # the same every time
+        assert rank(name, tuple(reversed(three))) == order      # whatever the list's order
+        assert rank(name, three[:1] + three[2:]) == [a for a in order if a != three[1]]
+    # Removing an aggregator moves only the agents whose first choice it was.
+    names = [f"web-{i:04d}" for i in range(600)]
+    moved = [n for n in names
+             if rank(n, three)[0] != three[1] and rank(n, three[::2])[0] != rank(n, three)[0]]
+    assert moved == []
+
+
+def test_moves_go_round_in_rank_order_and_wait_only_while_none_answers(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The choice alone: the first move away from one that answered is at once, then each one
+    that never answered keeps its trial; going round without an answer is said once."""
+    f = Failover("web-01", aggs(3), trial_s=60.0)
+    order = list(f.ranked)
+    f.on_answer()
+    assert f.want("no reply") and f.wait_s() == 0.0
+    assert f.move().target == order[1]
+    assert f.want("no answer") and f.wait_s() > 59   # order[1] never answered: its trial first
+    with caplog.at_level(logging.DEBUG, logger="fleetlog.agent.failover"):
+        for expected in (order[2], order[0], order[1], order[2]):
+            assert f.move().target == expected
+    assert sum("no aggregator answers" in r.message for r in caplog.records) == 1
+    # Three moves from ones that never answered (all three tried): then said once, then DEBUG.
+    assert [r.levelname for r in caplog.records] == ["INFO", "INFO", "WARNING", "DEBUG"]
+    f.on_answer()
+    assert f.current == order[2] and f.wait_s() == 0.0 and f.status()["switches"] == 5
+    assert not Failover("web-01", aggs(1), trial_s=1.0).want("no reply")  # one: nowhere to go
+
+
+def agent_config(tmp: Path, *items: str) -> Any:
+    return load_config(None, [f"agent.state_dir={tmp}", *items])
+
+
+def test_aggregators_list_in_the_config(short_tmp: Path) -> None:
+    cfg = agent_config(short_tmp, 'agent.aggregators=[{data="tcp://a:5555", control="tcp://a:5558"},'
+                                  ' {data="ipc:///run/b.sock", control="tcp://b:5558"}]').agent
+    assert cfg.aggregator_list == (AggregatorEndpoints("tcp://a:5555", "tcp://a:5558"),
+                                   AggregatorEndpoints("ipc:///run/b.sock", "tcp://b:5558"))
+    single = agent_config(short_tmp, "agent.data=tcp://c:1", "agent.control=tcp://c:2").agent
+    assert single.aggregator_list == (AggregatorEndpoints("tcp://c:1", "tcp://c:2"),)
+    bad = {
+        'agent.aggregators=[{data="tcp://a:1", control="tcp://a:2"}]': "agent.aggregators: give either",
+        "agent.aggregators=[]": "agent.aggregators: must be a non-empty list",
+        'agent.aggregators=[{data="tcp://a:1"}]': "agent.aggregators[0].control: missing",
+        'agent.aggregators=[{data="udp://a:1", control="tcp://a:2"}]': "agent.aggregators[0].data: 'udp://a:1'",
+        'agent.aggregators=[{data="tcp://a:1", control="tcp://a:2", weight=3}]':
+            "agent.aggregators[0].weight: unknown key",
+        'agent.aggregators=[{data="tcp://a:1", control="tcp://a:2"}, {data="tcp://b:1", control="tcp://a:2"}]':
+            "agent.aggregators[1].control: tcp://a:2 is also aggregators[0]'s",
+    }
+    for item, message in bad.items():
+        extra = ["agent.data=tcp://x:1"] if "give either" in message else []
+        with pytest.raises(ConfigError) as exc:
+            agent_config(short_tmp, item, *extra)
+        assert any(message in p for p in exc.value.problems), (item, exc.value.problems)
+
+
+def test_check_config_validates_each_aggregator(short_tmp: Path) -> None:
+    path = short_tmp / "agent.toml"
+    path.write_text(f"""
+[agent]
+state_dir = "{short_tmp}/st"
+aggregators = [ {{ data = "tcp://agg-a:5555", control = "tcp://agg-a:5558" }},
+                {{ data = "tcp://agg-b:99999", control = "tcp://agg-b:5558" }} ]
+""")
+    r = subprocess.run([sys.executable, "-m", "agent", "--check-config", "--config", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "agent.aggregators[1].data: port 99999 out of range" in r.stderr, r.stderr
+    path.write_text(path.read_text().replace("99999", "5555"))
+    r = subprocess.run([sys.executable, "-m", "agent", "--check-config", "--config", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+# ---- real processes ------------------------------------------------------------------------------
+
+
+def aggregator(h: Harness, ep: Endpoints, label: str, *extra: str) -> Proc:
+    """Aggregator ``label`` with its own output and state directories (out-LABEL, agg-LABEL)."""
+    args = [PY, "-m", "aggregator",
+            "--set", f"aggregator.output_dir={h.root / f'out-{label}'}",
+            "--set", f"aggregator.state_dir={h.root / f'agg-{label}'}",
+            "--set", f"aggregator.pull={ep.pull}", "--set", f"aggregator.xsub={ep.xsub}",
+            "--set", f"aggregator.xpub={ep.xpub}", "--set", f"aggregator.control={ep.control}",
+            "--set", "aggregator.log_level=debug"]
+    for item in extra:
+        args += ["--set", item]
+    return h._proc(f"aggregator-{label}", args).start()
+
+
+def fresh(h: Harness, label: str, *extra: str) -> tuple[Endpoints, Proc]:
+    """Aggregator ``label`` on free loopback ports, up (its log says ready). Another test run on
+    this machine may take a port between free_port() and the bind: then new ports."""
+    for _ in range(5):
+        ep = h.endpoints(tcp=True)
+        proc = aggregator(h, ep, label, *extra)
+        wait_for(lambda p=proc: not p.alive() or " ready: " in p.log(), what=f"aggregator {label} up")
+        if proc.alive():
+            return ep, proc
+        assert "Address already in use" in proc.log(), proc.log()
+    raise AssertionError("no free ports for an aggregator in 5 tries")
+
+
+def pair(h: Harness, *extra: str) -> tuple[dict[str, Endpoints], dict[str, Proc]]:
+    """Aggregators a and b, up."""
+    started = {label: fresh(h, label, *extra) for label in ("a", "b")}
+    return {k: v[0] for k, v in started.items()}, {k: v[1] for k, v in started.items()}
+
+
+def entry(ep: Endpoints, data: str | None = None) -> dict[str, Any]:
+    return {"data": data or ep.pull, "control": ep.control}
+
+
+def agent(h: Harness, entries: list[dict[str, Any]], topic: str, name: str, *extra: str) -> Proc:
+    """An agent shipping h.root/logs-NAME/*.log as ``topic`` to the aggregators ``entries``."""
+    state_dir = h.root / f"st-{name}"
+    logs = h.root / f"logs-{name}"
+    logs.mkdir(exist_ok=True)
+    where = ([f"agent.aggregators=[{', '.join(_inline_table(e) for e in entries)}]"] if len(entries) > 1
+             else [f"agent.data={entries[0]['data']}", f"agent.control={entries[0]['control']}"])
+    args = [PY, "-m", "agent", "--set", f"agent.name={name}", "--set", f"agent.state_dir={state_dir}",
+            "--set", "agent.rescan_interval_ms=300", "--set", "agent.ack_timeout_ms=1500",
+            "--set", "agent.heartbeat_interval_ms=300", "--set", "agent.log_level=debug",
+            "--set", f"agent.max_inflight_bytes={WINDOW_BYTES}",
+            "--set", f"agent.batch_max_bytes={BATCH_BYTES}",
+            "--set", f"sources=[{{paths = [\"{logs}/*.log\"], topic = \"{topic}\"}}]"]
+    for item in [*where, *extra]:
+        args += ["--set", item]
+    proc = h._proc(f"agent-{name}", args)
+    proc.state_dir = state_dir
+    return proc.start()
+
+
+def writer(h: Harness, name: str, n_files: int = 3, **kw: Any) -> Writer:
+    (h.root / f"logs-{name}").mkdir(exist_ok=True)
+    return Writer({f"{name}{i}": h.path(f"logs-{name}", f"{name}{i}.log") for i in range(n_files)},
+                  **kw).start()
+
+
+def name_preferring(first: Endpoints, eps: list[Endpoints], prefix: str) -> str:
+    """An agent name whose rank puts ``first`` first."""
+    listed = tuple(AggregatorEndpoints(e.pull, e.control) for e in eps)
+    return next(f"{prefix}{i}" for i in itertools.count() if rank(f"{prefix}{i}", listed)[0].control
+                == first.control)
+
+
+def in_use(h: Harness, name: str) -> str | None:
+    s = h.agent_status(name)
+    return s["aggregators"]["in_use"]["control"] if s and s["aggregators"] else None
+
+
+def ids_by_tag(lines: list[str]) -> dict[str, list[int]]:
+    seen: dict[str, list[int]] = {}
+    for line in lines:
+        tag, sep, n = line.split(" ", 1)[0].partition("#")
+        if sep and n.isdigit():
+            seen.setdefault(tag, []).append(int(n))
+    return seen
+
+
+def check_union(outputs: list[list[str]], counts: dict[str, int], max_doubles: int) -> int:
+    """Every line of ``counts`` in the union of ``outputs``; in each output, each source's lines
+    once and in order; lines in two outputs at most ``max_doubles``. Returns the doubles."""
+    union: dict[str, Counter[int]] = {tag: Counter() for tag in counts}
+    for lines in outputs:
+        for tag, ids in ids_by_tag(lines).items():
+            assert tag in counts, f"unexpected tag {tag}"
+            assert all(a < b for a, b in itertools.pairwise(ids)), f"{tag}: twice or out of order"
+            union[tag].update(ids)
+    doubles = 0
+    for tag, count in counts.items():
+        missing = sorted(set(range(count)) - set(union[tag]))
+        assert not missing, f"{tag}: {len(missing)} lines lost (first {missing[:5]})"
+        assert set(union[tag]) == set(range(count)), f"{tag}: lines that were never written"
+        doubles += sum(n - 1 for n in union[tag].values())
+    assert doubles <= max_doubles, f"{doubles} lines in both outputs, more than {max_doubles}"
+    return doubles
+
+
+def all_acknowledged(h: Harness, name: str) -> bool:
+    s = h.agent_status(name)
+    return (s is not None and bool(s["files"]) and s["lag_bytes"] == 0 and s["inflight_bytes"] == 0
+            and all(f["lag_bytes"] == 0 for f in s["files"]))
+
+
+def outputs(h: Harness, topic: str, *labels: str) -> list[list[str]]:
+    return [output_lines(h.root / f"out-{label}", topic) for label in labels]
+
+
+def test_aggregator_killed_agent_moves_to_the_next_and_loses_nothing(h: Harness) -> None:
+    """kill -9 of the aggregator in use while lines flow: the agent moves to the next in its
+    order, ships everything not acknowledged again there, and every line is in the union of the
+    two outputs. With the files sink, lines the killed one committed but had not acknowledged
+    are in both (at most the agent's in-flight window); each output holds each file's lines
+    once and in order."""
+    eps, procs = pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "n")
+    w = writer(h, name)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name)
+    wait_for(lambda: count_lines(h.root / "out-a" / "app" / "app.log") > 2000, what="lines through a")
+    assert in_use(h, name) == eps["a"].control
+    procs["a"].kill9()
+    wait_for(lambda: in_use(h, name) == eps["b"].control, what="the agent on b")
+    wait_for(lambda: count_lines(h.root / "out-b" / "app" / "app.log") > 2000, what="lines through b")
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by b")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
+    s = h.agent_status(name)
+    assert s is not None and s["aggregators"]["switches"] == 1
+    assert s["aggregators"]["last_switch"]["from"] == eps["a"].control
+    assert "no reply" in s["aggregators"]["last_switch"]["reason"]
+    log = next(p for p in h.procs if p.name == f"agent-{name}").log()
+    assert log.count("switching aggregator:") == 1
+    text = subprocess.run([PY, "-m", "agent", "status", "--set", f"agent.state_dir={h.root / f'st-{name}'}"],
+                          capture_output=True, text=True, timeout=20).stdout
+    assert (f"aggregators in this agent's order: {eps['a'].control}, {eps['b'].control} (in use); 1 switch,"
+            f" the last from {eps['a'].control} to {eps['b'].control}: no reply") in text, text
+    h.ep = eps["b"]
+    h.assert_quiet(eps["b"])
+
+
+def test_sigterm_of_the_aggregator_in_use_moves_its_agents_at_once(h: Harness) -> None:
+    """An aggregator stopping tells its agents; one with another aggregator moves at once (its
+    heartbeat timeout here is 15 s, far beyond the wait) and stays there when the first comes
+    back (sticky); one with that aggregator only waits for it and loses nothing."""
+    eps, procs = pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "m")
+    w = writer(h, name)
+    solo = writer(h, "solo")
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name, "agent.heartbeat_interval_ms=5000")
+    agent(h, [entry(eps["a"])], "solo", "solo")
+    out_a = h.root / "out-a"
+    wait_for(lambda: count_lines(out_a / "app" / "app.log") > 1000
+             and count_lines(out_a / "solo" / "solo.log") > 1000, what="lines of both agents through a")
+    # Both known to a (their hellos answered: batches go before), so that it can tell them.
+    wait_for(lambda: all((s := h.agent_status(n)) is not None and s["aggregator"] is not None
+                         for n in (name, "solo")), what="both agents connected to a")
+    assert procs["a"].stop(signal.SIGTERM) == 0
+    wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=10, what="the agent moved to b")
+    s = h.agent_status(name)
+    assert s is not None and "stopping" in s["aggregators"]["last_switch"]["reason"]
+    procs["a"] = aggregator(h, eps["a"], "a")
+    counts, solo_counts = w.stop(), solo.stop()
+    wait_for(lambda: all_acknowledged(h, name) and all_acknowledged(h, "solo"), timeout=60,
+             what="every line acknowledged")
+    # The stopping aggregator acknowledged what it committed before saying so: no line twice.
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=0)
+    check_union(outputs(h, "solo", "a"), solo_counts, max_doubles=0)
+    assert in_use(h, name) == eps["b"].control  # sticky: a is back, the agent stays on b
+    solo_status = h.agent_status("solo")
+    assert solo_status is not None and solo_status["aggregators"]["switches"] == 0
+    assert len(solo_status["aggregators"]["ranked"]) == 1
+    solo_log = next(p for p in h.procs if p.name == "agent-solo").log()
+    assert solo_log.count("is stopping; waiting for it to come back") == 1
+    h.ep = eps["a"]
+    h.assert_quiet(eps["a"])
+
+
+def test_both_aggregators_down_then_one_back_ships_again_quietly(h: Harness) -> None:
+    eps, procs = pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "d")
+    w = writer(h, name)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name)
+    wait_for(lambda: count_lines(h.root / "out-a" / "app" / "app.log") > 1000, what="lines through a")
+    procs["a"].kill9()
+    procs["b"].kill9()
+    # Round and round, a trial (three 300 ms heartbeats) each: quiet all the same.
+    wait_for(lambda: (s := h.agent_status(name)) is not None and s["aggregators"]["switches"] >= 4,
+             timeout=30, what="the agent trying each in turn")
+    h.assert_quiet(None)
+    procs["b"] = aggregator(h, eps["b"], "b")
+    wait_for(lambda: in_use(h, name) == eps["b"].control and count_lines(h.root / "out-b" / "app" / "app.log")
+             > 1000, timeout=30, what="the agent shipping to b")
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by b")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
+    log = next(p for p in h.procs if p.name == f"agent-{name}").log()
+    assert log.count("no aggregator answers (tried all 2)") == 1
+    h.ep = eps["b"]
+    h.assert_quiet(eps["b"])
+
+
+def test_no_acknowledgement_moves_to_the_next_and_loses_nothing(h: Harness) -> None:
+    """The first aggregator answers heartbeats but never acknowledges (its data endpoint here is
+    a socket nobody reads): after two ack timeouts the agent moves on, and the second has every
+    line once."""
+    eps, _ = pair(h)
+    ctx = zmq.Context()
+    void = ctx.socket(zmq.PULL)
+    void.setsockopt(zmq.RCVHWM, 1)
+    void.setsockopt(zmq.LINGER, 0)
+    port = void.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        name = name_preferring(eps["a"], list(eps.values()), "q")
+        w = writer(h, name, limit=3000)
+        agent(h, [entry(eps["a"], data=f"tcp://127.0.0.1:{port}"), entry(eps["b"])], "app", name)
+        wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=30, what="the agent moved to b")
+        s = h.agent_status(name)
+        assert s is not None and "no acknowledgement" in s["aggregators"]["last_switch"]["reason"]
+        wait_for(lambda: w.total == 9000 and all_acknowledged(h, name), timeout=60, what="every line")
+        counts = w.stop()
+        assert output_lines(h.root / "out-a", "app") == []
+        check_union(outputs(h, "app", "b"), counts, max_doubles=0)
+        h.ep = eps["b"]
+        h.assert_quiet(eps["b"])
+    finally:
+        void.close(linger=0)
+        ctx.term()
+
+
+def test_a_single_aggregator_agent_waits_for_it_as_before(h: Harness) -> None:
+    """The single data/control pair: no ranking, no moves; kill -9 and restart of the
+    aggregator cost a wait and a resend, as ever."""
+    ep, agg = fresh(h, "a")
+    w = writer(h, "s")
+    agent(h, [entry(ep)], "app", "s")
+    wait_for(lambda: count_lines(h.root / "out-a" / "app" / "app.log") > 1000, what="first lines")
+    agg.kill9()
+    time.sleep(1.5)  # five heartbeat intervals with the aggregator down: nothing to move to
+    aggregator(h, ep, "a")
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, "s"), timeout=60, what="every line acknowledged")
+    check_union(outputs(h, "app", "a"), counts, max_doubles=0)
+    s = h.agent_status("s")
+    assert s is not None and s["aggregators"]["switches"] == 0 and s["aggregators"]["last_switch"] is None
+    assert "switching aggregator" not in next(p for p in h.procs if p.name == "agent-s").log()
+    h.ep = ep
+    h.assert_quiet(ep)
+
+
+def test_refused_by_the_first_aggregator_moves_to_the_next(h: Harness) -> None:
+    """The first aggregator refuses this agent's CURVE key (not in its authorized_keys_dir): the
+    agent says so once and moves to the next, which has every line once. Both share the
+    aggregators' key pair, as a fleet's aggregators do."""
+    keys = h.root / "keys"
+    for name in ("aggregator", "agent"):
+        curve.generate(str(keys), name)
+    for label, authorised in (("a", False), ("b", True)):
+        (h.root / f"keys-{label}").mkdir()
+        if authorised:
+            shutil.copy(keys / "agent.key", h.root / f"keys-{label}")
+    eps = {label: fresh(h, label, f"aggregator.curve_secret_key={keys / 'aggregator.key_secret'}",
+                        f"aggregator.authorized_keys_dir={h.root / f'keys-{label}'}")[0]
+           for label in ("a", "b")}
+    name = name_preferring(eps["a"], list(eps.values()), "r")
+    w = writer(h, name, limit=2000)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name,
+          f"agent.curve_secret_key={keys / 'agent.key_secret'}",
+          f"agent.curve_server_key={keys / 'aggregator.key'}")
+    wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=30, what="the agent moved to b")
+    s = h.agent_status(name)
+    assert s is not None and "refuse" in s["aggregators"]["last_switch"]["reason"]
+    wait_for(lambda: w.total == 6000 and all_acknowledged(h, name), timeout=60, what="every line")
+    check_union(outputs(h, "app", "b"), w.stop(), max_doubles=0)
+    assert output_lines(h.root / "out-a", "app") == []
+    h.ep = eps["b"]
+    h.assert_quiet(eps["b"])
+
+
+def test_back_to_an_aggregator_that_is_behind_continues_from_the_acknowledged_offsets(h: Harness) -> None:
+    """a killed (the agent moves to b), a back, b killed (the agent moves back to a): a last had
+    each stream where the agent left it, b took them further. a asks for its old offsets; the
+    agent continues from what b acknowledged (no line of b's again in a's output), quietly."""
+    eps, procs = pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "k")
+    w = writer(h, name)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name)
+    out = {label: h.root / f"out-{label}" / "app" / "app.log" for label in eps}
+    wait_for(lambda: count_lines(out["a"]) > 1000, what="lines through a")
+    procs["a"].kill9()
+    wait_for(lambda: in_use(h, name) == eps["b"].control and count_lines(out["b"]) > 3000,
+             timeout=30, what="lines through b")
+    procs["a"] = aggregator(h, eps["a"], "a")
+    wait_for(lambda: h.status(eps["a"]), what="a back")
+    at_a = count_lines(out["a"])
+    procs["b"].kill9()
+    wait_for(lambda: in_use(h, name) == eps["a"].control and count_lines(out["a"]) > at_a + 3000,
+             timeout=30, what="lines through a again")
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by a")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=2 * MAX_DOUBLES)
+    s = h.agent_status(name)
+    assert s is not None and s["aggregators"]["switches"] == 2 and s["rebased_streams"] >= 1
+    log = next(p for p in h.procs if p.name == f"agent-{name}").log()
+    assert "rebasing the stream" not in log  # expected with several aggregators: not a WARNING
+    h.ep = eps["a"]
+    h.assert_quiet(eps["a"])
