@@ -176,16 +176,20 @@ class Harness:
 
     def agent(self, ep: Endpoints, sources: list[dict[str, Any]], *extra: str, name: str = "node1",
               mode: str = "push", state: str | None = None, env: dict[str, str] | None = None,
-              wrap: list[str] | None = None) -> Proc:
+              wrap: list[str] | None = None, also: list[Endpoints] | None = None) -> Proc:
         """An agent; ``wrap`` is a command the agent runs under (e.g. ``setpriv`` to drop
-        capabilities), given the agent's own argv."""
+        capabilities), given the agent's own argv; ``also``: more aggregators beside ``ep``
+        (``agent.aggregators``: the agent ranks them itself)."""
         state_dir = self.root / (state or f"st-{name}")
         sources_toml = "[" + ", ".join(_inline_table(s) for s in sources) + "]"
         args = [PY, "-m", "agent",
                 "--set", f"agent.name={name}", "--set", f"agent.state_dir={state_dir}",
                 "--set", f"agent.mode={mode}",
-                "--set", f"agent.data={ep.pull if mode == 'push' else ep.xsub}",
-                "--set", f"agent.control={ep.control}",
+                *(["--set", "agent.aggregators=[" + ", ".join(
+                    _inline_table({"data": e.pull if mode == "push" else e.xsub, "control": e.control})
+                    for e in [ep, *also]) + "]"] if also else
+                  ["--set", f"agent.data={ep.pull if mode == 'push' else ep.xsub}",
+                   "--set", f"agent.control={ep.control}"]),
                 "--set", "agent.rescan_interval_ms=300",
                 "--set", "agent.ack_timeout_ms=1500",
                 "--set", "agent.log_level=debug",

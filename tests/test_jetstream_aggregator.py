@@ -17,6 +17,8 @@ import pytest
 from harness import Harness, Writer, check_exactly_once, output_lines, wait_for
 from natsserver import NatsCluster
 
+from agent.config import AggregatorEndpoints
+from agent.failover import rank
 from aggregator.jetstream import unescape_token
 
 STREAM = "FLEETLOG"
@@ -162,30 +164,31 @@ def test_stream_leader_killed_mid_stream_publishing_resumes_and_doubles_nothing(
 
 
 
-def test_two_aggregators_and_a_writer_make_each_line_once_in_the_files(h: Harness, nats) -> None:
-    """The whole scale-out path: two agents on two aggregators, one of them killed and its agent
-    moved to the other, a fleetlog-writer killed mid-stream: the writer's topic file holds every
-    line once and in its file's order."""
+def test_agents_fail_over_between_two_aggregators_and_the_writer_has_each_line_once(h: Harness, nats) -> None:
+    """The whole scale-out path: agents configured with two aggregators on one stream; the one
+    two of them use is killed -9 mid-stream and they fail over to the other; the writer is killed
+    too: its topic file holds every line once and in its file's order."""
     servers = nats.single()
     ep_a, ep_b = h.endpoints(tcp=True), h.endpoints(tcp=True)
     agg_a = h.aggregator(ep_a, *jetstream_sets(servers), state="agg-a")
     h.aggregator(ep_b, *jetstream_sets(servers), state="agg-b")
     writer_proc = h.writer(servers.urls)
-    logs = {tag: h.path("logs", f"{tag}.log") for tag in ("a", "b", "c", "d")}
+    listed = (AggregatorEndpoints(ep_a.pull, ep_a.control), AggregatorEndpoints(ep_b.pull, ep_b.control))
+    names = [n for n in (f"web-{i:02d}" for i in range(100))
+             if rank(n, listed)[0].control == ep_a.control][:2]
+    logs = {f"{n}-{i}": h.path("logs", f"{n}-{i}.log") for n in names for i in range(2)}
     h.path("logs").mkdir(exist_ok=True)
     writer = Writer(logs, lines_per_tick=20, tick_s=0.01).start()
-    one = [{"paths": [str(logs["a"]), str(logs["b"])], "topic": "app"}]
-    two = [{"paths": [str(logs["c"]), str(logs["d"])], "topic": "app"}]
-    first = h.agent(ep_a, one, name="web-01")
-    h.agent(ep_b, two, name="web-02")
-    wait_for(lambda: h.status(ep_a)["totals"]["lines_written"] > 200, what="lines through A")
+    for n in names:
+        h.agent(ep_a, [{"paths": [str(h.path("logs", f"{n}-*.log"))], "topic": "app"}],
+                "agent.heartbeat_interval_ms=300", name=n, also=[ep_b])
+    wait_for(lambda: h.status(ep_a)["totals"]["lines_written"] > 400, what="lines through A")
     agg_a.kill9()
-    first.kill9()
-    h.agent(ep_b, one, name="web-01")  # the same agent (same state_dir), moved to B
+    wait_for(lambda: h.status(ep_b)["totals"]["lines_written"] > 400, timeout=30, what="the agents on B")
     writer_proc.kill9()
     writer_proc = h.writer(servers.urls)
     counts = writer.stop()
-    for name in ("web-01", "web-02"):
+    for name in names:
         wait_for(lambda name=name: h.all_acknowledged(name), timeout=90,  # type: ignore[misc]
                  what=f"{name}: every line acknowledged")
     total = sum(counts.values())
