@@ -62,6 +62,8 @@ class Agent(Following):
         self.acked_event = Wakeup()
         # Batches as one string (wire version 2) once the aggregator's hello reply says it reads them.
         self.wire_v2 = False
+        # Several streams' batches in one message (wire version 3), once the hello reply says so.
+        self.wire_v3 = False
         # The in-flight window: max_inflight_bytes, or less while the aggregator asks for less
         # (its share for each agent catching up at once, so that its memory stays bounded).
         # Until the aggregator's hello reply says which, the least it may ask for: an agent
@@ -256,8 +258,9 @@ class Agent(Following):
         return sum(t.ship_pos - t.acked for t in self.unacked) + self.journals.inflight_bytes()
 
     async def read_loop(self) -> None:
-        cfg = self.cfg
-        delay = cfg.batch_max_delay_ms / 1000
+        """Read cycles: each takes every file queued when it starts (and due), one batch each,
+        and ships them together (see ``ship_cycle``). Files read full are queued again for the
+        next cycle, so one busy file never keeps the others waiting."""
         timers_every = 0.1
         last_timers = 0.0
         while True:
@@ -278,21 +281,36 @@ class Agent(Following):
                 # second instead of 24).
                 await self.wake.wait(timers_every if self.timed or self.unacked else None)
                 continue
+            if not await self.read_cycle(now) and self.ready:
+                # Nothing was due: sleep until the first file is (or yield, when one waits
+                # on another file: that must not starve the other tasks).
+                pause = min(t.next_read for t in self.ready) - time.monotonic()
+                await asyncio.sleep(max(0.0, pause))
+
+    async def read_cycle(self, now: float) -> bool:
+        """One read cycle over the files queued now; whether any batch was read."""
+        delay = self.cfg.batch_max_delay_ms / 1000
+        cycle: list[tuple[Tailer, list[bytes]]] = []
+        for _ in range(len(self.ready)):
+            if self.unacked and self.inflight >= self.window:
+                break  # the rest stay queued until acknowledgements make room
             t = self.ready.popleft()
             if t.next_read > now:
                 self.ready.append(t)
-                if all(x.next_read > now for x in self.ready):
-                    await asyncio.sleep(min(x.next_read for x in self.ready) - now)
                 continue
             self.queued.discard(t)
             if t.fd is None and not t.open():
                 continue
             if t.predecessor is not None and self.predecessor_first(t):
-                await asyncio.sleep(0)  # waiting on another file must not starve the other tasks
                 continue
             batch_read = self.read_batch(t, now)
             if batch_read is not None:
-                await self.ship(t, batch_read[0], batch_read[1], now, delay)
+                self.shipped(t, batch_read[0], now, delay)
+                cycle.append((t, batch_read[1]))
+        if not cycle:
+            return False
+        await self.ship_cycle(cycle)
+        return True
 
     def read_batch(self, t: Tailer, now: float) -> tuple[Chunk, list[bytes]] | None:
         """The next batch of ``t`` and its frames, or None. Nothing about the file (its bytes,
@@ -330,7 +348,8 @@ class Agent(Following):
             self.failing.pop((t.dev, t.ino), None)
         return chunk, frames
 
-    async def ship(self, t: Tailer, chunk: Chunk, frames: list[bytes], now: float, delay: float) -> None:
+    def shipped(self, t: Tailer, chunk: Chunk, now: float, delay: float) -> None:
+        """The bookkeeping of one batch of ``t`` going out (it is sent with its cycle's)."""
         cfg = self.cfg
         if self.unsaved_streams:
             self.save_checkpoints()
@@ -357,8 +376,18 @@ class Agent(Following):
             self.enqueue(t)
         elif Tailer.open_files > cfg.max_open_files and t.rotated_at is None:
             t.close()  # read to its end: reopened by name when it changes
-        assert self.transport is not None
-        await self.transport.send(frames)
+
+    async def ship_cycle(self, cycle: list[tuple[Tailer, list[bytes]]]) -> None:
+        """Send one read cycle's batches: to an aggregator that reads wire version 3, one message
+        per topic holding all of its batches (within max_message_bytes); else one message each."""
+        transport = self.transport
+        assert transport is not None
+        if not self.wire_v3 or len(cycle) == 1:
+            for _, frames in cycle:
+                await transport.send(frames)
+            return
+        for frames in batch.combine(cycle, self.max_message_bytes):
+            await transport.send(frames)
 
     def predecessor_first(self, t: Tailer) -> bool:
         """Read a rotated file to its end before the file that took its name, so a topic keeps
@@ -547,6 +576,7 @@ class Agent(Following):
         self.inflight = self.inflight_bytes()
         versions = result.get("wire")
         self.wire_v2 = isinstance(versions, list) and 2 in versions
+        self.wire_v3 = isinstance(versions, list) and 3 in versions
         limit = result.get("max_message_bytes")
         if type(limit) is not int or limit < 1024:
             limit = wire.DEFAULT_MAX_MESSAGE_BYTES  # an older aggregator: the documented default
@@ -555,7 +585,7 @@ class Agent(Following):
         if "window" not in result:
             self.window = self.cfg.max_inflight_bytes  # an aggregator that sets no window
         log.info("connected to aggregator %s (wire version %d)", result.get("instance"),
-                 2 if self.wire_v2 else 1)
+                 3 if self.wire_v3 else 2 if self.wire_v2 else 1)
 
     def hello_args(self) -> dict[str, Any]:
         """Ask where the streams with something not yet acknowledged stand (at most 20,000, so
@@ -749,6 +779,8 @@ class Agent(Following):
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
             "lines_shipped": self.lines_shipped, "lines_sent": self.lines_sent,
             "batches_shipped": self.batches_shipped,
+            # Messages sent (several batches share one with wire version 3).
+            "data_messages": transport.sent_batches if transport else 0,
             "resends": self.resends, "oversized_batches": self.oversized_batches,
             "open_files": sum(1 for t in self.tailers.values() if t.fd is not None),
             "copies_ignored": len(self.shadows),

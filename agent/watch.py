@@ -11,6 +11,12 @@ scope and a future each time); under a steady 20,000 lines/s that hand-over was 
 agent's CPU. The watcher sleeps in steps, taking the GIL after each: ``watch_step_ms`` (3) while
 files change, ``watch_idle_step_ms`` (20) after a second without a change, which keeps the same
 ``RustNotify`` (its inotify thread collects events all along, so none is lost in between).
+
+``latency_budget_ms`` sets both steps by default: RustNotify hands changes over at the first step
+that adds no new file to them, or at the first step after its debounce; with steps of half the
+budget and no debounce of its own, that is at most two steps (the budget) after the first change,
+so under steady writes one hand-over (and so one read cycle, see agent/daemon.py) comes every
+budget, and a line waits half of it on average.
 """
 
 from __future__ import annotations
@@ -57,6 +63,14 @@ def expand(source: SourceConfig,
                 continue
             if stat.S_ISREG(st.st_mode):
                 yield path, st
+
+
+def watch_steps(cfg: AgentConfig) -> tuple[int, int]:
+    """The watcher's step while files change and its debounce, in ms: the settings, or where
+    they are 0, from latency_budget_ms (see the module's docstring)."""
+    step = cfg.watch_step_ms or max(1, cfg.latency_budget_ms // 2)
+    debounce = cfg.watch_debounce_ms if cfg.watch_step_ms or cfg.watch_debounce_ms else 0
+    return step, debounce
 
 
 class Watcher:
@@ -119,15 +133,16 @@ class Watcher:
         cfg = self.cfg
         try:
             with RustNotify(roots, False, cfg.force_polling, 100, recursive, True) as notify:
-                step, timeout = cfg.watch_step_ms, IDLE_AFTER_MS
+                busy_step, debounce = watch_steps(cfg)
+                step, timeout = busy_step, IDLE_AFTER_MS
                 while True:
-                    changes = notify.watch(cfg.watch_debounce_ms, step, timeout, stop)
+                    changes = notify.watch(debounce, step, timeout, stop)
                     if changes == "timeout":
                         step, timeout = cfg.watch_idle_step_ms, 0  # quiet: look less often
                         continue
                     if isinstance(changes, str) or stop.is_set():
                         return  # "stop" (or "signal", which only the main thread receives)
-                    step, timeout = cfg.watch_step_ms, IDLE_AFTER_MS
+                    step, timeout = busy_step, IDLE_AFTER_MS
                     loop.call_soon_threadsafe(self.on_change, {path for _, path in changes})
         except (OSError, RuntimeError, TypeError) as exc:  # TypeError: a RustNotify we do not know
             if stop.is_set() or loop.is_closed():
