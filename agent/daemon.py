@@ -31,6 +31,10 @@ from fleetlog.wire import MIN_WINDOW
 
 log = logging.getLogger("fleetlog.agent")
 
+# The most one read cycle holds before it is sent: with a backlog every file reads a full batch,
+# and a cycle of them all would hold them all in memory at once (the agent's peak RSS).
+CYCLE_MAX_BYTES = 1024 * 1024
+
 
 class Agent(Following):
     def __init__(self, config: Config) -> None:
@@ -291,9 +295,12 @@ class Agent(Following):
         """One read cycle over the files queued now; whether any batch was read."""
         delay = self.cfg.batch_max_delay_ms / 1000
         cycle: list[tuple[Tailer, list[bytes]]] = []
+        cycle_bytes = 0
         for _ in range(len(self.ready)):
             if self.unacked and self.inflight >= self.window:
                 break  # the rest stay queued until acknowledgements make room
+            if cycle_bytes >= CYCLE_MAX_BYTES:
+                break  # a backlog: send this much first (the rest stay queued, in order)
             t = self.ready.popleft()
             if t.next_read > now:
                 self.ready.append(t)
@@ -307,6 +314,7 @@ class Agent(Following):
             if batch_read is not None:
                 self.shipped(t, batch_read[0], now, delay)
                 cycle.append((t, batch_read[1]))
+                cycle_bytes += len(batch_read[1][1])
         if not cycle:
             return False
         await self.ship_cycle(cycle)
