@@ -65,6 +65,8 @@ class Following:
     unreadable: dict[Ident, tuple[str, str]]
     # Files whose handling failed unexpectedly: identity -> the error, logged once per identity.
     failing: dict[Ident, str]
+    # Counts every change of the names followed (a heartbeat with nothing new reuses its figures).
+    names_changed: int
 
     def enqueue(self, t: Tailer) -> None:
         raise NotImplementedError
@@ -171,6 +173,7 @@ class Following:
     def index(self, t: Tailer) -> None:
         """Every name that leads to the file: its own, and where it points if it is a symlink
         (events name the real file)."""
+        self.names_changed += 1
         self.by_path[t.path] = t
         real = os.path.realpath(t.path)
         t.real_path = real if real != t.path else ""
@@ -178,6 +181,7 @@ class Following:
             self.by_path.setdefault(t.real_path, t)
 
     def unindex(self, t: Tailer) -> None:
+        self.names_changed += 1
         for name in (t.path, t.real_path):
             if name and self.by_path.get(name) is t:
                 del self.by_path[name]
