@@ -31,9 +31,11 @@ from fleetlog.wire import MIN_WINDOW
 
 log = logging.getLogger("fleetlog.agent")
 
-# The most one read cycle holds before it is sent: with a backlog every file reads a full batch,
-# and a cycle of them all would hold them all in memory at once (the agent's peak RSS).
-CYCLE_MAX_BYTES = 1024 * 1024
+# The most one read cycle holds before it is sent. Sharing a message pays for small batches (a
+# typical node's cycle holds a few KiB); a backlog's batches (512 KiB) go out one by one as read:
+# held together, a cycle's buffers outgrow the CPU caches and are copied once more into one
+# message (backlog, 8 files: 1 MiB cycles cost the agent 1.07 CPU s per M lines against 0.56).
+CYCLE_MAX_BYTES = 64 * 1024
 
 
 class Agent(Following):
