@@ -8,6 +8,8 @@ busy files make big batches and quiet ones small, prompt ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from agent.tail import Chunk, Tailer, name_base64, shown
 from fleetlog import wire
 
@@ -27,3 +29,28 @@ def next_read_at(now: float, delay_s: float, read_full: bool) -> float:
     limits (more is waiting), else after the batching delay. A file idle for longer than the
     delay is therefore read as soon as its next change is seen."""
     return now if read_full else now + delay_s
+
+
+def combine(cycle: list[tuple[Tailer, list[bytes]]], max_message_bytes: int) -> Iterator[list[bytes]]:
+    """One read cycle's messages for an aggregator that reads wire version 3: per topic, the
+    batches' bodies spliced into as few messages as fit within ``max_message_bytes`` (each body
+    fits alone: read_batch made sure). A topic with one batch keeps its own message."""
+    by_topic: dict[bytes, list[bytes]] = {}
+    for _, frames in cycle:
+        by_topic.setdefault(frames[0], []).append(frames[1])
+    limit = max_message_bytes - 64  # the version 3 envelope
+    for topic, bodies in by_topic.items():
+        group: list[bytes] = []
+        size = 0
+        for body in bodies:
+            if group and size + len(body) + 1 > limit:
+                yield _message(topic, group)
+                group, size = [], 0
+            group.append(body)
+            size += len(body) + 1
+        if group:
+            yield _message(topic, group)
+
+
+def _message(topic: bytes, bodies: list[bytes]) -> list[bytes]:
+    return [topic, bodies[0]] if len(bodies) == 1 else wire.multi_frames(topic, bodies)

@@ -81,11 +81,16 @@ class AgentConfig:
     heartbeat_interval_ms: int = 1000
     checkpoint_interval_ms: int = 1000
     rescan_interval_ms: int = 5000
+    # The longest a written line waits for its read cycle: the watcher hands the files that
+    # changed to the read loop at most this long after the first change, and every file of one
+    # hand-over is read and shipped in one cycle (one message per topic to an aggregator that
+    # reads wire version 3). Larger: fewer cycles (less CPU on both sides), more latency.
+    latency_budget_ms: int = 40
     # watchfiles: changes are handed over after watch_step_ms without a new one, or at the latest
-    # after watch_debounce_ms. Each hand-over costs a thread hop: shorter means lower latency
-    # and more CPU under a steady stream of writes.
-    watch_debounce_ms: int = 20
-    watch_step_ms: int = 3
+    # after watch_debounce_ms. 0 (the default): from latency_budget_ms (steps of half of it, no
+    # debounce of its own: a hand-over at most two steps after the first change).
+    watch_debounce_ms: int = 0
+    watch_step_ms: int = 0
     # After a second without a change the watcher looks every watch_idle_step_ms instead: an
     # idle agent then wakes 50 times a second rather than 333, and the first line after a quiet
     # spell waits up to twice this long.
@@ -313,8 +318,9 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         heartbeat_interval_ms=s.int("heartbeat_interval_ms", d.heartbeat_interval_ms, 50),
         checkpoint_interval_ms=s.int("checkpoint_interval_ms", d.checkpoint_interval_ms, 10),
         rescan_interval_ms=s.int("rescan_interval_ms", d.rescan_interval_ms, 50),
-        watch_debounce_ms=s.int("watch_debounce_ms", d.watch_debounce_ms, 1, 10_000),
-        watch_step_ms=s.int("watch_step_ms", d.watch_step_ms, 1, 10_000),
+        latency_budget_ms=s.int("latency_budget_ms", d.latency_budget_ms, 2, 10_000),
+        watch_debounce_ms=s.int("watch_debounce_ms", d.watch_debounce_ms, 0, 10_000),
+        watch_step_ms=s.int("watch_step_ms", d.watch_step_ms, 0, 10_000),
         watch_idle_step_ms=s.int("watch_idle_step_ms", d.watch_idle_step_ms, 1, 10_000),
         force_polling=s.bool("force_polling", d.force_polling),
         max_open_files=s.int("max_open_files", d.max_open_files, 8),

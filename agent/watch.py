@@ -1,4 +1,8 @@
-"""Finding files: glob expansion for the periodic rescan, and watchfiles for prompt wake-ups.
+"""Finding files: glob expansion for the periodic rescan, and inotify for prompt wake-ups.
+
+The agent watches with inotify on its event loop (agent/inotify.py: no thread, one wake-up per
+read cycle, none while idle). With ``force_polling``, or where inotify cannot be set up, it uses
+watchfiles as described below.
 
 Events only tell the agent *where to look sooner*; the periodic rescan is what guarantees that
 nothing is missed (an inotify queue overflow, a network filesystem that sends no events, a
@@ -11,6 +15,12 @@ scope and a future each time); under a steady 20,000 lines/s that hand-over was 
 agent's CPU. The watcher sleeps in steps, taking the GIL after each: ``watch_step_ms`` (3) while
 files change, ``watch_idle_step_ms`` (20) after a second without a change, which keeps the same
 ``RustNotify`` (its inotify thread collects events all along, so none is lost in between).
+
+``latency_budget_ms`` sets both steps by default: RustNotify hands changes over at the first step
+that adds no new file to them, or at the first step after its debounce; with steps of half the
+budget and no debounce of its own, that is at most two steps (the budget) after the first change,
+so under steady writes one hand-over (and so one read cycle, see agent/daemon.py) comes every
+budget, and a line waits half of it on average.
 """
 
 from __future__ import annotations
@@ -24,9 +34,8 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 
-from watchfiles._rust_notify import RustNotify
-
 from agent.config import COMPRESSED_SUFFIXES, AgentConfig, SourceConfig, glob_root
+from agent.inotify import InotifyWatcher
 from fleetlog.runtime import background_thread
 
 log = logging.getLogger("fleetlog.agent.watch")
@@ -59,6 +68,14 @@ def expand(source: SourceConfig,
                 yield path, st
 
 
+def watch_steps(cfg: AgentConfig) -> tuple[int, int]:
+    """The watcher's step while files change and its debounce, in ms: the settings, or where
+    they are 0, from latency_budget_ms (see the module's docstring)."""
+    step = cfg.watch_step_ms or max(1, cfg.latency_budget_ms // 2)
+    debounce = cfg.watch_debounce_ms if cfg.watch_step_ms or cfg.watch_debounce_ms else 0
+    return step, debounce
+
+
 class Watcher:
     """Runs watchfiles over the sources' root directories and reports changed paths."""
 
@@ -75,9 +92,15 @@ class Watcher:
             glob.has_magic(os.path.dirname(p)) for s in sources for p in s.paths)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._inotify: InotifyWatcher | None = None
         # The roots (and their identities) watching last failed on: not tried again, nor said
         # again, until they change (a name watchfiles cannot decode fails it at every try).
         self._gave_up: tuple[list[str], list[tuple[int, int]]] | None = None
+
+    @property
+    def reports_every_change(self) -> bool:
+        """Whether inotify watches (and would say if it lost events): not polling."""
+        return self._inotify is not None and not self._inotify.lost
 
     def wanted_roots(self, extra: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """The directories to watch: each glob's fixed part, and ``extra`` (where symlinked
@@ -102,10 +125,18 @@ class Watcher:
                 continue
             ids.append((st.st_dev, st.st_ino))
         if roots == self.roots and ids == self.root_ids and (
-                (self._thread is not None and self._thread.is_alive()) or self._gave_up == (roots, ids)):
+                self._inotify is not None or (self._thread is not None and self._thread.is_alive())
+                or self._gave_up == (roots, ids)):
             return  # watching already, or watching these roots failed: the rescan finds changes
         self.stop()
         self.roots, self.root_ids = roots, ids
+        if roots and not self.cfg.force_polling:
+            try:
+                self._inotify = InotifyWatcher(roots, self.recursive, self.on_change,
+                                               self.cfg.latency_budget_ms / 1000, asyncio.get_running_loop())
+                return
+            except OSError as exc:
+                log.warning("inotify is not available (%s); watching with watchfiles' thread instead", exc)
         if roots:
             self._stop = threading.Event()
             self._thread = threading.Thread(
@@ -118,16 +149,20 @@ class Watcher:
         recursive = self.recursive
         cfg = self.cfg
         try:
+            # Imported only here: watchfiles' package brings anyio with it (3 MB of an agent's
+            # RSS that watches with inotify).
+            from watchfiles._rust_notify import RustNotify
             with RustNotify(roots, False, cfg.force_polling, 100, recursive, True) as notify:
-                step, timeout = cfg.watch_step_ms, IDLE_AFTER_MS
+                busy_step, debounce = watch_steps(cfg)
+                step, timeout = busy_step, IDLE_AFTER_MS
                 while True:
-                    changes = notify.watch(cfg.watch_debounce_ms, step, timeout, stop)
+                    changes = notify.watch(debounce, step, timeout, stop)
                     if changes == "timeout":
                         step, timeout = cfg.watch_idle_step_ms, 0  # quiet: look less often
                         continue
                     if isinstance(changes, str) or stop.is_set():
                         return  # "stop" (or "signal", which only the main thread receives)
-                    step, timeout = cfg.watch_step_ms, IDLE_AFTER_MS
+                    step, timeout = busy_step, IDLE_AFTER_MS
                     loop.call_soon_threadsafe(self.on_change, {path for _, path in changes})
         except (OSError, RuntimeError, TypeError) as exc:  # TypeError: a RustNotify we do not know
             if stop.is_set() or loop.is_closed():
@@ -138,7 +173,10 @@ class Watcher:
                         "watched directories change", roots, exc)
 
     def stop(self) -> None:
-        """Stop the thread; it notices within one watch step."""
+        """Stop watching (a thread notices within one watch step)."""
+        if self._inotify is not None:
+            self._inotify.stop()
+            self._inotify = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1)

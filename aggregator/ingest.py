@@ -75,11 +75,20 @@ class Ingest(Stages):
                         peer, reason, detail)
 
     def ingest(self, frames: list[zmq.Frame], via: str) -> None:
+        """One data message: its batch, or (wire version 3) each of its batches in order, through
+        acceptance and the sink as if each had come alone. A malformed message is dropped whole."""
         try:
-            batch = wire.decode_batch([f.buffer for f in frames], self.cfg.max_message_bytes)
+            batches = wire.decode_batches([f.buffer for f in frames], self.cfg.max_message_bytes)
         except wire.WireError as exc:
             self.malformed(exc.reason, f"{via}:{peer_address(frames[-1])}", str(exc))
             return
+        alone = len(batches) == 1
+        for batch in batches:
+            self.take(batch, frames, alone, via)
+
+    def take(self, batch: wire.Batch, frames: list[zmq.Frame], alone: bool, via: str) -> None:
+        """One decoded batch: admitted, formatted and handed to the sink, or not taken.
+        ``frames``: the message it came in, ``alone`` in it or with others (version 3)."""
         expected = self.admit(batch)
         if expected is None:
             return
@@ -122,8 +131,9 @@ class Ingest(Stages):
         agent.last_seen = time.monotonic()
         agent.heard = True
         if self.subscriptions:
-            # Subscribers always get version 1 (a list of lines): one shape for consumers.
-            proxy.publish(self.sockets["xpub"], frames, batch)
+            # Subscribers always get version 1 (a list of lines), one batch a message: one shape
+            # for consumers.
+            proxy.publish(self.sockets["xpub"], frames if alone else wire.encode_batch(batch), batch)
 
 
 def peer_address(frame: zmq.Frame) -> str:

@@ -20,10 +20,20 @@ Workloads:
   a reader process tails the output file and timestamps each line as it appears: latency = arrival
   minus write time. The floor follows the files by polling them every 5 ms (``bench.floor follow``).
 
+* typical (issue 18): a typical node, 500 lines/s for 30 s spread over the 8 files, each line its
+  own ``write()`` at its due time (not bunched in 10 ms steps); agent CPU as % of a core, aggregator
+  CPU s per million lines, latency p50/p99 as for live.
+* idle (issue 18): 8 quiet files (one line each, shipped, then nothing for ``--idle-s``): the
+  agent's CPU as % of a core and its RSS at the end; then 10,000 quiet files (``--idle-many``),
+  agent CPU only.
+* curve: fleetlog alone on the typical workload once per ``--curve`` setting of
+  ``agent.latency_budget_ms`` (``--curve-key``): agent CPU against p50 latency.
+
 Every output is checked (each line exactly once, per-file order, byte-identical). A shipper that
 cannot be installed or run here gets a row saying why, and the run goes on.
 
     python -m bench.peers [--quick] [--only fleetlog,rsyslog,syslog-ng,floor] [--keep] [--json PATH]
+        [--workloads backlog,live,typical,idle,curve] [--curve 5,10,25,50]
     python -m bench.peers write|read ...     (internal: the live writer and the output reader)
 """
 
@@ -51,6 +61,7 @@ from bench.procs import ControlClient, Proc, free_port, wait_for
 PREFIX = "/tmp/fleetlog-bench-peers"
 SYSLOG_NG_PACKAGES = ("syslog-ng-core", "libivykis0", "libnet1", "libwrap0", "libpcre3")
 SHIPPERS = ("fleetlog", "rsyslog", "syslog-ng", "floor")
+WORKLOADS = ("backlog", "live", "typical", "idle", "curve")
 
 
 # ---- finding the peers ---------------------------------------------------------------------------
@@ -171,12 +182,12 @@ ruleset(name="write" queue.type="FixedArray" queue.size="100000" queue.workerThr
 """
 
 
-def syslog_ng_agent_conf(logs: str, port: int) -> str:
+def syslog_ng_agent_conf(logs: str, port: int, max_files: int = 64) -> str:
     return f"""@version: 3.38
 options {{ use-dns(no); stats-freq(0); log-fifo-size(100000); keep-timestamp(no); }};
 source s_files {{
   wildcard-file(base-dir("{logs}") filename-pattern("*.log") recursive(no) flags(no-parse)
-                follow-freq(0.1) log-iw-size(20000) log-fetch-limit(1000) max-files(64));
+                follow-freq(0.1) log-iw-size(20000) log-fetch-limit(1000) max-files({max_files}));
 }};
 destination d_fwd {{ syslog("127.0.0.1" port({port}) transport(tcp)); }};
 log {{ source(s_files); destination(d_fwd); flags(flow-control); }};
@@ -198,8 +209,9 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def peer_procs(peer: Peer, d: str, logs: str, out: str) -> tuple[Proc, Proc, int]:
-    """The aggregator and agent instances of a syslog peer, not started."""
+def peer_procs(peer: Peer, d: str, logs: str, out: str, max_files: int = 64) -> tuple[Proc, Proc, int]:
+    """The aggregator and agent instances of a syslog peer, not started (syslog-ng follows at
+    most ``max_files`` files of its wildcard)."""
     port = free_port()
     for sub in ("a", "g"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
@@ -208,7 +220,7 @@ def peer_procs(peer: Peer, d: str, logs: str, out: str) -> tuple[Proc, Proc, int
         confs = {"g": rsyslog_aggregator_conf(f"{d}/g", out, port),
                  "a": rsyslog_agent_conf(f"{d}/a", logs, port)}
     else:
-        confs = {"g": syslog_ng_aggregator_conf(out, port), "a": syslog_ng_agent_conf(logs, port)}
+        confs = {"g": syslog_ng_aggregator_conf(out, port), "a": syslog_ng_agent_conf(logs, port, max_files)}
     argvs = {}
     for sub, text in confs.items():
         conf = os.path.join(d, sub, f"{peer.name}.conf")
@@ -247,10 +259,10 @@ class Pipeline:
             self.ctx.term()
 
 
-def start_pipeline(shipper: str, peer: Peer | None, d: str, logs: str) -> Pipeline:
+def start_pipeline(shipper: str, peer: Peer | None, d: str, logs: str, max_files: int = 64) -> Pipeline:
     """The aggregator side started and ready (the agent side is the caller's to start)."""
     os.makedirs(d, exist_ok=True)
-    pl, what, ready = _build(shipper, peer, d, logs)
+    pl, what, ready = _build(shipper, peer, d, logs, max_files)
     try:
         pl.aggregator.start()
         wait_for(what, ready, 30, [pl.aggregator])
@@ -265,7 +277,8 @@ def start_pipeline(shipper: str, peer: Peer | None, d: str, logs: str) -> Pipeli
 FLEETLOG_AGENT_SET: tuple[str, ...] = ()
 
 
-def _build(shipper: str, peer: Peer | None, d: str, logs: str) -> tuple[Pipeline, str, Any]:
+def _build(shipper: str, peer: Peer | None, d: str, logs: str,
+           max_files: int = 64) -> tuple[Pipeline, str, Any]:
     if shipper == "fleetlog":
         import zmq
         ports = {k: free_port() for k in ("pull", "xsub", "xpub")}
@@ -285,7 +298,7 @@ def _build(shipper: str, peer: Peer | None, d: str, logs: str) -> tuple[Pipeline
                                        *sorted(glob.glob(os.path.join(logs, "*.log")))], d)
         return Pipeline(recv, follow, out), "the floor receiver", lambda: os.path.exists(ready)
     assert peer is not None
-    aggregator, agent, port = peer_procs(peer, d, logs, out)
+    aggregator, agent, port = peer_procs(peer, d, logs, out, max_files)
     return Pipeline(aggregator, agent, out), f"{peer.name} listening on {port}", lambda: _port_open(port)
 
 
@@ -347,34 +360,42 @@ def run_backlog(shipper: str, peer: Peer | None, d: str, sources: list[str], per
             "verdict": corpus.verify([pl.out], sources, per_file)}
 
 
-def run_live(shipper: str, peer: Peer | None, d: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_live(shipper: str, peer: Peer | None, d: str, args: argparse.Namespace, rate: int | None = None,
+             duration_s: float | None = None, each_line: bool = False) -> dict[str, Any]:
+    """Lines written at ``rate`` lines/s for ``duration_s`` (default: the live workload's) while the
+    shipper runs; ``each_line``: one ``write()`` per line at its due time (the typical node)."""
+    rate = args.live_rate if rate is None else rate
+    duration_s = args.live_s if duration_s is None else duration_s
     logs = os.path.join(d, "logs")
     os.makedirs(logs, exist_ok=True)
     sources = [os.path.join(logs, f"f{i}.log") for i in range(args.files)]
     for path in sources:
         open(path, "wb").close()  # exist before the shippers start: every one tails them from 0
-    per_file = int(args.live_rate * args.live_s) // args.files
+    per_file = int(rate * duration_s) // args.files
     me = [sys.executable, "-m", "bench.peers"]
     pl = start_pipeline(shipper, peer, os.path.join(d, "run"), logs)
     result = os.path.join(d, "reader.json")
     reader = Proc("reader", [*me, "read", "--out", pl.out, "--expect", str(per_file * args.files),
-                             "--timeout-s", str(args.live_s + args.stall_s + 30),
+                             "--timeout-s", str(duration_s + args.stall_s + 30),
                              "--stall-s", str(args.stall_s),
                              "--result", result], d)
-    writer = Proc("writer", [*me, "write", "--rate", str(args.live_rate), "--duration-s", str(args.live_s),
-                             "--per-file", str(per_file), *sources], d)
+    writer = Proc("writer", [*me, "write", "--rate", str(rate), "--duration-s", str(duration_s),
+                             "--per-file", str(per_file), *(["--each-line"] if each_line else []),
+                             *sources], d)
     try:
         pl.agent.start()
         reader.start()
         time.sleep(1.0)  # the agents are up and following the (empty) files
         cpu0 = {"agent": pl.agent.cpu_s(), "aggregator": pl.aggregator.cpu_s()}
+        t0 = time.monotonic()
         writer.start()
-        if writer.wait(args.live_s + 60) is None:
+        if writer.wait(duration_s + 60) is None:
             raise TimeoutError("the live writer did not finish")
         if reader.wait(args.stall_s + 60) is None:
             raise TimeoutError("the reader did not finish")
         if shipper == "fleetlog":
             time.sleep(0.2)
+        wall_s = time.monotonic() - t0
         m = measure(pl)
         m["agent"]["cpu_s"] = pl.agent.cpu_s() - cpu0["agent"]
         m["aggregator"]["cpu_s"] = pl.aggregator.cpu_s() - cpu0["aggregator"]
@@ -388,9 +409,50 @@ def run_live(shipper: str, peer: Peer | None, d: str, args: argparse.Namespace) 
     span = max(1e-9, rr["t_last"] - rr["t_first_write"])
     return {"lines_per_s": rr["lines"] / span if rr["lines"] else 0.0,
             "complete": rr["lines"] >= per_file * args.files, **m,
+            "agent_core_pct": 100 * m["agent"]["cpu_s"] / wall_s,
             "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
             "p99_ms": 1000 * sorted(lat)[int(0.99 * (len(lat) - 1))] if lat else float("nan"),
             "verdict": corpus.verify([pl.out], sources, per_file)}
+
+
+def _lines_in(path: str) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def run_idle(shipper: str, peer: Peer | None, d: str, files: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``files`` quiet files: each gets one line before the shipper starts; once every line is in
+    the output and a settling time has passed, nothing happens for ``--idle-s``: the agent's CPU
+    over that window (% of a core) and its RSS at its end."""
+    logs = os.path.join(d, "logs")
+    os.makedirs(logs, exist_ok=True)
+    sources = [os.path.join(logs, f"q{i}.log") for i in range(files)]
+    for i, path in enumerate(sources):
+        with open(path, "wb") as fh:
+            fh.write(f"quiet file {i} says hello\n".encode())
+    pl = start_pipeline(shipper, peer, os.path.join(d, "run"), logs, max_files=max(64, files))
+    try:
+        pl.agent.start()
+        wait_for(f"{files} lines in the output", lambda: _lines_in(pl.out) >= files,
+                 60 + files / 100, [pl.agent, pl.aggregator], interval_s=0.2)
+        time.sleep(args.idle_settle_s)
+        c0 = {"agent": pl.agent.cpu_s(), "aggregator": pl.aggregator.cpu_s()}
+        t0 = time.monotonic()
+        time.sleep(args.idle_s)
+        wall = time.monotonic() - t0
+        agent_pct = 100 * (pl.agent.cpu_s() - c0["agent"]) / wall
+        aggr_pct = 100 * (pl.aggregator.cpu_s() - c0["aggregator"]) / wall
+        # The agent side's RSS: fleetlog's agent, or the peer's agent instance.
+        rss_kb = pl.agent.rss_kb()
+        if not pl.agent.alive() or not pl.aggregator.alive():
+            raise RuntimeError("a process exited during the idle window")
+    finally:
+        pl.close()
+    return {"files": files, "agent_core_pct": agent_pct, "aggregator_core_pct": aggr_pct,
+            "agent_rss_kb": rss_kb, "window_s": wall}
 
 
 # ---- the live writer and the output reader (subprocesses) ----------------------------------------
@@ -407,6 +469,19 @@ def writer_main(args: argparse.Namespace) -> int:
     total = args.per_file * len(fds)
     t0 = time.monotonic()
     done = 0
+    if args.each_line:
+        try:
+            for k in range(total):
+                # Each line its own write() at its due time, as an application logging one event.
+                wait = t0 + k / args.rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                f, n = k % len(fds), k // len(fds)
+                os.write(fds[f], f"{time.time():.6f} {bodies[f][n]}\n".encode())
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return 0
     try:
         while done < total:
             due = min(total, int((time.monotonic() - t0) * args.rate) + 1)
@@ -525,6 +600,44 @@ def table(rows: list[tuple[str, str, dict[str, Any]]], live: dict[str, Any]) -> 
     return "\n".join(out)
 
 
+def _node_line(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return str(r["error"])
+    if "files" in r:
+        return (f"agent {r['agent_core_pct']:.3f}% of a core, RSS {r['agent_rss_kb'] / 1024:.0f} MiB; "
+                f"aggregator {r['aggregator_core_pct']:.3f}%")
+    ok = "ok" if r["verdict"].ok and r.get("complete", True) else "check FAILED"
+    return (f"agent {r['agent_core_pct']:.2f}% of a core, p50 {_cell(r, 'p50_ms')} ms, "
+            f"p99 {_cell(r, 'p99_ms')} ms, {ok}")
+
+
+def node_table(rows: list[tuple[str, str, dict[str, Any]]], args: argparse.Namespace) -> str:
+    """The typical node, idle and curve rows: what a fleet pays on every node."""
+    out = [f"typical node: {args.typical_rate:,} lines/s over {args.files} files for {args.typical_s:g}s, "
+           f"one write() per line; idle: quiet files for {args.idle_s:g}s",
+           f"{'workload':30} {'shipper':10} {'agent %core':>11} {'agent s/M':>9} {'aggr s/M':>8} "
+           f"{'p50 ms':>7} {'p99 ms':>7} {'agent RSS':>9} {'aggr %core':>10}  notes"]
+    for workload, shipper, r in rows:
+        if "error" in r:
+            out.append(f"{workload:30} {shipper:10} {'-':>11} {'-':>9} {'-':>8} {'-':>7} {'-':>7} {'-':>9} "
+                       f"{'-':>10}  {r['error']}")
+            continue
+        if "files" in r:
+            out.append(f"{workload:30} {shipper:10} {r['agent_core_pct']:11.3f} {'':>9} {'':>8} {'':>7} "
+                       f"{'':>7} {r['agent_rss_kb'] / 1024:7.1f}Mi {r['aggregator_core_pct']:10.3f}  ")
+            continue
+        v = r["verdict"]
+        per_m = max(1, v.expected) / 1e6
+        note = "ok" if v.ok else f"missing {v.missing}, dup {v.duplicated}, order {v.out_of_order}"
+        if not r.get("complete", True):
+            note += "; stalled"
+        out.append(f"{workload:30} {shipper:10} {r['agent_core_pct']:11.2f} "
+                   f"{r['agent']['cpu_s'] / per_m:9.1f} {r['aggregator']['cpu_s'] / per_m:8.1f} "
+                   f"{_cell(r, 'p50_ms'):>7} {_cell(r, 'p99_ms'):>7} "
+                   f"{r['agent']['peak_rss_kb'] / 1024:7.1f}Mi {'':>10}  {note}")
+    return "\n".join(out)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -539,7 +652,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--live-s", type=float, default=20)
     p.add_argument("--only", default=",".join(SHIPPERS),
                    help="comma-separated subset of " + ",".join(SHIPPERS))
-    p.add_argument("--workloads", default="backlog,live", help="comma-separated subset of backlog,live")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help="comma-separated subset of " + ",".join(WORKLOADS))
+    p.add_argument("--typical-rate", type=int, default=500,
+                   help="the typical node's lines/s, all files together")
+    p.add_argument("--typical-s", type=float, default=30)
+    p.add_argument("--idle-s", type=float, default=30, help="the idle window")
+    p.add_argument("--idle-settle-s", type=float, default=6,
+                   help="after the quiet files' lines arrived, before the idle window starts")
+    p.add_argument("--idle-many", type=int, default=10_000, help="the second idle run's quiet files")
+    p.add_argument("--curve", default="5,10,25,50", help="settings of --curve-key for the trade-off curve")
+    p.add_argument("--curve-key", default="agent.latency_budget_ms")
     p.add_argument("--stall-s", type=float, default=10,
                    help="give up on an output that stops growing this long")
     p.add_argument("--timeout-s", type=float, default=300, help="deadline for each backlog run")
@@ -552,6 +675,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument("--rate", type=int, required=True)
     w.add_argument("--duration-s", type=float, required=True)
     w.add_argument("--per-file", type=int, required=True)
+    w.add_argument("--each-line", action="store_true", help="one write() per line, at its due time")
     w.add_argument("files", nargs="+")
     r = sub.add_parser("read", help="(internal) the output reader")
     r.add_argument("--out", required=True)
@@ -562,6 +686,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.role is None and args.quick:
         args.lines_per_file, args.live_rate, args.live_s = 25_000, 5_000, 5.0
+        args.typical_s, args.idle_s, args.idle_many, args.curve = 10.0, 10.0, 2_000, "5,25"
     return args
 
 
@@ -572,14 +697,57 @@ def one_run(workload: str, shipper: str, peer: Peer | None, d: str, sources: lis
         return {"error": f"not run: {peer.missing}"}
     rd = os.path.join(d, f"{workload}-{shipper}")
     try:
-        return (run_backlog(shipper, peer, rd, sources, args.lines_per_file, size, args)
-                if workload == "backlog" else run_live(shipper, peer, rd, args))
+        if workload == "backlog":
+            return run_backlog(shipper, peer, rd, sources, args.lines_per_file, size, args)
+        if workload in ("typical", "curve"):
+            return run_live(shipper, peer, rd, args, args.typical_rate, args.typical_s, each_line=True)
+        if workload.startswith("idle"):
+            return run_idle(shipper, peer, rd, int(workload.split("-")[1]), args)
+        return run_live(shipper, peer, rd, args)
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"peers: {workload} {shipper} failed: {exc}", file=sys.stderr)
         return {"error": f"failed: {str(exc).splitlines()[0][:160]}"}
     finally:
         if not args.keep:
             shutil.rmtree(rd, ignore_errors=True)
+
+
+def run_workloads(workloads: list[str], wanted: list[str], peers: dict[str, Peer | None], d: str,
+                  sources: list[str], size: int, args: argparse.Namespace,
+                  rows: list[tuple[str, str, dict[str, Any]]], node: list[tuple[str, str, dict[str, Any]]],
+                  live: dict[str, Any]) -> None:
+    """Each workload for each wanted shipper, in order; results appended to ``rows`` (backlog,
+    live), ``node`` (typical, idle, curve) and ``live``."""
+    global FLEETLOG_AGENT_SET
+    for workload in workloads:
+        if workload in ("backlog", "live"):
+            for shipper in wanted:
+                r = one_run(workload, shipper, peers.get(shipper), d, sources, size, args)
+                rows.append((workload, shipper, r))
+                if workload == "live":
+                    live[shipper] = r
+                done = r.get("error") or f"{r['lines_per_s']:,.0f} lines/s, " + (
+                    "ok" if r["verdict"].ok else "check FAILED")
+                print(f"peers: {workload} {shipper}: {done}", flush=True)
+        elif workload == "typical":
+            for shipper in wanted:
+                r = one_run("typical", shipper, peers.get(shipper), d, sources, size, args)
+                node.append(("typical", shipper, r))
+                print(f"peers: typical {shipper}: {_node_line(r)}", flush=True)
+        elif workload == "idle":
+            for files in (args.files, args.idle_many):
+                for shipper in (s for s in wanted if s != "floor"):
+                    r = one_run(f"idle-{files}", shipper, peers.get(shipper), d, sources, size, args)
+                    node.append((f"idle-{files}", shipper, r))
+                    print(f"peers: idle {files} files {shipper}: {_node_line(r)}", flush=True)
+        elif workload == "curve" and "fleetlog" in wanted:
+            base = FLEETLOG_AGENT_SET
+            for setting in (v for v in args.curve.split(",") if v):
+                FLEETLOG_AGENT_SET = (*base, f"{args.curve_key}={setting}")
+                r = one_run("curve", "fleetlog", None, d, sources, size, args)
+                FLEETLOG_AGENT_SET = base
+                node.append((f"curve {args.curve_key}={setting}", "fleetlog", r))
+                print(f"peers: curve {args.curve_key}={setting}: {_node_line(r)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -599,10 +767,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                    if peer.missing else ""), flush=True)
     d = tempfile.mkdtemp(prefix="flpeers", dir="/tmp")
     rows: list[tuple[str, str, dict[str, Any]]] = []
+    node: list[tuple[str, str, dict[str, Any]]] = []  # typical, idle and curve rows
     live: dict[str, Any] = {}
     try:
         t = time.monotonic()
-        workloads = [w for w in ("backlog", "live") if w in args.workloads.split(",")]
+        workloads = [w for w in WORKLOADS if w in args.workloads.split(",")]
         if "backlog" not in workloads:
             args.lines_per_file = 0
         sources = corpus.generate(os.path.join(d, "logs"), args.files, args.lines_per_file, args.seed)
@@ -611,24 +780,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peers: backlog {args.files} x {args.lines_per_file:,} = {lines:,} lines, {size / 1e6:.0f} MB,"
               f" generated in {time.monotonic() - t:.1f}s; live {args.live_rate:,} lines/s for "
               f"{args.live_s:g}s; {os.cpu_count()} CPUs; in {d}", flush=True)
-        for workload in workloads:
-            for shipper in wanted:
-                r = one_run(workload, shipper, peers.get(shipper), d, sources, size, args)
-                rows.append((workload, shipper, r))
-                if workload == "live":
-                    live[shipper] = r
-                done = r.get("error") or f"{r['lines_per_s']:,.0f} lines/s, " + (
-                    "ok" if r["verdict"].ok else "check FAILED")
-                print(f"peers: {workload} {shipper}: {done}", flush=True)
+        run_workloads(workloads, wanted, peers, d, sources, size, args, rows, node, live)
     finally:
         if args.keep:
             print(f"peers: kept {d}")
         else:
             shutil.rmtree(d, ignore_errors=True)
-    print(table(rows, live))
+    if rows:
+        print(table(rows, live))
+    if node:
+        print(node_table(node, args))
     if args.json:
         doc = [{"workload": w, "shipper": s, **{k: (vars(v) | {"ok": v.ok}) if k == "verdict" else v
-                                                 for k, v in r.items()}} for w, s, r in rows]
+                                                 for k, v in r.items()}} for w, s, r in rows + node]
         for row in doc:
             row.pop("latencies_s", None)
         with open(args.json, "wb") as fh:

@@ -21,6 +21,18 @@ whose hello reply does not list version 2 in ``"wire"`` (one older than this for
 rolling upgrade), and until the reply has come. Subscribers on XPUB always receive version 1
 (the aggregator converts), so consumers see one shape.
 
+Version 3 carries several streams' batches of one topic in one message, one read cycle's worth
+(an agent following 8 files that each got a line sends one message, not 8)::
+
+    {"v": 3, "batches": [{"v": 2, "agent": "web-01", "stream": "9f2c...", ...}, {"v": 1, ...}]}
+
+Each element is a complete version 1 or 2 body (checked as one), all of them for the message's
+topic frame. Acceptance, resync and acknowledgement stay per stream: the aggregator takes each
+batch on its own. A version 3 message with anything malformed in it is dropped whole and counted
+(its agent resends from the resync or ack timeout). The agent sends version 3 only to an
+aggregator whose hello reply lists 3 in ``"wire"``, and only when a read cycle has more than one
+batch for a topic (a single batch goes as version 2, as before).
+
 A batch may also carry ``"fields"``: a list with one object per line, the structured fields of
 a journal entry (``unit``, ``identifier``, ``priority``, ``hostname``, ``pid``, ``realtime_us``;
 those the entry has). Journal batches are always version 1 (a message may hold newlines); the
@@ -47,7 +59,7 @@ from typing import Any
 
 import orjson
 
-READS = (1, 2)  # the versions the aggregator reads (its hello reply says so, as "wire")
+READS = (1, 2, 3)  # the versions the aggregator reads (its hello reply says so, as "wire")
 
 # Flow control: the aggregator's replies and acks may carry "window", the bytes this agent may
 # have shipped and not yet had acknowledged (its share of the aggregator's window_budget_bytes).
@@ -149,11 +161,37 @@ def _int_field(doc: dict[str, Any], key: str) -> int:
 
 
 def decode_batch(frames: list[bytes] | list[memoryview], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Batch:
-    """Parse and check one data message; raise WireError for anything not trusted.
+    """Parse and check one data message of version 1 or 2; raise WireError for anything not
+    trusted (a version 3 message, too: ``decode_batches`` reads every version).
 
     The lines themselves are checked for type when they are joined for writing (in C),
     not here, so that no per-line Python work happens on the hot path.
     """
+    topic, doc = _open(frames, max_bytes)
+    return _batch(topic, doc)
+
+
+def decode_batches(frames: list[bytes] | list[memoryview],
+                   max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[Batch]:
+    """Parse and check one data message of any version: its batches, one for versions 1 and 2,
+    one or more for version 3. Raises WireError (nothing of the message is taken) for anything
+    not trusted, in any of its batches."""
+    topic, doc = _open(frames, max_bytes)
+    if doc.get("v") != 3:
+        return [_batch(topic, doc)]
+    parts = doc.get("batches")
+    if type(parts) is not list or not parts:
+        raise WireError("bad_field", "batches")
+    out = []
+    for part in parts:
+        if type(part) is not dict or part.get("v") not in (1, 2):
+            raise WireError("bad_field", "batches")
+        out.append(_batch(topic, part))
+    return out
+
+
+def _open(frames: list[bytes] | list[memoryview], max_bytes: int) -> tuple[str, dict[str, Any]]:
+    """The topic and the parsed body of a data message."""
     if len(frames) != 2:
         raise WireError("bad_frames", f"{len(frames)} frames")
     topic_raw, body = frames
@@ -168,6 +206,11 @@ def decode_batch(frames: list[bytes] | list[memoryview], max_bytes: int = DEFAUL
         raise WireError("bad_json", str(exc)[:80]) from None
     if type(doc) is not dict:
         raise WireError("bad_json", "not an object")
+    return topic_raw.decode(), doc
+
+
+def _batch(topic: str, doc: dict[str, Any]) -> Batch:
+    """One version 1 or 2 body, checked."""
     version = doc.get("v")
     if version == 2:
         lines = doc.get("text")
@@ -184,7 +227,7 @@ def decode_batch(frames: list[bytes] | list[memoryview], max_bytes: int = DEFAUL
                                or len(fields) != len(lines) or not all(type(f) is dict for f in fields)):
         raise WireError("bad_field", "fields")
     batch = Batch(
-        topic=topic_raw.decode(),
+        topic=topic,
         agent=_str_field(doc, "agent"),
         stream=_str_field(doc, "stream"),
         base=_int_field(doc, "base"),
@@ -199,6 +242,12 @@ def decode_batch(frames: list[bytes] | list[memoryview], max_bytes: int = DEFAUL
     if batch.end < batch.start or batch.start < batch.base:
         raise WireError("bad_offsets", f"{batch.base}/{batch.start}/{batch.end}")
     return batch
+
+
+def multi_frames(topic: bytes, bodies: list[bytes]) -> list[bytes]:
+    """A version 3 message from the bodies of several version 1 or 2 messages of ``topic`` (as
+    ``batch_frames`` made them): spliced, not decoded again."""
+    return [topic, b'{"v":3,"batches":[' + b",".join(bodies) + b"]}"]
 
 
 # ---- control plane ---------------------------------------------------------------------------

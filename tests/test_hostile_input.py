@@ -36,6 +36,15 @@ BAD_MESSAGES: list[list[bytes]] = [
     [b"ok", good_body(seq=-1, stream="s5")],
     [b"ok", b"x" * 20000],
     [b"ok", b"\xff\xfe\x00garbage"],
+    # Wire version 3 (several streams' batches): malformed anywhere, the whole message is dropped,
+    # its good batches too.
+    [b"ok", orjson.dumps({"v": 3, "batches": []})],
+    [b"ok", orjson.dumps({"v": 3, "batches": "x"})],
+    [b"ok", orjson.dumps({"v": 3})],
+    [b"ok", b'{"v":3,"batches":[' + good_body(stream="s6") + b"," + good_body(stream="s7", start=9, end=1)
+     + b"]}"],
+    [b"ok", b'{"v":3,"batches":[' + good_body(stream="s8") + b',{"v":3,"batches":[]}]}'],
+    [b"ok", b'{"v":3,"batches":[' + good_body(stream="s9") + b",5]}"],
 ]
 
 

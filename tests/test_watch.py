@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from agent.config import AgentConfig, SourceConfig
+from agent.inotify import RESCAN
 from agent.watch import IDLE_AFTER_MS, Watcher
 
 
@@ -33,5 +34,27 @@ async def test_changes_are_reported_while_busy_and_after_a_quiet_spell(tmp_path:
         with log.open("ab") as fh:
             fh.write(b"after a quiet spell\n")
         assert str(log) in await _next_change(changes)
+    finally:
+        watcher.stop()
+
+
+async def test_inotify_reports_files_in_new_subdirectories_when_recursive(tmp_path: Path) -> None:
+    """The loop's own inotify (no thread): a directory created under a recursive root is
+    watched as it appears, and a new directory also asks for a rescan."""
+    changes: asyncio.Queue[set[str]] = asyncio.Queue()
+    watcher = Watcher((SourceConfig(paths=(f"{tmp_path}/**/*.log",), topic="t"),), changes.put_nowait,
+                      AgentConfig(name="w", latency_budget_ms=10))
+    watcher.refresh()
+    try:
+        assert watcher.reports_every_change
+        sub = tmp_path / "a" / "b"
+        sub.mkdir(parents=True)
+        assert RESCAN in await _next_change(changes)
+        await asyncio.sleep(0.1)  # the new directories' watches in place
+        log = sub / "x.log"
+        log.write_bytes(b"deep\n")
+        seen: set[str] = set()
+        while str(log) not in seen:
+            seen |= await _next_change(changes)
     finally:
         watcher.stop()

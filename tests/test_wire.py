@@ -85,6 +85,45 @@ def test_decoded_batches_are_safe_to_write(topic: bytes, doc: dict[str, object],
         assert batch.count == len(batch.line_list())
 
 
+def test_version_3_carries_several_streams_batches_in_order() -> None:
+    one = sample(stream="s1", lines="a\nb\n")
+    two = sample(stream="s2", lines=["c"], start=0, end=2)
+    frames = wire.multi_frames(b"nginx", [wire.encode_batch(one)[1], wire.encode_batch(two)[1]])
+    assert orjson.loads(frames[1])["v"] == 3
+    assert wire.decode_batches(frames) == [one, two]
+    assert wire.decode_batches(wire.encode_batch(one)) == [one]  # older versions: one batch
+    with pytest.raises(wire.WireError):
+        wire.decode_batch(frames)  # the one-batch reader refuses it rather than misreading it
+
+
+@pytest.mark.parametrize("batches", [
+    None, [], "x", [5], [{"v": 3, "batches": []}],
+    # one good batch and one bad one: the whole message is dropped
+    "good+bad-offsets", "good+no-stream", "good+bad-text",
+])
+def test_malformed_version_3_messages_are_refused_whole(batches: object) -> None:
+    good = orjson.loads(wire.encode_batch(sample(lines="a\n"))[1])
+    if batches == "good+bad-offsets":
+        batches = [good, {**good, "start": 50, "end": 40}]
+    elif batches == "good+no-stream":
+        batches = [good, {k: v for k, v in good.items() if k != "stream"}]
+    elif batches == "good+bad-text":
+        batches = [good, {**good, "text": "no newline"}]
+    with pytest.raises(wire.WireError):
+        wire.decode_batches([b"nginx", orjson.dumps({"v": 3, "batches": batches})])
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=st.lists(st.fixed_dictionaries({}, optional={k: JSONISH for k in (
+    "v", "agent", "stream", "base", "path", "file", "seq", "start", "end", "lines", "text")}), max_size=4))
+def test_version_3_decoder_never_crashes(parts: list[dict[str, object]]) -> None:
+    try:
+        batches = wire.decode_batches([b"ok", orjson.dumps({"v": 3, "batches": parts})])
+    except wire.WireError:
+        return
+    assert batches and all(0 <= b.base <= b.start <= b.end for b in batches)
+
+
 def test_journal_survives_a_torn_tail(tmp_path: Path) -> None:
     j = Journal(str(tmp_path))
     j.recover()
