@@ -5,7 +5,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
-PYTEST_ARGS ?=
+# Three test files at a time (pytest-xdist): the scenario tests mostly wait on real processes,
+# so the suite takes about half the time on 2 cores. PYTEST_ARGS= runs them one by one.
+PYTEST_ARGS ?= -n 3 --dist loadfile
 BENCH_ARGS ?=
 
 .PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-catchup bench-rotation dist clean system-deps
