@@ -122,6 +122,11 @@ class Agent(Following):
         self.metrics: metrics.MetricsServer | None = None
         self.journals = JournalSources(self)  # [[journal]] sources (agent/journal_sources.py)
         self.names_changed = 0
+        # Bytes read since start, and (time, bytes) when the read rate was last measured: the
+        # rate paces the watcher (pace_watching).
+        self.bytes_read = 0
+        self._pace_mark = (time.monotonic(), 0)
+        self.read_rate = 0.0
         # The last heartbeat's figures and what they were computed from (see heartbeat_args).
         self._beat_state: tuple[int, ...] | None = None
         self._beat_args: dict[str, Any] = {}
@@ -288,6 +293,7 @@ class Agent(Following):
                 last_timers = now
                 self.rearm_timers()
                 self.check_ack_timeout(now)
+                self.pace_watching(now)
             if self.unacked and self.inflight >= self.window:
                 self.say_catching_up()
                 self.acked_event.clear()
@@ -332,8 +338,23 @@ class Agent(Following):
                 cycle_bytes += len(batch_read[1][1])
         if not cycle:
             return False
+        self.bytes_read += cycle_bytes
         await self.ship_cycle(cycle)
         return True
+
+    def pace_watching(self, now: float) -> None:
+        """Every half second at most: how fast the files grow (bytes read per second, rising at
+        once, falling by half per look) sets how long the watcher waits after a change before a
+        read cycle (Watcher.pace): the whole latency budget on a quiet or typical node, less on
+        a busy one, whose large cycles keep the cost per line low anyway."""
+        since, before = self._pace_mark
+        if now - since < 0.5:
+            return
+        rate = (self.bytes_read - before) / (now - since)
+        self._pace_mark = (now, self.bytes_read)
+        self.read_rate = rate if rate > self.read_rate else (self.read_rate + rate) / 2
+        if self.watcher is not None:
+            self.watcher.pace(self.read_rate)
 
     def read_batch(self, t: Tailer, now: float) -> tuple[Chunk, list[bytes]] | None:
         """The next batch of ``t`` and its frames, or None. Nothing about the file (its bytes,
