@@ -59,7 +59,9 @@ class Client:
         self.timeout_s = timeout_s
         self.curve_keys = curve_keys
         self.ctx = zmq.Context()
-        self.sock = self.socket(zmq.DEALER)
+        # An aggregator's ipc:// control endpoints never use CURVE (the file's permissions guard
+        # them): the keys are then for its CURVE-only XPUB (tail), not for this socket.
+        self.sock = self.socket(zmq.DEALER, secure=not endpoint.startswith("ipc://"))
         # Watched from before the connect: a refused connection is said at once, and when
         # nothing answers, what the handshakes did tells "refused" from "not running".
         self.watch = RefusalWatch(self.sock)
@@ -70,11 +72,11 @@ class Client:
             raise
         self.ids = itertools.count(1)
 
-    def socket(self, kind: int) -> zmq.Socket:  # type: ignore[type-arg]
-        """A socket to the aggregator, with CURVE when keys were given."""
+    def socket(self, kind: int, secure: bool = True) -> zmq.Socket:  # type: ignore[type-arg]
+        """A socket to the aggregator, with CURVE when keys were given (and ``secure``)."""
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        if self.curve_keys is not None:
+        if self.curve_keys is not None and secure:
             curve.as_client(sock, *self.curve_keys)
         return sock
 

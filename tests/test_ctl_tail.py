@@ -189,7 +189,7 @@ def keys(h: Harness) -> Keys:
 def test_tail_n_under_curve_is_a_read_only_command_for_any_authorised_key(h: Harness, keys: Keys) -> None:
     """The history comes over the control connection from the aggregator (it may be on another
     host), allowed where tail is: an agent's key over tcp, not only an admin's or ipc://."""
-    tcp, _local = secure_aggregator(h, keys)
+    tcp, local_ep = secure_aggregator(h, keys)
     log = h.path("logs", "a.log")
     append_lines(log, make_lines("s", 0, 12))
     h.agent(tcp, [{"paths": [str(log)], "topic": "sec"}], *agent_keys(keys))
@@ -198,6 +198,15 @@ def test_tail_n_under_curve_is_a_read_only_command_for_any_authorised_key(h: Har
                  "--server-key", keys.public("aggregator"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == make_lines("s", 7, 5)
+    # On the aggregator's own host, over its ipc:// control socket (no CURVE there) as the README
+    # says: the keys are for the CURVE-only XPUB.
+    local = ctl_tail(h, local_ep.control, "sec", "-n", "2", "--count", "0", "--curve-key",
+                     keys.secret("web-01"), "--server-key", keys.public("aggregator"))
+    assert local.returncode == 0, local.stderr
+    assert local.stdout.splitlines() == make_lines("s", 10, 2)
+    status = h.ctl(local_ep, "--curve-key", keys.secret("web-01"), "--server-key",
+                   keys.public("aggregator"), "status")
+    assert status.returncode == 0, status.stderr
 
 
 def test_tail_n_of_a_topic_split_by_agent_prints_each_agents_last_lines(h: Harness) -> None:
