@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from aggregator.files import SinkError, TopicFile
+from aggregator.files import PublishError, SinkError, TopicFile
 from aggregator.journal import stream_key
 from aggregator.stages import Stages
 from fleetlog import wire
@@ -150,7 +150,7 @@ class GroupCommit(Stages):
                 durable_end = durable.get(key)
                 if durable_end is None or durable_end[0] < end:
                     self.pending[key] = max(end, self.pending.get(key, 0))
-            self.on_state_error(SinkError(errno.EAGAIN, f"JetStream: {outcome.error}"))
+            self.on_state_error(PublishError(errno.EAGAIN, f"JetStream: {outcome.error}"))
             return False
         self.commit_latency.observe(time.monotonic() - started)
         self.totals.commits += 1

@@ -169,21 +169,27 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt.format(*headers).rstrip(), *(fmt.format(*map(str, r)).rstrip() for r in rows)]
 
 
+def _output_line(s: dict[str, Any]) -> str:
+    """Where the aggregator's output goes: its files and their disk, or its JetStream stream."""
+    js = s.get("jetstream")
+    if js:  # sink = "jetstream": no files here
+        return (f"sink JetStream stream {js['stream']} (R{js['replicas']}) via "
+                f"{js['connected'] or 'NOT CONNECTED'}, {js['published']} messages published, "
+                f"{_size(js['queued_bytes'])} queued")
+    disk = s["disk"]
+    return (f"output {s['output_dir']}  disk free {_size(disk.get('output_free_bytes'))} of "
+            f"{_size(disk.get('output_total_bytes'))}")
+
+
 def render_status(s: dict[str, Any]) -> str:
     if s.get("kind") == "writer":  # a fleetlog-writer's control endpoint answers the same commands
         from writer.status import render
         return render(s)
-    disk = s["disk"]
     js = s.get("jetstream")
-    if js:  # sink = "jetstream": no files here
-        where = (f"sink JetStream stream {js['stream']} (R{js['replicas']}) via "
-                 f"{js['connected'] or 'NOT CONNECTED'}, {js['published']} messages published, "
-                 f"{_size(js['queued_bytes'])} queued")
-    else:
-        where = (f"output {s['output_dir']}  disk free {_size(disk.get('output_free_bytes'))} of "
-                 f"{_size(disk.get('output_total_bytes'))}")
     out = [f"aggregator {s['instance']} (fleetlog {s.get('version', '?')})  up {_age(s['uptime_s'])}"
-           f"  {where}"]
+           f"  {_output_line(s)}"]
+    if js and js.get("last_error") and js["last_error"] not in (s.get("disk_error") or ""):
+        out.append(f"!! JetStream: {js['last_error']}")
     if s.get("disk_error"):
         what = "cannot publish" if js else "output not writable"
         out.append(f"!! {what}, nothing is being acknowledged: {s['disk_error']}")
@@ -361,6 +367,10 @@ def cmd_tail(client: Client, args: argparse.Namespace) -> int:
     # Prefix filtering would also match "nginx-errors" for "nginx": filter exactly below.
     sub.setsockopt(zmq.SUBSCRIBE, args.topic.encode())
     probe = secrets.token_hex(8)
+    if args.lines and where.get("sink") == "jetstream":
+        print("aggregatorctl: this aggregator writes no files (sink = jetstream): no past lines to"
+              " show, only new ones (the past lines are in the fleetlog-writers' files)", file=sys.stderr)
+        args.lines = 0
     if args.lines:
         # After the topic's: once the aggregator sees this one, it has the topic's (history.py).
         sub.setsockopt(zmq.SUBSCRIBE, PROBE_PREFIX + probe.encode())

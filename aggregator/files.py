@@ -52,6 +52,14 @@ class SinkError(OSError):
     """A write the sink could not make (ENOSPC, EIO...); the batch was not taken."""
 
 
+class PublishError(SinkError):
+    """JetStream did not take what was published (NATS down, stream full, timeouts): said as
+    the sink says it, without an errno."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 @dataclass
 class Hold:
     """Why a topic (or, for the journal, everything) takes no batches now, and when to try again.

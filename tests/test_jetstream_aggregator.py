@@ -196,3 +196,18 @@ def test_agents_fail_over_between_two_aggregators_and_the_writer_has_each_line_o
              what="every line in the writer's file")
     check_exactly_once(output_lines(h.path("wout"), "app"), counts)
     h.assert_quiet(ep_b)
+
+
+def test_what_an_operator_sees_of_a_jetstream_aggregator(h: Harness, nats) -> None:
+    """A stream the server cannot create (3 replicas on one server) is shown in the status text,
+    not only in --json; tail -n says there are no past lines here instead of printing nothing."""
+    servers = nats.single()
+    ep = h.endpoints()
+    h.aggregator(ep, *jetstream_sets(servers, replicas=3))
+    wait_for(lambda: (h.status(ep)["jetstream"] or {}).get("last_error"), timeout=20,
+             what="the stream's error in the status")
+    shown = h.ctl(ep, "status").stdout
+    assert "!! JetStream:" in shown and "replicas" in shown, shown
+    r = h.ctl(ep, "tail", "app", "-n", "5", "--count", "0", "--wait")
+    assert r.returncode == 0, r.stderr
+    assert "writes no files (sink = jetstream)" in r.stderr and r.stdout == "", (r.stdout, r.stderr)

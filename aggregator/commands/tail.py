@@ -16,4 +16,6 @@ async def run(agg: Any, args: dict[str, Any], peer: Any) -> dict[str, Any]:
     # "format": tail shows a raw_agent topic's lines after their agent's name, as its files do.
     return {"xpub": agg.cfg.xpub, "curve": bool(agg.guard.enabled),
             "format": agg.cfg.topic_format(topic) if isinstance(topic, str) else None,
-            "known": topic in known if isinstance(topic, str) else None, "topics": known[:50]}
+            "known": topic in known if isinstance(topic, str) else None, "topics": known[:50],
+            # sink = "jetstream": no files here, so no history (the writers' files have it).
+            "sink": agg.cfg.sink}
