@@ -112,7 +112,8 @@ class AgentRegistry(Stages):
                 name, address=str(a.get("address", "")), mode=str(a.get("mode", "")),
                 version=str(a.get("version", "")), last_seen=mono - max(0.0, wall - seen),
                 lines=int(a.get("lines", 0)), bytes=int(a.get("bytes", 0)),
-                stopped=bool(a.get("stopped", False)), heard=False)
+                stopped=bool(a.get("stopped", False)), heard=False,
+                aggregators=int(a.get("aggregators", 1)))
             self.agents[name]._last_lines = self.agents[name].lines  # no rate from the old count
         for name, t in known.topics.items():
             if name not in self.topics:
@@ -123,7 +124,7 @@ class AgentRegistry(Stages):
         mono, wall = time.monotonic(), time.time()
         agents = {a.name: {"address": a.address, "mode": a.mode, "version": a.version,
                            "last_seen": wall - (mono - a.last_seen), "lines": a.lines, "bytes": a.bytes,
-                           "stopped": a.stopped}
+                           "stopped": a.stopped, "aggregators": a.aggregators}
                   for a in self.agents.values() if a.last_seen}
         topics = {name: {"lines": t.lines, "bytes": t.bytes} for name, t in self.topics.items()}
         try:

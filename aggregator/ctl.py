@@ -150,7 +150,11 @@ def _errors(errors: dict[str, int]) -> str:
 def _connected(agent: dict[str, Any]) -> str:
     if agent["connected"]:
         return "yes"
-    return "stopped" if agent.get("stopped") else "NO"
+    if agent.get("stopped"):
+        return "stopped"
+    # An agent with several aggregators may simply be on another one (the alert rules take the
+    # freshest last-seen over all aggregators).
+    return "not here" if (agent.get("aggregators") or 1) > 1 else "NO"
 
 
 def _size(n: float | None) -> str:

@@ -150,7 +150,7 @@ class StatusReport(Stages):
             "open_files": len(self.sink.open_files), "open_files_max": self.sink.max_open,
             "agents": [
                 {"name": a.name, "address": a.address, "mode": a.mode, "connected": a.connected,
-                 "stopped": a.stopped, "version": a.version or None,
+                 "stopped": a.stopped, "version": a.version or None, "aggregators": a.aggregators,
                  "uptime_s": round(time.time() - a.started_at, 1) if a.started_at and a.connected else None,
                  "last_seen_s": round(now - a.last_seen, 1) if a.last_seen else None,
                  "lines": a.lines, "bytes": a.bytes, "lines_per_s": round(a.rate, 1),

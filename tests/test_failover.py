@@ -298,6 +298,9 @@ def test_sigterm_of_the_aggregator_in_use_moves_its_agents_at_once(h: Harness) -
     check_union(outputs(h, "app", "a", "b"), counts, max_doubles=0)
     check_union(outputs(h, "solo", "a"), solo_counts, max_doubles=0)
     assert in_use(h, name) == eps["b"].control  # sticky: a is back, the agent stays on b
+    # a remembers the agent (its registry) and does not call it down: it has another aggregator.
+    row = next(x for x in h.ctl(eps["a"], "status").stdout.splitlines() if x.startswith(name + " "))
+    assert "not here" in row and " NO " not in row, row
     solo_status = h.agent_status("solo")
     assert solo_status is not None and solo_status["aggregators"]["switches"] == 0
     assert len(solo_status["aggregators"]["ranked"]) == 1
