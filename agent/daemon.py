@@ -757,7 +757,10 @@ class Agent(Following):
         if transport is None or transport.instance is None or not (
                 self.unacked or self.journals.inflight_bytes()):
             return
-        silent_s = time.monotonic() - self.last_any_ack
+        # Since the last acknowledgement, or since the batches out now went out if that is later
+        # (an idle spell between two is no silence of the aggregator's).
+        out_since = min((t.ack_progress for t in self.unacked), default=self.last_any_ack)
+        silent_s = time.monotonic() - max(self.last_any_ack, out_since)
         if silent_s >= 2 * self.cfg.ack_timeout_ms / 1000:
             transport.fail_over(f"no acknowledgement for {silent_s:.1f}s with batches out")
 
