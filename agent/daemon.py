@@ -555,7 +555,8 @@ class Agent(Following):
             self.stalled_since = None
             self.last_any_ack = time.monotonic()
         elif event == "resync":
-            self.resync(msg.get("stream"), msg.get("offset"), msg.get("seq"))
+            self.resync(msg.get("stream"), msg.get("offset"), msg.get("seq"),
+                        resend_acknowledged=msg.get("held") is True)
         if "window" in msg:
             self.on_window(msg["window"])
         self.inflight = self.inflight_bytes()
@@ -592,10 +593,13 @@ class Agent(Following):
         self.checkpoints_dirty = True
         self.acked_event.set()
 
-    def resync(self, stream: Any, offset: Any, seq: Any) -> None:
+    def resync(self, stream: Any, offset: Any, seq: Any, resend_acknowledged: bool = False) -> None:
         """The aggregator expects this stream to continue at ``offset``. ``seq`` is the batch that
         made it ask (stale if sent before our last rewind), or None when it asks on its own (it
-        refused or took back batches and can take them now)."""
+        refused or took back batches and can take them now). ``resend_acknowledged``: its sink
+        holds exactly what is before ``offset`` (JetStream), so an offset below what it had
+        acknowledged means the sink lost those lines (a crash with JetStream's default
+        sync_interval): they are sent again while the file still has them."""
         t = self.tailers.get(stream) if isinstance(stream, str) else None
         if t is None and isinstance(stream, str):
             self.journals.resync(stream, offset, seq)
@@ -604,6 +608,15 @@ class Agent(Following):
             return
         if seq is not None and (type(seq) is not int or seq < t.rewind_seq):
             return  # stale (sent before our last rewind)
+        if offset < t.acked and resend_acknowledged and offset >= t.base:
+            log.warning("the aggregator's JetStream stream no longer holds %d acknowledged bytes of %s"
+                        " (from %d; lost in a crash?): sending them again", t.acked - offset, t.path,
+                        offset)
+            t.acked = offset
+            t.acked_mark = None
+            t.marks.clear()
+            self.batch_lines.pop(t.stream, None)
+            self.checkpoints_dirty = True
         if offset < t.acked:
             # The aggregator lost what it had acknowledged (its state_dir was lost or its journal
             # damaged), or, with several aggregators, this one last had the stream before

@@ -143,7 +143,10 @@ class GroupCommit(Stages):
             self.accepted[key] = offset
             durable[key] = [offset, now]  # the stream holds exactly everything before it
             self.totals.resyncs += 1
-            self.send_event(agent, wire.encode_event("resync", stream=stream, offset=offset, seq=None))
+            # "held": the stream holds exactly what is before offset (even below what an agent
+            # saw acknowledged, if the stream lost its tail: the agent then sends it again).
+            self.send_event(agent, wire.encode_event("resync", stream=stream, offset=offset, seq=None,
+                                                     held=True))
         self.pending_bytes = sink.queued()[1]
         if outcome.error is not None:
             for key, end in pending.items():

@@ -225,7 +225,7 @@ class JetStreamSink:
         self.counters = {
             "published": 0, "published_bytes": 0, "duplicates": 0, "precondition_refusals": 0,
             "already_in": 0, "resyncs": 0, "retries": 0, "full_refusals": 0, "split_messages": 0,
-            "cut_lines": 0, "cut_bytes": 0, "reads": 0, "errors": 0,
+            "cut_lines": 0, "cut_bytes": 0, "reads": 0, "errors": 0, "gaps_accepted": 0,
         }
 
     # -- connection -----------------------------------------------------------------------------
@@ -501,6 +501,15 @@ class JetStreamSink:
         if last == first.start:
             return None
         if last < first.start:
+            if sub.last_end is not None and first.start == sub.base:
+                # The agent's stream begins here now: it rebased because it cannot send what is
+                # before (acknowledged, and the stream lost it: a crash with JetStream's default
+                # sync_interval, or aged out). Asking again would loop; the gap stays, said.
+                self.counters["gaps_accepted"] += 1
+                log.error("jetstream: %s: the stream lacks bytes %d-%d of %s that %s had acknowledged"
+                          " and can no longer send (lost by the stream); going on from %d", sub.name,
+                          last, first.start, sub.stream, sub.agent, first.start)
+                return None
             return last
         while sub.pieces and sub.pieces[0].end <= last:
             done = sub.pieces.pop(0)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
+import signal
 import time
 
 import nats as natspy
 import pytest
-from harness import Harness, Writer, check_exactly_once, output_lines, wait_for
+from harness import Harness, Writer, append_lines, check_exactly_once, make_lines, output_lines, wait_for
 from natsserver import NatsCluster
 
 from agent.config import AggregatorEndpoints
@@ -211,3 +213,36 @@ def test_what_an_operator_sees_of_a_jetstream_aggregator(h: Harness, nats) -> No
     r = h.ctl(ep, "tail", "app", "-n", "5", "--count", "0", "--wait")
     assert r.returncode == 0, r.stderr
     assert "writes no files (sink = jetstream)" in r.stderr and r.stdout == "", (r.stdout, r.stderr)
+
+
+def test_stream_that_lost_its_acknowledged_tail_gets_it_again_from_the_agents(h: Harness, nats) -> None:
+    """What a machine crash with JetStream's default sync_interval leaves: the stream ends before
+    lines the agents saw acknowledged. The aggregator tells them the stream holds less, and they
+    send those lines again from their files: every line once, no endless resync."""
+    servers = nats.single()
+    ep = h.endpoints()
+    h.aggregator(ep, *jetstream_sets(servers))
+    h.path("logs").mkdir(exist_ok=True)
+    logs = {tag: h.path("logs", f"{tag}.log") for tag in ("a", "b")}
+    for tag, path in logs.items():
+        append_lines(path, make_lines(tag, 0, 300))
+    h.agent(ep, sources(h))
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="the first lines acknowledged")
+    store = servers.nodes[0].store_dir
+    servers.kill(0, signal.SIGTERM)
+    copy = h.path("store-copy")
+    shutil.copytree(store, copy)
+    servers.restart(0)
+    for tag, path in logs.items():
+        append_lines(path, make_lines(tag, 300, 300))
+    wait_for(lambda: h.all_acknowledged(), timeout=60, what="the next lines acknowledged")
+    servers.kill(0)                 # a crash ...
+    shutil.rmtree(store)
+    shutil.copytree(copy, store)    # ... that lost what was acknowledged since the copy
+    servers.restart(0)
+    for tag, path in logs.items():
+        append_lines(path, make_lines(tag, 600, 100))
+    wait_for(lambda: h.all_acknowledged(), timeout=60, what="everything acknowledged again")
+    check_exactly_once(stream_lines(servers.urls), {"a": 700, "b": 700})
+    assert h.status(ep)["totals"]["resyncs"] <= 4
+    h.assert_quiet(ep)
