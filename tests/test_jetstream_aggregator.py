@@ -246,3 +246,43 @@ def test_stream_that_lost_its_acknowledged_tail_gets_it_again_from_the_agents(h:
     check_exactly_once(stream_lines(servers.urls), {"a": 700, "b": 700})
     assert h.status(ep)["totals"]["resyncs"] <= 4
     h.assert_quiet(ep)
+
+
+def test_writer_down_while_the_stream_lost_its_tail_and_took_new_messages_writes_them(h: Harness,
+                                                                                       nats) -> None:
+    """The stream loses its tail while the writer is down, and new messages take those sequence
+    numbers before it is back: the writer sees another message where the last one it applied
+    was, reads the stream again and writes every line once (before, the new ones were skipped)."""
+    servers = nats.single()
+    ep = h.endpoints()
+    h.aggregator(ep, *jetstream_sets(servers))
+    h.path("logs").mkdir(exist_ok=True)
+    logs = {tag: h.path("logs", f"{tag}.log") for tag in ("a", "b", "c")}
+    for tag in ("a", "b"):
+        append_lines(logs[tag], make_lines(tag, 0, 100))
+    h.agent(ep, sources(h))
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="the first lines acknowledged")
+    store = servers.nodes[0].store_dir
+    servers.kill(0, signal.SIGTERM)
+    copy = h.path("store-copy")
+    shutil.copytree(store, copy)
+    servers.restart(0)
+    writer = h.writer(servers.urls)
+    for i in range(1, 6):  # one message per round
+        for tag in ("a", "b"):
+            append_lines(logs[tag], make_lines(tag, 100 * i, 100))
+        wait_for(lambda: h.all_acknowledged(), timeout=30, what="lines acknowledged")
+    wait_for(lambda: len(output_lines(h.path("wout"), "app")) == 1200, timeout=30, what="the writer's lines")
+    assert writer.stop() == 0
+    servers.kill(0)
+    shutil.rmtree(store)
+    shutil.copytree(copy, store)
+    servers.restart(0)
+    for i in range(20):  # new messages take the lost sequence numbers, and more
+        append_lines(logs["c"], make_lines("c", 10 * i, 10))
+        wait_for(lambda: h.all_acknowledged(), timeout=30, what="c's lines acknowledged")
+    h.writer(servers.urls)
+    expected = {"a": 600, "b": 600, "c": 200}
+    wait_for(lambda: len(output_lines(h.path("wout"), "app")) >= 1400, timeout=60, what="every line written")
+    check_exactly_once(output_lines(h.path("wout"), "app"), expected)
+    h.assert_quiet(ep)

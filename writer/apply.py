@@ -42,6 +42,7 @@ class Totals:
     stream_gaps: int = 0            # messages whose Start is past their (agent, stream)'s end
     overlaps: int = 0               # messages starting before their stream's end, written whole
     discarded_unwritten: int = 0    # stream messages gone before this writer read them (kept across restarts)
+    stream_rewritten: int = 0       # times the stream held other messages where applied ones were
     consumers_made: int = 0
     commits: int = 0
     write_errors: int = 0

@@ -95,6 +95,7 @@ class Writer(Rolling):
         self.totals = Totals()
         self.applier = Applier(self.sink, self.cfg, self.totals)
         self.applied_seq = 0      # the last stream sequence applied to the files
+        self.applied_id = ""      # and the Nats-Msg-Id of the message there (a rewritten tail)
         self.committed_seq = 0    # ... and made durable by a commit
         self.stream_created = ""  # the creation time of the stream we read (another: made anew)
         self.stream = StreamState()
@@ -192,6 +193,7 @@ class Writer(Rolling):
         marks = state.marks
         self.applied_seq = self.committed_seq = int(marks.get("stream_seq", 0))
         self.stream_created = str(marks.get("stream_created", ""))
+        self.applied_id = str(marks.get("stream_msg_id", ""))
         self.totals.discarded_unwritten = int(marks.get("discarded_unwritten", 0))
 
     async def serve(self) -> None:
@@ -384,6 +386,16 @@ class Writer(Rolling):
                       " written is dropped by its (agent, stream) end offsets", self.wcfg.stream,
                       state.created, state.last_seq, self.applied_seq, self.stream_created or "?")
             self.applied_seq = 0
+        elif self.applied_seq and self.applied_id and \
+                (held := await self.source.msg_id_at(self.applied_seq)) not in (None, self.applied_id):
+            # Same stream, but another message where ours was: it lost its tail (a NATS server's
+            # crash with the default sync_interval) and new messages took those sequences.
+            log.error("stream %s holds another message at sequence %d than the one this writer applied"
+                      " there (%s, not %s): it lost messages and new ones took their sequences; reading"
+                      " it again from its start; what is already written is dropped by its (agent,"
+                      " stream) end offsets", self.wcfg.stream, self.applied_seq, held, self.applied_id)
+            self.totals.stream_rewritten += 1
+            self.applied_seq = 0
         self.stream_created = state.created or self.stream_created
         try:
             await self.source.open_consumer(self.applied_seq + 1)
@@ -409,6 +421,7 @@ class Writer(Rolling):
                 await self.account_gap(self.applied_seq + 1, seq)
             written = self.applier.apply(seq, msg)  # SinkError: not applied, read again
             self.applied_seq = seq
+            self.applied_id = str((msg.headers or {}).get("Nats-Msg-Id", ""))
             self.progress_at = time.monotonic()
             if written and self.disk_error is not None:
                 log.warning("output writable again; writing on from sequence %d", seq)
@@ -452,7 +465,8 @@ class Writer(Rolling):
 
     async def commit(self) -> None:
         """fsync the files, then journal their lengths, the streams' ends and the applied sequence."""
-        marks = {"stream_seq": self.applied_seq, "stream_created": self.stream_created,
+        marks = {"stream_seq": self.applied_seq, "stream_msg_id": self.applied_id,
+                 "stream_created": self.stream_created,
                  "discarded_unwritten": self.totals.discarded_unwritten}
         if not self.pending and self.journal.state.marks == marks:
             return

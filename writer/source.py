@@ -140,6 +140,16 @@ class Source:
             return None
         return "ours" if (msg.subject or "").startswith(self.subjects[:-1]) else "other"
 
+    async def msg_id_at(self, seq: int) -> str | None:
+        """The Nats-Msg-Id of the message the stream holds at ``seq`` ("" if it has none), or None
+        when it holds none there or cannot say now."""
+        assert self.nc is not None
+        try:
+            msg = await self.nc.jetstream().get_msg(self.stream, seq)
+        except NATS_ERRORS:
+            return None
+        return str((msg.headers or {}).get("Nats-Msg-Id", ""))
+
     async def received_at(self, seq: int) -> float | None:
         """When the stream stored the first message at or after ``seq`` (epoch seconds), or None."""
         assert self.nc is not None
