@@ -598,3 +598,16 @@ def test_stream_deleted_and_made_anew_is_read_from_its_start(h: Harness, server:
     s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
     check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 400})
     assert "made anew" not in w.log() and s["totals"]["duplicate_messages"] == 0
+
+
+def test_writer_status_keeps_its_topic_counts_across_a_restart(h: Harness, server: Any, feeds: Any) -> None:
+    """After a restart the status still lists the topics with their lines, not `topics (0)`
+    (found by a fresh-user review)."""
+    feed = feeds(server.urls)
+    feed.publish("app", "web-01", "s1", "a", 300)
+    w = h.writer(server.urls)
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    assert w.stop() == 0
+    w = h.writer(server.urls)
+    topics = {t["name"]: t["lines"] for t in writer_status(h, w)["topics"]}
+    assert topics == {"app": 300}, topics

@@ -33,6 +33,7 @@ import zmq
 import zmq.asyncio
 from nats.aio.msg import Msg
 
+from aggregator import registry
 from aggregator.control import ControlServer
 from aggregator.files import RollingFileSink, SinkError, open_files_bound, uncompressed_rotated
 from aggregator.journal import Journal
@@ -44,7 +45,7 @@ from fleetlog.dirlock import DirectoryLock
 from fleetlog.runtime import SystemdNotifier, raise_open_files_limit, start_zmq_threads, supervise
 from fleetlog.tomlconf import ConfigError
 from writer import commands, metrics, status
-from writer.apply import Applier, Totals
+from writer.apply import Applier, TopicStats, Totals
 from writer.config import Config, load_config
 from writer.source import NATS_ERRORS, Source, StreamState
 
@@ -138,6 +139,9 @@ class Writer(Rolling):
         limit = raise_open_files_limit()
         self.sink.max_open = open_files_bound(limit)
         self.recover()
+        # Per-topic counts as of the last save (every 10 s and at stop), as the aggregator's.
+        for name, t in registry.load(cfg.state_dir).topics.items():
+            self.applier.topics[name] = TopicStats(lines=int(t.get("lines", 0)), bytes=int(t.get("bytes", 0)))
         leftovers = uncompressed_rotated(cfg.output_dir)
         for topic in self.sink.topics_on_disk():
             if wire.valid_topic(topic):
@@ -227,7 +231,16 @@ class Writer(Rolling):
         except (TimeoutError, SinkError) as exc:
             log.warning("final commit did not finish (%s); what was not committed is read again at the"
                         " next start", exc or "timeout")
+        self.save_counts()
         await self.release(deadline)
+
+    def save_counts(self) -> None:
+        """Keep the per-topic counts for the next start (aggregator/registry.py's file)."""
+        topics = {name: {"lines": t.lines, "bytes": t.bytes} for name, t in self.applier.topics.items()}
+        try:
+            registry.save(self.wcfg.state_dir, {}, topics)
+        except OSError as exc:
+            log.debug("cannot save the topic counts (%s); status counts from zero after a restart", exc)
 
     async def release(self, deadline: float | None = None) -> None:
         if deadline is None:
@@ -499,8 +512,12 @@ class Writer(Rolling):
     async def ticker(self) -> None:
         """Once a second: the stream's last sequence (lag), the age of the oldest unapplied
         message, the alarm's end, and a consumer that stopped delivering."""
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
+            if ticks % 10 == 0:
+                self.save_counts()
             if self.source.sub is None or not self.source.connected:
                 continue
             try:
