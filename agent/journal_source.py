@@ -16,6 +16,15 @@ the cursor of the last entry of the acknowledged prefix of the ring, with each s
 that cursor and its acknowledged end (a stream may be acknowledged past the cursor while an older
 stream's batch is not). It moves only on acknowledgements; a stream is saved before its first
 batch ships, so a crash can never ship the same entries under a second stream id.
+
+One reader normally sees one writer lineage after another (a new boot, a journal started afresh),
+and a newer stream ships only once the older one is acknowledged. Two writers with one machine
+id (cloned machines, systemd issue 31368) interleave entry by entry instead: once a lineage comes
+back after another's entries, the source is ``interleaved``; from then on each read cycle keeps
+a batch open per lineage and every stream ships on its own (the aggregator accepts and
+acknowledges per stream), so no lineage waits for another's acknowledgements. The cursor is one
+per reader, so it follows ``runs`` (the entries in reader order, a run per stretch of one
+lineage): it moves only to the last entry of the acknowledged prefix of that order.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from agent.journal import (
     Entry,
     Reader,
     last_cursor,
+    machine_match,
     missing_between,
     probe,
     realtime_of,
@@ -52,6 +62,7 @@ log = logging.getLogger("fleetlog.agent.journal")
 MAX_STREAMS = 64          # streams remembered per source (one per boot or journal writer)
 RESTART_MAX_S = 30.0      # the longest wait before journalctl is started again after it exited
 TAIL_PROBE_S = 5.0        # while entries flow, how often the journal's newest entry is looked up
+INTERLEAVED_WARN_RETURNS = 4  # lineages coming back this often: two writers, said at WARNING
 
 
 @dataclass(eq=False)
@@ -67,6 +78,27 @@ class JStream:
 
     def __post_init__(self) -> None:
         self.ship_pos = self.acked
+
+
+@dataclass(eq=False, slots=True)
+class Run:
+    """Consecutive entries of one stream in the reader's order, from ``start`` to ``end``."""
+    stream: JStream
+    start: int
+    end: int
+    cursor: str                # of its last entry
+    entries: int
+
+
+@dataclass(eq=False, slots=True)
+class _Filling:
+    """A batch being made in one read cycle."""
+    stream: JStream
+    start: int
+    lines: list[str] = field(default_factory=list)
+    fields: list[dict[str, Any]] = field(default_factory=list)
+    nbytes: int = 0
+    cursor: str = ""
 
 
 @dataclass(eq=False)
@@ -92,6 +124,7 @@ class JournalSource:
         self.streams: dict[str, JStream] = {}     # by epoch
         self.by_id: dict[str, JStream] = {}
         self.ring: deque[Shipped] = deque()
+        self.runs: deque[Run] = deque()           # read and not acknowledged, in reader order
         self.unsent = 0                           # index in ring of the first batch maybe not shipped
         # Index in ring of the first batch of another stream than ring[0]'s, or None. It ships
         # only once everything before it is acknowledged: streams of one source are written in
@@ -101,6 +134,10 @@ class JournalSource:
         self.read_cursor: str | None = None       # last entry read from journalctl
         self.expect_first: str | None = None      # the cursor journalctl was started at
         self.known = False                        # a checkpoint of this source was loaded
+        self.last_epoch: str | None = None        # of the last entry read
+        self.left_epochs: dict[str, None] = {}    # lineages the reader went on from (bounded)
+        self.returns = 0                          # a left lineage came back: writers interleave
+        self.interleaved = False
         self.unsaved = False
         self.wake = Wakeup()
         self.entries_read = 0
@@ -139,8 +176,8 @@ class JournalSource:
 
     def checkpoint(self) -> dict[str, Any]:
         first_start: dict[str, int] = {}
-        for b in self.ring:
-            first_start.setdefault(b.stream.stream, b.start)
+        for r in self.runs:
+            first_start.setdefault(r.stream.stream, r.start)
         streams = [{"epoch": s.epoch, "stream": s.stream, "base": s.base, "seq": s.seq, "acked": s.acked,
                     "offset": first_start.get(s.stream, s.offset)} for s in self.streams.values()]
         return {"key": self.cfg.key, "machine": self.machine, "topic": self.cfg.topic, "cursor": self.cursor,
@@ -248,29 +285,7 @@ class JournalSource:
             self.expect_first = None
         if not entries:
             return
-        cfg = self.agent.cfg
-        i = 0
-        while i < len(entries):
-            epoch = entries[i].epoch
-            st = self.streams.get(epoch)
-            if st is None:
-                st = self.new_stream(epoch)
-            lines: list[str] = []
-            fields: list[dict[str, Any]] = []
-            nbytes = 0
-            while (i < len(entries) and entries[i].epoch == epoch and len(lines) < cfg.batch_max_lines
-                   and nbytes < cfg.batch_max_bytes):
-                e = entries[i]
-                lines.append(e.line)
-                fields.append(e.fields)
-                nbytes += e.size
-                i += 1
-            start = st.offset
-            st.offset += nbytes
-            if self.switch_at is None and self.ring and self.ring[0].stream is not st:
-                self.switch_at = len(self.ring)
-            self.ring.append(Shipped(st, start, st.offset, lines, orjson.dumps(fields), entries[i - 1].cursor,
-                                     fields[0].get("realtime_us")))
+        self.batch(entries)
         self.entries_read += len(entries)
         cut = sum(1 for e in entries if e.cut)
         if cut:
@@ -284,6 +299,86 @@ class JournalSource:
         self.newest_realtime_us = entries[-1].fields.get("realtime_us", self.newest_realtime_us)
         self.pop_acked()
         self.lag()
+
+    def batch(self, entries: list[Entry]) -> None:
+        """Entries onto their streams: runs (the reader's order, for the cursor) and batches in
+        the ring. Batches being filled, by epoch: one at a time while lineages follow one
+        another (a run is a batch, as journal order across a reboot needs), one per lineage
+        once interleaved."""
+        cfg = self.agent.cfg
+        filling: dict[str, _Filling] = {}
+        runs = self.runs
+        prev = self.last_epoch
+        for e in entries:
+            epoch = e.epoch
+            if epoch != prev:
+                if prev is not None:
+                    self.lineage_left(prev, epoch)
+                if not self.interleaved:
+                    for other in list(filling):
+                        self.close_batch(filling.pop(other))
+                prev = epoch
+            st = self.streams.get(epoch)
+            if st is None:
+                st = self.new_stream(epoch)
+            start = st.offset
+            st.offset += e.size
+            last = runs[-1] if runs else None
+            if last is not None and last.stream is st and last.end == start:
+                last.end, last.cursor, last.entries = st.offset, e.cursor, last.entries + 1
+            else:
+                runs.append(Run(st, start, st.offset, e.cursor, 1))
+            f = filling.get(epoch)
+            if f is None:
+                f = filling[epoch] = _Filling(st, start)
+            f.lines.append(e.line)
+            f.fields.append(e.fields)
+            f.nbytes += e.size
+            f.cursor = e.cursor
+            if len(f.lines) >= cfg.batch_max_lines or f.nbytes >= cfg.batch_max_bytes:
+                self.close_batch(filling.pop(epoch))
+        for f in filling.values():
+            self.close_batch(f)
+        self.last_epoch = prev
+
+    def close_batch(self, f: _Filling) -> None:
+        st, ring = f.stream, self.ring
+        if not self.interleaved and self.switch_at is None and ring and ring[0].stream is not st:
+            self.switch_at = len(ring)
+        ring.append(Shipped(st, f.start, f.start + f.nbytes, f.lines, orjson.dumps(f.fields), f.cursor,
+                            f.fields[0].get("realtime_us")))
+
+    def lineage_left(self, epoch: str, to: str) -> None:
+        """The reader went on from lineage ``epoch`` to ``to``: if ``to`` was left before, two
+        writers interleave in this one reader (cloned machines with one machine id)."""
+        left = self.left_epochs
+        left.pop(epoch, None)
+        left[epoch] = None
+        if len(left) > MAX_STREAMS:
+            del left[next(iter(left))]
+        if to not in left:
+            return
+        self.returns += 1
+        if not self.interleaved:
+            # Each lineage ships on its own from here (journal order between writers that run at
+            # once means nothing; each one's own order is kept by its stream).
+            self.interleaved = True
+            self.switch_at = None
+            self.wake.set()
+        if self.returns == INTERLEAVED_WARN_RETURNS:  # not a clock step at a reboot: said once
+            where = f"journal directory {self.cfg.directory}" if self.cfg.directory else "system journal"
+            log.warning("%s: machine id %s has two writers interleaved (cloned machines with one"
+                        " /etc/machine-id?); topic %s ships each one's entries as a stream of its own,"
+                        " in its own order; give each machine its own id (systemd-machine-id-setup)",
+                        where, self.machine_id(), self.cfg.topic)
+
+    def machine_id(self) -> str:
+        if self.machine:
+            return self.machine
+        for m in (*self.cfg.field_matches, *machine_match(self.cfg, "")):
+            if m.startswith("_MACHINE_ID="):
+                return m.partition("=")[2]
+        return "(none)"
 
     def new_stream(self, epoch: str) -> JStream:
         st = JStream(epoch=epoch, stream=new_stream_id())
@@ -388,16 +483,21 @@ class JournalSource:
 
     def pop_acked(self) -> None:
         ring = self.ring
-        moved = False
         while ring and ring[0].end <= ring[0].stream.acked:
-            b = ring.popleft()
-            self.cursor = b.cursor
-            self.entries_acked += len(b.lines)
+            ring.popleft()
             self.unsent = max(0, self.unsent - 1)
             if self.switch_at is not None:
                 self.switch_at -= 1
                 if self.switch_at == 0:
                     self.switch_at = self._next_switch()
+        # The cursor: the last entry whose every predecessor in the reader's order is
+        # acknowledged (another lineage may be acknowledged further, see restore()).
+        runs = self.runs
+        moved = False
+        while runs and runs[0].end <= runs[0].stream.acked:
+            r = runs.popleft()
+            self.cursor = r.cursor
+            self.entries_acked += r.entries
             moved = True
         if moved:
             self.agent.checkpoints_dirty = True
@@ -435,7 +535,7 @@ class JournalSource:
         """Entries read and not acknowledged, and the seconds between the newest entry read and
         the last one acknowledged."""
         unread = self.unread()
-        entries = sum(len(b.lines) for b in self.ring) + unread
+        entries = sum(r.entries for r in self.runs) + unread
         newest = realtime_of(self.tail_cursor) if unread and self.tail_cursor else self.newest_realtime_us
         seconds = 0.0
         if entries and newest is not None:

@@ -511,6 +511,74 @@ def test_journals_of_three_machines_in_one_directory_ship_exactly_once_through_k
     h.assert_quiet(ep)
 
 
+INTERLEAVED = "has two writers interleaved"
+
+
+@needs_journal
+def test_cloned_machines_with_one_machine_id_ship_at_full_rate_exactly_once_through_kills(h: Harness) -> None:
+    """Two cloned VMs with one /etc/machine-id (systemd issue 31368), collected by
+    systemd-journal-remote into two files: one machine id, two seqnum ids and boot ids, their
+    entries interleaved one by one in time, so the one journalctl of that machine id hands them
+    over alternating. Each lineage ships as its own stream without waiting for the other's
+    acknowledgements (the old reader shipped one-entry batches, each after the previous one's
+    ack: ~5 entries/s); every entry arrives once and in order per lineage through kill -9 of the
+    agent and of the aggregator, and each agent says once at WARNING that the id is shared."""
+    ep = h.endpoints()
+    d = h.path("journal")
+    a = Journal(d, file="remote-clone-a")
+    b = Journal(d, file="remote-clone-b", machine=a.machine)
+    b.realtime_us = a.realtime_us + 5               # B's entries fall between A's
+    sent = {"A": 0, "B": 0}
+
+    def write_both(count: int) -> None:
+        a.write_tagged("A", sent["A"], count)
+        b.write_tagged("B", sent["B"], count)
+        sent["A"] += count
+        sent["B"] += count
+
+    def write_in_time_order(count: int, chunk: int) -> None:
+        # While journalctl follows, entries must arrive in time order: it places a file's new
+        # entries by time, and skips those older than what it has shown (see README).
+        for _ in range(count // chunk):
+            for tag, j in (("A", a), ("B", b)):
+                j.realtime_us = max(a.realtime_us, b.realtime_us)
+                j.write_tagged(tag, sent[tag], chunk)
+                sent[tag] += chunk
+
+    def shipped() -> int:
+        return len(output_lines(h.root / "out", "jr"))
+
+    write_both(1000)
+    agg = h.aggregator(ep)
+    extra = ("agent.batch_max_lines=50",)
+    agent = journal_agent(h, ep, d, *extra)
+    began = time.monotonic()
+    # Bounded waits the old reader misses by far: 4,000 entries at ~5/s take ~13 minutes.
+    wait_for(lambda: shipped() >= 600, timeout=30, what="600 entries")
+    wait_for(lambda: saved_cursors(h), timeout=10, what="a cursor saved")
+    agent.kill9()
+    logs = [agent.log()]
+    write_both(500)                                 # while the agent is down
+    agent = journal_agent(h, ep, d, *extra)
+    wait_for(lambda: shipped() >= 1800, timeout=30, what="1800 entries")
+    agg.kill9()
+    write_in_time_order(500, 50)                    # while the aggregator is down
+    h.aggregator(ep)
+    wait_for(lambda: acked_everything(h, 4000), timeout=60, what="all 4000 entries acknowledged")
+    took_s = time.monotonic() - began
+    logs.append(agent.log())
+    check_exactly_once(output_lines(h.root / "out", "jr"), sent)  # per lineage: once, in order
+    js = journal_status(h)
+    assert (js["lag_entries"], js["entries_missing"]) == (0, 0)
+    assert len(saved_cursors(h)) == 1               # one machine id: one reader, one cursor
+    for log in logs:                                # each agent says it once, naming the id
+        said = [w for w in warnings_of(log) if INTERLEAVED in w]
+        assert len(said) == 1 and a.machine in said[0] and str(d) in said[0], said
+        assert not [w for w in warnings_of(log) if INTERLEAVED not in w], warnings_of(log)
+    assert took_s < 150, took_s
+    h.assert_quiet(ep)
+
+
 @needs_journal
 def test_journal_machine_vacuumed_while_agent_down_warns_for_that_machine_with_the_count(
         h: Harness, mounts: list[Path]) -> None:  # noqa: F811 (the fixture)
