@@ -780,7 +780,7 @@ class Agent(Following):
     def problems(self) -> list[str]:
         """What is wrong now (connections, refusals, the aggregator's word, missing acks)."""
         out = self.transport.problems() if self.transport is not None else []
-        return out + ([self.ack_problem] if self.ack_problem else [])
+        return out + ([self.ack_problem] if self.ack_problem else []) + self.journals.problems()
 
     def say_catching_up(self) -> None:
         """Stopped at its window: if the aggregator still thinks this agent is not catching up

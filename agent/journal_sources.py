@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from agent.config import JournalConfig
@@ -175,6 +177,30 @@ class JournalSection:
         return total
 
 
+SYSTEM_JOURNAL_DIRS = ("/var/log/journal", "/run/log/journal")  # persistent, volatile (journald.conf)
+
+
+def system_journal_problem(dirs: tuple[str, ...] = SYSTEM_JOURNAL_DIRS) -> str | None:
+    """Why the system journal has nothing to read here, or None: a journal file in a machine's
+    directory under ``dirs`` (or one this user may not list: journalctl then says why)."""
+    for top in dirs:
+        try:
+            machines_here = [e.path for e in os.scandir(top) if e.is_dir()]
+        except OSError:
+            continue
+        for path in machines_here:
+            try:
+                if any(n.endswith((".journal", ".journal~")) for n in os.listdir(path)):
+                    return None
+            except PermissionError:
+                return None
+            except OSError:
+                continue
+    return (f"[[journal]] without a directory reads the system journal, but there is no journal file"
+            f" in {' or '.join(dirs)}: is systemd-journald running on this host? (nothing is read"
+            " until it writes one)")
+
+
 class JournalSources:
     """The agent's ``[[journal]]`` sections: what daemon.py calls."""
 
@@ -184,11 +210,29 @@ class JournalSources:
         self.sources: list[JournalSource] = []
         self.sections = [JournalSection(self, cfg) for cfg in agent.config.journals]
         self._owner: dict[str, JournalSource] = {}       # stream id -> its source, as looked up
+        self._system_checked_at = -1e9
+        self._system_problem: str | None = None
 
     def __bool__(self) -> bool:
         return bool(self.sections)
 
+    def problems(self) -> list[str]:
+        """What is wrong with the sections that read the system journal: none of its files
+        exist (no journald on this host, or it keeps its journal elsewhere). Looked at once a
+        minute at most; said at WARNING when it becomes true."""
+        if not any(not s.cfg.directory for s in self.sections):
+            return []
+        now = time.monotonic()
+        if now - self._system_checked_at >= 60:
+            self._system_checked_at = now
+            problem = system_journal_problem()
+            if problem is not None and problem != self._system_problem:
+                log.warning("%s", problem)
+            self._system_problem = problem
+        return [self._system_problem] if self._system_problem else []
+
     def start(self, saved: list[dict[str, Any]]) -> list[asyncio.Task[None]]:
+        self.problems()
         for section in self.sections:
             section.restore([doc for doc in saved if doc.get("key") == section.cfg.key])
         return [asyncio.create_task(section.run(), name=f"journal {section.cfg.topic}")

@@ -696,3 +696,17 @@ def test_journal_checkpoint_from_before_machines_resumes_its_one_machine(h: Harn
     assert not warnings_of(agent.log()), warnings_of(agent.log())
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.root / "out", "jr"), {"J": 400})
+
+
+def test_system_journal_without_files_is_a_problem_said(tmp_path: Path) -> None:
+    """A [[journal]] section on the system journal of a host without journald (no journal file
+    under /var/log/journal or /run/log/journal) says so instead of 'reading' in silence."""
+    from agent.journal_sources import system_journal_problem
+    persistent, volatile = tmp_path / "var", tmp_path / "run"
+    persistent.mkdir()
+    problem = system_journal_problem((str(persistent), str(volatile)))
+    assert problem is not None and "is systemd-journald running" in problem
+    machine = volatile / "0123456789abcdef0123456789abcdef"
+    machine.mkdir(parents=True)
+    (machine / "system.journal").write_bytes(b"")
+    assert system_journal_problem((str(persistent), str(volatile))) is None
