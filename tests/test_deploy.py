@@ -238,6 +238,7 @@ def test_example_inventory_has_both_groups(tmp_path: Path) -> None:
     assert proc.returncode == 0, output(proc)
     inventory = json.loads(proc.stdout)
     assert inventory["aggregators"]["hosts"] == ["logs-01"]
+    assert "writers" in inventory["all"]["children"]  # empty: only with the JetStream sink
     assert set(inventory["agents"]["children"]) >= {"web", "db"}
 
 
@@ -838,6 +839,18 @@ def test_jetstream_sink_and_writer_deploy_and_ship(curve_run: CurveRun, dry_run:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+
+
+def test_writer_sharing_a_files_aggregators_output_is_refused(dry_run: DryRun, tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text(dry_run.inventory.read_text().replace("[agents]",
+                                                                "[writers]\nlocalhost\n\n[agents]"))
+    proc = run([tool("ansible-playbook"), "-i", inventory, "-e", f"@{dry_run.extra}", "site.yml"],
+               timeout_s=PLAYBOOK_TIMEOUT_S, cwd=ANSIBLE, env=dry_run.env)
+    assert recap(proc)["failed"] == 1, output(proc)
+    assert ("localhost is an aggregator with the files sink writing into /var/log/fleetlog, which is "
+            "this writer's output_dir too") in " ".join(proc.stdout.split()), output(proc)
+    assert "TASK [fleetlog_writer : Render writer.toml]" not in proc.stdout
 
 
 class ExampleNatsCluster(NatsCluster):
