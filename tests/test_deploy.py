@@ -682,6 +682,17 @@ def readme_toml(heading: str, start: str) -> dict[str, Any]:
     return tomllib.loads(block)
 
 
+def readme_indented_toml(first_line: str) -> dict[str, Any]:
+    """The indented (4-space) TOML block of README.md whose first line is ``first_line``."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    block = []
+    for line in lines[lines.index(f"    {first_line}"):]:
+        if not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return tomllib.loads("\n".join(block))
+
+
 # Keys the roles set from their own variables (paths under fleetlog_root, keys made by the play).
 ROLE_OWNED = {"output_dir", "state_dir", "curve_secret_key", "authorized_keys_dir", "admin_keys_dir",
               "curve_server_key", "topics"}
@@ -736,7 +747,13 @@ def test_jetstream_sink_and_writer_deploy_and_ship(curve_run: CurveRun, dry_run:
     socket and the credentials file (installed, secret); the writer unit is the repo's and verifies
     with its drop-in; both configs pass --check-config. Then the three daemons from their rendered
     configs (loopback ports, a real nats-server): a line the agent ships through CURVE lands in the
-    writer's output."""
+    writer's output. Every other [aggregator.jetstream] and [writer] key the README documents is set
+    through fleetlog_aggregator_jetstream / fleetlog_writer_settings and reaches the configs."""
+    nats_owned = {"servers", "stream", "subject_prefix", "replicas", "credentials"}
+    documented = readme_indented_toml("# aggregator.toml")["aggregator"]["jetstream"]
+    jetstream_doc = {k: v for k, v in documented.items() if k not in nats_owned}
+    writer_doc = {k: v for k, v in readme_indented_toml("# /etc/fleetlog/writer.toml")["writer"].items()
+                  if k not in ROLE_OWNED | nats_owned | {"control"}}
     inventory = tmp_path / "inventory.ini"
     inventory.write_text(dry_run.inventory.read_text().replace("[agents]",
                                                                 "[writers]\nlocalhost\n\n[agents]"))
@@ -749,7 +766,8 @@ def test_jetstream_sink_and_writer_deploy_and_ship(curve_run: CurveRun, dry_run:
         "fleetlog_aggregator_sink": "jetstream",
         "fleetlog_nats_servers": servers,
         "fleetlog_nats_credentials_file": str(creds),
-        "fleetlog_aggregator_jetstream": {"max_age_s": 604800},
+        "fleetlog_aggregator_jetstream": {**jetstream_doc, "max_age_s": 604800},
+        "fleetlog_writer_settings": writer_doc,
         "fleetlog_writer_topics": {"app": {"format": "json"}},
     }))
     proc = run([tool("ansible-playbook"), "-i", inventory, "-e", f"@{dry_run.extra}", "-e", f"@{extra}",
@@ -762,7 +780,7 @@ def test_jetstream_sink_and_writer_deploy_and_ship(curve_run: CurveRun, dry_run:
     assert aggregator["sink"] == "jetstream"
     assert aggregator["jetstream"] == {
         "servers": servers, "stream": "FLEETLOG", "subject_prefix": "fleetlog", "replicas": 3,
-        "credentials": f"{etc}/nats.creds", "max_age_s": 604800}
+        "credentials": f"{etc}/nats.creds", **jetstream_doc, "max_age_s": 604800}
     # The safe defaults still hold: CURVE on, every interface.
     assert aggregator["curve_secret_key"] == f"{keys}/aggregator.key_secret"
     assert aggregator["authorized_keys_dir"] == f"{keys}/agents"
@@ -773,7 +791,8 @@ def test_jetstream_sink_and_writer_deploy_and_ship(curve_run: CurveRun, dry_run:
                       "control": ["ipc:///run/fleetlog-writer/control.sock"],
                       "output_dir": f"{dry_run.root}/var/log/fleetlog",
                       "state_dir": f"{dry_run.root}/var/lib/fleetlog/writer",
-                      "topics": {"app": {"format": "json"}}}
+                      "topics": {"app": {"format": "json"}}, **writer_doc}
+    assert set(writer_doc) >= {"fsync", "fetch_batch", "commit_interval_ms", "stream_ttl_s"}
     assert (etc / "nats.creds").read_text() == creds.read_text()
     assert stat.S_IMODE((etc / "nats.creds").stat().st_mode) == 0o600  # 0640 root:fleetlog for real
     installed = dry_run.root / "etc" / "systemd" / "system"
