@@ -125,6 +125,10 @@ class Agent(Following):
         # Bytes read since start, and (time, bytes) when the read rate was last measured: the
         # rate paces the watcher (pace_watching).
         self.bytes_read = 0
+        # When batches went out again after everything was acknowledged (resends do not count):
+        # an idle spell since the last ack is no silence of the aggregator's (check_ack_stall).
+        self.out_since = 0.0
+        self.all_acked = True
         self._pace_mark = (time.monotonic(), 0)
         self.read_rate = 0.0
         # The last heartbeat's figures and what they were computed from (see heartbeat_args).
@@ -402,6 +406,8 @@ class Agent(Following):
         t.ship_pos = chunk.end
         if chunk.end > t.acked and t not in self.unacked:
             t.ack_progress = now  # its ack timeout starts with its first unacknowledged batch
+            if self.all_acked:
+                self.out_since, self.all_acked = now, False  # out again after all was acknowledged
             self.unacked.add(t)
         lines = chunk.count
         self.lines_sent += lines
@@ -589,6 +595,8 @@ class Agent(Following):
             t.ship_pos = end
         if t.ship_pos == t.acked:
             self.unacked.discard(t)
+            if not self.unacked:
+                self.all_acked = True
         t.ack_progress = time.monotonic()
         self.checkpoints_dirty = True
         self.acked_event.set()
@@ -772,8 +780,7 @@ class Agent(Following):
             return
         # Since the last acknowledgement, or since the batches out now went out if that is later
         # (an idle spell between two is no silence of the aggregator's).
-        out_since = min((t.ack_progress for t in self.unacked), default=self.last_any_ack)
-        silent_s = time.monotonic() - max(self.last_any_ack, out_since)
+        silent_s = time.monotonic() - max(self.last_any_ack, self.out_since)
         if silent_s >= 2 * self.cfg.ack_timeout_ms / 1000:
             transport.fail_over(f"no acknowledgement for {silent_s:.1f}s with batches out")
 
