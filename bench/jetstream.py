@@ -13,7 +13,7 @@ source files dealt over them):
 Every agent lists both aggregators; the agents' names are chosen so that their rendezvous
 ranking puts half of them on each aggregator first. Workloads:
 
-* backlog: 8 files x 125,000 realistic lines (``bench/corpus.py``) written before anything
+* backlog: 8 files x 250,000 realistic lines (``bench/corpus.py``) written before anything
   starts; lines/s = lines / (time from starting the agents to the last byte in the final output
   file: the aggregator's, or the writer's);
 * live: 20,000 lines/s for 15 s over the 8 files (``bench.peers write``, each line starting with
@@ -33,7 +33,7 @@ out-of-order lines are printed; the exit code is 1 unless all are 0. Bounded by
 ``--deadline-s``; every process started is stopped on the way out.
 
     python -m bench.jetstream [--quick] [--only files,r1,r3] [--workloads backlog,live]
-                              [--files 8] [--lines-per-file 125000] [--agents 4]
+                              [--files 8] [--lines-per-file 250000] [--agents 4]
                               [--live-rate 20000] [--live-s 15] [--profile DIR] [--keep] [--json PATH]
     python -m bench.jetstream --soak [--soak-agents 20] [--soak-lines 1000000] [--soak-rate 15000]
                               [--kill-every-s 10] [--deadline-s 600]
@@ -103,8 +103,10 @@ class Fleet:
     ``kind``: "files" (one aggregator, its own files), "r1" or "r3" (two aggregators publishing
     into JetStream, one writer). ``groups``: each agent's source files."""
 
-    def __init__(self, kind: str, d: str, groups: list[list[str]]) -> None:
+    def __init__(self, kind: str, d: str, groups: list[list[str]],
+                 aggregator_sets: tuple[str, ...] = ()) -> None:
         self.kind, self.d, self.groups = kind, d, groups
+        self.aggregator_sets = aggregator_sets
         os.makedirs(d, exist_ok=True)
         self.jetstream = kind != "files"
         self.nats: NatsCluster | None = None
@@ -125,10 +127,10 @@ class Fleet:
     # -- processes ---------------------------------------------------------------------------
 
     def _aggregator_proc(self, i: int) -> Proc:
-        extra: tuple[str, ...] = ()
+        extra: tuple[str, ...] = self.aggregator_sets
         if self.jetstream:
             assert self.nats is not None
-            extra = ('aggregator.sink="jetstream"',
+            extra += ('aggregator.sink="jetstream"',
                      f"aggregator.jetstream.servers={orjson.dumps(self.nats.urls).decode()}",
                      f"aggregator.jetstream.replicas={3 if self.kind == 'r3' else 1}",
                      f'aggregator.jetstream.stream="{STREAM}"')
@@ -238,11 +240,20 @@ def _size(path: str) -> int:
         return 0
 
 
-def _wait_bytes(fleet: Fleet, expected: int, timeout_s: float) -> float:
+def _wait_bytes(fleet: Fleet, expected: int, timeout_s: float) -> tuple[float, float, float]:
+    """Poll the output's size until it holds ``expected`` bytes: the times it first held 10%,
+    90% and all of them."""
+    marks: dict[float, float] = {}
+
     def done() -> float | None:
-        return time.monotonic() if _size(fleet.out) >= expected else None
-    return float(wait_for(f"{expected} bytes in {fleet.out}", done, timeout_s, fleet.daemons(),
-                          interval_s=0.005))
+        size, now = _size(fleet.out), time.monotonic()
+        for f in (0.1, 0.9):
+            if size >= f * expected:
+                marks.setdefault(f, now)
+        return now if size >= expected else None
+    t_last = float(wait_for(f"{expected} bytes in {fleet.out}", done, timeout_s, fleet.daemons(),
+                            interval_s=0.005))
+    return marks[0.1], marks[0.9], t_last
 
 
 # ---- the comparison ------------------------------------------------------------------------------
@@ -255,7 +266,7 @@ def deal(sources: list[str], agents: int) -> list[list[str]]:
 def run_backlog(kind: str, d: str, sources: list[str], per_file: int,
                 args: argparse.Namespace) -> dict[str, Any]:
     size = sum(os.path.getsize(p) for p in sources)
-    fleet = Fleet(kind, d, deal(sources, args.agents))
+    fleet = Fleet(kind, d, deal(sources, args.agents), tuple(args.aggregator_set))
     recorders: list[Proc] = []
     try:
         fleet.start_servers()
@@ -270,7 +281,7 @@ def run_backlog(kind: str, d: str, sources: list[str], per_file: int,
                 os.makedirs(args.profile, exist_ok=True)
                 recorders = [pyspy.record(exe, p, args.profile)
                              for p in (*fleet.aggregators, *([fleet.writer] if fleet.writer else []))]
-        t_last = _wait_bytes(fleet, size, args.timeout_s)
+        t10, t90, t_last = _wait_bytes(fleet, size, args.timeout_s)
         cpu1 = fleet.cpu()
         for r in recorders:
             pyspy.finish(r)
@@ -282,6 +293,7 @@ def run_backlog(kind: str, d: str, sources: list[str], per_file: int,
         fleet.close()
     lines = per_file * len(sources)
     return {"lines_per_s": lines / (t_last - t0), "wall_s": t_last - t0, "lines": lines,
+            "steady_lines_per_s": 0.8 * lines / max(t90 - t10, 1e-9),
             "cpu_s": {k: cpu1[k] - cpu0.get(k, 0.0) for k in KINDS}, "agents_per_aggregator": split,
             "verdict": corpus.verify(corpus.output_files(fleet.out_dir, TOPIC), sources, per_file)}
 
@@ -293,7 +305,7 @@ def run_live(kind: str, d: str, args: argparse.Namespace) -> dict[str, Any]:
     for path in sources:
         open(path, "wb").close()  # exist before the agents start: they follow them from 0
     per_file = int(args.live_rate * args.live_s) // args.files
-    fleet = Fleet(kind, os.path.join(d, "run"), deal(sources, args.agents))
+    fleet = Fleet(kind, os.path.join(d, "run"), deal(sources, args.agents), tuple(args.aggregator_set))
     me = [sys.executable, "-m", "bench.peers"]
     result = os.path.join(d, "reader.json")
     reader = Proc("reader", [*me, "read", "--out", fleet.out, "--expect", str(per_file * args.files),
@@ -335,10 +347,10 @@ def _check(v: corpus.Verdict) -> str:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    rows = [f"{'':14} {'backlog':>10} {'vs':>5}   {'CPU s per M lines (backlog)':^42}   "
-            f"{'live 20k/s':^15}  {'live CPU s/M':>12}  check",
-            f"{'':14} {'lines/s':>10} {'files':>5}   {'agent':>8} {'aggr.':>8} {'nats':>8} {'writer':>8} "
-            f"{'total':>6}   {'p50 ms':>7} {'p99 ms':>7}  {'total':>12}"]
+    rows = [f"{'':14} {'backlog':>10} {'vs':>5} {'10-90%':>10}   {'CPU s per M lines (backlog)':^42}   "
+            f"{'live':^15}  {'live CPU s/M':>12}  check",
+            f"{'':14} {'lines/s':>10} {'files':>5} {'lines/s':>10}   {'agent':>8} {'aggr.':>8} {'nats':>8} "
+            f"{'writer':>8} {'total':>6}   {'p50 ms':>7} {'p99 ms':>7}  {'total':>12}"]
     base = (results.get("files") or {}).get("backlog")
     for kind, name in SETUPS.items():
         r = results.get(kind)
@@ -350,10 +362,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             per_m = b["lines"] / 1e6
             cpu = [b["cpu_s"][k] / per_m for k in KINDS]
             ratio = f"{100 * b['lines_per_s'] / base['lines_per_s']:4.0f}%" if base else "    -"
-            cells += (f"{b['lines_per_s']:10,.0f} {ratio}   " + " ".join(f"{c:8.2f}" for c in cpu)
+            cells += (f"{b['lines_per_s']:10,.0f} {ratio} {b['steady_lines_per_s']:10,.0f}   "
+                      + " ".join(f"{c:8.2f}" for c in cpu)
                       + f" {sum(cpu):6.2f}   ")
         else:
-            cells += f"{'-':>10} {'':5}   {'':42}   "
+            cells += f"{'-':>10} {'':5} {'':10}   {'':42}   "
         if lv is not None:
             lcpu = sum(lv["cpu_s"].values()) / (lv["lines"] / 1e6) if lv["lines"] else float("nan")
             cells += f"{lv['p50_ms']:7.1f} {lv['p99_ms']:7.1f}  {lcpu:12.2f}"
@@ -559,11 +572,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="files,r1,r3", help="comma-separated subset of files,r1,r3")
     p.add_argument("--workloads", default="backlog,live", help="comma-separated subset of backlog,live")
     p.add_argument("--files", type=int, default=8)
-    p.add_argument("--lines-per-file", type=int, default=125_000)
+    p.add_argument("--lines-per-file", type=int, default=250_000)
     p.add_argument("--agents", type=int, default=4, help="agents sharing the files")
     p.add_argument("--live-rate", type=int, default=20_000, help="lines/s, all files together")
     p.add_argument("--live-s", type=float, default=15)
     p.add_argument("--timeout-s", type=float, default=300, help="deadline for each backlog run")
+    p.add_argument("--aggregator-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for every aggregator, e.g. aggregator.commit_interval_ms=50")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--profile", metavar="DIR", help="record R1's aggregators and writer with py-spy into DIR")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (printed)")
