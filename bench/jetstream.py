@@ -488,6 +488,20 @@ class Feeder(threading.Thread):
                 os.close(fd)
 
 
+def soak_counters(fleet: Fleet) -> dict[str, int]:
+    """What the exactly-once machinery did: the agents' aggregator switches and the live
+    aggregators' JetStream counters (a restarted aggregator's count from its restart)."""
+    out = {"agent switches": 0}
+    for i in range(len(fleet.agents)):
+        s = fleet._status(f"ipc://{fleet.d}/st{i}/agent.sock", 2.0) or {}
+        out["agent switches"] += int((s.get("aggregators") or {}).get("switches") or 0)
+    for control in fleet.controls:
+        js = (fleet._status(control, 2.0) or {}).get("jetstream") or {}
+        for k in ("duplicates", "precondition_refusals", "already_in", "resyncs", "retries"):
+            out[f"aggregators' {k}"] = out.get(f"aggregators' {k}", 0) + int(js.get(k) or 0)
+    return out
+
+
 def soak(args: argparse.Namespace, d: str) -> int:
     per_file = args.soak_lines // args.soak_agents
     t = time.monotonic()
@@ -506,6 +520,7 @@ def soak(args: argparse.Namespace, d: str) -> int:
     fleet = Fleet("r3", os.path.join(d, "run"), [[p] for p in sources])
     feeder = Feeder(pre, sources, args.soak_rate)
     kills: list[str] = []
+    counters: dict[str, int] = {}
     complete = False
     try:
         fleet.start_servers()
@@ -544,6 +559,7 @@ def soak(args: argparse.Namespace, d: str) -> int:
                 s = fleet._status(fleet.writer_control, 1.0)
                 return s if s and s.get("lag_messages") == 0 else None
             wstatus = wait_for("the writer's lag 0", settled, 60, fleet.daemons(), interval_s=0.2)
+        counters = soak_counters(fleet)
     finally:
         feeder.stop_event.set()
         feeder.join(10)
@@ -557,6 +573,8 @@ def soak(args: argparse.Namespace, d: str) -> int:
           f"out of order {v.out_of_order}, foreign {v.foreign}, "
           f"files byte-identical {v.files_identical}/{v.files}; "
           f"the writer's second net dropped {totals.get('duplicates_dropped', '?')} duplicate lines")
+    if complete:
+        print("soak: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     print("soak: " + ("ok: every line exactly once, in order" if v.ok else "FAILED"))
     return 0 if v.ok and complete else 1
 
