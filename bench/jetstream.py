@@ -67,7 +67,7 @@ from natsserver import NatsCluster, server_binary
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 STREAM = "FLEETLOG"
-SETUPS = {"files": "files", "r1": "JetStream R1", "r3": "JetStream R3"}
+SETUPS = {"files": "files", "r1": "JetStream R1", "r3": "JetStream R3", "r1-sync": "R1 sync always"}
 KINDS = ("agent", "aggregator", "nats-server", "writer")
 
 
@@ -170,7 +170,9 @@ class Fleet:
         """nats-servers, aggregators and the writer, each answering its status."""
         if self.jetstream:
             root = Path(self.d) / "nats"
-            self.nats = NatsCluster.cluster(root, 3) if self.kind == "r3" else NatsCluster.single(root)
+            # r1-sync: the server fsyncs each write before acknowledging it (2.10+)
+            self.nats = NatsCluster.cluster(root, 3) if self.kind == "r3" else NatsCluster.single(
+                root, jetstream_conf="sync_interval: always" if self.kind == "r1-sync" else "")
         for i in range(len(self.controls)):
             p = self._aggregator_proc(i).start()
             self.aggregators.append(p)
@@ -587,7 +589,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 4 x 10,000 lines backlog, 2,000 lines/s for 3 s live; with --soak: "
                         "4 agents, 40,000 lines, a kill every 3 s")
-    p.add_argument("--only", default="files,r1,r3", help="comma-separated subset of files,r1,r3")
+    p.add_argument("--only", default="files,r1,r3",
+                   help="comma-separated subset of files,r1,r3,r1-sync (R1 with sync_interval: always)")
     p.add_argument("--workloads", default="backlog,live", help="comma-separated subset of backlog,live")
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--lines-per-file", type=int, default=250_000)
