@@ -8,14 +8,16 @@ source files dealt over them):
 * ``JetStream R1``: one nats-server (the pinned one of requirements/nats-server.txt, started by
   ``tests/natsserver.py``), two aggregators with ``sink = "jetstream"``, ``replicas = 1``, and one
   ``fleetlog-writer`` making the topic file;
-* ``JetStream R3``: the same on a 3-node cluster, ``replicas = 3``.
+* ``JetStream R3``: the same on a 3-node cluster, ``replicas = 3``;
+* ``R1 sync always`` (only with ``--only ...,r1-sync``): R1 with the server's
+  ``jetstream { sync_interval: always }``, an fsync before each acknowledgement.
 
 Every agent lists both aggregators; the agents' names are chosen so that their rendezvous
 ranking puts half of them on each aggregator first. Workloads:
 
 * backlog: 8 files x 250,000 realistic lines (``bench/corpus.py``) written before anything
   starts; lines/s = lines / (time from starting the agents to the last byte in the final output
-  file: the aggregator's, or the writer's);
+  file: the aggregator's, or the writer's); also the rate between 10% and 90% of the bytes;
 * live: 20,000 lines/s for 15 s over the 8 files (``bench.peers write``, each line starting with
   its write time); ``bench.peers read`` tails the final output file: latency = arrival minus
   write time, p50 / p99.
@@ -32,9 +34,10 @@ At the end the writer's file must hold every line exactly once and in order: los
 out-of-order lines are printed; the exit code is 1 unless all are 0. Bounded by
 ``--deadline-s``; every process started is stopped on the way out.
 
-    python -m bench.jetstream [--quick] [--only files,r1,r3] [--workloads backlog,live]
+    python -m bench.jetstream [--quick] [--only files,r1,r3,r1-sync] [--workloads backlog,live]
                               [--files 8] [--lines-per-file 250000] [--agents 4]
-                              [--live-rate 20000] [--live-s 15] [--profile DIR] [--keep] [--json PATH]
+                              [--live-rate 20000] [--live-s 15] [--aggregator-set KEY=VALUE]
+                              [--profile DIR] [--keep] [--json PATH]
     python -m bench.jetstream --soak [--soak-agents 20] [--soak-lines 1000000] [--soak-rate 15000]
                               [--kill-every-s 10] [--deadline-s 600]
 """
