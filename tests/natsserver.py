@@ -20,6 +20,7 @@ does it for each test.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -323,3 +324,27 @@ class NatsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def read_stream(urls: list[str], stream: str) -> list[tuple[str, dict[str, str], bytes]]:
+    """Every message of ``stream`` in stream order, (subject, headers, payload), read with the
+    JetStream API's message get (deleted sequences skipped), as any consumer could."""
+    import nats as natspy  # only the JetStream tests need the client
+
+    nc = await natspy.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=5)
+    try:
+        info = json.loads((await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)).data)
+        out = []
+        for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
+            reply = await nc.request(f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps({"seq": seq}).encode(),
+                                     timeout=5)
+            answer = json.loads(reply.data)
+            if "error" in answer:
+                continue
+            message = answer["message"]
+            block = base64.b64decode(message.get("hdrs") or "").decode()
+            headers = dict(line.split(": ", 1) for line in block.split("\r\n")[1:] if ": " in line)
+            out.append((message["subject"], headers, base64.b64decode(message.get("data") or "")))
+        return out
+    finally:
+        await nc.close()

@@ -8,16 +8,13 @@ in it exactly once and in its file's order, each (agent, stream) subject's messa
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import shutil
 import signal
 import time
 
-import nats as natspy
 import pytest
 from harness import Harness, Writer, append_lines, check_exactly_once, make_lines, output_lines, wait_for
-from natsserver import NatsCluster
+from natsserver import NatsCluster, read_stream
 
 from agent.config import AggregatorEndpoints
 from agent.failover import rank
@@ -32,36 +29,11 @@ def jetstream_sets(servers: NatsCluster, replicas: int = 1) -> list[str]:
             f"aggregator.jetstream.replicas={replicas}", "aggregator.jetstream.publish_timeout_s=2"]
 
 
-def read_stream(urls: list[str], stream: str = STREAM) -> list[tuple[str, dict[str, str], bytes]]:
-    """Every message of ``stream`` in stream order: (subject, headers, payload)."""
-
-    async def read() -> list[tuple[str, dict[str, str], bytes]]:
-        nc = await natspy.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=5)
-        try:
-            info = json.loads((await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)).data)
-            out = []
-            for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
-                reply = await nc.request(f"$JS.API.STREAM.MSG.GET.{stream}",
-                                         json.dumps({"seq": seq}).encode(), timeout=5)
-                answer = json.loads(reply.data)
-                if "error" in answer:
-                    continue
-                message = answer["message"]
-                block = base64.b64decode(message.get("hdrs") or "").decode()
-                headers = dict(line.split(": ", 1) for line in block.split("\r\n")[1:] if ": " in line)
-                out.append((message["subject"], headers, base64.b64decode(message.get("data") or "")))
-            return out
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
-
-
 def stream_lines(urls: list[str]) -> list[str]:
     """The lines of the stream, checking on the way that each subject's messages are contiguous."""
     ends: dict[str, int] = {}
     lines: list[str] = []
-    for subject, headers, payload in read_stream(urls):
+    for subject, headers, payload in asyncio.run(read_stream(urls, STREAM)):
         start, end = int(headers["Fleetlog-Start"]), int(headers["Fleetlog-End"])
         previous = ends.get(subject)
         assert previous is None or start == previous, \

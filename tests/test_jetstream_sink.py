@@ -7,7 +7,6 @@ bytes exactly once, in contiguous messages (each Start the previous End), whatev
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +16,7 @@ from typing import Any
 
 import nats as natspy
 import pytest
-from natsserver import NatsCluster
+from natsserver import NatsCluster, read_stream
 
 from aggregator.config import ConfigError, JetStreamConfig, parse
 from aggregator.jetstream import (
@@ -86,24 +85,7 @@ class Source:
 
 
 async def read_back(urls: list[str]) -> list[tuple[str, dict[str, str], bytes]]:
-    """Every message of the stream, in stream order: (subject, headers, payload)."""
-    nc = await natspy.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=5)
-    try:
-        info = json.loads((await nc.request(f"$JS.API.STREAM.INFO.{STREAM}", b"", timeout=5)).data)
-        out = []
-        for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
-            reply = await nc.request(f"$JS.API.STREAM.MSG.GET.{STREAM}", json.dumps({"seq": seq}).encode(),
-                                     timeout=5)
-            answer = json.loads(reply.data)
-            if "error" in answer:
-                continue
-            message = answer["message"]
-            block = base64.b64decode(message.get("hdrs") or "").decode()
-            headers = dict(line.split(": ", 1) for line in block.split("\r\n")[1:] if ": " in line)
-            out.append((message["subject"], headers, base64.b64decode(message.get("data") or "")))
-        return out
-    finally:
-        await nc.close()
+    return await read_stream(urls, STREAM)
 
 
 def check_exactly_once(messages: list[tuple[str, dict[str, str], bytes]], sources: list[Source],
