@@ -178,7 +178,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     return Config(aggregator=cfg, source=source)
 
 
-def _nats_url_problem(value: str) -> str | None:
+def nats_url_problem(value: str) -> str | None:
     parsed = urllib.parse.urlsplit(value if "://" in value else f"nats://{value}")
     if parsed.scheme not in ("nats", "tls", "ws", "wss"):
         return f"{value!r}: a NATS server URL is nats://HOST:PORT (or tls://, ws://, wss://)"
@@ -191,14 +191,14 @@ def _nats_url_problem(value: str) -> str | None:
     return None
 
 
-def _stream_name_problem(value: str) -> str | None:
+def stream_name_problem(value: str) -> str | None:
     # JetStream refuses these in a stream name (and a name is part of API subjects).
     if not value or any(c in value for c in " \t.*>/\\") or not value.isprintable():
         return f"{value!r}: a stream name is non-empty, without spaces, '.', '*', '>', '/' or '\\'"
     return None
 
 
-def _prefix_problem(value: str) -> str | None:
+def subject_prefix_problem(value: str) -> str | None:
     if not all(t and all(c.isascii() and (c.isalnum() or c in "_-") for c in t) for t in value.split(".")):
         return f"{value!r}: a subject prefix is dot-separated tokens of [A-Za-z0-9_-] (no wildcards)"
     return None
@@ -207,15 +207,15 @@ def _prefix_problem(value: str) -> str | None:
 def _jetstream(t: Section) -> JetStreamConfig:
     d = JetStreamConfig()
     servers = t.str_list("servers", d.servers, allow_empty=False)
-    for problem in filter(None, map(_nats_url_problem, servers)):
+    for problem in filter(None, map(nats_url_problem, servers)):
         t.problem("servers", problem)
     credentials = t.str("credentials", d.credentials)
     if credentials and not os.access(credentials, os.R_OK):
         t.problem("credentials", f"{credentials} is not a readable file")
     cfg = JetStreamConfig(
         servers=servers,
-        stream=t.str("stream", d.stream, _stream_name_problem),
-        subject_prefix=t.str("subject_prefix", d.subject_prefix, _prefix_problem),
+        stream=t.str("stream", d.stream, stream_name_problem),
+        subject_prefix=t.str("subject_prefix", d.subject_prefix, subject_prefix_problem),
         replicas=t.int("replicas", d.replicas, 1, 5),
         credentials=credentials,
         duplicate_window_s=float(t.get("duplicate_window_s", (int, float), d.duplicate_window_s,

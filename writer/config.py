@@ -8,24 +8,20 @@ writer and an aggregator given the same values write the same files.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator.config import AggregatorConfig, TopicConfig, parse_output
+from aggregator.config import (
+    AggregatorConfig,
+    TopicConfig,
+    nats_url_problem,
+    parse_output,
+    stream_name_problem,
+    subject_prefix_problem,
+)
 from fleetlog.tomlconf import ConfigError, Section, apply_overrides, dir_problem, listen_problem, read_toml
 
 DEFAULT_PATH = "/etc/fleetlog/writer.toml"
-
-_SERVER_RE = re.compile(r"^(nats|tls)://([^\s/@]+@)?[A-Za-z0-9_.\-\[\]:]+(:\d{1,5})?/?$")
-# JetStream stream names: no whitespace, no ".", "*", ">", path separators.
-_STREAM_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
-
-
-def server_problem(value: str) -> str | None:
-    return None if _SERVER_RE.match(value) else f"{value!r} is not a NATS URL like nats://host:4222"
-
 
 @dataclass(frozen=True, slots=True)
 class WriterConfig:
@@ -83,7 +79,7 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
     d = WriterConfig()
     servers = s.str_list("servers", d.servers, allow_empty=False)
     for server in servers:
-        if (message := server_problem(server)) is not None:
+        if (message := nats_url_problem(server)) is not None:
             s.problem("servers", message)
     credentials = s.str("credentials", d.credentials)
     if credentials and not os.access(credentials, os.R_OK):
@@ -92,10 +88,8 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         output_dir=s.str("output_dir", d.output_dir),
         state_dir=s.str("state_dir", d.state_dir),
         servers=servers,
-        stream=s.str("stream", d.stream, lambda v: None if _STREAM_RE.match(v) else
-                     f"{v!r} is not a stream name (letters, digits, _ and -)"),
-        subject_prefix=s.str("subject_prefix", d.subject_prefix, lambda v: None if _PREFIX_RE.match(v)
-                             else f"{v!r} is not a subject prefix (dot-separated tokens, no wildcards)"),
+        stream=s.str("stream", d.stream, stream_name_problem),
+        subject_prefix=s.str("subject_prefix", d.subject_prefix, subject_prefix_problem),
         control=s.endpoints("control", d.control),
         credentials=credentials,
         **parse_output(s),
