@@ -97,6 +97,7 @@ class Writer(Rolling):
         self.applier = Applier(self.sink, self.cfg, self.totals)
         self.applied_seq = 0      # the last stream sequence applied to the files
         self.applied_id = ""      # and the Nats-Msg-Id of the message there (a rewritten tail)
+        self._saved_counts: dict[str, dict[str, int]] | None = None  # what save_counts wrote last
         self.committed_seq = 0    # ... and made durable by a commit
         self.stream_created = ""  # the creation time of the stream we read (another: made anew)
         self.stream = StreamState()
@@ -237,8 +238,11 @@ class Writer(Rolling):
     def save_counts(self) -> None:
         """Keep the per-topic counts for the next start (aggregator/registry.py's file)."""
         topics = {name: {"lines": t.lines, "bytes": t.bytes} for name, t in self.applier.topics.items()}
+        if topics == self._saved_counts:
+            return  # nothing new since the last save: no write
         try:
             registry.save(self.wcfg.state_dir, {}, topics)
+            self._saved_counts = topics
         except OSError as exc:
             log.debug("cannot save the topic counts (%s); status counts from zero after a restart", exc)
 
