@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import time
-from typing import Any
 
-from aggregator.files import PublishError, SinkError, TopicFile
+from aggregator.files import PublishError, SinkError
 from aggregator.journal import stream_key
 from aggregator.stages import Stages
 from fleetlog import wire
@@ -86,7 +86,7 @@ class GroupCommit(Stages):
         for tf in dirty:
             tf.syncing = True
         try:
-            failed = await loop.run_in_executor(None, self._sync, dirty) if self.cfg.fsync else {}
+            failed = await loop.run_in_executor(None, self.sink.sync_each, dirty) if self.cfg.fsync else {}
         finally:
             for tf in dirty:
                 tf.syncing = False
@@ -96,7 +96,9 @@ class GroupCommit(Stages):
             self.hold_topic(topic, SinkError(exc.errno, f"fsync of {self.sink.active_path(topic)} failed:"
                                                         f" {exc.strerror}"))
         try:
-            await loop.run_in_executor(None, self._sync_and_journal, [], positions, pending)
+            # The commit record (blocking: its fsync); JournalError (a SinkError) if it failed.
+            await loop.run_in_executor(None, functools.partial(self.journal.append, positions, pending,
+                                                               sync=self.cfg.fsync))
         except SinkError as exc:
             self.journal.take_unwritten()
             for key, end in pending.items():
@@ -158,15 +160,3 @@ class GroupCommit(Stages):
         self.commit_latency.observe(time.monotonic() - started)
         self.totals.commits += 1
         return True
-
-    def _sync(self, dirty: list[TopicFile]) -> dict[str, OSError]:
-        return self.sink.sync_each(dirty)
-
-    def _sync_and_journal(self, dirty: list[Any], positions: dict[str, int], pending: dict[str, int]) -> None:
-        """fsync ``dirty`` and write the commit record (blocking; SinkError if either failed)."""
-        try:
-            if self.cfg.fsync:
-                self.sink.sync_files(dirty)
-        except OSError as exc:
-            raise SinkError(exc.errno, f"commit failed: {exc.strerror}") from None
-        self.journal.append(positions, pending, sync=self.cfg.fsync)
