@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import zmq
 
 from agent.config import AgentConfig
@@ -512,3 +513,13 @@ class Writer:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    """Mount a tmpfs of ``size`` (e.g. "256k") at ``path`` (a real full disk for a test); the
+    test skips where mounts are not allowed. The caller unmounts it (``umount -l``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {r.stderr.strip()}")

@@ -21,20 +21,13 @@ from harness import (
     append_lines,
     check_exactly_once,
     make_lines,
+    mount_tmpfs,
     output_lines,
     wait_for,
 )
 
 from aggregator.journal import Journal, JournalError
 from fleetlog import runtime
-
-
-def mount_tmpfs(path: Path, size: str) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {r.stderr.strip()}")
 
 
 @pytest.fixture

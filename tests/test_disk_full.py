@@ -9,17 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Harness, Writer, check_exactly_once, count_lines, output_lines, wait_for
+from harness import Harness, Writer, check_exactly_once, count_lines, mount_tmpfs, output_lines, wait_for
 
 
 @pytest.fixture
 def small_fs(short_tmp: Path) -> Iterator[Path]:
     mount = short_tmp / "out"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {r.stderr.strip()}")
+    mount_tmpfs(mount, "256k")
     try:
         yield mount
     finally:

@@ -23,7 +23,16 @@ import nats.errors
 import nats.js.errors
 import orjson
 import pytest
-from harness import Harness, ask, check_exactly_once, free_port, make_lines, output_lines, wait_for
+from harness import (
+    Harness,
+    ask,
+    check_exactly_once,
+    free_port,
+    make_lines,
+    mount_tmpfs,
+    output_lines,
+    wait_for,
+)
 from nats.js import api
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -370,11 +379,7 @@ def test_writer_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 @pytest.fixture
 def small_fs(short_tmp: Path) -> Any:
     mount = short_tmp / "wout"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {r.stderr.strip()}")
+    mount_tmpfs(mount, "256k")
     try:
         yield mount
     finally:
