@@ -311,6 +311,7 @@ class Harness:
 
     def cleanup(self) -> list[str]:
         """Stop what the test left running; return the names of processes that would not die."""
+        Writer.stop_all()
         for p in self.procs:
             if p.alive():
                 assert p.popen is not None
@@ -452,6 +453,8 @@ class Writer:
     rename the writer goes on writing into the rotated file until ``reopen()``.
     """
 
+    running: set[Writer] = set()  # started and not yet stopped, for ``stop_all``
+
     def __init__(self, paths: dict[str, Path], lines_per_tick: int = 50, tick_s: float = 0.005,
                  hold_open: bool = False, limit: int | None = None) -> None:
         import threading
@@ -467,6 +470,7 @@ class Writer:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> Writer:
+        Writer.running.add(self)
         self._thread.start()
         return self
 
@@ -508,7 +512,14 @@ class Writer:
         self._stop.set()
         self._thread.join(timeout=10)
         self.reopen()
+        Writer.running.discard(self)
         return dict(self.counts)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Stop the writers a failed test left running (before its directory goes)."""
+        for writer in list(cls.running):
+            writer.stop()
 
     @property
     def total(self) -> int:

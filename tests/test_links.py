@@ -83,6 +83,10 @@ def test_dead_link_is_noticed_and_shipping_resumes_after_healing(h: Harness, net
     writer = Writer({"w": h.path("logs", "w.log")}, lines_per_tick=2, tick_s=0.02).start()
     h.agent(ep, [{"paths": [str(h.path("logs", "w.log"))], "topic": "app"}], mode=mode)
     wait_for(lambda: len(h.lines()) > 50, what="lines flowing")
+    # The first batch can land before the first hello is answered (on a loaded machine): the
+    # link is cut only once the agent has heard from the aggregator, or it has no silence to see.
+    wait_for(lambda: (s := h.agent_status()) is not None and s["aggregator_last_reply_s"] is not None,
+             what="the agent hearing from the aggregator")
     drop_packets(netns, True)
     try:
         # The agent notices: its status says the aggregator has been silent for a while.
