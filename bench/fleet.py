@@ -162,14 +162,16 @@ class Stream:
     def offset(self, n: int) -> int:
         return self.ends[n - 1] if n else 0
 
-    def message(self, agent: str, now: float, max_lines: int) -> tuple[bytes, int]:
+    def message(self, agent: str, max_lines: int, max_bytes: int) -> tuple[bytes, int]:
         """The body of the next batch to send (one read from the ship position: several batches
-        in one after a rewind or a full send queue, at most ``max_lines``) and how many batches
-        it covers."""
+        in one after a rewind or a full send queue, at most ``max_lines`` and about
+        ``max_bytes``, as the agent's batch limits) and the batch after the last it covers."""
         b0, b1 = self.shipped, self.made
         if self.seq == b0:
             return self.bodies[b0], b0 + 1  # in order, never resent: made up front
-        b1 = min(b1, bisect.bisect_right(self.upto, self.lines(b0) + max_lines, b0 + 1, b1))
+        b1 = min(b1, bisect.bisect_right(self.upto, self.lines(b0) + max_lines, b0 + 1, b1),
+                 bisect.bisect_right(self.ends, self.offset(b0) + max_bytes, b0 + 1, b1))
+        b1 = max(b1, b0 + 1)
         text = "".join(orjson.loads(self.bodies[b])["text"] for b in range(b0, b1))
         frames = wire.batch_frames(self.topic, agent, self.stream, 0, self.path, self.file,
                                    self.seq + 1, self.offset(b0), self.offset(b1), text)
@@ -264,6 +266,7 @@ class Simulator:
         self.period = (args.batch_ms / 1000 if args.batch_ms > 0
                        else cycle_s(args.rate * files, args.latency_budget_ms))
         self.max_lines = AGENT_DEFAULTS["batch_max_lines"]
+        self.max_bytes = AGENT_DEFAULTS["batch_max_bytes"]
         stamp0 = time.time()
         self.agents: list[SimAgent] = []
         for i in range(args.first, args.first + args.count):
@@ -426,7 +429,7 @@ class Simulator:
         if len(streams) == 1:
             s = streams[0]
             if s.shipped < s.made:
-                body, upto = s.message(a.name, now, self.max_lines)
+                body, upto = s.message(a.name, self.max_lines, self.max_bytes)
                 if self.send(a, s.topic, body):
                     s.sent(upto, now)
                     self.stats["batches"] += 1
@@ -434,7 +437,7 @@ class Simulator:
         by_topic: dict[bytes, list[tuple[Stream, bytes, int]]] = {}
         for s in streams:
             if s.shipped < s.made:
-                body, upto = s.message(a.name, now, self.max_lines)
+                body, upto = s.message(a.name, self.max_lines, self.max_bytes)
                 by_topic.setdefault(s.topic, []).append((s, body, upto))
         for topic, group in by_topic.items():
             if len(group) > 1 and a.wire_v3:
