@@ -1,6 +1,6 @@
 """Fleet simulator (issues 8.3, 18.5): one real aggregator, a thousand simulated agents.
 
-``--agents`` (1,000) agents live in ``--procs`` (4) processes. Each has its own identity (its
+``--agents`` (1,000) agents live in ``--procs`` (2) processes. Each has its own identity (its
 control DEALER's identity is ``sim-0042/<agent id>``, as a real agent's), its own stream (one
 simulated file), and speaks the real protocol (``fleetlog.wire``): ``hello`` with its streams, a
 ``heartbeat`` every second, batches PUSHed to the aggregator's pull endpoint (each one starting
@@ -38,7 +38,7 @@ aggregator could not have had the CPU it wanted: simulators + aggregator above 8
 the whole machine above 95% busy, or less than 95% of the offered lines written. At the end
 every line is checked: each agent's lines exactly once and in order.
 
-    python -m bench.fleet [--agents 1000] [--procs 4] [--rate 100] [--duration-s 30]
+    python -m bench.fleet [--agents 1000] [--procs 2] [--rate 100] [--duration-s 30]
                           [--batch-ms 0] [--topics 10] [--files 1] [--keep] [--json PATH]
 """
 
@@ -236,6 +236,7 @@ class SimAgent:
         "phase",
         "push",
         "streams",
+        "window",
         "wire_v3",
     )
 
@@ -253,6 +254,16 @@ class SimAgent:
         self.last_heartbeat = 0.0
         self.wire_v3 = False
         self.listed_files = False
+        # The bytes it may have shipped unacknowledged: its max_inflight_bytes, or the aggregator's
+        # smaller share (in hello and heartbeat replies and in acks), as agent/daemon.py's on_window.
+        self.window: int = AGENT_DEFAULTS["max_inflight_bytes"]
+
+    def on_window(self, window: Any) -> None:
+        if type(window) is int and window >= wire.MIN_WINDOW:
+            self.window = min(window, AGENT_DEFAULTS["max_inflight_bytes"])
+
+    def inflight(self) -> int:
+        return sum(s.offset(s.shipped) - s.acked for s in self.streams if s.shipped > s.acked_n)
 
 
 # ---- one simulator process ----------------------------------------------------------------------
@@ -281,8 +292,9 @@ class Simulator:
         self.by_hello: dict[int, SimAgent] = {}
         self.epoll = select.epoll()
         self.stats = dict.fromkeys((
-            "messages", "batches", "hwm_waits", "resyncs", "resync_unknown_offset", "ack_timeouts", "acks",
-            "hellos", "heartbeats", "bad_control", "refused", "restarts_seen", "stopping"), 0)
+            "messages", "batches", "hwm_waits", "window_waits", "resyncs", "resync_unknown_offset",
+            "ack_timeouts", "acks", "hellos", "heartbeats", "bad_control", "refused", "restarts_seen",
+            "stopping"), 0)
         self.latencies: list[float] = []
         self.req_ids = iter(range(1, 1 << 62))
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -378,6 +390,8 @@ class Simulator:
             event = msg.get("event")
             if event == "ack":
                 self.stats["acks"] += 1
+                if "window" in msg:
+                    a.on_window(msg["window"])
                 streams = msg.get("streams")
                 if type(streams) is dict:
                     for stream, end in streams.items():
@@ -399,6 +413,8 @@ class Simulator:
         result = msg.get("result")
         result = result if type(result) is dict else {}
         instance = result.get("instance", "")
+        if "window" in result:
+            a.on_window(result["window"])
         hello = self.by_hello.pop(msg.get("id"), None)  # type: ignore[arg-type]
         if hello is a and msg.get("id") in a.hellos:
             a.hellos.clear()
@@ -409,6 +425,8 @@ class Simulator:
                     self.stats["restarts_seen"] += 1
                 a.instance = instance
                 a.listed_files = False
+            if "window" not in result:
+                a.window = AGENT_DEFAULTS["max_inflight_bytes"]  # an aggregator that sets no window
             versions = result.get("wire")
             a.wire_v3 = type(versions) is list and 3 in versions
             committed = result.get("committed")
@@ -429,10 +447,16 @@ class Simulator:
         if len(streams) == 1:
             s = streams[0]
             if s.shipped < s.made:
+                if s.shipped > s.acked_n and s.offset(s.shipped) - s.acked >= a.window:
+                    self.stats["window_waits"] += 1
+                    return  # as the agent: no more reading until acks make room
                 body, upto = s.message(a.name, self.max_lines, self.max_bytes)
                 if self.send(a, s.topic, body):
                     s.sent(upto, now)
                     self.stats["batches"] += 1
+            return
+        if a.inflight() >= a.window:
+            self.stats["window_waits"] += 1
             return
         by_topic: dict[bytes, list[tuple[Stream, bytes, int]]] = {}
         for s in streams:
@@ -701,7 +725,7 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
                 "--ready", os.path.join(d, f"ready{i}"), "--go", go,
                 "--result", os.path.join(d, f"result{i}.json")], d).start())
         wait_for("every simulated agent's hello", lambda: all(
-            os.path.exists(os.path.join(d, f"ready{i}")) for i in range(len(sims))), 90, [aggregator, *sims])
+            os.path.exists(os.path.join(d, f"ready{i}")) for i in range(len(sims))), 300, [aggregator, *sims])
         sampler = Sampler(aggregator.rss_kb, 0.5).start()
         t0 = time.monotonic() + 0.2
         with open(go + ".tmp", "w") as fh:
@@ -919,7 +943,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="role")
     p.add_argument("--agents", type=int, default=1000)
-    p.add_argument("--procs", type=int, default=4, help="simulator processes")
+    p.add_argument("--procs", type=int, default=2,
+                   help="simulator processes (one per core: more only add context switches)")
     p.add_argument("--rate", type=int, default=100, help="lines/s per agent (per file with --files)")
     p.add_argument("--duration-s", type=float, default=30)
     p.add_argument("--batch-ms", type=int, default=0,
