@@ -652,6 +652,15 @@ def verify(topic_dirs: list[str], expected: dict[int, int]) -> dict[str, int]:
     return v
 
 
+def cpu_per_m_lines(written: list[tuple[float, int]], t0: float, t1: float, cpu_s: float) -> float | None:
+    """The aggregator's CPU seconds per million lines it wrote between ``t0`` and ``t1`` (from
+    the status samples nearest inside): what holds up when it had to share the CPU."""
+    inside = [n for t, n in written if t0 <= t <= t1]
+    if len(inside) < 2 or inside[-1] <= inside[0]:
+        return None
+    return 1e6 * cpu_s / (inside[-1] - inside[0])
+
+
 def machine_busy_s() -> float:
     """CPU seconds all the machine's CPUs have been busy (not idle, not waiting for I/O), from
     /proc/stat: the simulators', the aggregator's and everybody else's."""
@@ -813,6 +822,8 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
                               "last": rss[-1] if rss else 0, "hwm": hwm},
         "aggregator_rss_timeline_kb": [(round(t - t0, 1), x) for t, x in sampler.samples],
         "aggregator_cpu_per_s": (cpu_before_restart + cpu1 - cpu0) / (t_load_end - t0),
+        "aggregator_cpu_s_per_m_lines": cpu_per_m_lines(written, t0, t_load_end, cpu1 - cpu0)
+        if restarted_at is None else None,
         "restart": restart_health(timeline, restarted_at, args.warmup_s),
         "sim_cpu_per_s": sum(b - a for a, b in zip(sims_cpu0, sims_cpu1, strict=True)) / (t_load_end - t0),
         "machine_busy_cores": (machine1 - machine0) / (t_load_end - t0), "cpus": os.cpu_count(),
@@ -902,6 +913,9 @@ def report(r: dict[str, Any]) -> str:
         f"  (VmHWM {rss['hwm'] / 1024:.0f})",
         f"  {'aggregator CPU (cores busy)':34} {r['aggregator_cpu_per_s']:>8.2f}   (simulators "
         f"{r['sim_cpu_per_s']:.2f}, the whole machine {r['machine_busy_cores']:.2f} of {r['cpus']})",
+        f"  {'aggregator CPU s per M lines':34} " + (
+            f"{per_m:>8.2f}   (at the offered rate: {per_m * r['offered_lines_per_s'] / 1e6:.2f} cores)"
+            if (per_m := r.get("aggregator_cpu_s_per_m_lines")) is not None else "       -"),
         f"  {'simulated read cycle ms':34} {r['sim_period_ms']:>8.1f}   (batches made and encoded up front"
         f" in {r['sim_setup_s']:.1f}s)",
     ]
