@@ -67,17 +67,18 @@ import orjson
 import zmq
 
 from agent.config import AgentConfig
+from agent.transport import PUSH_SNDHWM
 from bench.backlog import aggregator_argv
 from bench.procs import ControlClient, Proc, Sampler, free_port, wait_for
 from fleetlog import __version__, wire
 
-ACK_TIMEOUT_S = 3.0          # agent.ack_timeout_ms's default
-HEARTBEAT_S = 1.0            # agent.heartbeat_interval_ms's default
 ID_RE = re.compile(rb" a(\d+)-(\d+) ")
 _FILLER = "request handled user=4711 session=9f2c cache=hit upstream=api-03 rows=12 shard=7 took="
 _GOLDEN = (math.sqrt(5) - 1) / 2  # spreads agents' read cycles evenly over the period, all processes together
 # The agent's defaults (its config is a slotted dataclass: the defaults live in its fields).
 AGENT_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(AgentConfig)}
+HEARTBEAT_S = AGENT_DEFAULTS["heartbeat_interval_ms"] / 1000
+ACK_TIMEOUT_S = AGENT_DEFAULTS["ack_timeout_ms"] / 1000
 NO_ERRORS = {"cut_lines": 0, "discarded_bytes": 0, "oversized_batches": 0}
 
 
@@ -304,15 +305,26 @@ class Simulator:
 
     def connect(self) -> None:
         self.ctx.set(zmq.MAX_SOCKETS, 2 * len(self.agents) + 64)
+        beat = AGENT_DEFAULTS["heartbeat_interval_ms"]
         for a in self.agents:
+            # The agent's socket options (agent/transport.py), its ZMTP heartbeats included: each
+            # connection is pinged from both ends every beat, part of what an agent costs.
             dealer = self.ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.LINGER, 0)
             dealer.setsockopt(zmq.IDENTITY, f"{a.name}/{a.agent_id}".encode())
-            dealer.setsockopt(zmq.IMMEDIATE, 1)  # as the agent: nothing queues while disconnected
-            dealer.connect(self.args.control)
+            dealer.setsockopt(zmq.SNDHWM, 100)
+            dealer.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
             push = self.ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.setsockopt(zmq.SNDHWM, 256)
+            push.setsockopt(zmq.SNDHWM, PUSH_SNDHWM)
+            for sock in (dealer, push):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues while disconnected
+                sock.setsockopt(zmq.RECONNECT_IVL, 100)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+                sock.setsockopt(zmq.HEARTBEAT_IVL, beat)
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
+                sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * beat)
+                sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
+            dealer.connect(self.args.control)
             push.connect(self.args.pull)
             fd = dealer.getsockopt(zmq.FD)
             self.epoll.register(fd, select.EPOLLIN)
