@@ -548,22 +548,28 @@ class Simulator:
                     self.heartbeat(a, now)
             self.wait(0.05)
 
-    def load(self, t0: float) -> None:
+    def load(self, t0: float) -> float:
         """Agent a's read cycle c at t0 + a.phase + c * period, in order of time; agents due
-        within the same millisecond go together, then the control sockets are read."""
+        within the same millisecond go together, then the control sockets are read. Ends at
+        the end of the load even when behind (the cycles not reached are not written: a
+        simulator that cannot keep up offers less). Returns how late the latest cycle ran (s)."""
         agents, period = self.agents, self.period
         n = len(agents)
         t_end = t0 + self.args.duration_s
         k = c = done = 0
+        late = 0.0
         while n:
             a = agents[k]
             due = t0 + a.phase + c * period
             if due > t_end:
-                return
+                return late
             now = time.monotonic()
             if due > now + 0.001:
                 self.wait(due - now)
                 continue
+            late = max(late, now - due)
+            if now > t_end + 1.0:
+                return late
             self.cycle(a, c, now)
             k += 1
             if k == n:
@@ -571,6 +577,7 @@ class Simulator:
             done += 1
             if done % 64 == 0:
                 self.wait(0)  # behind: read acks at least every 64 agents
+        return late
 
     def unacked(self) -> int:
         return sum(s.lines(s.made) - s.lines(s.acked_n) for a in self.agents for s in a.streams)
@@ -606,7 +613,7 @@ def simulate(args: argparse.Namespace) -> int:
             t0 = float(fh.read())
         sim.idle(lambda: time.monotonic() >= t0 - 0.05)
         cpu0 = os.times()
-        sim.load(t0)
+        late_s = sim.load(t0)
         t_load_end = time.monotonic()
         cpu1 = os.times()
         sim.settle(args.settle_s)
@@ -619,7 +626,7 @@ def simulate(args: argparse.Namespace) -> int:
             "unacked_lines": sim.unacked(), "latencies_s": sim.latencies, "stats": sim.stats,
             "cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), "load_s": t_load_end - t0,
             "period_s": sim.period, "setup_s": setup_s,
-            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "late_s": late_s,
         }
         with open(args.result, "wb") as fh:
             fh.write(orjson.dumps(result))
@@ -716,6 +723,7 @@ def raise_nofile(need: int) -> int:
 MAX_BUSY_SHARE = 0.85       # simulators + aggregator, of all CPUs
 MAX_MACHINE_SHARE = 0.95    # everything on the machine (other users too), of all CPUs
 MIN_WRITTEN_SHARE = 0.95    # lines written in the steady part, of the offered rate
+MAX_LATE_S = 0.5            # how late a simulated read cycle may run
 
 
 def invalid_reasons(r: dict[str, Any]) -> list[str]:
@@ -729,6 +737,9 @@ def invalid_reasons(r: dict[str, Any]) -> list[str]:
     if r["machine_busy_cores"] > MAX_MACHINE_SHARE * cpus:
         out.append(f"the machine was {r['machine_busy_cores'] / cpus:.0%} busy (other processes: "
                    f"{r['machine_busy_cores'] - both:.2f} cores)")
+    if r["sim_late_s"] > MAX_LATE_S:
+        out.append(f"the simulators ran up to {r['sim_late_s']:.1f}s behind their schedule (they did not"
+                   " offer the rate)")
     if not r["steady_lines_per_s"] >= MIN_WRITTEN_SHARE * r["offered_lines_per_s"]:
         out.append(f"{r['steady_lines_per_s']:,.0f} lines/s written, less than "
                    f"{MIN_WRITTEN_SHARE:.0%} of the offered {r['offered_lines_per_s']:,}")
@@ -802,7 +813,7 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
         t_load_end = time.monotonic()
         cpu1, sims_cpu1, machine1 = aggregator.cpu_s(), [p.cpu_s() for p in sims], machine_busy_s()
         for p in sims:
-            if p.wait(args.settle_s + 30) is None:
+            if p.wait(args.settle_s + 120) is None:
                 raise TimeoutError(f"{p.name} did not finish")
             if p.popen is not None and p.popen.returncode != 0:
                 raise RuntimeError(f"{p.name} failed:\n{p.tail()}")
@@ -855,6 +866,7 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
         "machine_busy_cores": (machine1 - machine0) / (t_load_end - t0), "cpus": os.cpu_count(),
         "sim_period_ms": 1000 * results[0]["period_s"], "sim_setup_s": max(r["setup_s"] for r in results),
         "sim_peak_rss_kb": sum(r["peak_rss_kb"] for r in results),
+        "sim_late_s": max(r["late_s"] for r in results),
         "ctl_status_s": ctl_s, "ctl_failed": ctl_failed, "raw_status_s": raw_s,
         "status_reply_bytes": status_bytes,
         "settle_s": max(r["t_settled"] - r["t_load_end"] for r in results),
@@ -944,7 +956,8 @@ def report(r: dict[str, Any]) -> str:
             f"{per_m:>8.2f}   (at the offered rate: {per_m * r['offered_lines_per_s'] / 1e6:.2f} cores)"
             if (per_m := r.get("aggregator_cpu_s_per_m_lines")) is not None else "       -"),
         f"  {'simulated read cycle ms':34} {r['sim_period_ms']:>8.1f}   (batches made and encoded up front"
-        f" in {r['sim_setup_s']:.1f}s; simulators' peak RSS {r['sim_peak_rss_kb'] / 1024:.0f} MiB in all)",
+        f" in {r['sim_setup_s']:.1f}s; simulators' peak RSS {r['sim_peak_rss_kb'] / 1024:.0f} MiB in all;"
+        f" latest cycle {1000 * r['sim_late_s']:.0f} ms late)",
     ]
     if r["ctl_status_s"]:
         rows.append(f"  {'aggregatorctl status --json s':34} {med(r['ctl_status_s']):>8.3f}   median of "
