@@ -35,8 +35,11 @@ simulators' CPU and the whole machine's (from /proc/stat: other users count too)
 ``aggregatorctl status --json`` takes to answer during the load (a fresh process each time, as an
 operator runs it; and the bare request on an open socket). The run is flagged INVALID when the
 aggregator could not have had the CPU it wanted: simulators + aggregator above 85% of the cores,
-the whole machine above 95% busy, or less than 95% of the offered lines written. At the end
-every line is checked: each agent's lines exactly once and in order.
+the whole machine above 95% busy, the simulators more than 0.5 s behind their schedule (they then
+stop at the end of the load: what they did not reach is not written), or less than 95% of the
+offered lines written. At the end every line is checked: each agent's lines exactly once and in
+order (exit status 1 if not, or if some were still unacknowledged after ``--settle-s``; an
+INVALID run that passes the check exits 0).
 
     python -m bench.fleet [--agents 1000] [--procs 2] [--rate 100] [--duration-s 30]
                           [--batch-ms 0] [--topics 10] [--files 1] [--keep] [--json PATH]
