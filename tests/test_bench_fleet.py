@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_fleet(tmp_path: Path, *extra: str) -> dict:
+def run_fleet(tmp_path: Path, *extra: str, duration_s: float = 3) -> dict:
     out = tmp_path / "fleet.json"
-    r = subprocess.run([sys.executable, "-m", "bench.fleet", "--procs", "2", "--duration-s", "3",
+    r = subprocess.run([sys.executable, "-m", "bench.fleet", "--procs", "2", "--duration-s", str(duration_s),
                         "--warmup-s", "1", "--status-every-s", "1", "--settle-s", "60", "--json", str(out),
                         *extra], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -42,3 +42,15 @@ def test_bench_fleet_agents_with_several_files_send_one_message_per_topic(tmp_pa
     v = r["verify"]
     assert v["lines"] == r["generated"] > 0 and v["missing"] == v["duplicated"] == 0, v
     assert r["stats"]["batches"] > r["stats"]["messages"] > 0, r["stats"]
+
+
+@pytest.mark.timeout(300)
+def test_bench_fleet_aggregator_restarted_under_load_agents_resend_and_every_line_arrives_once(
+        tmp_path: Path) -> None:
+    # After the restart every agent says hello again and ships what was not acknowledged: batches
+    # sent again are encoded then (with their new seq), not taken from the ones made up front.
+    r = run_fleet(tmp_path, "--agents", "10", "--restart-at-s", "3", duration_s=6)
+    v = r["verify"]
+    assert v["lines"] == r["generated"] > 0 and v["missing"] == v["duplicated"] == v["out_of_order"] == 0, v
+    assert r["stats"]["restarts_seen"] == 10, r["stats"]
+    assert r["restart"] is not None
