@@ -1,34 +1,61 @@
-"""Fleet simulator (issue 8.3): one real aggregator, a thousand simulated agents.
+"""Fleet simulator (issues 8.3, 18.5): one real aggregator, a thousand simulated agents.
 
-``--agents`` (1,000) agents live in ``--procs`` (4) processes. Each has its own identity (its
-control DEALER's identity is its name, ``sim-0042``), its own stream (one simulated file), and
-speaks the real protocol (``fleetlog.wire``): ``hello`` with its streams, a ``heartbeat`` every
-second, batches PUSHed to the aggregator's pull endpoint (each one starting exactly where the
-previous one of its stream ended, byte offsets from ``base`` 0), ``ack`` events settle batches,
-``resync`` events rewind the stream to the offset the aggregator expects, and batches go again
-when nothing is acknowledged for 3 s, as ``agent/daemon.py`` does. Each agent writes ``--rate``
-(100) lines/s, shipped every ``--batch-ms`` (100 ms), for ``--duration-s`` (30) seconds, into one of
+``--agents`` (1,000) agents live in ``--procs`` (2) processes. Each has its own identity (its
+control DEALER's identity is ``sim-0042/<agent id>``, as a real agent's), its own stream (one
+simulated file), and speaks the real protocol (``fleetlog.wire``): ``hello`` with its streams, a
+``heartbeat`` every second, batches PUSHed to the aggregator's pull endpoint (each one starting
+exactly where the previous one of its stream ended, byte offsets from ``base`` 0), ``ack``
+events settle batches, ``resync`` events rewind the stream to the offset the aggregator expects,
+and batches go again when nothing is acknowledged for 3 s, as ``agent/daemon.py`` does. Each
+agent writes ``--rate`` (100) lines/s for ``--duration-s`` (30) seconds, into one of
 ``--topics`` (10) topics. With ``--files N`` each agent follows N files (N streams, dealt over the
-topics in turn, all on the agent's two sockets): many topics without as many connections (10,000
+topics in turn, all on the agent's two sockets, one read cycle for all of them: the batches of
+one topic go as one wire version 3 message): many topics without as many connections (10,000
 topics from 1,000 agents).
 
-Reported: lines/s written by the aggregator in the steady part of the run (from its status),
-ack latency (a batch's first send to the ack that covers it), the aggregator's RSS and CPU, and
-how long ``aggregatorctl status --json`` takes to answer during the load (a fresh process each
-time, as an operator runs it; and the bare request on an open socket). At the end every line is
-checked: each agent's lines exactly once and in order.
+Read cycles as a real agent's: at the default ``latency_budget_ms`` (40) the first line written
+after a read cycle wakes the agent, which reads 40 ms later, so under steady writes of R lines/s
+(all of an agent's files together) it reads ``floor(0.04 R) + 1`` lines every
+``(floor(0.04 R) + 1) / R`` seconds: 5 lines every 50 ms at 100 lines/s, one line every 50 ms
+at 20 lines/s. That is ``--batch-ms``'s default (0: this model, from ``--latency-budget-ms``);
+``--batch-ms N`` ships every N ms instead. Each cycle sends one data message per topic (one for
+one file) and, once a second, a heartbeat.
 
-    python -m bench.fleet [--agents 1000] [--procs 4] [--rate 100] [--duration-s 30]
-                          [--batch-ms 100] [--topics 10] [--keep] [--json PATH]
+The simulators must cost little next to the aggregator they measure (on a 2-core machine they
+share its CPU): every batch's frames are made before the load with ``fleetlog.wire`` (the same
+encoder as the agent, so the bytes are exactly an agent's; a batch sent again, with its new
+``seq``, is encoded then), the lines (``<time> sim app[N]: INFO aN-K ...``, 130 bytes) before
+that. One thread per process runs a timer loop over its agents, plain NOBLOCK sends, and one
+epoll on the control sockets' ZMQ_FDs (only sockets with something to read are looked at; a
+socket is also read after each send on it, which can take its notification).
+
+Reported: lines/s written by the aggregator in the steady part of the run (from its status),
+ack latency (a batch's first send to the ack that covers it), the aggregator's RSS and CPU, the
+simulators' CPU and the whole machine's (from /proc/stat: other users count too), and how long
+``aggregatorctl status --json`` takes to answer during the load (a fresh process each time, as an
+operator runs it; and the bare request on an open socket). The run is flagged INVALID when the
+aggregator could not have had the CPU it wanted: simulators + aggregator above 85% of the cores,
+the whole machine above 95% busy, the simulators more than 0.5 s behind their schedule (they then
+stop at the end of the load: what they did not reach is not written), or less than 95% of the
+offered lines written. At the end every line is checked: each agent's lines exactly once and in
+order (exit status 1 if not, or if some were still unacknowledged after ``--settle-s``; an
+INVALID run that passes the check exits 0).
+
+    python -m bench.fleet [--agents 1000] [--procs 2] [--rate 100] [--duration-s 30]
+                          [--batch-ms 0] [--topics 10] [--files 1] [--keep] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import dataclasses
 import itertools
 import math
 import os
 import re
+import resource
+import select
 import shutil
 import statistics
 import subprocess
@@ -36,117 +63,214 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from array import array
 from typing import Any
 
 import orjson
 import zmq
 
+from agent.config import AgentConfig
+from agent.transport import PUSH_SNDHWM
 from bench.backlog import aggregator_argv
 from bench.procs import ControlClient, Proc, Sampler, free_port, wait_for
-from fleetlog import wire
+from fleetlog import __version__, wire
 
-ACK_TIMEOUT_S = 3.0          # agent.ack_timeout_ms's default
-HEARTBEAT_S = 1.0            # agent.heartbeat_interval_ms's default
 ID_RE = re.compile(rb" a(\d+)-(\d+) ")
 _FILLER = "request handled user=4711 session=9f2c cache=hit upstream=api-03 rows=12 shard=7 took="
+_GOLDEN = (math.sqrt(5) - 1) / 2  # spreads agents' read cycles evenly over the period, all processes together
+# The agent's defaults (its config is a slotted dataclass: the defaults live in its fields).
+AGENT_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(AgentConfig)}
+HEARTBEAT_S = AGENT_DEFAULTS["heartbeat_interval_ms"] / 1000
+ACK_TIMEOUT_S = AGENT_DEFAULTS["ack_timeout_ms"] / 1000
+NO_ERRORS = {"cut_lines": 0, "discarded_bytes": 0, "oversized_batches": 0}
 
 
-# ---- one simulated agent ------------------------------------------------------------------------
+def cycle_s(lines_per_s: float, latency_budget_ms: int) -> float:
+    """Seconds between a real agent's read cycles under steady writes of ``lines_per_s`` (all its
+    files): the first line after a cycle starts the budget, so ``floor(budget * rate) + 1`` lines
+    come per cycle. No writes: the budget."""
+    budget_s = latency_budget_ms / 1000
+    if lines_per_s <= 0:
+        return budget_s
+    return (math.floor(round(budget_s * lines_per_s, 9)) + 1) / lines_per_s
 
-@dataclass
-class Pending:
-    start: int
-    end: int
-    lines: list[str]
-    sent_at: float = 0.0       # first send, for the ack latency; 0 while never sent
 
+# ---- one simulated file (stream) ----------------------------------------------------------------
 
-@dataclass
-class SimAgent:
-    index: int
-    name: str
-    topic: str
-    stream: str = field(default_factory=lambda: uuid.uuid4().hex)
-    dealer: Any = None
-    push: Any = None
-    lines: int = 0             # generated so far
-    offset: int = 0            # end of what was generated (the simulated file's size)
-    seq: int = 0
-    rewind_seq: int = 0
-    acked: int = 0
-    pending: deque[Pending] = field(default_factory=deque)
-    shipped: int = 0           # how many of ``pending`` (from the left) are on the wire
-    last_progress: float = 0.0
-    last_heartbeat: float = 0.0
-    hellos: set[int] = field(default_factory=set)  # hellos sent since the last one answered
-    hello_at: float = 0.0
-    instance: str = ""
+class Stream:
+    """One simulated file: every batch its agent will read, made (and encoded) up front.
 
-    def generate(self, upto_lines: int, now_wall: float) -> None:
-        """The application writes lines up to ``upto_lines`` in all: one new pending batch."""
-        n = upto_lines - self.lines
-        if n <= 0:
-            return
-        stamp = f"{now_wall:.6f}"
-        lines = [f"{stamp} sim app[{self.index}]: INFO a{self.index}-{k} {_FILLER}{k % 997}ms"
-                 for k in range(self.lines, upto_lines)]
-        size = sum(len(x) for x in lines) + len(lines)  # ASCII: characters are bytes
-        self.pending.append(Pending(self.offset, self.offset + size, lines))
-        self.lines = upto_lines
-        self.offset += size
+    Batch ``b`` covers bytes ``ends[b-1]`` (0 for the first) to ``ends[b]`` and lines up to
+    ``upto[b]``; it is read at the agent's cycle ``cycles[b]``; ``bodies[b]`` is its data message's
+    body for its first send with ``seq`` ``b + 1`` (the agent's seq counts sends: after any
+    resend, batches are encoded as they go)."""
 
-    def ship(self, now: float, stats: dict[str, int]) -> None:
-        while self.shipped < len(self.pending):
-            p = self.pending[self.shipped]
-            frames = wire.encode_batch(wire.Batch(
-                topic=self.topic, agent=self.name, stream=self.stream, base=0,
-                path=f"/var/log/sim/{self.name}.log", file=f"sim:{self.index}", seq=self.seq + 1,
-                start=p.start, end=p.end, lines=p.lines))
-            try:
-                self.push.send_multipart(frames, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                stats["hwm_waits"] += 1
-                return  # the aggregator is not taking them: like the agent, wait (try at the next tick)
-            self.seq += 1
-            if not p.sent_at:
-                p.sent_at = now
-            if self.shipped == 0:
-                self.last_progress = now  # nothing was in flight: the ack timeout starts now
-            self.shipped += 1
-            stats["batches"] += 1
+    __slots__ = (
+        "acked",
+        "acked_n",
+        "bodies",
+        "cycles",
+        "ends",
+        "file",
+        "index",
+        "last_progress",
+        "made",
+        "path",
+        "rewind_seq",
+        "sent_at",
+        "seq",
+        "shipped",
+        "stream",
+        "topic",
+        "upto",
+    )
+
+    def __init__(self, index: int, topic: str, agent: str, rate: float, period_s: float,
+                 n_cycles: int, stamp0: float) -> None:
+        self.index = index
+        self.topic = topic.encode()
+        self.stream = uuid.uuid4().hex
+        self.path = f"/var/log/sim/{agent}-{index}.log"
+        self.file = f"sim:{index}"
+        self.ends, self.upto, self.cycles = array("q"), array("q"), array("q")
+        self.bodies: list[bytes] = []
+        k = offset = 0
+        per_cycle = rate * period_s
+        for c in range(n_cycles):
+            upto = math.floor(round(per_cycle * (c + 1), 6))
+            if upto <= k:
+                continue  # nothing written in this file during the cycle
+            stamp = f"{stamp0 + c * period_s:.6f}"
+            text = "".join([f"{stamp} sim app[{index}]: INFO a{index}-{n} {_FILLER}{n % 997}ms\n"
+                            for n in range(k, upto)])
+            end = offset + len(text)  # ASCII: characters are bytes
+            body = wire.batch_frames(self.topic, agent, self.stream, 0, self.path, self.file,
+                                     len(self.bodies) + 1, offset, end, text)[1]
+            # A copy of its exact size: orjson's own result keeps its 4 KiB buffer (a 5,000-agent
+            # run held 7 GB per simulator).
+            self.bodies.append(memoryview(body).tobytes())
+            self.ends.append(end)
+            self.upto.append(upto)
+            self.cycles.append(c)
+            k, offset = upto, end
+        self.sent_at = array("d", bytes(8 * len(self.bodies)))  # first send of each batch; 0: never
+        self.made = 0           # batches read by the agent so far
+        self.acked_n = 0        # batches acknowledged (all of them, from the first)
+        self.acked = 0          # the acknowledged offset
+        self.shipped = 0        # batches on the wire (from the first); shipped - acked_n in flight
+        self.seq = 0
+        self.rewind_seq = 0
+        self.last_progress = 0.0
+
+    def lines(self, n: int) -> int:
+        """Lines in the first ``n`` batches."""
+        return self.upto[n - 1] if n else 0
+
+    def offset(self, n: int) -> int:
+        return self.ends[n - 1] if n else 0
+
+    def message(self, agent: str, max_lines: int, max_bytes: int) -> tuple[bytes, int]:
+        """The body of the next batch to send (one read from the ship position: several batches
+        in one after a rewind or a full send queue, at most ``max_lines`` and about
+        ``max_bytes``, as the agent's batch limits) and the batch after the last it covers."""
+        b0, b1 = self.shipped, self.made
+        if self.seq == b0:
+            return self.bodies[b0], b0 + 1  # in order, never resent: made up front
+        b1 = min(b1, bisect.bisect_right(self.upto, self.lines(b0) + max_lines, b0 + 1, b1),
+                 bisect.bisect_right(self.ends, self.offset(b0) + max_bytes, b0 + 1, b1))
+        b1 = max(b1, b0 + 1)
+        text = "".join(orjson.loads(self.bodies[b])["text"] for b in range(b0, b1))
+        frames = wire.batch_frames(self.topic, agent, self.stream, 0, self.path, self.file,
+                                   self.seq + 1, self.offset(b0), self.offset(b1), text)
+        return frames[1], b1
+
+    def sent(self, upto: int, now: float) -> None:
+        if self.shipped == self.acked_n:
+            self.last_progress = now  # nothing was in flight: the ack timeout starts now
+        sent_at = self.sent_at
+        for b in range(self.shipped, upto):
+            if not sent_at[b]:
+                sent_at[b] = now
+        self.shipped = upto
+        self.seq += 1
 
     def on_ack(self, end: Any, now: float, latencies: list[float]) -> None:
         if type(end) is not int or end <= self.acked:
             return
         self.acked = end
         self.last_progress = now
-        while self.pending and self.pending[0].end <= end:
-            p = self.pending.popleft()
-            if p.sent_at:
-                latencies.append(now - p.sent_at)
-            self.shipped = max(0, self.shipped - 1)
+        n, ends, sent_at = self.acked_n, self.ends, self.sent_at
+        while n < len(ends) and ends[n] <= end:
+            if sent_at[n]:
+                latencies.append(now - sent_at[n])
+            n += 1
+        self.acked_n = n
+        if self.shipped < n:
+            self.shipped = n
 
     def on_resync(self, offset: Any, seq: Any, stats: dict[str, int]) -> None:
-        if type(offset) is not int or type(seq) is not int or seq < self.rewind_seq:
-            return  # stale: sent before our last rewind
-        stats["resyncs"] += 1
-        for i, p in enumerate(self.pending):
-            if p.start == offset:
-                self.shipped = min(self.shipped, i)
-                break
-        else:
+        if type(offset) is not int or (seq is not None and (type(seq) is not int or seq < self.rewind_seq)):
+            return  # stale: sent before our last rewind (None: the aggregator asks on its own)
+        b = 0 if offset == 0 else bisect.bisect_left(self.ends, offset) + 1
+        if b > len(self.ends) or self.offset(b) != offset or b < self.acked_n:
             stats["resync_unknown_offset"] += 1
             return
+        stats["resyncs"] += 1
+        self.shipped = min(self.shipped, b)
         self.rewind_seq = self.seq + 1
 
     def check_ack_timeout(self, now: float, stats: dict[str, int]) -> None:
-        if self.shipped and now - self.last_progress >= ACK_TIMEOUT_S:
+        if self.shipped > self.acked_n and now - self.last_progress >= ACK_TIMEOUT_S:
             stats["ack_timeouts"] += 1
-            self.shipped = 0
+            self.shipped = self.acked_n
             self.rewind_seq = self.seq + 1
             self.last_progress = now
+
+
+# ---- one simulated agent ------------------------------------------------------------------------
+
+class SimAgent:
+    __slots__ = (
+        "agent_id",
+        "by_stream",
+        "dealer",
+        "hello_at",
+        "hellos",
+        "instance",
+        "last_heartbeat",
+        "listed_files",
+        "name",
+        "phase",
+        "push",
+        "streams",
+        "window",
+        "wire_v3",
+    )
+
+    def __init__(self, name: str, streams: list[Stream], phase: float) -> None:
+        self.name = name
+        self.agent_id = uuid.uuid4().hex
+        self.streams = streams
+        self.by_stream = {s.stream: s for s in streams}
+        self.dealer: Any = None
+        self.push: Any = None
+        self.phase = phase            # its read cycles are at t0 + phase + c * period
+        self.instance = ""
+        self.hellos: set[int] = set()  # hellos sent since the last one answered
+        self.hello_at = 0.0
+        self.last_heartbeat = 0.0
+        self.wire_v3 = False
+        self.listed_files = False
+        # The bytes it may have shipped unacknowledged: its max_inflight_bytes, or the aggregator's
+        # smaller share (in hello and heartbeat replies and in acks), as agent/daemon.py's on_window.
+        self.window: int = AGENT_DEFAULTS["max_inflight_bytes"]
+
+    def on_window(self, window: Any) -> None:
+        if type(window) is int and window >= wire.MIN_WINDOW:
+            self.window = min(window, AGENT_DEFAULTS["max_inflight_bytes"])
+
+    def inflight(self) -> int:
+        return sum(s.offset(s.shipped) - s.acked for s in self.streams if s.shipped > s.acked_n)
 
 
 # ---- one simulator process ----------------------------------------------------------------------
@@ -157,204 +281,355 @@ class Simulator:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         files = args.files
-        self.agents = [SimAgent(i * files + j, f"sim-{i:04d}", f"fleet{(i * files + j) % args.topics}")
-                       for i in range(args.first, args.first + args.count) for j in range(files)]
-        # An agent's streams share its sockets; its first stream speaks for it in heartbeats.
-        self.by_socket: dict[Any, list[SimAgent]] = {}
-        self.by_stream = {a.stream: a for a in self.agents}
+        self.period = (args.batch_ms / 1000 if args.batch_ms > 0
+                       else cycle_s(args.rate * files, args.latency_budget_ms))
+        self.max_lines = AGENT_DEFAULTS["batch_max_lines"]
+        self.max_bytes = AGENT_DEFAULTS["batch_max_bytes"]
+        stamp0 = time.time()
+        self.agents: list[SimAgent] = []
+        for i in range(args.first, args.first + args.count):
+            phase = (i * _GOLDEN) % 1.0 * self.period
+            n_cycles = max(0, math.floor((args.duration_s - phase) / self.period) + 1)
+            name = f"sim-{i:04d}"
+            streams = [Stream(i * files + j, f"fleet{(i * files + j) % args.topics}", name, args.rate,
+                              self.period, n_cycles, stamp0) for j in range(files)]
+            self.agents.append(SimAgent(name, streams, phase))
+        self.agents.sort(key=lambda a: a.phase)
+        self.by_fd: dict[int, SimAgent] = {}
         self.by_hello: dict[int, SimAgent] = {}
-        self.poller = zmq.Poller()
+        self.epoll = select.epoll()
         self.stats = dict.fromkeys((
-            "batches", "hwm_waits", "resyncs", "resync_unknown_offset", "ack_timeouts", "acks", "hellos",
-            "heartbeats", "bad_control", "refused", "restarts_seen"), 0)
+            "messages", "batches", "hwm_waits", "window_waits", "resyncs", "resync_unknown_offset",
+            "ack_timeouts", "acks", "hellos", "heartbeats", "bad_control", "refused", "restarts_seen",
+            "stopping"), 0)
         self.latencies: list[float] = []
         self.req_ids = iter(range(1, 1 << 62))
         self.ctx: zmq.Context[Any] = zmq.Context()
 
     def connect(self) -> None:
         self.ctx.set(zmq.MAX_SOCKETS, 2 * len(self.agents) + 64)
-        sockets: dict[str, tuple[Any, Any]] = {}
+        beat = AGENT_DEFAULTS["heartbeat_interval_ms"]
         for a in self.agents:
-            if a.name not in sockets:
-                dealer = self.ctx.socket(zmq.DEALER)
-                dealer.setsockopt(zmq.LINGER, 0)
-                dealer.setsockopt(zmq.IDENTITY, a.name.encode())
-                dealer.setsockopt(zmq.IMMEDIATE, 1)  # as the agent: nothing queues while disconnected
-                dealer.connect(self.args.control)
-                push = self.ctx.socket(zmq.PUSH)
-                push.setsockopt(zmq.LINGER, 0)
-                push.setsockopt(zmq.SNDHWM, 256)
-                push.connect(self.args.pull)
-                self.poller.register(dealer, zmq.POLLIN)
-                sockets[a.name] = (dealer, push)
-                self.by_socket[dealer] = []
-            a.dealer, a.push = sockets[a.name]
-            self.by_socket[a.dealer].append(a)
+            # The agent's socket options (agent/transport.py), its ZMTP heartbeats included: each
+            # connection is pinged from both ends every beat, part of what an agent costs.
+            dealer = self.ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.IDENTITY, f"{a.name}/{a.agent_id}".encode())
+            dealer.setsockopt(zmq.SNDHWM, 100)
+            dealer.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+            push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, PUSH_SNDHWM)
+            for sock in (dealer, push):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues while disconnected
+                sock.setsockopt(zmq.RECONNECT_IVL, 100)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+                sock.setsockopt(zmq.HEARTBEAT_IVL, beat)
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
+                sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * beat)
+                sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
+            dealer.connect(self.args.control)
+            push.connect(self.args.pull)
+            fd = dealer.getsockopt(zmq.FD)
+            self.epoll.register(fd, select.EPOLLIN)
+            self.by_fd[fd] = a
+            a.dealer, a.push = dealer, push
 
     def close(self) -> None:
+        self.epoll.close()
         for a in self.agents:
             for sock in (a.dealer, a.push):
                 if sock is not None and not sock.closed:
                     sock.close(linger=0)
         self.ctx.term()
 
-    def hello(self, a: SimAgent) -> None:
+    # -- control plane
+
+    def request(self, a: SimAgent, command: str, args: dict[str, Any], now: float) -> int | None:
+        """Send one request; its id, or None when the socket would block (not connected)."""
         req_id = next(self.req_ids)
         try:
-            a.dealer.send(wire.encode_request(req_id, "hello",
-                                              {"agent": a.name, "mode": "push", "streams": [a.stream]}),
-                          flags=zmq.NOBLOCK)
+            a.dealer.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK)
         except zmq.Again:
-            return  # not connected: the next heartbeat reply or the retry asks again
-        self.by_hello[req_id] = a
-        a.hellos.add(req_id)
-        a.hello_at = time.monotonic()
-        self.stats["hellos"] += 1
+            return None
+        self.read(a, now)  # a send may have taken the socket's notification of a reply waiting
+        return req_id
+
+    def hello(self, a: SimAgent, now: float) -> None:
+        a.hello_at = now
+        req_id = self.request(a, "hello", {
+            "agent": a.name, "agent_id": a.agent_id, "mode": "push", "version": __version__,
+            "started_at": 0, "streams": [s.stream for s in a.streams], "lag_bytes": self.lag_bytes(a),
+            "lag_s": 0.0, "max_inflight_bytes": AGENT_DEFAULTS["max_inflight_bytes"], "problems": [],
+            "heartbeat_interval_ms": int(HEARTBEAT_S * 1000), "aggregators": 1}, now)
+        if req_id is not None:
+            self.by_hello[req_id] = a
+            a.hellos.add(req_id)
+            self.stats["hellos"] += 1
+
+    def lag_bytes(self, a: SimAgent) -> int:
+        return sum(s.offset(s.made) - s.acked for s in a.streams)
 
     def heartbeat(self, a: SimAgent, now: float) -> None:
         a.last_heartbeat = now
         if not a.instance:
             if now - a.hello_at >= HEARTBEAT_S:
-                self.hello(a)  # no answer yet: ask again, once a beat
+                self.hello(a, now)  # no answer yet: ask again, once a beat
             return
-        try:
-            a.dealer.send(wire.encode_request(next(self.req_ids), "heartbeat", {
-                "agent": a.name, "mode": "push", "lag_bytes": a.offset - a.acked, "files": 1}),
-                flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return  # the aggregator is away (restarting)
-        self.stats["heartbeats"] += 1
+        args = {"agent": a.name, "agent_id": a.agent_id, "mode": "push", "lag_bytes": self.lag_bytes(a),
+                "lag_s": 0.0, "files": len(a.streams), "errors": NO_ERRORS, "problems": []}
+        if not a.listed_files:
+            args["file_list"] = [s.path for s in a.streams]  # as the agent: once per aggregator
+        if self.request(a, "heartbeat", args, now) is not None:
+            a.listed_files = True
+            self.stats["heartbeats"] += 1
 
-    def drain(self, timeout_ms: int) -> None:
-        events = self.poller.poll(timeout_ms)
-        now = time.monotonic()  # after the poll: an ack is timed when it is read
-        for sock, _ in events:
-            group = self.by_socket[sock]
-            while True:
-                try:
-                    body = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    msg = wire.decode_control(body)
-                except wire.WireError:
-                    self.stats["bad_control"] += 1
-                    continue
-                self.handle(group, msg, now)
+    def wait(self, timeout_s: float) -> None:
+        """Up to ``timeout_s`` for control messages; read those that came."""
+        events = self.epoll.poll(timeout_s)
+        if events:
+            now = time.monotonic()  # after the poll: an ack is timed when it is read
+            for fd, _ in events:
+                self.read(self.by_fd[fd], now)
 
-    def handle(self, group: list[SimAgent], msg: dict[str, Any], now: float) -> None:
-        event = msg.get("event")
-        if event == "ack":
-            self.stats["acks"] += 1
-            streams = msg.get("streams") or {}
-            for stream, end in streams.items() if isinstance(streams, dict) else ():
-                if (a := self.by_stream.get(stream)) is not None:
-                    a.on_ack(end, now, self.latencies)
-        elif event == "resync":
-            if (a := self.by_stream.get(msg.get("stream"))) is not None:  # type: ignore[arg-type]
-                a.on_resync(msg.get("offset"), msg.get("seq"), self.stats)
-        elif not msg.get("ok"):
-            self.stats["refused"] += 1
-        else:
-            # The agent's state machine (agent/transport.py): a reply to any hello in flight is
-            # the answer; another instance named elsewhere asks for one hello, not one a reply.
-            result = msg.get("result") or {}
-            instance = result.get("instance", "")
-            # The agent's state machine (agent/transport.py): a reply to any hello in flight is
-            # the answer; another instance named elsewhere asks for one hello, not one a reply.
-            hello = self.by_hello.pop(msg.get("id"), None)  # type: ignore[arg-type]
-            if hello is not None and msg.get("id") in hello.hellos:
-                hello.hellos.clear()
-                if instance != hello.instance:
-                    if hello.instance:
-                        hello.shipped = 0  # the aggregator restarted: ship everything unacknowledged again
-                        self.stats["restarts_seen"] += 1
-                    hello.instance = instance
-                hello.on_ack((result.get("committed") or {}).get(hello.stream), now, self.latencies)
+    def read(self, a: SimAgent, now: float) -> None:
+        sock = a.dealer
+        while True:
+            try:
+                body = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
                 return
-            for a in group:
-                if (instance and a.instance and instance != a.instance
-                        and (not a.hellos or now - a.hello_at >= HEARTBEAT_S)):
-                    self.hello(a)
+            try:
+                msg = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                msg = None
+            if type(msg) is not dict:
+                self.stats["bad_control"] += 1
+                continue
+            event = msg.get("event")
+            if event == "ack":
+                self.stats["acks"] += 1
+                if "window" in msg:
+                    a.on_window(msg["window"])
+                streams = msg.get("streams")
+                if type(streams) is dict:
+                    for stream, end in streams.items():
+                        if (s := a.by_stream.get(stream)) is not None:
+                            s.on_ack(end, now, self.latencies)
+            elif event == "resync":
+                if (s := a.by_stream.get(msg.get("stream"))) is not None:  # type: ignore[arg-type]
+                    s.on_resync(msg.get("offset"), msg.get("seq"), self.stats)
+            elif event is not None:
+                self.stats["stopping" if event == wire.EVENT_STOPPING else "bad_control"] += 1
+            elif not msg.get("ok"):
+                self.stats["refused"] += 1
+            else:
+                self.reply(a, msg, now)
 
-    def say_hello(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while any(not a.instance for a in self.agents):
-            if time.monotonic() > deadline:
-                return False
-            now = time.monotonic()
-            for a in self.agents:
-                if not a.instance and now - a.hello_at >= HEARTBEAT_S:
-                    self.hello(a)
-            self.drain(100)
+    def reply(self, a: SimAgent, msg: dict[str, Any], now: float) -> None:
+        # The agent's state machine (agent/transport.py): a reply to any hello in flight is
+        # the answer; another instance named in any other reply asks for one hello, not one a reply.
+        result = msg.get("result")
+        result = result if type(result) is dict else {}
+        instance = result.get("instance", "")
+        if "window" in result:
+            a.on_window(result["window"])
+        hello = self.by_hello.pop(msg.get("id"), None)  # type: ignore[arg-type]
+        if hello is a and msg.get("id") in a.hellos:
+            a.hellos.clear()
+            if instance != a.instance:
+                if a.instance:
+                    for st in a.streams:  # the aggregator restarted: ship everything unacknowledged again
+                        st.shipped = st.acked_n
+                    self.stats["restarts_seen"] += 1
+                a.instance = instance
+                a.listed_files = False
+            if "window" not in result:
+                a.window = AGENT_DEFAULTS["max_inflight_bytes"]  # an aggregator that sets no window
+            versions = result.get("wire")
+            a.wire_v3 = type(versions) is list and 3 in versions
+            committed = result.get("committed")
+            if type(committed) is dict:
+                for stream, end in committed.items():
+                    if (s := a.by_stream.get(stream)) is not None:
+                        s.on_ack(end, now, self.latencies)
+            return
+        if (instance and a.instance and instance != a.instance
+                and (not a.hellos or now - a.hello_at >= HEARTBEAT_S)):
+            self.hello(a, now)
+
+    # -- data
+
+    def ship(self, a: SimAgent, now: float) -> None:
+        """One read cycle's messages: each stream's next batch, one message per topic."""
+        streams = a.streams
+        if len(streams) == 1:
+            s = streams[0]
+            if s.shipped < s.made:
+                if s.shipped > s.acked_n and s.offset(s.shipped) - s.acked >= a.window:
+                    self.stats["window_waits"] += 1
+                    return  # as the agent: no more reading until acks make room
+                body, upto = s.message(a.name, self.max_lines, self.max_bytes)
+                if self.send(a, s.topic, body):
+                    s.sent(upto, now)
+                    self.stats["batches"] += 1
+            return
+        if a.inflight() >= a.window:
+            self.stats["window_waits"] += 1
+            return
+        by_topic: dict[bytes, list[tuple[Stream, bytes, int]]] = {}
+        for s in streams:
+            if s.shipped < s.made:
+                body, upto = s.message(a.name, self.max_lines, self.max_bytes)
+                by_topic.setdefault(s.topic, []).append((s, body, upto))
+        for topic, group in by_topic.items():
+            if len(group) > 1 and a.wire_v3:
+                frames = wire.multi_frames(topic, [body for _, body, _ in group])
+                if not self.send(a, topic, frames[1]):
+                    return
+            else:
+                for i, (_, body, _) in enumerate(group):
+                    if not self.send(a, topic, body):
+                        group = group[:i]
+                        break
+            for s, _, upto in group:
+                s.sent(upto, now)
+            self.stats["batches"] += len(group)
+
+    def send(self, a: SimAgent, topic: bytes, body: bytes) -> bool:
+        try:
+            a.push.send(topic, zmq.SNDMORE | zmq.NOBLOCK)
+        except zmq.Again:
+            self.stats["hwm_waits"] += 1
+            return False  # the aggregator is not taking them: like the agent, wait (try at the next cycle)
+        a.push.send(body, zmq.NOBLOCK)  # the rest of a message started never blocks
+        self.stats["messages"] += 1
         return True
 
-    def load(self, t0: float) -> None:
-        """Agent k ticks at t0 + (k/n + m) * period: spread evenly over the period."""
-        args, agents = self.args, self.agents
-        period = args.batch_ms / 1000
-        n = len(agents)
-        t_end = t0 + args.duration_s
-        k, m = 0, 0
-        while True:
-            due = t0 + (k / n + m) * period
-            if due > t_end:
-                return
-            now = time.monotonic()
-            if due > now:
-                self.drain(max(1, math.ceil((due - now) * 1000)))  # never spin on a 0 ms poll
-                continue
-            a = agents[k]
-            a.generate(int(args.rate * (due - t0 + period)), time.time())
-            a.ship(now, self.stats)
-            if now - a.last_heartbeat >= HEARTBEAT_S and a.index % args.files == 0:
-                self.heartbeat(a, now)
-            a.check_ack_timeout(now, self.stats)
-            k += 1
-            if k % 25 == 0:
-                self.drain(0)  # read acks at least every 25 agents
-            if k == n:
-                k, m = 0, m + 1
+    def cycle(self, a: SimAgent, c: int, now: float) -> None:
+        """Agent ``a``'s read cycle number ``c``: what its files got since, then the timers."""
+        for s in a.streams:
+            cycles, made = s.cycles, s.made
+            while made < len(cycles) and cycles[made] <= c:
+                made += 1
+            s.made = made
+        self.ship(a, now)
+        for s in a.streams:
+            s.check_ack_timeout(now, self.stats)
+        if now - a.last_heartbeat >= HEARTBEAT_S:
+            self.heartbeat(a, now)
 
-    def settle(self, timeout_s: float) -> None:
-        """Everything generated shipped and acknowledged, within a deadline."""
+    # -- phases
+
+    def say_hello(self, timeout_s: float) -> bool:
+        """Every agent's first hello answered, within a deadline. Before the load only (not
+        measured): at most 200 hellos a tenth of a second, and an agent not answered asks again
+        after 1, 2, 4, 8 s (a real agent asks once a beat: 5,000 at once, against an aggregator
+        that takes longer than a beat to answer them, never got through on a busy machine)."""
         deadline = time.monotonic() + timeout_s
-        while any(a.pending for a in self.agents) and time.monotonic() < deadline:
+        tries: dict[SimAgent, int] = {}
+        while any(not a.instance for a in self.agents):
+            now = time.monotonic()
+            if now > deadline:
+                return False
+            sent = 0
+            for a in self.agents:
+                if sent >= 200:
+                    break
+                if not a.instance and now - a.hello_at >= min(8.0, HEARTBEAT_S * 2 ** tries.get(a, 0) / 2):
+                    self.hello(a, now)
+                    tries[a] = tries.get(a, 0) + 1
+                    sent += 1
+            self.wait(0.1)
+        return True
+
+    def idle(self, until: Any) -> None:
+        """Heartbeats only, until ``until()`` is true."""
+        while not until():
             now = time.monotonic()
             for a in self.agents:
-                a.ship(now, self.stats)
-                a.check_ack_timeout(now, self.stats)
-            self.drain(50)
+                if now - a.last_heartbeat >= HEARTBEAT_S:
+                    self.heartbeat(a, now)
+            self.wait(0.05)
+
+    def load(self, t0: float) -> float:
+        """Agent a's read cycle c at t0 + a.phase + c * period, in order of time; agents due
+        within the same millisecond go together, then the control sockets are read. Ends at
+        the end of the load even when behind (the cycles not reached are not written: a
+        simulator that cannot keep up offers less). Returns how late the latest cycle ran (s)."""
+        agents, period = self.agents, self.period
+        n = len(agents)
+        t_end = t0 + self.args.duration_s
+        k = c = done = 0
+        late = 0.0
+        while n:
+            a = agents[k]
+            due = t0 + a.phase + c * period
+            if due > t_end:
+                return late
+            now = time.monotonic()
+            if due > now + 0.001:
+                self.wait(due - now)
+                continue
+            late = max(late, now - due)
+            if now > t_end + 1.0:
+                return late
+            self.cycle(a, c, now)
+            k += 1
+            if k == n:
+                k, c = 0, c + 1
+            done += 1
+            if done % 64 == 0:
+                self.wait(0)  # behind: read acks at least every 64 agents
+        return late
+
+    def unacked(self) -> int:
+        return sum(s.lines(s.made) - s.lines(s.acked_n) for a in self.agents for s in a.streams)
+
+    def settle(self, timeout_s: float) -> None:
+        """Everything read shipped and acknowledged, within a deadline (timers as in the load)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(s.acked_n < s.made for a in self.agents for s in a.streams):
+            now = time.monotonic()
+            for a in self.agents:
+                self.ship(a, now)
+                for s in a.streams:
+                    s.check_ack_timeout(now, self.stats)
+                if now - a.last_heartbeat >= HEARTBEAT_S:
+                    self.heartbeat(a, now)
+            self.wait(0.05)
 
 
 def simulate(args: argparse.Namespace) -> int:
+    t_setup = time.monotonic()
     sim = Simulator(args)
+    setup_s = time.monotonic() - t_setup
     try:
         sim.connect()
-        if not sim.say_hello(60):
+        if not sim.say_hello(240):
             missing = sum(1 for a in sim.agents if not a.instance)
             print(f"sim {args.first}: {missing} agents got no hello reply", file=sys.stderr)
             return 1
         with open(args.ready, "wb"):
             pass
-        while not os.path.exists(args.go):
-            sim.drain(10)
+        sim.idle(lambda: os.path.exists(args.go))
         with open(args.go, "rb") as fh:
             t0 = float(fh.read())
+        sim.idle(lambda: time.monotonic() >= t0 - 0.05)
         cpu0 = os.times()
-        sim.load(t0)
+        late_s = sim.load(t0)
         t_load_end = time.monotonic()
         cpu1 = os.times()
         sim.settle(args.settle_s)
         t_settled = time.monotonic()
-        agents = sim.agents
+        streams = [s for a in sim.agents for s in a.streams]
         result = {
             "first": args.first, "count": args.count, "t0": t0, "t_load_end": t_load_end,
-            "t_settled": t_settled, "lines": {f"sim-{a.index:04d}": a.lines for a in agents},
-            "unacked_agents": sum(1 for a in agents if a.pending),
-            "unacked_lines": sum(len(p.lines) for a in agents for p in a.pending),
-            "latencies_s": sim.latencies, "stats": sim.stats,
+            "t_settled": t_settled, "lines": {f"sim-{s.index:04d}": s.lines(s.made) for s in streams},
+            "unacked_agents": sum(1 for a in sim.agents if any(s.acked_n < s.made for s in a.streams)),
+            "unacked_lines": sim.unacked(), "latencies_s": sim.latencies, "stats": sim.stats,
             "cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), "load_s": t_load_end - t0,
+            "period_s": sim.period, "setup_s": setup_s,
+            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "late_s": late_s,
         }
         with open(args.result, "wb") as fh:
             fh.write(orjson.dumps(result))
@@ -413,6 +688,67 @@ def verify(topic_dirs: list[str], expected: dict[int, int]) -> dict[str, int]:
     return v
 
 
+def cpu_per_m_lines(written: list[tuple[float, int]], t0: float, t1: float, cpu_s: float) -> float | None:
+    """The aggregator's CPU seconds per million lines it wrote between ``t0`` and ``t1`` (from
+    the status samples nearest inside): what holds up when it had to share the CPU."""
+    inside = [n for t, n in written if t0 <= t <= t1]
+    if len(inside) < 2 or inside[-1] <= inside[0]:
+        return None
+    return 1e6 * cpu_s / (inside[-1] - inside[0])
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all the machine's CPUs have been busy (not idle, not waiting for I/O), from
+    /proc/stat: the simulators', the aggregator's and everybody else's."""
+    with open("/proc/stat", "rb") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def raise_nofile(need: int) -> int:
+    """Raise this process's descriptor limit (its children's too: the aggregator and the
+    simulators inherit it) to at least ``need`` if it can (the hard limit, or beyond it as
+    root); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, need) if hard == resource.RLIM_INFINITY else max(soft, min(hard, need))
+    if need > hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return need
+        except (ValueError, OSError):
+            pass
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# Above these the aggregator was not alone with the CPU it needed: its figures are not its own.
+MAX_BUSY_SHARE = 0.85       # simulators + aggregator, of all CPUs
+MAX_MACHINE_SHARE = 0.95    # everything on the machine (other users too), of all CPUs
+MIN_WRITTEN_SHARE = 0.95    # lines written in the steady part, of the offered rate
+MAX_LATE_S = 0.5            # how late a simulated read cycle may run
+
+
+def invalid_reasons(r: dict[str, Any]) -> list[str]:
+    """Why the run does not measure the aggregator (empty: it does)."""
+    cpus = r["cpus"] or 1
+    out = []
+    both = r["sim_cpu_per_s"] + r["aggregator_cpu_per_s"]
+    if both > MAX_BUSY_SHARE * cpus:
+        out.append(f"simulators + aggregator used {both:.2f} of {cpus} cores (more than "
+                   f"{MAX_BUSY_SHARE:.0%})")
+    if r["machine_busy_cores"] > MAX_MACHINE_SHARE * cpus:
+        out.append(f"the machine was {r['machine_busy_cores'] / cpus:.0%} busy (other processes: "
+                   f"{r['machine_busy_cores'] - both:.2f} cores)")
+    if r["sim_late_s"] > MAX_LATE_S:
+        out.append(f"the simulators ran up to {r['sim_late_s']:.1f}s behind their schedule (they did not"
+                   " offer the rate)")
+    if not r["steady_lines_per_s"] >= MIN_WRITTEN_SHARE * r["offered_lines_per_s"]:
+        out.append(f"{r['steady_lines_per_s']:,.0f} lines/s written, less than "
+                   f"{MIN_WRITTEN_SHARE:.0%} of the offered {r['offered_lines_per_s']:,}")
+    return out
+
+
 def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
     ports = {k: free_port() for k in ("pull", "xsub", "xpub", "control")}
     control = control_endpoint = f"tcp://127.0.0.1:{ports['control']}"
@@ -433,18 +769,19 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
                 sys.executable, "-m", "bench.fleet", "sim", "--first", str(first), "--count", str(count),
                 "--pull", f"tcp://127.0.0.1:{ports['pull']}", "--control", control,
                 "--rate", str(args.rate), "--batch-ms", str(args.batch_ms),
-                "--duration-s", str(args.duration_s),
+                "--latency-budget-ms", str(args.latency_budget_ms), "--duration-s", str(args.duration_s),
                 "--topics", str(args.topics), "--files", str(args.files), "--settle-s", str(args.settle_s),
                 "--ready", os.path.join(d, f"ready{i}"), "--go", go,
                 "--result", os.path.join(d, f"result{i}.json")], d).start())
         wait_for("every simulated agent's hello", lambda: all(
-            os.path.exists(os.path.join(d, f"ready{i}")) for i in range(len(sims))), 90, [aggregator, *sims])
+            os.path.exists(os.path.join(d, f"ready{i}")) for i in range(len(sims))), 300, [aggregator, *sims])
         sampler = Sampler(aggregator.rss_kb, 0.5).start()
         t0 = time.monotonic() + 0.2
         with open(go + ".tmp", "w") as fh:
             fh.write(repr(t0))
         os.rename(go + ".tmp", go)
-        cpu0 = aggregator.cpu_s()
+        time.sleep(max(0.0, t0 - time.monotonic()))
+        cpu0, sims_cpu0, machine0 = aggregator.cpu_s(), [p.cpu_s() for p in sims], machine_busy_s()
         written: list[tuple[float, int]] = []
         ctl_s: list[float] = []
         raw_s: list[float] = []
@@ -477,9 +814,9 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
                     ctl_s.append(took)
             time.sleep(max(0.0, args.sample_every_s - (time.monotonic() - t)))
         t_load_end = time.monotonic()
-        cpu1 = aggregator.cpu_s()
+        cpu1, sims_cpu1, machine1 = aggregator.cpu_s(), [p.cpu_s() for p in sims], machine_busy_s()
         for p in sims:
-            if p.wait(args.settle_s + 30) is None:
+            if p.wait(args.settle_s + 120) is None:
                 raise TimeoutError(f"{p.name} did not finish")
             if p.popen is not None and p.popen.returncode != 0:
                 raise RuntimeError(f"{p.name} failed:\n{p.tail()}")
@@ -513,7 +850,7 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
         for k, x in r["stats"].items():
             stats[k] = stats.get(k, 0) + x
     totals = final.get("totals", {})
-    return {
+    r = {
         "agents": args.agents, "procs": len(sims), "rate": args.rate, "duration_s": args.duration_s,
         "files": args.files, "topics": min(args.topics, args.agents * args.files),
         "offered_lines_per_s": args.agents * args.files * args.rate, "generated": sum(expected.values()),
@@ -525,8 +862,14 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
                               "last": rss[-1] if rss else 0, "hwm": hwm},
         "aggregator_rss_timeline_kb": [(round(t - t0, 1), x) for t, x in sampler.samples],
         "aggregator_cpu_per_s": (cpu_before_restart + cpu1 - cpu0) / (t_load_end - t0),
+        "aggregator_cpu_s_per_m_lines": cpu_per_m_lines(written, t0, t_load_end, cpu1 - cpu0)
+        if restarted_at is None else None,
         "restart": restart_health(timeline, restarted_at, args.warmup_s),
-        "sim_cpu_per_s": sum(r["cpu_s"] for r in results) / max(r["load_s"] for r in results),
+        "sim_cpu_per_s": sum(b - a for a, b in zip(sims_cpu0, sims_cpu1, strict=True)) / (t_load_end - t0),
+        "machine_busy_cores": (machine1 - machine0) / (t_load_end - t0), "cpus": os.cpu_count(),
+        "sim_period_ms": 1000 * results[0]["period_s"], "sim_setup_s": max(r["setup_s"] for r in results),
+        "sim_peak_rss_kb": sum(r["peak_rss_kb"] for r in results),
+        "sim_late_s": max(r["late_s"] for r in results),
         "ctl_status_s": ctl_s, "ctl_failed": ctl_failed, "raw_status_s": raw_s,
         "status_reply_bytes": status_bytes,
         "settle_s": max(r["t_settled"] - r["t_load_end"] for r in results),
@@ -535,6 +878,8 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
             "lines_written", "batches", "commits", "duplicates_dropped", "resyncs", "malformed_dropped")},
         "agents_in_status": len(final.get("agents", [])), "exit_code": code, "verify": v,
     }
+    r["invalid"] = invalid_reasons(r)
+    return r
 
 
 def sample(client: ControlClient, aggregator: Proc, generation: int, t0: float,
@@ -609,7 +954,13 @@ def report(r: dict[str, Any]) -> str:
         f"  {'aggregator RSS MiB first / peak':34} {rss['first'] / 1024:>6.0f} / {rss['peak'] / 1024:.0f}"
         f"  (VmHWM {rss['hwm'] / 1024:.0f})",
         f"  {'aggregator CPU (cores busy)':34} {r['aggregator_cpu_per_s']:>8.2f}   (simulators "
-        f"{r['sim_cpu_per_s']:.2f})",
+        f"{r['sim_cpu_per_s']:.2f}, the whole machine {r['machine_busy_cores']:.2f} of {r['cpus']})",
+        f"  {'aggregator CPU s per M lines':34} " + (
+            f"{per_m:>8.2f}   (at the offered rate: {per_m * r['offered_lines_per_s'] / 1e6:.2f} cores)"
+            if (per_m := r.get("aggregator_cpu_s_per_m_lines")) is not None else "       -"),
+        f"  {'simulated read cycle ms':34} {r['sim_period_ms']:>8.1f}   (batches made and encoded up front"
+        f" in {r['sim_setup_s']:.1f}s; simulators' peak RSS {r['sim_peak_rss_kb'] / 1024:.0f} MiB in all;"
+        f" latest cycle {1000 * r['sim_late_s']:.0f} ms late)",
     ]
     if r["ctl_status_s"]:
         rows.append(f"  {'aggregatorctl status --json s':34} {med(r['ctl_status_s']):>8.3f}   median of "
@@ -638,6 +989,9 @@ def report(r: dict[str, Any]) -> str:
             + (f"{back:.1f}s" if back is not None else "NEVER"))
     rows.append(f"  check: {'ok' if ok else 'FAILED'} ({r['generated']:,} lines generated; " +
                 ", ".join(f"{k} {x}" for k, x in v.items()) + ")")
+    reasons = r["invalid"]
+    rows.append("  measurement: " + ("valid (the aggregator had the CPU it wanted)" if not reasons else
+                                     "INVALID: " + "; ".join(reasons)))
     return "\n".join(rows)
 
 
@@ -646,10 +1000,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="role")
     p.add_argument("--agents", type=int, default=1000)
-    p.add_argument("--procs", type=int, default=4, help="simulator processes")
+    p.add_argument("--procs", type=int, default=2,
+                   help="simulator processes (one per core: more only add context switches)")
     p.add_argument("--rate", type=int, default=100, help="lines/s per agent (per file with --files)")
     p.add_argument("--duration-s", type=float, default=30)
-    p.add_argument("--batch-ms", type=int, default=100, help="each agent ships what it has this often")
+    p.add_argument("--batch-ms", type=int, default=0,
+                   help="each agent ships what it has this often (0: as a real agent at --latency-budget-ms)")
+    p.add_argument("--latency-budget-ms", type=int, default=AGENT_DEFAULTS["latency_budget_ms"],
+                   help="the agents' latency_budget_ms (their read cycles, unless --batch-ms)")
     p.add_argument("--topics", type=int, default=10)
     p.add_argument("--files", type=int, default=1, help="files (streams) per agent, dealt over the topics")
     p.add_argument("--warmup-s", type=float, default=5, help="not counted in the steady rate")
@@ -667,7 +1025,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--pull", required=True)
     s.add_argument("--control", required=True)
     s.add_argument("--rate", type=int, default=100)
-    s.add_argument("--batch-ms", type=int, default=100)
+    s.add_argument("--batch-ms", type=int, default=0)
+    s.add_argument("--latency-budget-ms", type=int, default=AGENT_DEFAULTS["latency_budget_ms"])
     s.add_argument("--duration-s", type=float, default=30)
     s.add_argument("--topics", type=int, default=10)
     s.add_argument("--files", type=int, default=1)
@@ -682,6 +1041,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role == "sim":
         return simulate(args)
+    # Each agent: two connections on each side (and ZeroMQ's own descriptors), the topic files.
+    limit = raise_nofile(4 * args.agents + args.topics + 1024)
+    if limit < 2 * args.agents + 256:
+        print(f"fleet: the descriptor limit is {limit}, too low for {args.agents} agents", file=sys.stderr)
+        return 1
     d = tempfile.mkdtemp(prefix="flf", dir="/tmp")
     try:
         r = run(args, d)
