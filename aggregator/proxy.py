@@ -34,7 +34,16 @@ SUBSCRIBER_BUFFER_BYTES = 16 * 1024 * 1024
 SUBSCRIBER_HWM = SUBSCRIBER_BUFFER_BYTES // PUBLISH_MAX_BYTES
 
 
+# The listen queue of every bound socket. libzmq's default (100) overflows when a fleet of
+# thousands reconnects at once (an aggregator restart): the kernel drops the SYNs past it, and
+# each agent waits out a SYN retransmission (1 s, 3 s, 7 s...) or its own connect timeout and
+# tries again, so the reconnection takes tens of seconds instead of one. Linux caps it at
+# net.core.somaxconn (4096 since 5.4).
+LISTEN_BACKLOG = 4096
+
+
 def bind(sock: zmq.Socket, endpoint: str) -> None:  # type: ignore[type-arg]
+    sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
     if endpoint.startswith("ipc://"):
         directory = os.path.dirname(endpoint[len("ipc://"):])
         if directory:
