@@ -455,7 +455,8 @@ def _follow(client: Client, sub: zmq.Socket, args: argparse.Namespace,  # type: 
 def cmd_rotate(client: Client, args: argparse.Namespace) -> int:
     result = client.call("rotate", **({"topic": args.topic} if args.topic else {}))
     for name in result["rotated"]:
-        print(f"rotated to {name}")
+        # Compression runs after the reply: until it ends, `ls` shows the name without .gz.
+        print(f"rotated to {name}" + (" (compressing)" if name.endswith(".gz") else ""))
     if not result["rotated"]:
         print("nothing to rotate (empty active files)")
     return 0
