@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
@@ -420,6 +421,26 @@ def test_readme_writer_config_passes_check_config(short_tmp: Path) -> None:
     for key in ("writer.servers", "writer.rotate_max_byte: unknown key; did you mean rotate_max_bytes?",
                 "writer.stream"):
         assert key in bad.stderr, bad.stderr
+
+
+def test_readme_says_where_the_writer_control_socket_is_and_why() -> None:
+    """The README's writer socket is the one the unit's own RuntimeDirectory holds and the role
+    sets, and it says why it is not the design's /run/fleetlog/writer.sock (systemd removes the
+    aggregator's /run/fleetlog when the aggregator stops)."""
+    repo = Path(__file__).parent.parent
+    readme = repo / "README.md"
+    section = readme.read_text().split("## fleetlog-writer\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("    # /etc/fleetlog/writer.toml\n", 1)[1].split("\n\n", 1)[0]
+    example = tomllib.loads("\n".join(line[4:] for line in block.splitlines()))["writer"]
+    assert example["control"] == "ipc:///run/fleetlog-writer/control.sock"
+    unit = (repo / "deploy" / "systemd" / "fleetlog-writer.service").read_text()
+    assert "RuntimeDirectory=fleetlog-writer\n" in unit
+    role = (repo / "deploy" / "ansible" / "roles" / "fleetlog_writer" / "defaults" / "main.yml").read_text()
+    assert "- ipc:///run/fleetlog-writer/control.sock" in role
+    prose = " ".join(section.split())
+    for said in ("RuntimeDirectory=fleetlog-writer", "ipc:///run/fleetlog/writer.sock",
+                 "systemd removes whenever the aggregator stops", "tcp://127.0.0.1:5559"):
+        assert said in prose, said
 
 
 def test_malformed_and_overlapping_messages_never_stop_the_writer(h: Harness, server: Any,
