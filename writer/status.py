@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from fleetlog import __version__
 
 if TYPE_CHECKING:
-    from writer.daemon import Alarm, Writer
+    from writer.daemon import Writer
+    from writer.reading import Alarm
 
 
 def _alarm(a: Alarm | None) -> dict[str, Any] | None:
