@@ -181,6 +181,13 @@ def caught_up(h: Harness, proc: Any, last_seq: int) -> dict[str, Any] | None:
 
 
 def all_lines(root: Path, topic: str) -> list[str]:
+    """Every line of ``topic``, rotated files first. A rotated file being compressed meanwhile
+    (its .log gone between the listing and the read) is read again under its new name."""
+    for _ in range(100):
+        try:
+            return output_lines(root, topic, include_rotated=True)
+        except FileNotFoundError:
+            continue
     return output_lines(root, topic, include_rotated=True)
 
 
@@ -206,6 +213,15 @@ def test_writer_writes_every_line_once_in_order_and_rolls_by_size(h: Harness, se
     assert {t["name"]: t["lines"] for t in s["topics"]} == {"app": 2000, "db": 1200}
     text = h.ctl(_Ctl(w.control), "status")
     assert text.returncode == 0 and "writer" in text.stdout and "lag: 0 messages" in text.stdout, text
+    # One topic rolled over on request (this stopped the writer: the shared command asked it for
+    # the aggregator's topic table); a topic it never wrote is refused.
+    feed.publish("db", "web-01", "s3", "c", 10)
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to apply 10 more")
+    rotated = h.ctl(_Ctl(w.control), "rotate", "db")
+    assert rotated.returncode == 0 and rotated.stdout.startswith("rotated to db."), rotated
+    nosuch = h.ctl(_Ctl(w.control), "rotate", "nosuch")
+    assert nosuch.returncode == 1 and "no such topic" in nosuch.stderr, nosuch
+    assert w.alive() and writer_status(h, w)["totals"]["rotations"] >= 2
     assert w.stop() == 0
     assert "Traceback" not in w.log()
 

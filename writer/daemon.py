@@ -346,5 +346,10 @@ class Writer(Rolling, StreamReading):
     def pending_bytes(self, value: int) -> None:
         self.applier.pending_bytes = value
 
+    @property
+    def topics(self) -> dict[str, TopicStats]:
+        """The topics written, by name (the shared rotate command checks a topic's name here)."""
+        return self.applier.topics
+
     def status(self) -> dict[str, Any]:
         return status.status(self)
