@@ -37,6 +37,8 @@ from harness import (
 from nats.js import api
 from prometheus_client.parser import text_string_to_metric_families
 
+from aggregator.formats import safe_name
+
 RULES = Path(__file__).parent.parent / "deploy" / "prometheus" / "fleetlog-writer-rules.yml"
 STREAM = "FLEETLOG"
 PREFIX = "fleetlog"
@@ -266,6 +268,68 @@ def test_writer_killed_repeatedly_while_messages_flow_writes_every_line_once(
     assert s["totals"]["duplicate_messages"] == 0
     assert cut_seen(), "no kill left an uncommitted tail to cut: the soak did not test recovery"
     h.assert_quiet()
+
+
+def agent_files_lines(directory: Path, topic: str) -> list[str]:
+    """The lines of one agent's files of ``topic`` (``<topic>/<agent>/``): rotated ones oldest
+    first (compressed or not), then the active file. A file compressed between the listing and
+    the read is read again under its new name."""
+    for _ in range(100):
+        try:
+            out: list[str] = []
+            for p in sorted(directory.glob(f"{topic}.*.log*")):
+                data = gzip.decompress(p.read_bytes()) if p.name.endswith(".gz") else p.read_bytes()
+                out += data.decode(errors="replace").splitlines()
+            active = directory / f"{topic}.log"
+            return out + (active.read_text(errors="replace").splitlines() if active.exists() else [])
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"{directory}'s files kept changing under the reader")
+
+
+def test_writer_split_by_agent_keeps_each_agents_lines_once_in_its_own_files_through_kill9_and_rotation(
+        h: Harness, server: Any, feeds: Any) -> None:
+    """split_by_agent, as the aggregator's files sink does it (the same key function): each
+    agent's lines of a split topic in <topic>/<agent>/<topic>.log (the name made safe), exactly
+    once through a kill -9 and rotations; a topic not split keeps its one file; per topic too."""
+    feed = feeds(server.urls)
+    args = ("writer.split_by_agent=true", "writer.topics.db.split_by_agent=false",
+            "writer.rotate_max_bytes=20000", "writer.retain_files=0")
+    w = h.writer(server.urls, *args)
+    agents = {"web-01": "a", "db 01": "b"}
+    for agent, tag in agents.items():
+        feed.publish("app", agent, f"s-{tag}", tag, 300, per_msg=30)
+    feed.publish("db", "web-01", "s-c", "c", 200, per_msg=40)
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to apply the stream")
+    w.kill9()
+    w = h.writer(server.urls, *args)
+    for agent, tag in agents.items():
+        feed.publish("app", agent, f"s-{tag}", tag, 300, per_msg=30)
+    s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    out = h.root / "wout"
+    for agent, tag in agents.items():
+        directory = out / "app" / safe_name(agent)
+        check_exactly_once(agent_files_lines(directory, "app"), {tag: 600})
+        assert list(directory.glob("app.*.log*")), "no rotated file of " + agent
+    assert safe_name("db 01") == "db%2001"
+    assert not (out / "app" / "app.log").exists() or (out / "app" / "app.log").stat().st_size == 0
+    check_exactly_once(all_lines(out, "db"), {"c": 200})
+    assert [p.name for p in (out / "db").iterdir() if p.is_dir()] == []
+    assert s["totals"]["duplicate_messages"] == 0 and s["totals"]["lines_written"] == 600  # since the restart
+    # A split topic's active file size is its agents' together.
+    app = next(t for t in writer_status(h, w)["topics"] if t["name"] == "app")
+    active = [out / "app" / safe_name(a) / "app.log" for a in agents]
+    assert (app["file_bytes"] or 0) == sum(p.stat().st_size for p in active if p.exists())
+    # Each agent's file is rolled over on request, and named with its directory.
+    for agent, tag in agents.items():
+        feed.publish("app", agent, f"s-{tag}", tag, 5)
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to apply 10 more")
+    rotated = h.ctl(_Ctl(w.control), "rotate", "app")
+    assert rotated.returncode == 0, rotated
+    names = [line.split()[2] for line in rotated.stdout.splitlines()]
+    assert sorted(n.split("/")[1] for n in names) == sorted(safe_name(a) for a in agents), names
+    assert w.stop() == 0
+    assert "Traceback" not in w.log()
 
 
 def test_two_writers_make_two_full_copies(h: Harness, server: Any, feeds: Any) -> None:

@@ -34,7 +34,7 @@ import zmq.asyncio
 
 from aggregator import registry
 from aggregator.control import ControlServer
-from aggregator.files import RollingFileSink, SinkError, open_files_bound, uncompressed_rotated
+from aggregator.files import RollingFileSink, SinkError, key_topic, open_files_bound, uncompressed_rotated
 from aggregator.journal import Journal
 from aggregator.metrics import LatencyHistogram
 from aggregator.rolling import Rolling
@@ -122,9 +122,9 @@ class Writer(Rolling, StreamReading):
         for name, t in registry.load(cfg.state_dir).topics.items():
             self.applier.topics[name] = TopicStats(lines=int(t.get("lines", 0)), bytes=int(t.get("bytes", 0)))
         leftovers = uncompressed_rotated(cfg.output_dir)
-        for topic in self.sink.topics_on_disk():
-            if wire.valid_topic(topic):
-                self.sink.open_existing(topic)
+        for key in self.sink.keys_on_disk():   # topics', and their agents' when split by agent
+            if wire.valid_topic(key_topic(key)):
+                self.sink.open_existing(key)
         await self.rotate_due()
         self.ctx = zmq.asyncio.Context()
         start_zmq_threads(self.ctx)
@@ -152,7 +152,7 @@ class Writer(Rolling, StreamReading):
         journal_existed = os.path.exists(self.journal.journal_path)
         state = self.journal.recover()
         self.journal.compact_quietly()
-        on_disk = self.sink.topics_on_disk()
+        on_disk = self.sink.keys_on_disk()
         if state.damage is None:
             self.recover_rotations(state.rotations)
             positions = dict(state.topics)
@@ -160,7 +160,7 @@ class Writer(Rolling, StreamReading):
                 for topic in on_disk:
                     positions.setdefault(topic, 0)
             elif on_disk:
-                log.warning("no journal in %s but %d topic directories in %s: the stream is written again"
+                log.warning("no journal in %s but %d output directories in %s: the stream is written again"
                             " from its start after what they hold", self.wcfg.state_dir, len(on_disk),
                             self.wcfg.output_dir)
             self.sink.recover(positions)
@@ -326,7 +326,7 @@ class Writer(Rolling, StreamReading):
             failed = self.sink.sync_each(dirty)
             if failed:
                 topic, exc = next(iter(failed.items()))
-                raise SinkError(exc.errno, f"fsync of {topic}/{topic}.log failed: {exc.strerror}")
+                raise SinkError(exc.errno, f"fsync of {topic}/{key_topic(topic)}.log failed: {exc.strerror}")
         self.journal.append(positions, pending, sync=self.cfg.fsync, marks=marks)
 
     # The shared rolling code (Rolling) reads and resets what was applied since the last commit.
