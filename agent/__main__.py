@@ -138,9 +138,14 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
                   else f"journalctl not running ({j['reader_restarts']} restarts)")
         if "machines" in j:
             reader += f" ({len(j['machines'])} machines)"
-        print(f"  {j['path']}  [{j['topic']}] {' '.join(j['matches']) or 'all entries'}  "
+        # The whole selection, as --json has it: the field matches, then the priority filter.
+        priority = [f"priority {j['priority']} or more urgent"] if j.get("priority") else []
+        selection = [*j["matches"], *priority]
+        counts = "".join(f", {j[key]} {word}" for key, word in (("entries_missing", "missing"),
+                                                               ("entries_cut", "cut")) if j.get(key))
+        print(f"  {j['path']}  [{j['topic']}] {' '.join(selection) or 'all entries'}  "
               f"{j['entries_acked']} entries acknowledged, lag {j['lag_entries']} entries / {j['lag_s']:.1f}s"
-              f"{', ' + str(j['entries_missing']) + ' missing' if j['entries_missing'] else ''}  {reader}")
+              f"{counts}  {reader}")
     return 0
 
 

@@ -9,7 +9,6 @@ import logging
 import time
 
 from aggregator.files import SinkError
-from aggregator.formats import safe_name
 from aggregator.journal import stream_key
 from aggregator.stages import Stages
 from fleetlog import wire
@@ -60,10 +59,9 @@ class Acceptance(Stages):
         """The sink's key of the file ``batch`` goes to: its topic, or ``<topic>/<agent>`` when
         the topic is split by agent (aggregator/files.py; with sink = "jetstream" always the
         topic: fleetlog-writer makes the files). Streams and holds go by this key."""
-        topic = batch.topic
-        if self.stream_sink is None and self.cfg.topic_split(topic):
-            return f"{topic}/{safe_name(batch.agent)}"
-        return topic
+        if self.stream_sink is None:
+            return self.cfg.file_key(batch.topic, batch.agent)
+        return batch.topic
 
     def refuse(self, batch: wire.Batch) -> bool:
         """Whether ``batch`` is held back: the journal cannot be written, or its topic cannot.

@@ -7,7 +7,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator.formats import FORMATS
+from aggregator.formats import FORMATS, safe_name
 from fleetlog import curve, wire
 from fleetlog.tomlconf import ConfigError, Section, apply_overrides, dir_problem, listen_problem, read_toml
 
@@ -97,6 +97,13 @@ class AggregatorConfig:
         t = self.topics.get(topic)
         return t.split_by_agent if t is not None and t.split_by_agent is not None else self.split_by_agent
 
+    def file_key(self, topic: str, agent: str) -> str:
+        """The files sink's key of ``agent``'s lines of ``topic`` (their directory under
+        output_dir): the topic, or ``<topic>/<agent's safe name>`` (formats.safe_name) when the
+        topic is split by agent. The aggregator's files sink and fleetlog-writer both place
+        lines by it."""
+        return f"{topic}/{safe_name(agent)}" if self.topic_split(topic) else topic
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -105,7 +112,8 @@ class Config:
 
 
 def parse_output(s: Section) -> dict[str, Any]:
-    """The output keys of ``s`` (format, [topics.NAME], rotation, compression, retention, fsync)
+    """The output keys of ``s`` (format, [topics.NAME], rotation, compression, retention, fsync,
+    split_by_agent)
     as AggregatorConfig fields: fleetlog-writer takes the same keys and writes the same files."""
     d = AggregatorConfig()
     topics: dict[str, TopicConfig] = {}
@@ -127,6 +135,7 @@ def parse_output(s: Section) -> dict[str, Any]:
         "compress": s.choice("compress", d.compress, COMPRESSIONS),
         "retain_files": s.int("retain_files", d.retain_files, 0),
         "retain_days": s.int("retain_days", d.retain_days, 0),
+        "split_by_agent": s.bool("split_by_agent", d.split_by_agent),
     }
 
 
@@ -143,7 +152,6 @@ def parse(data: dict[str, Any], source: str, check_dirs: bool = True) -> Config:
         xpub=s.endpoint("xpub", d.xpub),
         control=s.endpoints("control", d.control),
         **parse_output(s),
-        split_by_agent=s.bool("split_by_agent", d.split_by_agent),
         commit_interval_ms=s.int("commit_interval_ms", d.commit_interval_ms, 1, 10_000),
         commit_max_bytes=s.int("commit_max_bytes", d.commit_max_bytes, 4096),
         max_message_bytes=s.int("max_message_bytes", d.max_message_bytes, 1024, 1 << 30),

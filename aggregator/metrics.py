@@ -203,7 +203,7 @@ class AggregatorCollector:
 
 
 def _jetstream_metrics(js: dict[str, Any], counter: Any, gauge: Any) -> Iterator[Any]:
-    """sink = "jetstream": the publisher's state and counters (aggregator/jetstream.py)."""
+    """sink = "jetstream": the publisher's state and counters (aggregator/jetstream/)."""
     yield gauge("jetstream_connected", "1 while connected to a NATS server",
                 value=1 if js["connected"] else 0)
     yield gauge("jetstream_queued_bytes", "Accepted bytes not yet acknowledged by JetStream",

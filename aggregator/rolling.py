@@ -116,8 +116,11 @@ class Rolling:
         log.info("rotated %d topics (%s%s)", len(names), some, ", ..." if len(names) > 3 else "")
         self.totals.rotations += len(names)
         self._retain_later(list(names))
-        # An agent's file (split by agent) is named with its directory: app/web-01/app.<stamp>.log.
-        return [f"{t}/{n}" if "/" in t else n for t, n in names.items()]
+        # The names the files end up with (``.log.gz`` once compressed, as `ls` will show them);
+        # an agent's file (split by agent) is named with its directory: app/web-01/app.<stamp>.log.
+        final = {t: n + ".gz" if self.cfg.compress == "gzip" and not n.endswith(".gz") else n
+                 for t, n in names.items()}
+        return [f"{t}/{n}" if "/" in t else n for t, n in final.items()]
 
     async def close_files(self) -> None:
         """Make the active files durable and close them, off the loop: an fsync per file costs

@@ -8,7 +8,7 @@ them are durable; only those are acknowledged to the agents. Two sinks implement
   durable once its file is fsynced and the commit journal (aggregator/journal.py) records the
   file's length and the stream's end offset (aggregator/commit.py does both). The journal is
   the acceptance table: after a restart it says where each stream stands.
-* ``jetstream`` (aggregator/jetstream.py): a NATS JetStream stream shared by several
+* ``jetstream`` (aggregator/jetstream/): a NATS JetStream stream shared by several
   aggregators. A batch is durable once JetStream acknowledged its publish; the stream itself is
   the acceptance table (a precondition on each subject's last sequence refuses a batch another
   aggregator already published), so a batch may come back as "resend from here" (resync).

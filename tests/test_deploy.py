@@ -388,7 +388,8 @@ def test_rendered_configs_hold_the_inventory(dry_run: DryRun) -> None:
     assert aggregator["state_dir"] == f"{dry_run.root}/var/lib/fleetlog/aggregator"
     # fleetlog_insecure_open_network: every interface, without keys.
     assert aggregator["pull"] == "tcp://0.0.0.0:5555"
-    assert aggregator["control"] == ["tcp://0.0.0.0:5558", "ipc:///run/fleetlog/control.sock"]
+    # An ipc socket gets the root as every other path does: a dry run puts nothing in /run.
+    assert aggregator["control"] == ["tcp://0.0.0.0:5558", f"ipc://{dry_run.root}/run/fleetlog/control.sock"]
     assert aggregator["window_budget_bytes"] == 64 * 1024 * 1024
     assert aggregator["expected_agents"] == ["localhost"]  # the inventory's agents
     assert "curve_secret_key" not in aggregator
@@ -788,7 +789,7 @@ def test_jetstream_sink_and_writer_deploy_and_ship(curve_run: CurveRun, dry_run:
     writer = tomllib.loads((etc / "writer.toml").read_text())["writer"]
     assert writer == {**writer, "servers": servers, "stream": "FLEETLOG", "subject_prefix": "fleetlog",
                       "credentials": f"{etc}/nats.creds",
-                      "control": ["ipc:///run/fleetlog-writer/control.sock"],
+                      "control": [f"ipc://{dry_run.root}/run/fleetlog-writer/control.sock"],
                       "output_dir": f"{dry_run.root}/var/log/fleetlog",
                       "state_dir": f"{dry_run.root}/var/lib/fleetlog/writer",
                       "topics": {"app": {"format": "json"}}, **writer_doc}
@@ -950,7 +951,7 @@ def test_without_curve_the_aggregator_listens_on_loopback_only(dry_run: DryRun, 
     aggregator = tomllib.loads((etc / "aggregator.toml").read_text())["aggregator"]
     assert [aggregator[k] for k in ("pull", "xsub", "xpub")] == [
         "tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556", "tcp://127.0.0.1:5557"]
-    assert aggregator["control"] == ["tcp://127.0.0.1:5558", "ipc:///run/fleetlog/control.sock"]
+    assert aggregator["control"] == ["tcp://127.0.0.1:5558", f"ipc://{dry_run.root}/run/fleetlog/control.sock"]
     assert "curve_secret_key" not in aggregator
     agent = tomllib.loads((etc / "agent.toml").read_text())["agent"]
     assert (agent["data"], agent["control"]) == ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5558")

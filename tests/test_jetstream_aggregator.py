@@ -146,6 +146,10 @@ def test_agents_fail_over_between_two_aggregators_and_the_writer_has_each_line_o
     ep_a, ep_b = h.endpoints(tcp=True), h.endpoints(tcp=True)
     agg_a = h.aggregator(ep_a, *jetstream_sets(servers), state="agg-a")
     h.aggregator(ep_b, *jetstream_sets(servers), state="agg-b")
+    # Both answering before the agents start: under load A was not up yet, the agents failed
+    # over to B at once, and no line went through A.
+    h.status(ep_a)
+    h.status(ep_b)
     writer_proc = h.writer(servers.urls)
     listed = (AggregatorEndpoints(ep_a.pull, ep_a.control), AggregatorEndpoints(ep_b.pull, ep_b.control))
     names = [n for n in (f"web-{i:02d}" for i in range(100))

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
-from harness import Endpoints, Harness, Proc, check_exactly_once, free_port, output_lines, wait_for
+from harness import PY, Endpoints, Harness, Proc, check_exactly_once, free_port, output_lines, wait_for
 from test_aggregator_faults import mount_tmpfs, mounts  # noqa: F401 (a fixture)
 from test_ops import scrape
 
@@ -84,6 +84,15 @@ def journal_agent(h: Harness, ep: Endpoints, directory: Path, *extra: str, mode:
 def journal_status(h: Harness) -> dict[str, Any]:
     s = wait_for(h.agent_status, what="the agent's status")
     return s["journal"][0]  # type: ignore[no-any-return]
+
+
+def agent_status_text(h: Harness, name: str = "node1") -> str:
+    """What ``fleetlog-agent status`` (text) prints for agent ``name``."""
+    state_dir = next(p.state_dir for p in reversed(h.procs) if p.name == f"agent-{name}" and p.state_dir)
+    r = subprocess.run([PY, "-m", "agent", "status", "--timeout", "5",
+                        "--set", f"agent.state_dir={state_dir}"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def acked_everything(h: Harness, entries: int) -> bool:
@@ -417,6 +426,13 @@ def test_journal_matches_select_entries(h: Harness) -> None:
     wait_for(lambda: len(output_lines(h.root / "out", "jt")) >= 50, what="kernel entries")
     wait_for(lambda: len(output_lines(h.root / "out", "ji")) >= 50, what="bee entries")
     wait_for(lambda: acked_everything(h, 100), what="everything acknowledged")
+    # The text status names each source's whole selection (units, identifiers, matches and the
+    # priority filter), as --json does.
+    text = agent_status_text(h)
+    row = next(line for line in text.splitlines() if "[jr]" in line)
+    assert "_SYSTEMD_UNIT=a.service _SYSTEMD_UNIT=b.service priority info or more urgent" in row, text
+    assert "[jt] _TRANSPORT=kernel  " in agent_status_text(h, "node2")
+    assert "[ji] SYSLOG_IDENTIFIER=bee  " in agent_status_text(h, "node2")
     h.assert_quiet(ep)
     check_exactly_once(output_lines(h.root / "out", "jr"), {"A": 50, "B": 50})
     check_exactly_once(output_lines(h.root / "out", "jt"), {"T": 50})

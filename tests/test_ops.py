@@ -61,8 +61,11 @@ def test_ctl_rotate_a_topic_then_all_then_after_a_restart(h: Harness) -> None:
 
     r = h.ctl(ep, "rotate", "web")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("rotated to web.") and r.stdout.strip().endswith(".log")
+    # The name the file ends up with: compressed in the background, as .log.gz.
+    assert r.stdout.startswith("rotated to web.") and r.stdout.strip().endswith(".log.gz (compressing)")
+    name = r.stdout.split()[2]
     wait_for(lambda: all_compressed(h, "web"), what="web's rotated file compressed")
+    assert rotated(h, "web") == [name]
     assert count_lines(h.path("out", "web", "web.log")) == 0
     assert rotated(h, "db") == []
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
@@ -35,6 +36,8 @@ from harness import (
 )
 from nats.js import api
 from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.formats import safe_name
 
 RULES = Path(__file__).parent.parent / "deploy" / "prometheus" / "fleetlog-writer-rules.yml"
 STREAM = "FLEETLOG"
@@ -180,6 +183,13 @@ def caught_up(h: Harness, proc: Any, last_seq: int) -> dict[str, Any] | None:
 
 
 def all_lines(root: Path, topic: str) -> list[str]:
+    """Every line of ``topic``, rotated files first. A rotated file being compressed meanwhile
+    (its .log gone between the listing and the read) is read again under its new name."""
+    for _ in range(100):
+        try:
+            return output_lines(root, topic, include_rotated=True)
+        except FileNotFoundError:
+            continue
     return output_lines(root, topic, include_rotated=True)
 
 
@@ -205,6 +215,15 @@ def test_writer_writes_every_line_once_in_order_and_rolls_by_size(h: Harness, se
     assert {t["name"]: t["lines"] for t in s["topics"]} == {"app": 2000, "db": 1200}
     text = h.ctl(_Ctl(w.control), "status")
     assert text.returncode == 0 and "writer" in text.stdout and "lag: 0 messages" in text.stdout, text
+    # One topic rolled over on request (this stopped the writer: the shared command asked it for
+    # the aggregator's topic table); a topic it never wrote is refused.
+    feed.publish("db", "web-01", "s3", "c", 10)
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to apply 10 more")
+    rotated = h.ctl(_Ctl(w.control), "rotate", "db")
+    assert rotated.returncode == 0 and rotated.stdout.startswith("rotated to db."), rotated
+    nosuch = h.ctl(_Ctl(w.control), "rotate", "nosuch")
+    assert nosuch.returncode == 1 and "no such topic" in nosuch.stderr, nosuch
+    assert w.alive() and writer_status(h, w)["totals"]["rotations"] >= 2
     assert w.stop() == 0
     assert "Traceback" not in w.log()
 
@@ -249,6 +268,68 @@ def test_writer_killed_repeatedly_while_messages_flow_writes_every_line_once(
     assert s["totals"]["duplicate_messages"] == 0
     assert cut_seen(), "no kill left an uncommitted tail to cut: the soak did not test recovery"
     h.assert_quiet()
+
+
+def agent_files_lines(directory: Path, topic: str) -> list[str]:
+    """The lines of one agent's files of ``topic`` (``<topic>/<agent>/``): rotated ones oldest
+    first (compressed or not), then the active file. A file compressed between the listing and
+    the read is read again under its new name."""
+    for _ in range(100):
+        try:
+            out: list[str] = []
+            for p in sorted(directory.glob(f"{topic}.*.log*")):
+                data = gzip.decompress(p.read_bytes()) if p.name.endswith(".gz") else p.read_bytes()
+                out += data.decode(errors="replace").splitlines()
+            active = directory / f"{topic}.log"
+            return out + (active.read_text(errors="replace").splitlines() if active.exists() else [])
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"{directory}'s files kept changing under the reader")
+
+
+def test_writer_split_by_agent_keeps_each_agents_lines_once_in_its_own_files_through_kill9_and_rotation(
+        h: Harness, server: Any, feeds: Any) -> None:
+    """split_by_agent, as the aggregator's files sink does it (the same key function): each
+    agent's lines of a split topic in <topic>/<agent>/<topic>.log (the name made safe), exactly
+    once through a kill -9 and rotations; a topic not split keeps its one file; per topic too."""
+    feed = feeds(server.urls)
+    args = ("writer.split_by_agent=true", "writer.topics.db.split_by_agent=false",
+            "writer.rotate_max_bytes=20000", "writer.retain_files=0")
+    w = h.writer(server.urls, *args)
+    agents = {"web-01": "a", "db 01": "b"}
+    for agent, tag in agents.items():
+        feed.publish("app", agent, f"s-{tag}", tag, 300, per_msg=30)
+    feed.publish("db", "web-01", "s-c", "c", 200, per_msg=40)
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to apply the stream")
+    w.kill9()
+    w = h.writer(server.urls, *args)
+    for agent, tag in agents.items():
+        feed.publish("app", agent, f"s-{tag}", tag, 300, per_msg=30)
+    s = wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to catch up")
+    out = h.root / "wout"
+    for agent, tag in agents.items():
+        directory = out / "app" / safe_name(agent)
+        check_exactly_once(agent_files_lines(directory, "app"), {tag: 600})
+        assert list(directory.glob("app.*.log*")), "no rotated file of " + agent
+    assert safe_name("db 01") == "db%2001"
+    assert not (out / "app" / "app.log").exists() or (out / "app" / "app.log").stat().st_size == 0
+    check_exactly_once(all_lines(out, "db"), {"c": 200})
+    assert [p.name for p in (out / "db").iterdir() if p.is_dir()] == []
+    assert s["totals"]["duplicate_messages"] == 0 and s["totals"]["lines_written"] == 600  # since the restart
+    # A split topic's active file size is its agents' together.
+    app = next(t for t in writer_status(h, w)["topics"] if t["name"] == "app")
+    active = [out / "app" / safe_name(a) / "app.log" for a in agents]
+    assert (app["file_bytes"] or 0) == sum(p.stat().st_size for p in active if p.exists())
+    # Each agent's file is rolled over on request, and named with its directory.
+    for agent, tag in agents.items():
+        feed.publish("app", agent, f"s-{tag}", tag, 5)
+    wait_for(lambda: caught_up(h, w, feed.last_seq()), timeout=60, what="the writer to apply 10 more")
+    rotated = h.ctl(_Ctl(w.control), "rotate", "app")
+    assert rotated.returncode == 0, rotated
+    names = [line.split()[2] for line in rotated.stdout.splitlines()]
+    assert sorted(n.split("/")[1] for n in names) == sorted(safe_name(a) for a in agents), names
+    assert w.stop() == 0
+    assert "Traceback" not in w.log()
 
 
 def test_two_writers_make_two_full_copies(h: Harness, server: Any, feeds: Any) -> None:
@@ -420,6 +501,26 @@ def test_readme_writer_config_passes_check_config(short_tmp: Path) -> None:
     for key in ("writer.servers", "writer.rotate_max_byte: unknown key; did you mean rotate_max_bytes?",
                 "writer.stream"):
         assert key in bad.stderr, bad.stderr
+
+
+def test_readme_says_where_the_writer_control_socket_is_and_why() -> None:
+    """The README's writer socket is the one the unit's own RuntimeDirectory holds and the role
+    sets, and it says why it is not the design's /run/fleetlog/writer.sock (systemd removes the
+    aggregator's /run/fleetlog when the aggregator stops)."""
+    repo = Path(__file__).parent.parent
+    readme = repo / "README.md"
+    section = readme.read_text().split("## fleetlog-writer\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("    # /etc/fleetlog/writer.toml\n", 1)[1].split("\n\n", 1)[0]
+    example = tomllib.loads("\n".join(line[4:] for line in block.splitlines()))["writer"]
+    assert example["control"] == "ipc:///run/fleetlog-writer/control.sock"
+    unit = (repo / "deploy" / "systemd" / "fleetlog-writer.service").read_text()
+    assert "RuntimeDirectory=fleetlog-writer\n" in unit
+    role = (repo / "deploy" / "ansible" / "roles" / "fleetlog_writer" / "defaults" / "main.yml").read_text()
+    assert "- ipc:///run/fleetlog-writer/control.sock" in role
+    prose = " ".join(section.split())
+    for said in ("RuntimeDirectory=fleetlog-writer", "ipc:///run/fleetlog/writer.sock",
+                 "systemd removes whenever the aggregator stops", "tcp://127.0.0.1:5559"):
+        assert said in prose, said
 
 
 def test_malformed_and_overlapping_messages_never_stop_the_writer(h: Harness, server: Any,

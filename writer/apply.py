@@ -102,7 +102,8 @@ class Applier:
                 self.malformed("unformattable", f"sequence {seq} ({m.topic})", f"as {fmt}: {exc}")
                 return False
         lines = payload.count(b"\n")
-        self.sink.append(m.topic, data, lines)
+        # Its topic's file, or its agent's under the topic (split_by_agent), as the aggregator's.
+        self.sink.append(self.cfg.file_key(m.topic, m.agent), data, lines)
         self.ends[m.key] = m.end
         self.pending[m.key] = m.end
         self.pending_bytes += len(data)

@@ -41,6 +41,7 @@ class WriterConfig:
     compress: str = "gzip"
     retain_files: int = 30
     retain_days: int = 0
+    split_by_agent: bool = False    # true: <topic>/<agent>/<topic>.log, a file per agent
     # Group commit: messages applied since the last commit wait at most this long, or this many bytes.
     commit_interval_ms: int = 200
     commit_max_bytes: int = 4 * 1024 * 1024
@@ -61,6 +62,7 @@ class WriterConfig:
             format=self.format, topics=self.topics, fsync=self.fsync,
             rotate_max_bytes=self.rotate_max_bytes, rotate_interval_s=self.rotate_interval_s,
             compress=self.compress, retain_files=self.retain_files, retain_days=self.retain_days,
+            split_by_agent=self.split_by_agent,
             commit_interval_ms=self.commit_interval_ms, commit_max_bytes=self.commit_max_bytes,
             stream_ttl_s=self.stream_ttl_s, shutdown_timeout_s=self.shutdown_timeout_s,
             metrics_listen=self.metrics_listen, log_level=self.log_level, loop=self.loop)

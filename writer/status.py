@@ -13,10 +13,12 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
+from aggregator.files import key_topic
 from fleetlog import __version__
 
 if TYPE_CHECKING:
-    from writer.daemon import Alarm, Writer
+    from writer.daemon import Writer
+    from writer.reading import Alarm
 
 
 def _alarm(a: Alarm | None) -> dict[str, Any] | None:
@@ -24,6 +26,12 @@ def _alarm(a: Alarm | None) -> dict[str, Any] | None:
         return None
     return {"since": round(a.since, 3), "messages": a.messages, "first_seq": a.first_seq,
             "last_seq": a.last_seq}
+
+
+def _file_bytes(w: Writer, topic: str) -> int | None:
+    """The topic's active file size, or its agents' together (split by agent); None if none is open."""
+    sizes = [tf.size for key, tf in w.sink.files.items() if key_topic(key) == topic]
+    return sum(sizes) if sizes else None
 
 
 def status(w: Writer) -> dict[str, Any]:
@@ -66,8 +74,7 @@ def status(w: Writer) -> dict[str, Any]:
                       "current": _alarm(w.alarm), "last": _alarm(w.last_discard)},
         "agents": [],
         "topics": [
-            {"name": name, "lines": s.lines, "bytes": s.bytes,
-             "file_bytes": w.sink.files[name].size if name in w.sink.files else None}
+            {"name": name, "lines": s.lines, "bytes": s.bytes, "file_bytes": _file_bytes(w, name)}
             for name, s in sorted(w.applier.topics.items())
         ],
         "totals": {
