@@ -79,7 +79,7 @@ class Agent(Following):
         # The lag the aggregator last heard of (hello, heartbeat): it grants a share of its
         # budget only to agents whose lag says they are catching up.
         self.reported_lag = 0
-        self.scan_soon = asyncio.Event()
+        self.scan_soon = Wakeup()
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
         # The journal sources' last acknowledgement progress (file streams keep their own).

@@ -30,6 +30,7 @@ from agent.tail import (
     shown,
 )
 from agent.watch import Watcher, expand
+from fleetlog.runtime import Wakeup
 
 log = logging.getLogger("fleetlog.agent")
 
@@ -59,7 +60,7 @@ class Following:
     unsaved_streams: bool
     first_run: bool
     started: asyncio.Event
-    scan_soon: asyncio.Event
+    scan_soon: Wakeup
     watcher: Watcher | None
     # Files the agent may not open: identity -> (name, reason); warned once per identity.
     unreadable: dict[Ident, tuple[str, str]]
@@ -627,11 +628,9 @@ class Following:
         last_full = time.monotonic()
         stamps: dict[str, tuple[int, int, int]] | None = None
         while True:
-            asked = True
-            try:
-                await asyncio.wait_for(self.scan_soon.wait(), timeout=interval)
-            except TimeoutError:
-                asked = False
+            # A Wakeup, not asyncio.wait_for(event.wait()): see Transport._nap (a cancel at
+            # shutdown could stay pending for ever there).
+            asked = await self.scan_soon.wait(interval)
             self.scan_soon.clear()
             now = time.monotonic()
             quiet = (not asked and stamps is not None and now - last_full < FULL_SCAN_S

@@ -15,7 +15,6 @@ everything not acknowledged shipped again from the acknowledged offsets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -30,6 +29,7 @@ from agent.config import AgentConfig, AggregatorEndpoints
 from agent.failover import Failover, Switch
 from agent.link import Link
 from fleetlog import curve, wire
+from fleetlog.runtime import Wakeup
 
 log = logging.getLogger("fleetlog.agent.transport")
 
@@ -90,7 +90,7 @@ class Transport:
         self.timeout_s = 3 * cfg.heartbeat_interval_ms / 1000
         self.failover = Failover(cfg.name, cfg.aggregator_list, self.timeout_s)
         self._move = asyncio.Event()
-        self._moved_event = asyncio.Event()  # wakes the heartbeat loop after a move
+        self._moved_event = Wakeup()  # wakes the heartbeat loop after a move
         # Bumped by every move: a batch read before it is not sent after it (it is read again).
         self.generation = 0
         # What each endpoint's links last said was wrong: a link made again after a move starts
@@ -312,8 +312,10 @@ class Transport:
     async def _nap(self, seconds: float) -> None:
         """Sleep ``seconds``, or less when the agent moves to another aggregator (its hello then
         goes at once, not after a heartbeat interval)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._moved_event.wait(), seconds)
+        # Not asyncio.wait_for(event.wait()): after a move made during shutdown, the cancel of
+        # this task stayed pending for ever inside wait_for (seen on Python 3.11 with uvloop),
+        # and the agent never exited. Wakeup is one future and one timer, cancelled at once.
+        await self._moved_event.wait(seconds)
         self._moved_event.clear()
 
     async def receive_loop(self) -> None:

@@ -439,3 +439,22 @@ def test_back_to_an_aggregator_that_is_behind_continues_from_the_acknowledged_of
     assert "rebasing the stream" not in log  # expected with several aggregators: not a WARNING
     h.ep = eps["a"]
     h.assert_quiet(eps["a"])
+
+
+def test_agent_stopped_while_it_moves_to_another_aggregator_exits_promptly(h: Harness) -> None:
+    """SIGTERM to an agent whose aggregator has just died: it moves to the next one while it
+    waits for its last acknowledgements, and still exits within its shutdown bound (it hung for
+    ever: the move woke its heartbeat task just as shutdown cancelled it), saving checkpoints."""
+    eps, procs = pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "q")
+    procs["b"].kill9()  # the next one does not answer either: the move is made, never completed
+    w = writer(h, name)
+    proc = agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name)
+    wait_for(lambda: in_use(h, name) == eps["a"].control
+             and (s := h.agent_status(name)) is not None and s["aggregator"] is not None,
+             what="the agent connected to a")
+    procs["a"].kill9()
+    assert proc.stop(signal.SIGTERM, timeout=15) == 0
+    w.stop()
+    # (It usually logs "switching aggregator" first; on a slow machine the wait may end before.)
+    assert "agent stopped" in proc.log(), proc.log()[-2000:]
