@@ -55,6 +55,9 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name,
 # The most one read takes (a drain reads again while reads fill it): 64 KiB holds a thousand
 # events, more than a typical cycle queues (the kernel merges repeats of an event).
 READ_BYTES = 64 * 1024
+# The most (watch descriptor, name) -> path translations kept (a directory of 10,000 files
+# changing at once: every one of them once).
+MAX_KNOWN_PATHS = 20_000
 # A name that no file has: what a report says when the agent must rescan to know what changed.
 RESCAN = "\0rescan"
 
@@ -80,6 +83,9 @@ class InotifyWatcher:
         self.delay_s = delay_s
         self.loop = loop
         self.dirs: dict[int, str] = {}  # watch descriptor -> directory
+        # (watch descriptor, name) -> path, for the names events keep reporting (a busy file's
+        # every cycle); emptied whenever ``dirs`` changes.
+        self._paths: dict[tuple[int, bytes], str] = {}
         self._warned = False
         # A directory that could not be watched: its changes are not all reported.
         self.lost = False
@@ -120,6 +126,7 @@ class InotifyWatcher:
                             "(fs.inotify.max_user_watches?)", directory, os.strerror(err))
             return
         self.dirs[wd] = directory
+        self._paths.clear()  # the same directory under another name keeps its descriptor
 
     def _readable(self) -> None:
         # Something changed: read it all once the budget has passed, not event by event.
@@ -170,11 +177,17 @@ class InotifyWatcher:
                 self._special(wd, mask, name, paths, new_dirs)
             else:
                 seen.add((wd, name))
-        dirs = self.dirs
-        for wd, name in seen:
-            directory = dirs.get(wd)
-            if directory is not None:
-                paths.add(os.path.join(directory, os.fsdecode(name)))
+        known = self._paths
+        for key in seen:
+            path = known.get(key)
+            if path is None:
+                directory = self.dirs.get(key[0])
+                if directory is None:
+                    continue
+                if len(known) >= MAX_KNOWN_PATHS:
+                    known.clear()
+                path = known[key] = os.path.join(directory, os.fsdecode(key[1]))
+            paths.add(path)
 
     def _special(self, wd: int, mask: int, name: bytes, paths: set[str], new_dirs: list[str]) -> None:
         """An event about the watching itself or a directory: they all call for a rescan."""
@@ -186,6 +199,7 @@ class InotifyWatcher:
             return
         if mask & IN_IGNORED:
             del self.dirs[wd]  # the directory is gone (or its file system unmounted)
+            self._paths.clear()
             paths.add(RESCAN)
         elif mask & (IN_DELETE_SELF | IN_MOVE_SELF):
             paths.add(RESCAN)
@@ -206,3 +220,4 @@ class InotifyWatcher:
         os.close(self.fd)  # the kernel drops every watch with it
         self.fd = -1
         self.dirs.clear()
+        self._paths.clear()

@@ -106,3 +106,35 @@ async def test_inotify_reads_on_a_timer_while_busy_and_waits_for_events_once_qui
         assert str(log) in await _next_change(changes)
     finally:
         watcher.stop()
+
+
+async def test_a_renamed_directory_reports_its_files_under_the_new_name(tmp_path: Path) -> None:
+    """Recursive watching: a directory renamed keeps its watch descriptor (the kernel watches
+    the inode) and is watched again under its new name; the names its events report then lead
+    there, not to where the directory was (the watcher remembers names per descriptor)."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    (old / "x.log").write_bytes(b"")
+    changes: asyncio.Queue[set[str]] = asyncio.Queue()
+    watcher = Watcher((SourceConfig(paths=(f"{tmp_path}/**/*.log",), topic="t"),), changes.put_nowait,
+                      AgentConfig(name="w", latency_budget_ms=10))
+    watcher.refresh()
+    try:
+        with (old / "x.log").open("ab") as fh:
+            fh.write(b"before\n")
+        seen: set[str] = set()
+        while str(old / "x.log") not in seen:
+            seen |= await _next_change(changes)
+        old.rename(new)
+        assert RESCAN in await _next_change(changes)
+        await asyncio.sleep(0.1)  # watched again under its new name
+        while not changes.empty():
+            changes.get_nowait()
+        with (new / "x.log").open("ab") as fh:
+            fh.write(b"after\n")
+        seen = set()
+        while str(new / "x.log") not in seen:
+            seen |= await _next_change(changes)
+        assert str(old / "x.log") not in seen
+    finally:
+        watcher.stop()
