@@ -363,6 +363,9 @@ class Following:
                           size=max(t.size, t.ship_pos), real_path=t.real_path)
 
     def check_size(self, t: Tailer, size: int) -> None:
+        """What a newly seen size means: a truncation, a new content (the head changed), or
+        bytes to read (queued; the read takes ``size`` rather than an fstat of its own)."""
+        t.size, t.size_seen = size, True
         if size < t.ship_pos:
             self.truncated(t, "was truncated")
         elif not self.same_head(t, size):

@@ -6,9 +6,11 @@ second on a typical node, half a percent of a core), and ours, which steps to co
 takes the GIL at every step, also when nothing changes (50 wake-ups a second on an idle node).
 Here the inotify descriptor sits in the event loop's selector: the first event after a quiet
 spell wakes the loop once, which then waits ``delay_s`` (the latency budget) and reads every
-event queued meanwhile with one ``read()``. The kernel queues events (merging repeats of the
-same one) while nobody reads, so a busy node costs one wake-up and one read per read cycle, and
-an idle one costs nothing.
+event queued meanwhile with one ``read()`` into a buffer kept for it. While reads find events,
+the next one simply comes ``delay_s`` later, with the descriptor out of the selector; the first
+read that finds none puts it back. The kernel queues events (merging repeats of the same one)
+while nobody reads, so a busy node costs one timer and one read per read cycle, and an idle one
+costs nothing.
 
 Watches are on directories (the globs' fixed parts, and every directory below them when a glob
 recurses), never on files: 10,000 files in one directory are one watch. A queue overflow, a
@@ -50,6 +52,12 @@ IN_CLOEXEC = os.O_CLOEXEC
 MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
         | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name, NUL padded)
+# The most one read takes (a drain reads again while reads fill it): 64 KiB holds a thousand
+# events, more than a typical cycle queues (the kernel merges repeats of an event).
+READ_BYTES = 64 * 1024
+# The most (watch descriptor, name) -> path translations kept (a directory of 10,000 files
+# changing at once: every one of them once).
+MAX_KNOWN_PATHS = 20_000
 # A name that no file has: what a report says when the agent must rescan to know what changed.
 RESCAN = "\0rescan"
 
@@ -75,10 +83,18 @@ class InotifyWatcher:
         self.delay_s = delay_s
         self.loop = loop
         self.dirs: dict[int, str] = {}  # watch descriptor -> directory
+        # (watch descriptor, name) -> path, for the names events keep reporting (a busy file's
+        # every cycle); emptied whenever ``dirs`` changes.
+        self._paths: dict[tuple[int, bytes], str] = {}
         self._warned = False
         # A directory that could not be watched: its changes are not all reported.
         self.lost = False
         self._pending: asyncio.TimerHandle | None = None
+        # Events are read into this one buffer: ``os.read(fd, 256 KiB)`` allocated 256 KiB afresh
+        # at every drain (an mmap, a first touch of its pages, an mremap and an munmap each time:
+        # on a typical node a third of the agent's Python time went to that one line).
+        self._buf = bytearray(READ_BYTES)
+        self._view = memoryview(self._buf)
         fd = _lib().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
@@ -110,6 +126,7 @@ class InotifyWatcher:
                             "(fs.inotify.max_user_watches?)", directory, os.strerror(err))
             return
         self.dirs[wd] = directory
+        self._paths.clear()  # the same directory under another name keeps its descriptor
 
     def _readable(self) -> None:
         # Something changed: read it all once the budget has passed, not event by event.
@@ -120,22 +137,31 @@ class InotifyWatcher:
         self._pending = None
         paths: set[str] = set()
         new_dirs: list[str] = []
+        view = self._view
+        got = False
         while True:
             try:
-                data = os.read(self.fd, 256 * 1024)
+                n = os.readv(self.fd, (view,))
             except BlockingIOError:
                 break
             except OSError as exc:
                 log.warning("reading inotify events failed (%s); rescanning", exc)
                 paths.add(RESCAN)
                 break
-            self._parse(data, paths, new_dirs)
-            if len(data) < 255 * 1024:
+            got = True
+            self._parse(view[:n].tobytes(), paths, new_dirs)
+            if n < READ_BYTES - 1024:
                 break  # took all there was (a read that filled the buffer may have left more)
         for directory in new_dirs:
             self.add_tree(directory)
         if self.fd >= 0:
-            self.loop.add_reader(self.fd, self._readable)
+            if got:
+                # Busy: look again after the budget without waiting for readiness. A writer
+                # that writes every few ms makes the descriptor readable again at once, and the
+                # wake-up, remove_reader and add_reader that cost came every cycle.
+                self._pending = self.loop.call_later(self.delay_s, self._drain)
+            else:
+                self.loop.add_reader(self.fd, self._readable)  # quiet again: wait for an event
         if paths:
             self.on_change(paths)
 
@@ -151,11 +177,17 @@ class InotifyWatcher:
                 self._special(wd, mask, name, paths, new_dirs)
             else:
                 seen.add((wd, name))
-        dirs = self.dirs
-        for wd, name in seen:
-            directory = dirs.get(wd)
-            if directory is not None:
-                paths.add(os.path.join(directory, os.fsdecode(name)))
+        known = self._paths
+        for key in seen:
+            path = known.get(key)
+            if path is None:
+                directory = self.dirs.get(key[0])
+                if directory is None:
+                    continue
+                if len(known) >= MAX_KNOWN_PATHS:
+                    known.clear()
+                path = known[key] = os.path.join(directory, os.fsdecode(key[1]))
+            paths.add(path)
 
     def _special(self, wd: int, mask: int, name: bytes, paths: set[str], new_dirs: list[str]) -> None:
         """An event about the watching itself or a directory: they all call for a rescan."""
@@ -167,6 +199,7 @@ class InotifyWatcher:
             return
         if mask & IN_IGNORED:
             del self.dirs[wd]  # the directory is gone (or its file system unmounted)
+            self._paths.clear()
             paths.add(RESCAN)
         elif mask & (IN_DELETE_SELF | IN_MOVE_SELF):
             paths.add(RESCAN)
@@ -187,3 +220,4 @@ class InotifyWatcher:
         os.close(self.fd)  # the kernel drops every watch with it
         self.fd = -1
         self.dirs.clear()
+        self._paths.clear()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import orjson
@@ -102,8 +102,13 @@ class CheckpointStore:
         self.existed = True
 
 
+# Every field is a plain value: read one by one, not through dataclasses.asdict, whose recursive
+# copy was two thirds of a save (a save a second on a busy node).
+_FIELDS = tuple(f.name for f in fields(Checkpoint))
+
+
 def _entry(cp: Checkpoint) -> dict[str, Any]:
-    entry = asdict(cp)
+    entry = {name: getattr(cp, name) for name in _FIELDS}
     for key in ("path", "real_path"):
         name = entry[key]
         raw = name_base64(name)

@@ -134,6 +134,10 @@ class Tailer:
     ship_pos: int = field(init=False)
     fd: int | None = None
     size: int = 0
+    # ``size`` was just seen (a change event's fstat, a rescan's stat) and nothing read since:
+    # the next read takes it rather than an fstat of its own. Bytes written after it was seen
+    # make a change event of their own, which sees the size again.
+    size_seen: bool = False
     # The name no longer leads here (renamed away or deleted): read to the end, then let go.
     rotated_at: float | None = None
     partial_since: float | None = None
@@ -370,7 +374,10 @@ class Tailer:
             return b""
         # Ask for what is there: a 1 MiB pread near the end of a file costs an allocation of
         # 1 MiB each time, 25x the cost of the fstat.
-        self.size = os.fstat(self.fd).st_size
+        if self.size_seen:
+            self.size_seen = False  # seen by the change that queued this read: no second fstat
+        else:
+            self.size = os.fstat(self.fd).st_size
         if self.size <= start:
             return b""
         n = min(max_bytes, self.size - start)

@@ -35,6 +35,7 @@ log = logging.getLogger("fleetlog.agent.transport")
 
 _MORE_NOW = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOW = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
 
 # Messages queued in ZeroMQ per connection. The data socket queues only on a live connection
 # (IMMEDIATE): with the aggregator down a send waits instead of piling up batches. PUSH waits
@@ -101,6 +102,8 @@ class Transport:
         self.data: zmq.asyncio.Socket | None = None
         self._data_raw: zmq.Socket | None = None  # type: ignore[type-arg]
         self.control: zmq.asyncio.Socket | None = None
+        # Makes the control receiver look at ZMQ_EVENTS again (see request).
+        self._control_poke: Callable[[], None] = _nothing
         self.instance: str | None = None
         self.last_reply = 0.0  # loop.time() of the aggregator's last message
         self._ids = itertools.count(1)
@@ -244,16 +247,18 @@ class Transport:
         control socket queues nothing then, and the caller tries again later)."""
         assert self.control is not None
         req_id = next(self._ids)
-        # The asyncio socket answers a send with a future, even with NOBLOCK: settled at once,
-        # holding Again when the message could not go (not connected: the control socket
-        # queues nothing then). Its exception is read here, so none is ever left unretrieved
-        # (asyncio logged "Future exception was never retrieved" with a traceback for each).
-        sent = cast("asyncio.Future[Any]",
-                    self.control.send(wire.encode_request(req_id, command, args), flags=zmq.NOBLOCK))
-        if not sent.done():
-            sent.add_done_callback(_retrieve)
-        elif sent.cancelled() or sent.exception() is not None:
+        # On the plain socket, so that pyzmq's asyncio layer never takes the descriptor that
+        # _receive watches (and no future is made per request). Again: not connected (the
+        # control socket queues nothing then).
+        try:
+            zmq.Socket.shadow(self.control.underlying).send(wire.encode_request(req_id, command, args), _NOW)
+        except zmq.ZMQError:
             return None
+        finally:
+            # A send processes the socket's pending commands, and with them the signal of a
+            # message that arrived meanwhile: its descriptor will not say so again. The
+            # receiver looks at ZMQ_EVENTS once more.
+            self._control_poke()
         self.control_sent += 1
         return req_id
 
@@ -383,32 +388,61 @@ class Transport:
             self.on_switch(switch)
 
     async def _receive(self) -> None:
-        assert self.control is not None
+        """Control messages until cancelled. Not through pyzmq's futures (a future, a callback
+        and five looks at ZMQ_EVENTS per message, for every ack): the socket's descriptor is
+        watched directly and everything there is read at once. ZeroMQ's descriptor only says
+        that its state may have changed (edge-triggered), so ZMQ_EVENTS is looked at after
+        every receive, and the wait starts only once it says nothing is left."""
         control = self.control
+        assert control is not None
+        raw: zmq.Socket = zmq.Socket.shadow(control.underlying)  # type: ignore[type-arg]
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                body = await control.recv()
-            except zmq.Again:
-                continue  # woken with nothing to read (seen with CURVE handshakes)
-            self.control_received += 1
-            try:
-                msg = wire.decode_control(body)
-            except wire.WireError as exc:
-                log.warning("ignoring a malformed control message from the aggregator: %s", exc)
-                continue
-            if "event" in msg:
-                self.last_reply = loop.time()
-                if msg["event"] == wire.EVENT_STOPPING:
-                    self.on_stopping(msg)
-                else:
-                    self.on_event(msg)
-                continue
-            if not msg.get("ok"):
-                self.on_refused(msg.get("id"), str(msg.get("error")))
-                continue
-            self.last_reply = loop.time()
-            self.on_reply(msg.get("id"), msg.get("result") or {})
+        fd = cast(int, raw.getsockopt(zmq.FD))
+        waiter: list[asyncio.Future[None]] = []
+
+        def readable() -> None:
+            if waiter and not waiter[0].done():
+                waiter[0].set_result(None)
+
+        self._control_poke = readable
+
+        # Takes the descriptor over from pyzmq's own reader (nothing here awaits a receive or a
+        # poll of this socket through pyzmq; its sends never wait: NOBLOCK).
+        loop.add_reader(fd, readable)
+        try:
+            while True:
+                while cast(int, raw.getsockopt(zmq.EVENTS)) & _POLLIN:
+                    try:
+                        body = raw.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break  # nothing after all (seen with CURVE handshakes)
+                    self._on_control(body, loop.time())
+                waiter[:] = [loop.create_future()]
+                await waiter[0]
+        finally:
+            self._control_poke = _nothing
+            if not control.closed:
+                loop.remove_reader(fd)
+
+    def _on_control(self, body: bytes, now: float) -> None:
+        self.control_received += 1
+        try:
+            msg = wire.decode_control(body)
+        except wire.WireError as exc:
+            log.warning("ignoring a malformed control message from the aggregator: %s", exc)
+            return
+        if "event" in msg:
+            self.last_reply = now
+            if msg["event"] == wire.EVENT_STOPPING:
+                self.on_stopping(msg)
+            else:
+                self.on_event(msg)
+            return
+        if not msg.get("ok"):
+            self.on_refused(msg.get("id"), str(msg.get("error")))
+            return
+        self.last_reply = now
+        self.on_reply(msg.get("id"), msg.get("result") or {})
 
     def on_stopping(self, msg: dict[str, Any]) -> None:
         """The aggregator in use says it is stopping (a restart, a rolling upgrade): with another
@@ -522,6 +556,5 @@ class Transport:
         self.data = self.control = None
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _nothing() -> None:
+    pass

@@ -130,3 +130,21 @@ def test_fingerprint_covers_at_most_fp_len_bytes(tmp_path: Path, size: int) -> N
         assert fingerprint(fd, n)[0] == fp
     finally:
         os.close(fd)
+
+
+def test_a_read_takes_the_size_its_change_saw_and_the_next_read_looks_again(tmp_path: Path) -> None:
+    """The size a change event saw serves the one read it queued (no second fstat); bytes
+    written after that are read by the next read, which looks at the file again."""
+    p = tmp_path / "a.log"
+    p.write_bytes(b"one\n")
+    t = tailer(p)
+    t.size, t.size_seen = 4, True  # what the change event's fstat saw
+    with open(p, "ab") as fh:
+        fh.write(b"two\n")  # after it was seen (its own event queues the next read)
+    chunk = t.read(1 << 20, 10_000, 0.0)
+    assert chunk is not None and chunk.line_list() == ["one"]
+    t.ship_pos = chunk.end
+    assert not t.size_seen
+    assert ship(t) == ["two"]
+    assert t.size == 8
+    t.close()
