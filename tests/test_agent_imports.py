@@ -9,9 +9,11 @@ a test can catch is an import that sneaks back in: each module below costs an id
 from __future__ import annotations
 
 import sys
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
-from harness import Harness, append_lines, check_exactly_once, make_lines, output_lines, wait_for
+from harness import Harness, append_lines, check_exactly_once, free_port, make_lines, output_lines, wait_for
 
 # Runs the agent's own ``python -m agent`` in this process and, when it exits, writes the names
 # of the modules it had loaded (argv: the file to write, then the
@@ -38,20 +40,45 @@ NOT_FOR_FILES = {
 }
 
 
-def test_an_agent_following_files_loads_no_tls_uvloop_metrics_or_journal_code(h: Harness) -> None:
+def _modules_of_an_agent_shipping_a_file(h: Harness, *extra: str,
+                                         check: Callable[[], None] | None = None) -> set[str]:
+    """Run a real agent (with ``extra`` --set items) until a file's lines, old and new, are in
+    the output, run ``check``, stop the agent and return the names of the modules it had loaded."""
     ep = h.endpoints()
     logs = h.path("logs")
     append_lines(logs / "a.log", make_lines("a", 0, 100))
     h.aggregator(ep)
     listing = h.path("modules.txt")
-    agent = h.agent(ep, [{"paths": [f"{logs}/*.log"], "topic": "app"}],
+    agent = h.agent(ep, [{"paths": [f"{logs}/*.log"], "topic": "app"}], *extra,
                     wrap=[sys.executable, "-c", _RUN_AND_LIST_MODULES, str(listing)])
     wait_for(lambda: len(output_lines(h.path("out"), "app")) >= 100, what="the file's lines in the output")
     append_lines(logs / "a.log", make_lines("a", 100, 100))  # a live line: the read path ran too
     wait_for(lambda: len(output_lines(h.path("out"), "app")) >= 200, what="the live lines in the output")
+    if check is not None:
+        check()
     assert agent.stop() == 0
     check_exactly_once(output_lines(h.path("out"), "app"), {"a": 200})
     loaded = set(Path(listing).read_text().split())
     assert {"agent.daemon", "agent.inotify", "zmq", "asyncio"} <= loaded, "the listing is not the agent's"
+    return loaded
+
+
+def test_an_agent_following_files_loads_no_tls_uvloop_metrics_or_journal_code(h: Harness) -> None:
+    loaded = _modules_of_an_agent_shipping_a_file(h)
     sneaked = {name: why for name, why in NOT_FOR_FILES.items() if name in loaded}
     assert not sneaked, f"an agent following files loaded modules it does not need: {sneaked}"
+
+
+def test_uvloop_and_metrics_still_load_ssl_when_asked_for(h: Harness) -> None:
+    """agent/__init__.py hides ssl only while it imports asyncio and hashlib: uvloop and
+    prometheus-client, which import it, still work."""
+    port = free_port()
+
+    def scrape() -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert b"fleetlog_agent_" in reply.read()
+
+    loaded = _modules_of_an_agent_shipping_a_file(
+        h, 'agent.loop="uvloop"', f'agent.metrics_listen="127.0.0.1:{port}"', check=scrape)
+    assert {"uvloop", "prometheus_client", "ssl"} <= loaded
+    assert "_hashlib" not in loaded  # hashlib was imported before: its built-in digests stay
