@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
@@ -71,16 +72,25 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(config: Config) -> int:
     agent = Agent(config)
+    trim = asyncio.create_task(_release_start_up_memory(agent), name="release start-up memory")
     try:
         runtime.install_signals(agent.request_stop, agent.reload)
         await agent.serve()
     except (zmq.ZMQError, OSError, curve.KeyError_, DirectoryInUse) as exc:
         log.error("cannot start: %s", exc)
         return 1
+    finally:
+        trim.cancel()
     if runtime.failed_tasks:
         log.error("stopped after a fatal error in %s", ", ".join(runtime.failed_tasks))
         return 1
     return 0
+
+
+async def _release_start_up_memory(agent: Agent) -> None:
+    """Once the agent runs, what start-up freed goes back to the kernel (fleetlog/runtime.py)."""
+    await agent.started.wait()
+    runtime.release_free_memory()
 
 
 def status(config: Config, as_json: bool, timeout_s: float) -> int:

