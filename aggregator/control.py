@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
@@ -59,6 +60,8 @@ class ControlServer:
         self.messages_received = 0
         self.commands: dict[str, int] = {}  # requests taken, by command
         self.background: set[asyncio.Task[None]] = set()
+        # The aggregator's commit loop sleeps while idle: a hello may leave it work (an ack owed).
+        self.after_message: Callable[[], None] | None = getattr(agg, "poke_commit", None)
 
     def bind(self) -> None:
         if self.guard.enabled:
@@ -125,6 +128,8 @@ class ControlServer:
                             " (removed from the aggregator's key directories)")
                 continue
             await self.handle(envelope, body.bytes, peer)
+            if self.after_message is not None:
+                self.after_message()
 
     def refuse(self, envelope: list[bytes], body: bytes, peer: Peer, error: str) -> None:
         """Answer a request with an error and nothing else."""

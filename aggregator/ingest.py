@@ -61,7 +61,9 @@ class Ingest(Stages):
                     continue
                 if self.pending_bytes >= self.cfg.commit_max_bytes:
                     self.commit_wake.set()
-                await readable.wait(1.0)
+                elif self.commit_idle:
+                    self.poke_commit()
+                await readable.wait(None)  # (the ticker sets it once a second too: see there)
         finally:
             loop.remove_reader(fd)
 
