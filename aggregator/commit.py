@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 
-from aggregator.files import PublishError, SinkError
+from aggregator.files import PublishError, SinkError, TopicFile
 from aggregator.journal import stream_key
 from aggregator.stages import Stages
 from fleetlog import wire
@@ -22,11 +22,54 @@ class GroupCommit(Stages):
     def owe_ack(self, agent: str, stream: str, end: int) -> None:
         self.owed_acks.setdefault(agent, {})[stream] = end
 
+    def commit_work(self) -> bool:
+        """Whether the commit loop has anything to do: batches to commit, acks to send, streams
+        to ask again, a hold to retry or probe, a rotation to finish."""
+        return bool(self.pending or self.owed_acks or self.refused or self.refusing
+                    or self.state_error is not None or self.descriptors_short_at is not None
+                    or self.journal.state.rotations)
+
+    def poke_commit(self) -> None:
+        """Wake the sleeping commit loop if there is work now (called after each receive, each
+        control message and each tick: whatever a batch, a hello or a failed write left to do,
+        a batch to commit, an ack owed for a duplicate, a held topic to probe)."""
+        if self.commit_idle and self.commit_work():
+            self.commit_idle = False
+            self.commit_wake.set()
+
+    def rotation_due(self) -> bool:
+        """Whether a topic's active file is due to roll over (asked once a second by the ticker
+        while the commit loop sleeps; after every commit otherwise)."""
+        if self.stream_sink is not None:
+            return False
+        cfg, due = self.cfg, self.sink.due
+        return any(due(topic, cfg.rotate_max_bytes, cfg.rotate_interval_s) for topic in self.sink.files)
+
     async def commit_loop(self) -> None:
-        interval = self.cfg.commit_interval_ms / 1000
+        """Commit every ``commit_interval_ms`` while there is work; with none, sleep until the
+        first batch (then wait the interval, so a group commit still gathers what comes in it),
+        or until something asks for a commit now (``commit_max_bytes`` reached, a stream waiting,
+        descriptors short, a rotation due: the ticker looks once a second). An idle aggregator
+        then has no timer here at all: it costs nothing per commit interval."""
         while True:
-            await self.commit_wake.wait(interval)
-            self.commit_wake.clear()
+            interval = self.cfg.commit_interval_ms / 1000
+            if not self.commit_work():
+                self.commit_idle = True
+                try:
+                    await self.commit_wake.wait(None)
+                finally:
+                    self.commit_idle = False
+                self.commit_wake.clear()
+                # Woken by a first batch: its group's window. By anything else: commit now.
+                gather = (self.pending and not self.refused and self.descriptors_short_at is None
+                          and self.pending_bytes < self.cfg.commit_max_bytes)
+            else:
+                gather = True
+            if gather:
+                due = time.monotonic() + interval
+                if not await self.commit_wake.wait(interval):
+                    self.note_stall(time.monotonic() - due)  # the loop's lateness, for status
+                self.commit_wake.clear()
             try:
                 async with self.commit_lock:
                     await self.commit()
@@ -86,19 +129,23 @@ class GroupCommit(Stages):
         for tf in dirty:
             tf.syncing = True
         try:
-            failed = await loop.run_in_executor(None, self.sink.sync_each, dirty) if self.cfg.fsync else {}
-        finally:
-            for tf in dirty:
-                tf.syncing = False
-        for topic, exc in failed.items():
-            self.take_back(topic, pending, self.pending)
-            positions.pop(topic, None)
-            self.hold_topic(topic, SinkError(exc.errno, f"fsync of {self.sink.active_path(topic)} failed:"
-                                                        f" {exc.strerror}"))
-        try:
-            # The commit record (blocking: its fsync); JournalError (a SinkError) if it failed.
-            await loop.run_in_executor(None, functools.partial(self.journal.append, positions, pending,
-                                                               sync=self.cfg.fsync))
+            # One trip to a thread for the whole commit: the files' fsyncs, then (if all of
+            # them worked) the journal record. JournalError (a SinkError) if that failed.
+            try:
+                failed, journaled = await loop.run_in_executor(None, self._sync_then_journal, dirty,
+                                                               positions, pending)
+            finally:
+                for tf in dirty:
+                    tf.syncing = False
+            for topic, exc in failed.items():
+                self.take_back(topic, pending, self.pending)
+                positions.pop(topic, None)
+                self.hold_topic(topic, SinkError(exc.errno, f"fsync of {self.sink.active_path(topic)}"
+                                                            f" failed: {exc.strerror}"))
+            if not journaled:
+                # Without the topics whose fsync failed (their streams taken back above).
+                await loop.run_in_executor(None, functools.partial(self.journal.append, positions, pending,
+                                                                   sync=self.cfg.fsync))
         except SinkError as exc:
             self.journal.take_unwritten()
             for key, end in pending.items():
@@ -117,6 +164,17 @@ class GroupCommit(Stages):
             agent, _, stream = key.partition("\x1f")
             self.owe_ack(agent, stream, end)
         return True
+
+    def _sync_then_journal(self, dirty: list[TopicFile], positions: dict[str, int],
+                           pending: dict[str, int]) -> tuple[dict[str, OSError], bool]:
+        """Thread: fsync ``dirty``; if every fsync worked, append the commit record. Returns the
+        failed fsyncs by topic and whether the record was written (not when one failed: the
+        caller takes those topics back first). Raises the journal's SinkError."""
+        failed = self.sink.sync_each(dirty) if self.cfg.fsync else {}
+        if failed:
+            return failed, False
+        self.journal.append(positions, pending, sync=self.cfg.fsync)
+        return failed, True
 
     async def publish_pending(self) -> bool:
         """sink = "jetstream": publish what was accepted since the last commit and owe the acks

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
@@ -20,6 +21,7 @@ import zmq.asyncio
 from aggregator.commands import COMMANDS
 from aggregator.proxy import bind, detect_dead_links
 from fleetlog import wire
+from fleetlog.runtime import Wakeup
 
 if TYPE_CHECKING:
     from aggregator.daemon import Aggregator
@@ -29,6 +31,8 @@ log = logging.getLogger("fleetlog.aggregator.control")
 
 # Requests of BACKGROUND commands (history: a read of files in a thread) running at once.
 MAX_BACKGROUND = 8
+
+_NOW = int(zmq.NOBLOCK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,11 @@ class ControlServer:
         self.messages_received = 0
         self.commands: dict[str, int] = {}  # requests taken, by command
         self.background: set[asyncio.Task[None]] = set()
+        # Each served socket's plain shadow (for sends and receives) and its readiness.
+        self._raw: dict[zmq.asyncio.Socket, tuple[zmq.Socket[bytes], Wakeup]] = {}
+        self._look_after_sends = False
+        # The aggregator's commit loop sleeps while idle: a hello may leave it work (an ack owed).
+        self.after_message: Callable[[], None] | None = getattr(agg, "poke_commit", None)
 
     def bind(self) -> None:
         if self.guard.enabled:
@@ -97,34 +106,61 @@ class ControlServer:
         await asyncio.gather(*(self._serve(sock, secure) for sock, secure in self.sockets))
 
     async def _serve(self, sock: zmq.asyncio.Socket, secure: bool) -> None:
-        while True:
+        """Take everything queued on ``sock`` each time its descriptor says so, through a plain
+        (shadow) socket, as the data sockets are read (aggregator/ingest.py): no pyzmq future per
+        message. Replies go out on the same shadow (see ``_after_sends``)."""
+        raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+        readable = Wakeup()
+        self._raw[sock] = (raw, readable)
+        loop = asyncio.get_running_loop()
+        fd = cast(int, raw.getsockopt(zmq.FD))
+        loop.add_reader(fd, readable.set)
+        try:
+            while True:
+                readable.clear()
+                for _ in range(256):
+                    try:
+                        frames = raw.recv_multipart(_NOW, copy=False)
+                    except zmq.Again:
+                        break
+                    await self.take(frames, sock, secure)
+                else:
+                    await asyncio.sleep(0)  # more is waiting: let the rest of the daemon run first
+                    continue
+                if self.after_message is not None:
+                    self.after_message()
+                # A second at most: a safety net should a signal be missed (a look costs one
+                # empty receive; a heartbeat a second from each agent wakes it sooner anyway).
+                await readable.wait(1.0)
+        finally:
+            loop.remove_reader(fd)
+            self._raw.pop(sock, None)
+
+    async def take(self, frames: list[zmq.Frame], sock: zmq.asyncio.Socket, secure: bool) -> None:
+        """One control message: a hello, heartbeat or aggregatorctl request, answered."""
+        self.messages_received += 1
+        if len(frames) < 2:
+            return
+        envelope = [f.bytes for f in frames[:-1]]
+        body = frames[-1]
+        try:
+            address = str(body.get("Peer-Address"))
+        except zmq.ZMQError:
+            address = ""
+        user_id = ""
+        if secure:
             try:
-                frames = await sock.recv_multipart(copy=False)
-            except zmq.Again:
-                continue  # woken with nothing to read (seen with CURVE handshakes)
-            self.messages_received += 1
-            if len(frames) < 2:
-                continue
-            envelope = [f.bytes for f in frames[:-1]]
-            body = frames[-1]
-            try:
-                address = str(body.get("Peer-Address"))
+                user_id = str(body.get("User-Id"))
             except zmq.ZMQError:
-                address = ""
-            user_id = ""
-            if secure:
-                try:
-                    user_id = str(body.get("User-Id"))
-                except zmq.ZMQError:
-                    user_id = ""
-            peer = Peer(envelope[0], address or "local", sock, secure, user_id)
-            if secure and self.guard.refuse_revoked(peer.address, user_id, "control"):
-                # Admitted at its handshake, revoked since (the reload also cuts the connection;
-                # this covers what arrives before the client reconnects).
-                self.refuse(envelope, body.bytes, peer, "this agent's CURVE key is no longer authorised"
-                            " (removed from the aggregator's key directories)")
-                continue
-            await self.handle(envelope, body.bytes, peer)
+                user_id = ""
+        peer = Peer(envelope[0], address or "local", sock, secure, user_id)
+        if secure and self.guard.refuse_revoked(peer.address, user_id, "control"):
+            # Admitted at its handshake, revoked since (the reload also cuts the connection;
+            # this covers what arrives before the client reconnects).
+            self.refuse(envelope, body.bytes, peer, "this agent's CURVE key is no longer authorised"
+                        " (removed from the aggregator's key directories)")
+            return
+        await self.handle(envelope, body.bytes, peer)
 
     def refuse(self, envelope: list[bytes], body: bytes, peer: Peer, error: str) -> None:
         """Answer a request with an error and nothing else."""
@@ -187,17 +223,28 @@ class ControlServer:
         if req_id is not None:
             self.reply(peer.sock, envelope, wire.encode_reply(req_id, result))
 
-    @staticmethod
-    def reply(sock: zmq.asyncio.Socket, envelope: list[bytes], body: bytes) -> None:
-        fut = cast("asyncio.Future[Any]", sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK))
-        # A non-blocking send's future is done at once; its error (EAGAIN) must be read here, or
-        # asyncio reports "Future exception was never retrieved" with a traceback. (Sending
-        # through the asyncio socket, not a shadow: it wakes the receive loop if it must.)
-        if fut.done():
-            if not fut.cancelled() and fut.exception() is not None:
-                log.debug("reply not sent: %s", fut.exception())
-        else:
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    def reply(self, sock: zmq.asyncio.Socket, envelope: list[bytes], body: bytes) -> None:
+        """Send without waiting; a reply that cannot go now (the peer's queue full) is dropped,
+        as before: agents ask again (hello, heartbeat) and resend what was not acknowledged."""
+        served = self._raw.get(sock)
+        if served is None:  # not served (closing)
+            return
+        raw = served[0]
+        try:
+            raw.send_multipart([*envelope, body], flags=_NOW)
+        except zmq.ZMQError as exc:
+            log.debug("reply not sent: %s", exc)
+        if not self._look_after_sends:
+            self._look_after_sends = True
+            asyncio.get_running_loop().call_soon(self._after_sends)
+
+    def _after_sends(self) -> None:
+        """A send may take the descriptor's signal of a message that came meanwhile: once after
+        a round of sends (a commit's acks), ask each socket whether one is waiting."""
+        self._look_after_sends = False
+        for raw, readable in self._raw.values():
+            if cast(int, raw.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                readable.set()
 
     def send_to(self, sock: zmq.asyncio.Socket, routing_id: bytes, body: bytes) -> None:
         self.reply(sock, [routing_id], body)

@@ -104,6 +104,8 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
         self.descriptors_short_at: float | None = None
         self._holds_unlogged = 0
         self.commit_wake = Wakeup()
+        # The commit loop is asleep with nothing to do: the next accepted batch wakes it.
+        self.commit_idle = False
         self.readable: dict[str, Wakeup] = {}
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -126,10 +128,12 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
         self.subscriptions: set[bytes] = set()
         self.commit_lock = asyncio.Lock()
         self.commit_latency = metrics.LatencyHistogram()
-        # How late the loop ran a 100 ms timer: the longest since start, and per 10 s window
-        # (this one and the last), so status shows stalls (a blocking call on the loop).
+        # How late the loop ran its timers (aggregator/status.py, note_stall): the longest since
+        # start, and per 10 s window (this one and the last), so status shows stalls (a blocking
+        # call on the loop).
         self.loop_stall_max_s = 0.0
         self.loop_stall_windows = [0.0, 0.0]
+        self._stall_window_end = time.monotonic() + 10
         self.metrics: metrics.MetricsServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------

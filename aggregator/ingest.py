@@ -61,7 +61,9 @@ class Ingest(Stages):
                     continue
                 if self.pending_bytes >= self.cfg.commit_max_bytes:
                     self.commit_wake.set()
-                await readable.wait(1.0)
+                elif self.commit_idle:
+                    self.poke_commit()
+                await readable.wait(None)  # (the ticker sets it once a second too: see there)
         finally:
             loop.remove_reader(fd)
 
@@ -82,17 +84,86 @@ class Ingest(Stages):
         except wire.WireError as exc:
             self.malformed(exc.reason, f"{via}:{peer_address(frames[-1])}", str(exc))
             return
-        alone = len(batches) == 1
-        for batch in batches:
-            self.take(batch, frames, alone, via)
+        if len(batches) == 1:
+            self.take(batches[0], frames, True, via)
+        elif self.stream_sink is not None:
+            for batch in batches:
+                self.take(batch, frames, False, via)
+        else:
+            self.take_together(batches, frames, via)
 
     def take(self, batch: wire.Batch, frames: list[zmq.Frame], alone: bool, via: str) -> None:
         """One decoded batch: admitted, formatted and handed to the sink, or not taken.
         ``frames``: the message it came in, ``alone`` in it or with others (version 3)."""
+        taken = self.prepare(batch, frames, via)
+        if taken is None:
+            return
+        expected, topic, data, received = taken
+        n = batch.count
+        try:
+            self.out.add(Accepted(topic, batch.agent, batch.stream, batch.start, batch.end, n,
+                                  data, batch.path, received, batch.fields, batch.base))
+        except SinkError as exc:
+            self.refused[stream_key(batch.agent, batch.stream)] = (batch.agent, batch.stream, batch.seq,
+                                                                   topic, expected)
+            self.on_write_error(topic, exc, len(data))
+            return
+        self.record(batch, n, len(data), frames, alone, via)
+
+    def take_together(self, batches: list[wire.Batch], frames: list[zmq.Frame], via: str) -> None:
+        """A version 3 message's batches with the files sink: each admitted and formatted as if
+        it came alone, and those in a row for the same file written in one ``write()`` (an
+        agent's read cycle is one message of a batch per file, mostly for one topic: one system
+        call instead of one per batch). A group whose write fails is refused whole, as its
+        batches would have been one after the other once the first had held its topic back.
+        A stream met twice in one message starts a new group: its second batch is admitted
+        only after its first is recorded."""
+        group: list[tuple[wire.Batch, int, bytes, int]] = []
+        topic = ""
+        keys: set[str] = set()
+        for batch in batches:
+            key = stream_key(batch.agent, batch.stream)
+            if key in keys:
+                self.write_group(group, topic, frames, via)
+                group, keys = [], set()
+            taken = self.prepare(batch, frames, via)
+            if taken is None:
+                continue
+            expected, file_key, data, _ = taken
+            if group and file_key != topic:
+                self.write_group(group, topic, frames, via)
+                group, keys = [], set()
+            group.append((batch, expected, data, batch.count))
+            keys.add(key)
+            topic = file_key
+        if group:
+            self.write_group(group, topic, frames, via)
+
+    def write_group(self, group: list[tuple[wire.Batch, int, bytes, int]], topic: str,
+                    frames: list[zmq.Frame], via: str) -> None:
+        """Append the admitted ``group`` (batch, expected offset, formatted text, lines) to ``topic``'s
+        file in one write, then record each batch; if the write fails nothing of it is taken."""
+        if not group:
+            return
+        data = group[0][2] if len(group) == 1 else b"".join([text for _, _, text, _ in group])
+        try:
+            self.sink.append(topic, data, sum([n for _, _, _, n in group]))
+        except SinkError as exc:
+            for batch, expected, _, _ in group:
+                self.refused[stream_key(batch.agent, batch.stream)] = (batch.agent, batch.stream,
+                                                                       batch.seq, topic, expected)
+            self.on_write_error(topic, exc, len(data))
+            return
+        for batch, _, text, n in group:
+            self.record(batch, n, len(text), frames, False, via)
+
+    def prepare(self, batch: wire.Batch, frames: list[zmq.Frame],
+                via: str) -> tuple[int, str, bytes, float] | None:
+        """Admit and format one batch: (the offset its stream had reached, the sink's key of its
+        file, its text, when it was received), or None when it is not taken."""
         expected = self.admit(batch)
         if expected is None:
-            return
-        key = stream_key(batch.agent, batch.stream)
+            return None
         topic = self.file_key(batch)  # the files sink's key: <topic>/<agent> when split by agent
         # JetStream carries the lines as written; fleetlog-writer applies the topic's format.
         fmt = self.cfg.topic_format(batch.topic) if self.stream_sink is None else "raw"
@@ -102,32 +173,31 @@ class Ingest(Stages):
                                 received=received, fields=batch.fields)
         except TypeError:
             self.malformed("bad_lines", f"{via}:{peer_address(frames[-1])}", "lines must be strings")
-            return
-        n = batch.count
-        try:
-            self.out.add(Accepted(topic, batch.agent, batch.stream, batch.start, batch.end, n, data,
-                                  batch.path, received, batch.fields, batch.base))
-        except SinkError as exc:
-            self.refused[key] = (batch.agent, batch.stream, batch.seq, topic, expected)
-            self.on_write_error(topic, exc, len(data))
-            return
+            return None
+        return expected, topic, data, received
+
+    def record(self, batch: wire.Batch, n: int, size: int, frames: list[zmq.Frame], alone: bool,
+               via: str) -> None:
+        """A batch is in the sink (``n`` lines, ``size`` bytes): its stream, counters and agent
+        move on, and XPUB subscribers get it."""
+        key = stream_key(batch.agent, batch.stream)
         self.accepted[key] = batch.end
         self.pending[key] = batch.end
-        self.pending_bytes += len(data)
+        self.pending_bytes += size
         stats = self.topics.get(batch.topic)
         if stats is None:
             stats = self.topics[batch.topic] = TopicStats()
         stats.lines += n
-        stats.bytes += len(data)
+        stats.bytes += size
         t = self.totals
         t.lines_written += n
-        t.bytes_written += len(data)
+        t.bytes_written += size
         t.batches += 1
         agent = self.agents.get(batch.agent)
         if agent is None:
             agent = self.agents[batch.agent] = AgentInfo(batch.agent, mode="push" if via == "pull" else "pub")
         agent.lines += n
-        agent.bytes += len(data)
+        agent.bytes += size
         agent.last_seen = time.monotonic()
         agent.heard = True
         if self.subscriptions:

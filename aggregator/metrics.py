@@ -180,8 +180,8 @@ class AggregatorCollector:
         for name, tf in files:
             active.add_metric([name], tf.size)
         yield active
-        yield gauge("loop_stall_seconds", "The event loop's longest stall in the last 10-20 s (a 100 ms"
-                    " timer's lateness)", value=max(agg.loop_stall_windows))
+        yield gauge("loop_stall_seconds", "The event loop's longest stall in the last 10-20 s (how late"
+                    " its timers fired)", value=max(agg.loop_stall_windows))
         yield gauge("compressions_running", "Rotated files being compressed",
                     value=len(agg._compressions))
         yield gauge("streams", "Streams (agent file incarnations) known", value=len(agg.accepted))

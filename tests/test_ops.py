@@ -102,10 +102,16 @@ def test_ctl_rotate_a_topic_then_all_then_after_a_restart(h: Harness) -> None:
 def test_size_rotation_under_load_compresses_in_the_background(h: Harness) -> None:
     ep = h.endpoints()
     agg = h.aggregator(ep, "aggregator.rotate_max_bytes=65536")
+    h.path("logs").mkdir(exist_ok=True)
+    for i in range(3):
+        h.path("logs", f"w{i}.log").touch()
+    h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
+    # The agent connected first: on a loaded machine it could start after the writer was done
+    # and ship everything in one commit (one rollover).
+    wait_for(lambda: (a := h.status(ep)["agents"]) and a[0]["connected"], what="the agent connected")
     # Written over about 3 s, so that many group commits (each may roll over) happen meanwhile.
     writer = Writer({f"w{i}": h.path("logs", f"w{i}.log") for i in range(3)}, lines_per_tick=40,
                     tick_s=0.02, limit=6000).start()
-    h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}])
     # The control plane stays responsive while files roll and compress.
     h.status(ep)  # bound (a Client says at once when nothing listens yet)
     client = Client(ep.control, timeout_s=10)
