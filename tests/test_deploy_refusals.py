@@ -4,7 +4,8 @@ temporary root (tests/playbook.py).
 - ``fleetlog_curve=false`` without the opt-in ``fleetlog_insecure_open_network`` deploys a
   working root (this module's only full run) bound to loopback only;
 - on that root the play refuses an open endpoint without CURVE, an agent elsewhere without
-  CURVE, an install without a pinned version or a wheel, and agents whose sources match nothing,
+  CURVE, an install without a pinned version or a wheel, agents whose sources match nothing, and
+  a failover list entry without its aggregator's inventory host (with CURVE),
   each with a message that says what to do. One run each: most stop at their check, before
   anything is changed; the agents' refusals play the agents' play alone.
 """
@@ -97,3 +98,14 @@ def test_unmatched_sources_fail_when_asked(installed: Deployment, tmp_path: Path
     logs = installed.logs
     assert (f"on localhost, source misc.text, source absent match no file ({logs}/**/*.txt, "
             f"{logs}/absent/*.log)") in out
+
+
+def test_failover_list_entry_without_its_aggregator_host_is_refused(installed: Deployment,
+                                                                    tmp_path: Path) -> None:
+    """With CURVE the play must know on which inventory host to authorise the agent's key."""
+    out = installed.failed_play({"fleetlog_agent_aggregators": [
+        {"data": "tcp://10.0.0.2:5555", "control": "tcp://10.0.0.2:5558"}]},
+        tmp=tmp_path, inventory=installed.agents_only(tmp_path))
+    assert ('bad entry {"data": "tcp://10.0.0.2:5555", "control": "tcp://10.0.0.2:5558"} of '
+            "fleetlog_agent_aggregators: each is {data, control, host}") in out
+    assert "TASK [fleetlog_agent : Render agent.toml]" not in out
