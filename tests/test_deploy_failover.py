@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from playbook import ONE_PLAYBOOK_PER_TEST, Deployment, free_ports, new_deployment, output, recaps, run
 
+from agent import failover
+
 pytestmark = ONE_PLAYBOOK_PER_TEST
 
 
@@ -41,6 +43,15 @@ class FailoverRun:
     endpoints: list[dict[str, str]]
 
 
+def first_choice_dead(agent_name: str) -> tuple[str, str, str, str]:
+    """Free loopback endpoints (data and control of two aggregators) such that the agent ranks the
+    first pair first (agent/failover.py's rendezvous hash of its name and each control endpoint)."""
+    while True:
+        data_a, control_a, data_b, control_b = (f"tcp://127.0.0.1:{port}" for port in free_ports(4))
+        if failover.weight(agent_name, control_a) > failover.weight(agent_name, control_b):
+            return data_a, control_a, data_b, control_b
+
+
 @pytest.fixture(scope="module")
 def failover_run(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> FailoverRun:
     """A second aggregator, agg-b (a local host deploying into a root of its own, so fleetlog_root
@@ -56,7 +67,8 @@ def failover_run(deployment: Deployment, tmp_path_factory: pytest.TempPathFactor
     del base["fleetlog_root"]
     extra = tmp / "vars-base.json"
     extra.write_text(json.dumps(base))
-    data_a, control_a, data_b, control_b = (f"tcp://127.0.0.1:{port}" for port in free_ports(4))
+    # localhost's aggregator (never started) ranks first for this agent: it must fail over to agg-b.
+    data_a, control_a, data_b, control_b = first_choice_dead("localhost")
     endpoints = [{"data": data_a, "control": control_a, "host": "localhost"},
                  {"data": data_b, "control": control_b, "host": "agg-b"}]
     variables = {"fleetlog_curve_aggregators_share_key": True, "fleetlog_agent_aggregators": endpoints}
@@ -130,10 +142,12 @@ def test_agent_fails_over_between_aggregators_sharing_one_key(deployment: Deploy
                 f"--- {e}\n{e.read_text()}" for e in errors.values())
             time.sleep(0.1)
         assert "refused" not in errors["aggregator"].read_text()
+        assert "switching aggregator" in errors["agent"].read_text()  # it did fail over
     finally:
+        # The agent first, while agg-b still answers: an agent told to stop while its aggregator
+        # stops too was once seen still running 30 s later (failing over during shutdown).
         for daemon in reversed(procs):
             daemon.terminate()
-        for daemon in procs:
             daemon.wait(timeout=30)
 
 
