@@ -220,6 +220,16 @@ class ControlServer:
             self.errors += 1
             self.reply(peer.sock, envelope, wire.encode_reply(req_id, error=f"{request['command']}: {exc}"))
             return
+        except Exception as exc:
+            # A bug in one command (the writer's rotate once raised AttributeError) must not stop
+            # the daemon with it: the data path does not depend on it. ERROR: an agent whose
+            # hello or heartbeat fails this way cannot ship.
+            self.errors += 1
+            log.error("control command %r failed (a bug, please report it; the daemon goes on)",
+                      request["command"], exc_info=True)
+            self.reply(peer.sock, envelope, wire.encode_reply(
+                req_id, error=f"{request['command']}: internal error: {exc!r}"))
+            return
         if req_id is not None:
             self.reply(peer.sock, envelope, wire.encode_reply(req_id, result))
 

@@ -110,3 +110,43 @@ def test_decoder_rejects_what_it_should() -> None:
             continue
         # Non-string lines are only caught when joined for writing.
         assert batch.lines == [1, 2, 3]
+
+
+# Argument names the control commands read, and values of every JSON type and extreme.
+CONTROL_KEYS = ("name", "agent", "agent_id", "aggregators", "errors", "file_list", "files", "streams",
+                "heartbeat_interval_ms", "journal_lag_entries", "journal_lag_s", "lag_s", "lag_bytes",
+                "inflight_bytes", "lines", "mode", "probe", "problems", "started_at", "topic", "version",
+                "wire_versions", "count", "since", "follow")
+CONTROL_VALUES = ([], {}, "x", -1, 1e308, None, [{}], {"a": 1}, [[1]], True, 2**63 - 1, [None], ["x"])
+
+
+def test_every_control_command_answers_arguments_of_any_type_and_the_aggregator_goes_on(h: Harness) -> None:
+    """Each command with each argument it reads set to each JSON type: every request gets an
+    answer (a result or a one-line error), the aggregator keeps running and still ships."""
+    ep = h.endpoints()
+    agg = h.aggregator(ep)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.IDENTITY, b"fuzz/1")
+    dealer.setsockopt(zmq.RCVTIMEO, 10_000)
+    try:
+        dealer.connect(ep.control)
+        req_id = 0
+        for command in ("hello", "heartbeat", "goodbye", "history", "ping", "status", "tail", "rotate"):
+            for key in CONTROL_KEYS:
+                for value in CONTROL_VALUES:
+                    req_id += 1
+                    dealer.send(orjson.dumps({"command": command, "id": req_id,
+                                              "args": {"name": "fuzz", key: value}}))
+                    reply = orjson.loads(dealer.recv())  # zmq.Again here: a request went unanswered
+                    assert reply["id"] == req_id and (reply["ok"] or reply["error"]), reply
+        assert agg.alive()
+    finally:
+        dealer.close()
+        ctx.term()
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 100))
+    h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "good"}])
+    wait_for(lambda: count_lines(h.path("out", "good", "good.log")) >= 100, what="good lines")
+    check_exactly_once(output_lines(h.path("out"), "good"), {"a": 100})
+    assert "Traceback" not in agg.log()
