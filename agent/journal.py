@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,8 +247,7 @@ async def probe(cfg: JournalConfig, cursor: str, machine: str = "") -> tuple[boo
     except ValueError:  # a first entry longer than the limit: it exists, whatever it is
         first = b""
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        kill(proc)
         await proc.wait()
     entry = decode(first) if first else None
     if entry is None:
@@ -356,9 +356,7 @@ class Reader:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        kill(proc)
         code = await proc.wait()
         if self._stderr_task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -368,6 +366,18 @@ class Reader:
 
     def kill_now(self) -> None:
         """At exit without a loop to wait on: end journalctl at once."""
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, 9)
+        if self.proc is not None:
+            kill(self.proc)
+
+
+def kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL ``proc`` unless its exit was already collected.
+
+    Not ``proc.kill()``: subprocess's send_signal first polls the child (waitpid), and on the
+    stdlib event loop that reaps a journalctl that has just exited before asyncio's child
+    watcher does, which then logs "Unknown child process pid ..., will report returncode 255"
+    at WARNING and reports 255. A child that exited but is not yet collected is a zombie: its
+    pid is still its own, and the signal does nothing."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
