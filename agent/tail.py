@@ -173,6 +173,9 @@ class Tailer:
     # of hashing them again, which a busy file's every change did.
     _head: bytes = field(default=b"", repr=False)
     _head_fp: str = ""
+    # (size, mtime_ns) when the descriptor was closed (the open-files limit, a deleted file let
+    # go): a closed file found unchanged needs no look at its head.
+    closed_stat: tuple[int, int] = (-1, -1)
 
     def __post_init__(self) -> None:
         self.ship_pos = self.acked
@@ -237,11 +240,38 @@ class Tailer:
         except OSError:
             return False
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino) or not self.holds_our_head(fd):
             os.close(fd)
             return False
         self.attach(fd, st.st_size)
         return True
+
+    def holds_our_head(self, fd: int) -> bool:
+        """Whether the file open as ``fd`` starts with our head (``fp``): an inode number is
+        reused once a deleted file is released, so a file found again by inode after our
+        descriptor was closed may be another one."""
+        if not self.fp_len:
+            return True
+        head = os.pread(fd, self.fp_len, 0)
+        return len(head) == self.fp_len and head_hash(head) == self.fp
+
+    def other_file_at(self, path: str, st: os.stat_result) -> bool:
+        """Closed (no descriptor), and the file now at ``path`` with our inode is another file
+        (another head). False when it is ours, cannot be opened (the scan's other checks see
+        to that), or is unchanged since we closed it (name, size and mtime: no read needed)."""
+        if self.fd is not None:
+            return False
+        if path == self.path and (st.st_size, st.st_mtime_ns) == self.closed_stat:
+            return False
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            mine = os.fstat(fd)
+            return (mine.st_dev, mine.st_ino) == (self.dev, self.ino) and not self.holds_our_head(fd)
+        finally:
+            os.close(fd)
 
     def reopen(self, path: str) -> bool:
         """Open under ``path`` (its new name), if that leads to our inode."""
@@ -258,6 +288,11 @@ class Tailer:
 
     def close(self) -> None:
         if self.fd is not None:
+            try:
+                st = os.fstat(self.fd)
+                self.closed_stat = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                self.closed_stat = (-1, -1)
             os.close(self.fd)
             self.fd = None
             Tailer.open_files -= 1

@@ -564,3 +564,34 @@ def test_descriptor_limit_below_max_open_files_ships_every_file(h: Harness) -> N
     check_exactly_once(records, {f"f{i:03d}": 3 for i in range(150)})
     assert "descriptor limit" in agent.log() and "cannot save checkpoints" not in agent.log()
     h.assert_quiet(ep)
+
+
+def test_short_lived_files_whose_inodes_are_reused_are_each_shipped_whole(h: Harness) -> None:
+    """Many small files, each written once and deleted half a second later (a job's per-run
+    logs; replayed from elastic/beats #2236 with rsyslog #2659's inode reuse): once the agent
+    lets a deleted file go, the next new file often gets its inode number. It is another file
+    (another head), shipped from 0 — not the old one renamed, followed from the old offset
+    (582 of 4,500 lines were never shipped that way)."""
+    ep = h.endpoints()
+    h.aggregator(ep)
+    logs = h.path("logs")
+    h.agent(ep, [{"paths": [f"{logs}/*.log"], "topic": "app"}])
+    wait_for(lambda: (s := h.agent_status()) is not None and s["aggregator"] is not None,
+             what="the agent connected")
+    written: list[tuple[float, Path]] = []
+    counts: dict[str, int] = {}
+    for i in range(1500):
+        path = logs / f"short{i}.log"
+        tag = f"s{i}"
+        append_lines(path, make_lines(tag, 0, 3))
+        counts[tag] = 3
+        written.append((time.monotonic(), path))
+        while written and time.monotonic() - written[0][0] > 0.5:
+            written.pop(0)[1].unlink()
+        time.sleep(0.0005 if i % 20 else 0.01)
+    time.sleep(0.5)
+    for _, path in written:
+        path.unlink()
+    wait_for(lambda: count_lines(h.path("out", "app", "app.log")) >= 4500, timeout=60,
+             what="every line of the 1,500 files")
+    check_exactly_once(output_lines(h.path("out"), "app"), counts)
