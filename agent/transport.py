@@ -265,8 +265,13 @@ class Transport:
     def aggregator_alive(self, within_s: float) -> bool:
         """Heard from the aggregator lately, and the data connection not known to be refused
         (resending to nobody only fills queues, and a PUB socket drops it all)."""
-        return self.answers(within_s) and not any(link.problem for link in self.links
-                                                  if link.role == "data")
+        return (self.answers(within_s) and not self.said_stopping()
+                and not any(link.problem for link in self.links if link.role == "data"))
+
+    def said_stopping(self) -> bool:
+        """The aggregator in use told us it is stopping: no acknowledgement will come from it
+        (an agent stopping then does not wait for one; it waited its whole ack timeout)."""
+        return self.instance is not None and self._stopping_said == self.instance
 
     def answers(self, within_s: float) -> bool:
         """Heard from the aggregator on the control channel within ``within_s``."""

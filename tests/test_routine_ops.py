@@ -187,3 +187,24 @@ def test_aggregator_listens_with_room_for_a_fleet_reconnecting_at_once(h: Harnes
     queues = {int(cols[3].rsplit(":", 1)[1]): int(cols[2])
               for cols in (line.split() for line in listening.splitlines()) if len(cols) >= 4}
     assert all(queues.get(port, 0) >= min(4096, cap) for port in ports), (ports, queues)
+
+
+def test_agent_stopped_right_after_its_aggregator_said_stopping_does_not_wait_for_acks(h: Harness) -> None:
+    """`systemctl stop` of both on one host (or the demo's Ctrl-C): the aggregator stops first
+    and says so; the agent stopped a moment later no longer waits for acknowledgements that
+    cannot come (it waited its ack timeout + 1 s, here 10 s) and ships the rest at restart."""
+    ep = h.endpoints()
+    aggregator = h.aggregator(ep)
+    writer = Writer({"w": h.path("logs", "w.log")}, lines_per_tick=5, tick_s=0.002).start()
+    agent = h.agent(ep, [{"paths": [str(h.path("logs", "w.log"))], "topic": "app"}],
+                    "agent.ack_timeout_ms=20000")
+    wait_for(lambda: (s := h.agent_status()) is not None and s["aggregator"] is not None
+             and len(h.lines()) > 100, what="lines flowing")
+    assert aggregator.stop(signal.SIGTERM) == 0
+    wait_for(lambda: "is stopping; waiting for it to come back" in agent.log(), what="the agent told")
+    assert agent.stop(signal.SIGTERM, timeout=5) == 0
+    counts = writer.stop()
+    h.aggregator(ep)
+    h.agent(ep, [{"paths": [str(h.path("logs", "w.log"))], "topic": "app"}])
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="every line acknowledged after the restart")
+    check_exactly_once(h.lines(), counts)
