@@ -1041,6 +1041,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role == "sim":
         return simulate(args)
+    if args.duration_s <= args.warmup_s:
+        print(f"fleet: --duration-s {args.duration_s:g} leaves nothing after --warmup-s {args.warmup_s:g}"
+              " (not counted in the steady rate): give a longer duration or a shorter warm-up",
+              file=sys.stderr)
+        return 2
     # Each agent: two connections on each side (and ZeroMQ's own descriptors), the topic files.
     limit = raise_nofile(4 * args.agents + args.topics + 1024)
     if limit < 2 * args.agents + 256:

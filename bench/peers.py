@@ -33,7 +33,7 @@ Every output is checked (each line exactly once, per-file order, byte-identical)
 cannot be installed or run here gets a row saying why, and the run goes on.
 
     python -m bench.peers [--quick] [--only fleetlog,rsyslog,syslog-ng,floor] [--keep] [--json PATH]
-        [--workloads backlog,live,typical,idle,curve] [--curve 5,10,25,50]
+        [--workloads backlog,live,typical,idle,curve] [--curve 20,40,60,80]
     python -m bench.peers write|read ...     (internal: the live writer and the output reader)
 """
 
@@ -661,7 +661,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-settle-s", type=float, default=6,
                    help="after the quiet files' lines arrived, before the idle window starts")
     p.add_argument("--idle-many", type=int, default=10_000, help="the second idle run's quiet files")
-    p.add_argument("--curve", default="5,10,25,50", help="settings of --curve-key for the trade-off curve")
+    p.add_argument("--curve", default="20,40,60,80", help="settings of --curve-key for the trade-off curve")
     p.add_argument("--curve-key", default="agent.latency_budget_ms")
     p.add_argument("--stall-s", type=float, default=10,
                    help="give up on an output that stops growing this long")
@@ -686,7 +686,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.role is None and args.quick:
         args.lines_per_file, args.live_rate, args.live_s = 25_000, 5_000, 5.0
-        args.typical_s, args.idle_s, args.idle_many, args.curve = 10.0, 10.0, 2_000, "5,25"
+        args.typical_s, args.idle_s, args.idle_many, args.curve = 10.0, 10.0, 2_000, "20,60"
     return args
 
 
