@@ -91,6 +91,7 @@ class InotifyWatcher:
         # A directory that could not be watched: its changes are not all reported.
         self.lost = False
         self._pending: asyncio.TimerHandle | None = None
+        self.overflows = 0  # queue overflows seen (each costs a rescan)
         # Events are read into this one buffer: ``os.read(fd, 256 KiB)`` allocated 256 KiB afresh
         # at every drain (an mmap, a first touch of its pages, an mremap and an munmap each time:
         # on a typical node a third of the agent's Python time went to that one line).
@@ -194,6 +195,12 @@ class InotifyWatcher:
         """An event about the watching itself or a directory: they all call for a rescan."""
         if mask & IN_Q_OVERFLOW:
             paths.add(RESCAN)  # events were lost: only a rescan knows what changed
+            self.overflows += 1
+            if self.overflows == 1 or self.overflows % 1000 == 0:
+                # Nothing is lost (the rescan finds every change) but files are found later:
+                # said once, then every thousandth (fluent-bit #2197 asked for it to be said).
+                log.info("the inotify queue overflowed (%d times so far; fs.inotify.max_queued_events"
+                         " is %s): rescanning to find what changed", self.overflows, _max_queued())
             return
         directory = self.dirs.get(wd)
         if directory is None:
@@ -222,3 +229,11 @@ class InotifyWatcher:
         self.fd = -1
         self.dirs.clear()
         self._paths.clear()
+
+
+def _max_queued() -> str:
+    try:
+        with open("/proc/sys/fs/inotify/max_queued_events") as fh:
+            return fh.read().strip()
+    except OSError:
+        return "unknown"
