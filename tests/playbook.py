@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -379,3 +380,32 @@ def readme_indented_toml(first_line: str) -> dict[str, Any]:
             break
         block.append(line[4:])
     return tomllib.loads("\n".join(block))
+
+
+@contextmanager
+def daemons_until_line(argvs: dict[str, list[Any]], errors_dir: Path, written: Path, text: str,
+                       timeout_s: float = 60) -> Iterator[dict[str, Path]]:
+    """Start each of ``argvs`` (name -> argv, started in that order, stderr to
+    ``errors_dir/<name>.err``), wait until ``written`` holds ``text`` (failing at once when one
+    of them exits, or after ``timeout_s`` with every log), and yield the logs by name; at the
+    end stop them, the last started first (an agent before the aggregator it ships to)."""
+    errors = {name: errors_dir / f"{name}.err" for name in argvs}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, argv in argvs.items():
+            with errors[name].open("w") as stderr:
+                procs.append(subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL,
+                                              stderr=stderr))
+        deadline = time.monotonic() + timeout_s
+        while not (written.exists() and text in written.read_text()):
+            for proc, err in zip(procs, errors.values(), strict=True):
+                assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, "\n".join(
+                f"--- {e}\n{e.read_text()}" for e in errors.values())
+            time.sleep(0.1)
+        yield errors
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)

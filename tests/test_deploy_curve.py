@@ -35,6 +35,7 @@ from playbook import (
     UNITS,
     Deployment,
     curve_public_key,
+    daemons_until_line,
     free_ports,
     new_deployment,
     output,
@@ -342,7 +343,6 @@ def test_curve_agent_ships_through_curve(curve_run: CurveRun, tmp_path: Path) ->
     out, logs = tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
     (logs / "app.log").write_text("shipped through curve\n")
-    errors = {name: tmp_path / f"{name}.err" for name in ("aggregator", "agent")}
     aggregator_argv = [
         bin_dir / "fleetlog-aggregator", "--config", etc / "aggregator.toml",
         "--set", f"aggregator.pull={pull}", "--set", f"aggregator.xsub={xsub}",
@@ -356,24 +356,7 @@ def test_curve_agent_ships_through_curve(curve_run: CurveRun, tmp_path: Path) ->
         "--set", f'sources=[{{paths=["{logs}/*.log"], topic="app", start_at="beginning"}}]']
     agent_config = tomllib.loads((etc / "agent.toml").read_text())["agent"]
     assert agent_config["curve_secret_key"] and agent_config["curve_server_key"]
-    procs = []
-    try:
-        for name, argv in (("aggregator", aggregator_argv), ("agent", agent_argv)):
-            with errors[name].open("w") as stderr:
-                procs.append(subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL,
-                                              stderr=stderr))
-        written = out / "app" / "app.log"
-        deadline = time.monotonic() + 30
-        while not (written.exists() and "shipped through curve" in written.read_text()):
-            for proc, err in zip(procs, errors.values(), strict=True):
-                assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, "\n".join(
-                f"--- {e}\n{e.read_text()}" for e in errors.values())
-            time.sleep(0.1)
-        assert "refused" not in errors["aggregator"].read_text()
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
+    with daemons_until_line({"aggregator": aggregator_argv, "agent": agent_argv}, tmp_path,
+                            out / "app" / "app.log", "shipped through curve", timeout_s=30) as logs_by_name:
+        assert "refused" not in logs_by_name["aggregator"].read_text()
 

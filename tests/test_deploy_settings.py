@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
-import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from playbook import (
     ROLE_OWNED,
     UNITS,
     Deployment,
+    daemons_until_line,
     free_ports,
     new_deployment,
     output,
@@ -162,28 +162,10 @@ def test_jetstream_sink_and_writer_deploy_and_ship(deployment: Deployment, jetst
             "--set", f'agent.state_dir="{tmp_path / "agent-state"}"', "--set", "journal=[]",
             "--set", f'sources=[{{paths=["{logs}/*.log"], topic="app", start_at="beginning"}}]'],
     }
-    errors = {name: tmp_path / f"{name}.err" for name in argvs}
-    procs = []
-    try:
-        for name, argv in argvs.items():
-            with errors[name].open("w") as stderr:
-                procs.append(subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL,
-                                              stderr=stderr))
-        written = out / "app" / "app.log"
-        deadline = time.monotonic() + 60
-        while not (written.exists() and "shipped through jetstream" in written.read_text()):
-            for proc, err in zip(procs, errors.values(), strict=True):
-                assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, "\n".join(
-                f"--- {e}\n{e.read_text()}" for e in errors.values())
-            time.sleep(0.1)
+    written = out / "app" / "app.log"
+    with daemons_until_line(argvs, tmp_path, written, "shipped through jetstream"):
         (line,) = written.read_text().splitlines()
         assert json.loads(line)["line"] == "shipped through jetstream"  # fleetlog_writer_topics: json
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
 
 
 def test_writer_sharing_a_files_aggregators_output_is_refused(deployment: Deployment,
