@@ -379,6 +379,13 @@ class Following:
     def check_size(self, t: Tailer, size: int) -> None:
         """What a newly seen size means: a truncation, a new content (the head changed), or
         bytes to read (queued; the read takes ``size`` rather than an fstat of its own)."""
+        if t.fd is None and t.rotated_at is None and size != t.size and not t.open():
+            # Held without a descriptor (the open-files limit) and it cannot be opened as ours:
+            # gone, or another head under its inode (a new file; rewritten). The scan tells which,
+            # now rather than at the next full scan (once per size seen: no loop of scans).
+            t.size = size
+            self.scan_soon.set()
+            return
         t.size, t.size_seen = size, True
         if size < t.ship_pos:
             self.truncated(t, "was truncated")

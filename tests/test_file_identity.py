@@ -626,3 +626,23 @@ def test_inotify_queue_overflow_is_said_and_every_file_still_shipped(h: Harness)
              what="every line of the 300 files")
     check_exactly_once(output_lines(h.path("out"), "app"), counts)
     assert "the inotify queue overflowed" in agent.log()
+
+
+def test_file_held_without_a_descriptor_rewritten_with_another_head_is_shipped_from_zero(h: Harness) -> None:
+    """Past max_open_files the agent keeps quiet, fully shipped files without a descriptor. One
+    of them truncated and written again with other lines (same inode, another head) is a new
+    content: shipped from 0 within seconds, not left to the once-a-minute full scan."""
+    ep = h.endpoints()
+    h.aggregator(ep)
+    for i in range(24):
+        append_lines(h.path("logs", f"q{i:02d}.log"), make_lines(f"q{i:02d}", 0, 3))
+    agent = h.agent(ep, [{"paths": [f"{h.path('logs')}/*.log"], "topic": "app"}], "agent.max_open_files=8")
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="the 24 files shipped")
+    status = h.agent_status()
+    assert status is not None
+    target = h.path("logs", "q00.log")
+    with open(target, "wb") as fh:  # same inode, another head, shorter than the offset
+        fh.write(b"new#00000000 other content\n")
+    wait_for(lambda: any(line.startswith("new#") for line in h.lines()), timeout=20,
+             what="the rewritten file's line")
+    assert "Traceback" not in agent.log()
