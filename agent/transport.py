@@ -101,6 +101,7 @@ class Transport:
         self._opened_at = 0.0  # loop.time() the sockets to the aggregator in use were opened
         self.data: zmq.asyncio.Socket | None = None
         self._data_raw: zmq.Socket | None = None  # type: ignore[type-arg]
+        self._control_raw: zmq.Socket | None = None  # type: ignore[type-arg]
         self.control: zmq.asyncio.Socket | None = None
         # Makes the control receiver look at ZMQ_EVENTS again (see request).
         self._control_poke: Callable[[], None] = _nothing
@@ -193,6 +194,7 @@ class Transport:
         data.connect(target.data)
         control.connect(target.control)
         self._data_raw = zmq.Socket.shadow(data.underlying)
+        self._control_raw = zmq.Socket.shadow(control.underlying)
 
     async def send(self, frames: list[bytes]) -> None:
         """Send now if ZeroMQ has room (no future needed), else wait for room. A batch still
@@ -245,13 +247,13 @@ class Transport:
     def request(self, command: str, args: dict[str, Any]) -> int | None:
         """Send a request now; its id, or None when it could not go (not connected: the
         control socket queues nothing then, and the caller tries again later)."""
-        assert self.control is not None
+        assert self.control is not None and self._control_raw is not None
         req_id = next(self._ids)
         # On the plain socket, so that pyzmq's asyncio layer never takes the descriptor that
         # _receive watches (and no future is made per request). Again: not connected (the
         # control socket queues nothing then).
         try:
-            zmq.Socket.shadow(self.control.underlying).send(wire.encode_request(req_id, command, args), _NOW)
+            self._control_raw.send(wire.encode_request(req_id, command, args), _NOW)
         except zmq.ZMQError:
             return None
         finally:
@@ -379,7 +381,7 @@ class Transport:
             if sock is not None:
                 sock.close(linger=0)
         self.data = self.control = None
-        self._data_raw = None
+        self._data_raw = self._control_raw = None
         switch = self.failover.move()
         self.generation += 1
         self._moved = True
@@ -398,9 +400,8 @@ class Transport:
         watched directly and everything there is read at once. ZeroMQ's descriptor only says
         that its state may have changed (edge-triggered), so ZMQ_EVENTS is looked at after
         every receive, and the wait starts only once it says nothing is left."""
-        control = self.control
-        assert control is not None
-        raw: zmq.Socket = zmq.Socket.shadow(control.underlying)  # type: ignore[type-arg]
+        raw = self._control_raw
+        assert raw is not None
         loop = asyncio.get_running_loop()
         fd = cast(int, raw.getsockopt(zmq.FD))
         waiter: list[asyncio.Future[None]] = []
@@ -426,7 +427,7 @@ class Transport:
                 await waiter[0]
         finally:
             self._control_poke = _nothing
-            if not control.closed:
+            if not raw.closed:
                 loop.remove_reader(fd)
 
     def _on_control(self, body: bytes, now: float) -> None:
