@@ -23,7 +23,7 @@ from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
 from agent.tail import Chunk, Rewritten, Tailer, name_base64, shown
 from agent.transport import Transport
-from agent.watch import Watcher
+from agent.watch import BUSY_CYCLE_BYTES, Watcher
 from fleetlog import __version__, wire
 from fleetlog.dirlock import DirectoryLock
 from fleetlog.runtime import SystemdNotifier, Wakeup, raise_open_files_limit, start_zmq_threads, supervise
@@ -343,6 +343,8 @@ class Agent(Following):
         if not cycle:
             return False
         self.bytes_read += cycle_bytes
+        if cycle_bytes > BUSY_CYCLE_BYTES and self.watcher is not None:
+            self.pace_up(cycle_bytes)
         await self.ship_cycle(cycle)
         return True
 
@@ -359,6 +361,17 @@ class Agent(Following):
         self.read_rate = rate if rate > self.read_rate else (self.read_rate + rate) / 2
         if self.watcher is not None:
             self.watcher.pace(self.read_rate)
+
+    def pace_up(self, cycle_bytes: int) -> None:
+        """A cycle gathered more than a busy cycle's bytes: the files grow faster than the wait
+        in force assumes, and it shortens now rather than at the next half-second look
+        (``pace_watching``). A burst's first half second otherwise waited the whole budget: at
+        20,000 lines/s its lines were the only ones over 16 ms, and 2% of a 15 s run's."""
+        assert self.watcher is not None
+        rate = cycle_bytes / self.watcher.delay_s
+        if rate > self.read_rate:
+            self.read_rate = rate
+            self.watcher.pace(rate)
 
     def read_batch(self, t: Tailer, now: float) -> tuple[Chunk, list[bytes]] | None:
         """The next batch of ``t`` and its frames, or None. Nothing about the file (its bytes,
@@ -901,6 +914,9 @@ class Agent(Following):
             "journal": self.journals.status(),
             "sources": self.sources_status(),
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
+            # How long a change waits for its read cycle now: the latency budget on a quiet or
+            # typical node, shorter while the files grow fast (see pace_watching).
+            "read_wait_ms": round(1000 * self.watcher.delay_s, 1) if self.watcher is not None else None,
             "lines_shipped": self.lines_shipped, "lines_sent": self.lines_sent,
             "batches_shipped": self.batches_shipped,
             # Messages sent (several batches share one with wire version 3).

@@ -116,6 +116,13 @@ class Watcher:
         return delay
 
     @property
+    def delay_s(self) -> float:
+        """The wait after a first change in force now (seconds); the budget when polling."""
+        if self._inotify is not None:
+            return self._inotify.delay_s
+        return self.cfg.latency_budget_ms / 1000
+
+    @property
     def reports_every_change(self) -> bool:
         """Whether inotify watches (and would say if it lost events): not polling."""
         return self._inotify is not None and not self._inotify.lost
