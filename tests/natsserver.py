@@ -20,6 +20,7 @@ does it for each test.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -34,6 +35,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from aggregator.jetstream import unescape_token
 
 CLUSTER_NAME = "fleetlog-test"
 START_TIMEOUT_S = 30.0   # a 3-node cluster on a loaded 2-core machine: meta leader elected well within
@@ -348,3 +351,30 @@ async def read_stream(urls: list[str], stream: str) -> list[tuple[str, dict[str,
         return out
     finally:
         await nc.close()
+
+
+# The aggregators' stream in the tests, and how a test reads it back.
+STREAM = "FLEETLOG"
+
+
+def jetstream_sets(servers: NatsCluster, replicas: int = 1) -> list[str]:
+    """The aggregator --set items for ``sink = "jetstream"`` on ``servers``."""
+    urls = ", ".join(f'"{u}"' for u in servers.urls)
+    return ["aggregator.sink=jetstream", f"aggregator.jetstream.servers=[{urls}]",
+            f"aggregator.jetstream.replicas={replicas}", "aggregator.jetstream.publish_timeout_s=2"]
+
+
+def stream_lines(urls: list[str]) -> list[str]:
+    """The lines of the stream, checking on the way that each subject's messages are contiguous."""
+    ends: dict[str, int] = {}
+    lines: list[str] = []
+    for subject, headers, payload in asyncio.run(read_stream(urls, STREAM)):
+        start, end = int(headers["Fleetlog-Start"]), int(headers["Fleetlog-End"])
+        previous = ends.get(subject)
+        assert previous is None or start == previous, \
+            f"{subject}: a message starts at {start}, the one before it ended at {previous}"
+        ends[subject] = end
+        assert payload.count(b"\n") == int(headers["Fleetlog-Lines"])
+        assert unescape_token(headers["Fleetlog-Topic"]) == "app"
+        lines += payload.decode(errors="replace").splitlines()
+    return lines

@@ -7,42 +7,15 @@ in it exactly once and in its file's order, each (agent, stream) subject's messa
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import signal
 import time
 
-import pytest
 from harness import Harness, Writer, append_lines, check_exactly_once, make_lines, output_lines, wait_for
-from natsserver import NatsCluster, read_stream
+from natsserver import STREAM, jetstream_sets, stream_lines
 
 from agent.config import AggregatorEndpoints
 from agent.failover import rank
-from aggregator.jetstream import unescape_token
-
-STREAM = "FLEETLOG"
-
-
-def jetstream_sets(servers: NatsCluster, replicas: int = 1) -> list[str]:
-    urls = ", ".join(f'"{u}"' for u in servers.urls)
-    return ["aggregator.sink=jetstream", f"aggregator.jetstream.servers=[{urls}]",
-            f"aggregator.jetstream.replicas={replicas}", "aggregator.jetstream.publish_timeout_s=2"]
-
-
-def stream_lines(urls: list[str]) -> list[str]:
-    """The lines of the stream, checking on the way that each subject's messages are contiguous."""
-    ends: dict[str, int] = {}
-    lines: list[str] = []
-    for subject, headers, payload in asyncio.run(read_stream(urls, STREAM)):
-        start, end = int(headers["Fleetlog-Start"]), int(headers["Fleetlog-End"])
-        previous = ends.get(subject)
-        assert previous is None or start == previous, \
-            f"{subject}: a message starts at {start}, the one before it ended at {previous}"
-        ends[subject] = end
-        assert payload.count(b"\n") == int(headers["Fleetlog-Lines"])
-        assert unescape_token(headers["Fleetlog-Topic"]) == "app"
-        lines += payload.decode(errors="replace").splitlines()
-    return lines
 
 
 def start_writer(h: Harness) -> Writer:
@@ -62,22 +35,6 @@ def finish(h: Harness, writer: Writer, urls: list[str], *names: str, timeout: fl
         wait_for(lambda name=name: h.all_acknowledged(name), timeout=timeout,  # type: ignore[misc]
                  what=f"{name}: every line acknowledged")
     check_exactly_once(stream_lines(urls), counts)
-
-
-@pytest.mark.parametrize("mode", ["push", "pub"])
-def test_aggregator_killed_mid_stream_publishes_each_line_once(h: Harness, nats, mode: str) -> None:
-    servers = nats.single()
-    ep = h.endpoints()
-    agg = h.aggregator(ep, *jetstream_sets(servers))
-    writer = start_writer(h)
-    h.agent(ep, sources(h), mode=mode)
-    for _ in range(3):
-        wait_for(lambda: h.status(ep)["totals"]["lines_written"] > 0, what="lines accepted")
-        time.sleep(0.3)
-        agg.kill9()
-        agg = h.aggregator(ep, *jetstream_sets(servers))
-    finish(h, writer, servers.urls)
-    h.assert_quiet(ep)
 
 
 def test_agent_moving_to_a_second_aggregator_on_the_same_stream_doubles_nothing(h: Harness, nats) -> None:
