@@ -21,7 +21,7 @@ from agent.follow import Following
 from agent.journal_sources import JournalSources
 from agent.offsets import Checkpoint, CheckpointStore
 from agent.status import StatusServer
-from agent.tail import Chunk, Rewritten, Tailer, name_base64, shown
+from agent.tail import Chunk, Rewritten, Tailer, file_size, name_base64, shown
 from agent.transport import Transport
 from agent.watch import BUSY_CYCLE_BYTES, Watcher
 from fleetlog import __version__, wire
@@ -461,7 +461,7 @@ class Agent(Following):
             t.predecessor = None
             return False
         try:
-            unread = os.fstat(p.fd).st_size > p.ship_pos
+            unread = file_size(p.fd) > p.ship_pos
         except OSError:
             unread = False
         if not unread:

@@ -23,6 +23,7 @@ from agent.tail import (
     MARK_LEN,
     Tailer,
     bytes_before,
+    file_size,
     fingerprint,
     line_start_before,
     mark_hash,
@@ -631,7 +632,7 @@ class Following:
                 unknown = True
                 continue
             try:
-                self.check_size(t, os.fstat(t.fd).st_size)  # type: ignore[arg-type]
+                self.check_size(t, file_size(t.fd))  # type: ignore[arg-type]
             except OSError:
                 continue
             except Exception as exc:  # as in guard(), without a context manager per event

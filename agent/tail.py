@@ -83,6 +83,14 @@ def bytes_before(fd: int, end: int, length: int = MARK_LEN) -> bytes:
     return os.pread(fd, end - start, start)
 
 
+def file_size(fd: int) -> int:
+    """The size of the regular file open as ``fd`` (its offset moves; every read here is a
+    pread). An lseek to the end returns it as an int: ``os.fstat`` builds a 19-field result
+    with float times, which made it the dearest call of a typical node's read cycle (9 us of
+    CPU against 4 for a pread, once per changed file and cycle)."""
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
 def fingerprint(fd: int, length: int = FP_LEN) -> tuple[str, int]:
     """Hash of the first ``length`` bytes (fewer if the file is shorter) and how many there were."""
     head = os.pread(fd, length, 0)
@@ -412,7 +420,7 @@ class Tailer:
         if self.size_seen:
             self.size_seen = False  # seen by the change that queued this read: no second fstat
         else:
-            self.size = os.fstat(self.fd).st_size
+            self.size = file_size(self.fd)
         if self.size <= start:
             return b""
         n = min(max_bytes, self.size - start)
