@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 PYTEST_ARGS ?= -n 3 --dist loadfile
 BENCH_ARGS ?=
 
-.PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-fleet-5000 bench-catchup bench-rotation bench-jetstream bench-jetstream-soak dist clean system-deps
+.PHONY: run test lint bench bench-peers bench-backpressure bench-fleet bench-fleet-5000 bench-fleet-typical bench-catchup bench-rotation bench-jetstream bench-jetstream-soak dist clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ bench-fleet: $(STAMP)
 # only on a machine with the cores for both (README, A fleet).
 bench-fleet-5000: $(STAMP)
 	$(BIN)/python -m bench.fleet --agents 5000 --rate 20 --duration-s 30 $(BENCH_ARGS)
+
+# A fleet of typical nodes (issue 18 item 1, the aggregator's side): 200 agents, each following 8
+# files in one topic at 62 lines/s each (500 lines/s a node, one wire-version-3 message a cycle):
+# the aggregator's CPU per million lines when the group commit is shared, as in a fleet.
+bench-fleet-typical: $(STAMP)
+	$(BIN)/python -m bench.fleet --agents 200 --files 8 --topics 1 --rate 62 --duration-s 30 $(BENCH_ARGS)
 
 # 24 real agents with backlogs catching up at once: the aggregator's memory.
 bench-catchup: $(STAMP)
