@@ -785,6 +785,7 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
         written: list[tuple[float, int]] = []
         ctl_s: list[float] = []
         raw_s: list[float] = []
+        stalls_ms: list[float] = []
         ctl_failed = 0
         # (seconds into the load, which aggregator process, its CPU seconds, control messages
         # and hellos it has received): the health timeline around a restart.
@@ -803,7 +804,7 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
                 generation, cpu0 = generation + 1, 0.0
                 restarted_at = time.monotonic() - t0
                 wait_for("the restarted aggregator", lambda: client.call("status", 0.5), 30, [aggregator])
-            size = sample(client, aggregator, generation, t0, written, raw_s, timeline)
+            size = sample(client, aggregator, generation, t0, written, raw_s, timeline, stalls_ms)
             status_bytes = size or status_bytes
             if time.monotonic() >= next_ctl:
                 next_ctl = time.monotonic() + args.status_every_s
@@ -871,6 +872,9 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
         "sim_peak_rss_kb": sum(r["peak_rss_kb"] for r in results),
         "sim_late_s": max(r["late_s"] for r in results),
         "ctl_status_s": ctl_s, "ctl_failed": ctl_failed, "raw_status_s": raw_s,
+        # The aggregator's loop lateness (status: the longest timer delay in the last 10-20 s),
+        # sampled after the warm-up.
+        "loop_stall_ms": [x for (t, _), x in zip(written, stalls_ms, strict=True) if t >= t0 + args.warmup_s],
         "status_reply_bytes": status_bytes,
         "settle_s": max(r["t_settled"] - r["t_load_end"] for r in results),
         "unacked_lines": sum(r["unacked_lines"] for r in results), "stats": stats,
@@ -884,9 +888,10 @@ def run(args: argparse.Namespace, d: str) -> dict[str, Any]:
 
 def sample(client: ControlClient, aggregator: Proc, generation: int, t0: float,
            written: list[tuple[float, int]], raw_s: list[float],
-           timeline: list[tuple[float, int, float, int, int]]) -> int | None:
-    """One status request on the open socket: lines written, its latency, the health timeline.
-    Returns the reply's size in bytes (None: no reply)."""
+           timeline: list[tuple[float, int, float, int, int]], stalls_ms: list[float]) -> int | None:
+    """One status request on the open socket: lines written, its latency, the health timeline,
+    the loop's lateness (its longest in the last 10-20 s). Returns the reply's size in bytes
+    (None: no reply)."""
     t = time.monotonic()
     s = client.call("status", 10)
     if s is None:
@@ -894,6 +899,7 @@ def sample(client: ControlClient, aggregator: Proc, generation: int, t0: float,
     now = time.monotonic()
     raw_s.append(now - t)
     written.append((now, s["totals"]["lines_written"]))
+    stalls_ms.append(float(s.get("loop", {}).get("stall_recent_ms", 0.0)))
     control = s.get("control", {})
     timeline.append((now - t0, generation, aggregator.cpu_s(), control.get("messages_received", 0),
                      control.get("commands", {}).get("hello", 0)))
@@ -972,6 +978,10 @@ def report(r: dict[str, Any]) -> str:
     if r["raw_status_s"]:
         rows.append(f"  {'status request on an open socket s':34} {med(r['raw_status_s']):>8.3f}   "
                     f"median (max {max(r['raw_status_s']):.3f})")
+    if r.get("loop_stall_ms"):
+        stalls = r["loop_stall_ms"]
+        rows.append(f"  {'aggregator loop lateness ms':34} {med(stalls):>8.1f}   median of its 10-20 s maxima"
+                    f" after the warm-up (max {max(stalls):.1f})")
     rows.append(f"  settle after the load: {r['settle_s']:.1f}s, lines never acknowledged "
                 f"{r['unacked_lines']}")
     rows.append("  aggregator: " + ", ".join(f"{k} {x}" for k, x in r["aggregator_totals"].items())
