@@ -50,12 +50,7 @@ class GroupCommit(Stages):
         first batch (then wait the interval, so a group commit still gathers what comes in it),
         or until something asks for a commit now (``commit_max_bytes`` reached, a stream waiting,
         descriptors short, a rotation due: the ticker looks once a second). An idle aggregator
-        then has no timer here at all: it costs nothing per commit interval.
-
-        Commits start ``commit_interval_ms`` apart (from the previous one's start, not its end):
-        a batch taken while a commit's fsyncs run would otherwise wait that commit, the whole
-        interval, and its own commit (a fleet's ack p99 was two commits and an interval)."""
-        started = time.monotonic()
+        then has no timer here at all: it costs nothing per commit interval."""
         while True:
             interval = self.cfg.commit_interval_ms / 1000
             if not self.commit_work():
@@ -68,16 +63,13 @@ class GroupCommit(Stages):
                 # Woken by a first batch: its group's window. By anything else: commit now.
                 gather = (self.pending and not self.refused and self.descriptors_short_at is None
                           and self.pending_bytes < self.cfg.commit_max_bytes)
-                due = time.monotonic() + interval
             else:
                 gather = True
-                due = started + interval
             if gather:
-                wait_s = due - time.monotonic()
-                if wait_s > 0 and not await self.commit_wake.wait(wait_s):
+                due = time.monotonic() + interval
+                if not await self.commit_wake.wait(interval):
                     self.note_stall(time.monotonic() - due)  # the loop's lateness, for status
                 self.commit_wake.clear()
-            started = time.monotonic()
             try:
                 async with self.commit_lock:
                     await self.commit()
