@@ -210,7 +210,30 @@ def _open(frames: list[bytes] | list[memoryview], max_bytes: int) -> tuple[str, 
 
 
 def _batch(topic: str, doc: dict[str, Any]) -> Batch:
-    """One version 1 or 2 body, checked."""
+    """One version 1 or 2 body, checked.
+
+    The common body (version 2, every field well formed, no ``fields``) is checked in one
+    expression and built with positional arguments: a typical node's read cycle is 8 batches a
+    message, 25 messages a second, and the per-field calls below cost twice as much (2.0 against
+    0.9 us a batch). Anything else takes the field-by-field path, which says what is wrong."""
+    get = doc.get
+    lines = get("text")
+    agent, stream, base, seq, start, end = (get("agent"), get("stream"), get("base"), get("seq"),
+                                            get("start"), get("end"))
+    path, file = get("path", ""), get("file", "")
+    if (type(lines) is str and get("v") == 2 and (not lines or lines[-1] == "\n")
+            and type(agent) is str and 0 < len(agent) <= _NAME_MAX
+            and type(stream) is str and 0 < len(stream) <= _NAME_MAX
+            and type(base) is int and type(seq) is int and type(start) is int and type(end) is int
+            and 0 <= base <= start <= end and seq >= 0
+            and type(path) is str and len(path) <= 4096 and type(file) is str and len(file) <= _NAME_MAX
+            and get("fields") is None):
+        return Batch(topic, agent, stream, base, path, file, seq, start, end, lines)
+    return _batch_checked(topic, doc)
+
+
+def _batch_checked(topic: str, doc: dict[str, Any]) -> Batch:
+    """One version 1 or 2 body, checked field by field (WireError names the first bad one)."""
     version = doc.get("v")
     if version == 2:
         lines = doc.get("text")
