@@ -143,6 +143,10 @@ class Ingest(Stages):
         split = cfg.topic_split(topic)
         received = self.clock()
         admit = self.admit
+        # admit()'s common case, inline: taking batches, the stream where the batch starts, and
+        # already for this file.
+        accepted = None if self.refusing else self.accepted
+        stream_topic = self.stream_topic
         group: list[tuple[wire.Batch, str, int, bytes]] = []
         group_file = ""
         keys: set[str] = set()
@@ -153,9 +157,14 @@ class Ingest(Stages):
                 self.write_group(group, group_file, frames, via)
                 group, keys = [], set()
             file_key = cfg.file_key(topic, agent) if split else topic
-            expected = admit(batch, key, file_key)
-            if expected is None:
-                continue
+            start = batch.start
+            if (accepted is None or accepted.get(key) != start or batch.end == start
+                    or stream_topic.get(key) != file_key):
+                expected = admit(batch, key, file_key)
+                if expected is None:
+                    continue
+            else:
+                expected = start
             lines = batch.lines
             if fmt == "raw" and type(lines) is str:
                 data = lines.encode()  # version 2, as written (format_lines' first case)
@@ -183,7 +192,8 @@ class Ingest(Stages):
         data = group[0][3] if len(group) == 1 else b"".join([text for _, _, _, text in group])
         n = 0
         for batch, _, _, _ in group:
-            n += batch.count
+            lines = batch.lines
+            n += lines.count("\n") if type(lines) is str else len(lines)  # line_count, inline
         try:
             self.sink.append(file_key, data, n)
         except SinkError as exc:
@@ -192,12 +202,13 @@ class Ingest(Stages):
             self.on_write_error(file_key, exc, len(data))
             return
         first = group[0][0]
-        if all(batch.agent == first.agent for batch, _, _, _ in group):
+        if not self.subscriptions and all(batch.agent == first.agent for batch, _, _, _ in group):
+            accepted, pending = self.accepted, self.pending
             for batch, key, _, _ in group:
-                self.record(batch, key, frames, False)
+                accepted[key] = pending[key] = batch.end  # record(), inline
             self.count(first.agent, first.topic, n, len(data), len(group), via)
             return
-        for batch, key, _, text in group:  # batches of several agents in one message: each its own
+        for batch, key, _, text in group:  # subscribers, or batches of several agents in one message
             self.record(batch, key, frames, False)
             self.count(batch.agent, batch.topic, batch.count, len(text), 1, via)
 
