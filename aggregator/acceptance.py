@@ -44,6 +44,11 @@ class Acceptance(Stages):
             durable = self.journal.state.streams.get(key)
             if durable is not None and durable[0] >= batch.end:
                 self.owe_ack(batch.agent, batch.stream, int(durable[0]))
+            elif key in self.pending and not self.commit_soon:
+                # Sent again before its commit: its agent waited for the ack past its
+                # ack_timeout_ms. Commit now rather than at the interval.
+                self.commit_soon = True
+                self.commit_wake.set()
             return None
         if batch.start != expected:
             self.totals.resyncs += 1

@@ -24,6 +24,9 @@ from fleetlog.runtime import Wakeup
 
 log = logging.getLogger("fleetlog.aggregator")
 
+# The least in-flight window an agent may have (agent.max_inflight_bytes' lower bound).
+LEAST_WINDOW = 64 * 1024
+
 _NOW = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -253,6 +256,19 @@ class Ingest(Stages):
         agent.bytes += size
         agent.last_seen = time.monotonic()
         agent.heard = True
+        # The agent counts these as in flight until their ack: commit now, not at the interval,
+        # once they are half of what it may have in flight (its max_inflight_bytes, or the
+        # window granted if less; before its hello says, the least an agent may have), so that
+        # a fast agent never stops at its window to wait for a commit (the other half covers
+        # the commit's fsyncs).
+        uncommitted = self.uncommitted_bytes.get(agent_name, 0) + size
+        self.uncommitted_bytes[agent_name] = uncommitted
+        window = agent.max_window or LEAST_WINDOW
+        if agent.window and agent.window < window:
+            window = agent.window
+        if 2 * uncommitted >= window and not self.commit_soon:
+            self.commit_soon = True
+            self.commit_wake.set()
 
 
 def peer_address(frame: zmq.Frame) -> str:

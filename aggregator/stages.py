@@ -57,6 +57,8 @@ class Stages:
         accepted: dict[str, int]
         pending: dict[str, int]
         pending_bytes: int
+        uncommitted_bytes: dict[str, int]
+        commit_soon: bool
         owed_acks: dict[str, dict[str, int]]
         catching_up: int
         window: int | None
