@@ -95,13 +95,13 @@ class Ingest(Stages):
         except wire.WireError as exc:
             self.malformed(exc.reason, f"{via}:{peer_address(frames[-1])}", str(exc))
             return
-        if len(batches) == 1:
-            self.take(batches[0], frames, True, via)
-        elif self.stream_sink is not None:
+        if self.stream_sink is not None or (self.subscriptions and len(batches) == 1):
+            # (XPUB subscribers get a message that came alone as it came, not encoded again.)
+            alone = len(batches) == 1
             for batch in batches:
-                self.take(batch, frames, False, via)
+                self.take(batch, frames, alone, via)
         else:
-            self.take_together(batches, frames, via)
+            self.take_together(batches, frames, via)  # the files sink: one batch or several
 
     def take(self, batch: wire.Batch, frames: list[zmq.Frame], alone: bool, via: str) -> None:
         """One decoded batch: admitted, formatted and handed to the sink, or not taken.
@@ -129,8 +129,9 @@ class Ingest(Stages):
         self.count(batch.agent, batch.topic, n, len(data), 1, via)
 
     def take_together(self, batches: list[wire.Batch], frames: list[zmq.Frame], via: str) -> None:
-        """A version 3 message's batches with the files sink: each admitted and formatted as if
-        it came alone, and those in a row for the same file written in one ``write()`` (an
+        """A message's batches with the files sink (one, or several: version 3): each admitted
+        and formatted as if it came alone, and those in a row for the same file written in one
+        ``write()`` (an
         agent's read cycle is one message of a batch per file, mostly for one topic: one system
         call instead of one per batch). A group whose write fails is refused whole, as its
         batches would have been one after the other once the first had held its topic back.
