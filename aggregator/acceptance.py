@@ -19,15 +19,15 @@ log = logging.getLogger("fleetlog.aggregator")
 class Acceptance(Stages):
     """Which batches are taken (the second stage a batch visits)."""
 
-    def admit(self, batch: wire.Batch) -> int | None:
-        """Whether ``batch`` is taken: the offset its stream has reached (``batch.start``) when
+    def admit(self, batch: wire.Batch, key: str, file_key: str) -> int | None:
+        """Whether ``batch`` (of stream ``key``, ``stream_key``; for the sink's ``file_key``, as
+        ``file_key()`` gives it) is taken: the offset its stream has reached (``batch.start``) when
         it continues the stream exactly; None when it is not taken: held back (its topic or the
         journal cannot be written; asked again later), empty, a duplicate (dropped, and
         acknowledged again when already durable) or not where the stream is (its agent is asked
         to resend from there)."""
         if self.refusing and self.refuse(batch):
             return None  # not taken, not acknowledged: agents are asked to resend once it can be written
-        key = stream_key(batch.agent, batch.stream)
         expected = self.accepted.get(key)
         if expected is None:
             # A stream we have not seen: with the files sink the journal knows every stream it
@@ -44,14 +44,19 @@ class Acceptance(Stages):
             durable = self.journal.state.streams.get(key)
             if durable is not None and durable[0] >= batch.end:
                 self.owe_ack(batch.agent, batch.stream, int(durable[0]))
+            elif key in self.pending and not self.commit_soon:
+                # Sent again before its commit: its agent waited for the ack past its
+                # ack_timeout_ms. Commit now rather than at the interval.
+                self.commit_soon = True
+                self.commit_wake.set()
             return None
         if batch.start != expected:
             self.totals.resyncs += 1
             self.send_event(batch.agent, wire.encode_event(
                 "resync", stream=batch.stream, offset=expected, seq=batch.seq))
             return None
-        if self.stream_topic.get(key) != self.file_key(batch) and \
-                not self.set_stream_topic(key, batch, expected):
+        if self.stream_topic.get(key) != file_key and \
+                not self.set_stream_topic(key, batch, expected, file_key):
             return None
         return expected
 
@@ -77,14 +82,14 @@ class Acceptance(Stages):
         hold.refused_batches += 1
         return True
 
-    def set_stream_topic(self, key: str, batch: wire.Batch, expected: int) -> bool:
+    def set_stream_topic(self, key: str, batch: wire.Batch, expected: int, file_key: str) -> bool:
         """Record a stream's topic; False (the batch waits) while batches of it for another topic
         are uncommitted: one topic's failure must be able to take back all of a stream's."""
         if key in self.pending:
-            self.refused[key] = (batch.agent, batch.stream, batch.seq, self.file_key(batch), expected)
+            self.refused[key] = (batch.agent, batch.stream, batch.seq, file_key, expected)
             self.commit_wake.set()
             return False
-        self.stream_topic[key] = self.file_key(batch)
+        self.stream_topic[key] = file_key
         if len(self.stream_topic) > 2 * len(self.accepted) + 1024:
             self.stream_topic = {k: t for k, t in self.stream_topic.items() if k in self.accepted}
         return True

@@ -48,8 +48,9 @@ class GroupCommit(Stages):
     async def commit_loop(self) -> None:
         """Commit every ``commit_interval_ms`` while there is work; with none, sleep until the
         first batch (then wait the interval, so a group commit still gathers what comes in it),
-        or until something asks for a commit now (``commit_max_bytes`` reached, a stream waiting,
-        descriptors short, a rotation due: the ticker looks once a second). An idle aggregator
+        or until something asks for a commit now (``commit_max_bytes`` reached, an agent with half
+        its window uncommitted, a stream waiting, descriptors short, a rotation due: the ticker
+        looks once a second). An idle aggregator
         then has no timer here at all: it costs nothing per commit interval."""
         while True:
             interval = self.cfg.commit_interval_ms / 1000
@@ -62,9 +63,10 @@ class GroupCommit(Stages):
                 self.commit_wake.clear()
                 # Woken by a first batch: its group's window. By anything else: commit now.
                 gather = (self.pending and not self.refused and self.descriptors_short_at is None
-                          and self.pending_bytes < self.cfg.commit_max_bytes)
+                          and self.pending_bytes < self.cfg.commit_max_bytes and not self.commit_soon)
             else:
-                gather = True
+                # (A commit waiting for the journal's retry time waits here, even if due.)
+                gather = not self.commit_soon or self.state_error is not None
             if gather:
                 due = time.monotonic() + interval
                 if not await self.commit_wake.wait(interval):
@@ -122,6 +124,8 @@ class GroupCommit(Stages):
         record could not be written (everything stays pending)."""
         pending, self.pending = self.pending, {}
         self.pending_bytes = 0
+        self.uncommitted_bytes = {}
+        self.commit_soon = False
         dirty = self.sink.dirty_files()
         positions = self.sink.positions()
         loop = asyncio.get_running_loop()
@@ -190,6 +194,8 @@ class GroupCommit(Stages):
         # What the sink holds at the call is published; batches accepted meanwhile wait for the
         # next commit (they are pending again).
         pending, self.pending = self.pending, {}
+        self.uncommitted_bytes = {}
+        self.commit_soon = False
         outcome = await sink.commit()
         now = time.time()
         durable = self.journal.state.streams

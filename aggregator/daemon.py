@@ -84,6 +84,10 @@ class Aggregator(Ingest, Acceptance, GroupCommit, FlowControl, AgentRegistry, Ho
         # Accepted since the last commit: key -> end; acks owed to agents: agent -> {stream: end}.
         self.pending: dict[str, int] = {}
         self.pending_bytes = 0
+        # Bytes of each agent accepted since the last commit; set when one has half its window
+        # there (aggregator/ingest.py, count): the next commit is due at once.
+        self.uncommitted_bytes: dict[str, int] = {}
+        self.commit_soon = False
         self.owed_acks: dict[str, dict[str, int]] = {}
         # Flow control: agents catching up (lag of at least wire.MIN_WINDOW) share the window budget;
         # ``window`` is each one's share, ``granted`` the sum of the windows granted.

@@ -273,7 +273,8 @@ def start_pipeline(shipper: str, peer: Peer | None, d: str, logs: str, max_files
     return pl
 
 
-# --fleetlog-set KEY=VALUE options, for trying agent settings side by side with the peers.
+# --fleetlog-set KEY=VALUE options, for trying settings side by side with the peers (aggregator.*
+# keys go to the aggregator, the others to the agent).
 FLEETLOG_AGENT_SET: tuple[str, ...] = ()
 
 
@@ -282,8 +283,10 @@ def _build(shipper: str, peer: Peer | None, d: str, logs: str,
     if shipper == "fleetlog":
         import zmq
         ports = {k: free_port() for k in ("pull", "xsub", "xpub")}
-        pl = Pipeline(Proc("aggregator", aggregator_argv(d, ports), d),
-                      Proc("agent", agent_argv(d, logs, ports, "push", FLEETLOG_AGENT_SET), d),
+        aggregator_set = tuple(x for x in FLEETLOG_AGENT_SET if x.startswith("aggregator."))
+        agent_set = tuple(x for x in FLEETLOG_AGENT_SET if not x.startswith("aggregator."))
+        pl = Pipeline(Proc("aggregator", aggregator_argv(d, ports, aggregator_set), d),
+                      Proc("agent", agent_argv(d, logs, ports, "push", agent_set), d),
                       os.path.join(d, "out", TOPIC, f"{TOPIC}.log"))
         pl.ctx = zmq.Context()
         control = pl.control = ControlClient(pl.ctx, f"ipc://{d}/c.sock")

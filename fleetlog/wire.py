@@ -53,6 +53,7 @@ moves to it at once; others (and older agents, which ignore events they do not k
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -198,19 +199,54 @@ def _open(frames: list[bytes] | list[memoryview], max_bytes: int) -> tuple[str, 
     if len(body) > max_bytes:
         raise WireError("oversized", f"{len(body)} bytes")
     topic_raw = bytes(topic_raw)
-    if TOPIC_RE.fullmatch(topic_raw) is None:
-        raise WireError("bad_topic", repr(topic_raw[:64]))
+    topic = _TOPICS.get(topic_raw)
+    if topic is None:
+        if TOPIC_RE.fullmatch(topic_raw) is None:
+            raise WireError("bad_topic", repr(topic_raw[:64]))
+        if len(_TOPICS) >= 4096:
+            _TOPICS.clear()
+        topic = _TOPICS[topic_raw] = topic_raw.decode()
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise WireError("bad_json", str(exc)[:80]) from None
     if type(doc) is not dict:
         raise WireError("bad_json", "not an object")
-    return topic_raw.decode(), doc
+    return topic, doc
+
+
+# Topic frames already checked (a fleet has a few topics; every message names one).
+_TOPICS: dict[bytes, str] = {}
 
 
 def _batch(topic: str, doc: dict[str, Any]) -> Batch:
-    """One version 1 or 2 body, checked."""
+    """One version 1 or 2 body, checked.
+
+    The common body (version 2, every field well formed, no ``fields``) is read with one
+    ``itemgetter`` call, checked in one expression and built with positional arguments: a
+    typical node's read cycle is 8 batches a message, 25 messages a second, each arriving to
+    cold caches, and the per-field calls of the checked path cost twice as much (2.0 against
+    0.9 us a batch, hot). Anything else takes the field-by-field path, which says what is wrong."""
+    try:
+        version, lines, agent, stream, base, seq, start, end, path, file = _COMMON(doc)
+    except KeyError:
+        return _batch_checked(topic, doc)
+    if (version == 2 and type(lines) is str and (not lines or lines[-1] == "\n")
+            and type(agent) is str and 0 < len(agent) <= _NAME_MAX
+            and type(stream) is str and 0 < len(stream) <= _NAME_MAX
+            and type(base) is int and type(seq) is int and type(start) is int and type(end) is int
+            and 0 <= base <= start <= end and seq >= 0
+            and type(path) is str and len(path) <= 4096 and type(file) is str and len(file) <= _NAME_MAX
+            and "fields" not in doc):
+        return Batch(topic, agent, stream, base, path, file, seq, start, end, lines)
+    return _batch_checked(topic, doc)
+
+
+_COMMON = operator.itemgetter("v", "text", "agent", "stream", "base", "seq", "start", "end", "path", "file")
+
+
+def _batch_checked(topic: str, doc: dict[str, Any]) -> Batch:
+    """One version 1 or 2 body, checked field by field (WireError names the first bad one)."""
     version = doc.get("v")
     if version == 2:
         lines = doc.get("text")
