@@ -57,6 +57,7 @@ class StatusReport(Stages):
         wall, mono = self.clock(), time.monotonic()
         loop = asyncio.get_running_loop()
         trimming: asyncio.Future[None] | None = None
+        saving: asyncio.Future[None] | None = None
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
@@ -71,7 +72,8 @@ class StatusReport(Stages):
                 readable.set()
             if ticks % 10 == 0:
                 self.notifier.notify("STATUS=" + self.status_line())
-                self.save_registry()
+                if saving is None or saving.done():  # one at a time: a slow disk must not pile them up
+                    saving = self.save_registry_later()
                 # Messages waiting in ZeroMQ's queues hold its receive buffers: 8 KiB each for
                 # an agent's 700-byte message of a 50 ms read cycle (one message a read). A
                 # loop that falls behind a fleet for a second queues 20,000 of them; glibc then
