@@ -162,10 +162,11 @@ class AgentRegistry(Stages):
         agent_id = args.get("agent_id")
         agent_id = agent_id if type(agent_id) is str and 0 < len(agent_id) <= 64 else ""
         now = time.monotonic()
-        # Live: heard from within three of its heartbeats (5 s at least, for a loaded host).
+        # Live: heard from within three of its heartbeats (5 s at least, for a loaded host), and
+        # not gone with a goodbye (a host reinstalled with a new state_dir is back at once).
         live_s = min(max(3 * info.heartbeat_s, 5.0), self.cfg.agent_timeout_s)
         if agent_id and info.agent_id and agent_id != info.agent_id and info.last_seen \
-                and now - info.last_seen < live_s:
+                and not info.stopped and now - info.last_seen < live_s:
             self.refuse_name_clash(info, agent_id, peer.address, now)
         host = peer.address.rsplit(":", 1)[0]
         if (not agent_id and info.address and info.address.rsplit(":", 1)[0] != host

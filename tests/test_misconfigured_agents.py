@@ -99,3 +99,26 @@ def test_two_agents_with_one_name_are_told(h: Harness) -> None:
              timeout=30, what="the second agent's lines once the first is gone")
     check_exactly_once(output_lines(h.path("out"), "app"), {"a": 300, "b": 200})
     h.assert_quiet(ep)
+
+
+def test_an_agent_that_stopped_cleanly_frees_its_name_at_once(h: Harness) -> None:
+    """An agent stopped with SIGTERM says goodbye: another agent with its name and another
+    state_dir (the host reinstalled, or its state moved) is taken at once, not refused as a
+    second live agent for its heartbeat timeout (3-5 s before)."""
+    ep = h.endpoints()
+    agg = h.aggregator(ep)
+    log = h.path("logs", "a.log")
+    append_lines(log, make_lines("a", 0, 10))
+    first = h.agent(ep, [{"paths": [str(log)], "topic": "app"}], name="web", state="st-a")
+    wait_for(lambda: count_lines(h.path("out", "app", "app.log")) >= 10, what="the first agent's lines")
+    assert first.stop() == 0
+    wait_for(lambda: "agent web (" in agg.log() and " stopped" in agg.log(), what="the goodbye")
+    h.path("logs", "b").mkdir()
+    append_lines(h.path("logs", "b", "b.log"), make_lines("b", 0, 10))
+    second = h.agent(ep, [{"paths": [f"{h.path('logs', 'b')}/*.log"], "topic": "app"}], name="web",
+                     state="st-b")
+    wait_for(lambda: sum(1 for line in output_lines(h.path("out"), "app") if line.startswith("b#")) >= 10,
+             what="the second agent's lines")
+    assert "in use by another live agent" not in second.log()
+    assert "used by two live agents" not in agg.log()
+    check_exactly_once(output_lines(h.path("out"), "app"), {"a": 10, "b": 10})
