@@ -131,6 +131,7 @@ class Agent(Following):
         self.all_acked = True
         self._pace_mark = (time.monotonic(), 0)
         self.read_rate = 0.0
+        self._last_cycle = (0.0, 0)  # (when, bytes) of the last read cycle (pace_up)
         # The last heartbeat's figures and what they were computed from (see heartbeat_args).
         self._beat_state: tuple[int, ...] | None = None
         self._beat_args: dict[str, Any] = {}
@@ -270,6 +271,7 @@ class Agent(Following):
             self.ctx.term()
         if self.metrics is not None:
             self.metrics.close()
+        self.store.close()
         self.notifier.close()
         self.lock.release()
         log.info("agent stopped")
@@ -343,8 +345,8 @@ class Agent(Following):
         if not cycle:
             return False
         self.bytes_read += cycle_bytes
-        if cycle_bytes > BUSY_CYCLE_BYTES and self.watcher is not None:
-            self.pace_up(cycle_bytes)
+        if self.watcher is not None:
+            self.pace_up(cycle_bytes, now)
         await self.ship_cycle(cycle)
         return True
 
@@ -354,21 +356,41 @@ class Agent(Following):
         read cycle (Watcher.pace): the whole latency budget on a quiet or typical node, less on
         a busy one, whose large cycles keep the cost per line low anyway."""
         since, before = self._pace_mark
-        if now - since < 0.5:
+        elapsed = now - since
+        if elapsed < 0.5:
             return
-        rate = (self.bytes_read - before) / (now - since)
+        rate = (self.bytes_read - before) / elapsed
         self._pace_mark = (now, self.bytes_read)
-        self.read_rate = rate if rate > self.read_rate else (self.read_rate + rate) / 2
+        # Falling by half per half second that passed, also when the loop slept through them
+        # (an idle node looks again only at its next change).
+        self.read_rate = rate if rate > self.read_rate else \
+            rate + (self.read_rate - rate) * 0.5 ** (elapsed / 0.5)
         if self.watcher is not None:
             self.watcher.pace(self.read_rate)
 
-    def pace_up(self, cycle_bytes: int) -> None:
-        """A cycle gathered more than a busy cycle's bytes: the files grow faster than the wait
-        in force assumes, and it shortens now rather than at the next half-second look
-        (``pace_watching``). A burst's first half second otherwise waited the whole budget: at
-        20,000 lines/s its lines were the only ones over 16 ms, and 2% of a 15 s run's."""
+    def read_wait_ms(self) -> float | None:
+        """The wait after a change in force now (ms), the rate looked at first (it is not
+        while the loop sleeps: an idle node would show a burst's short wait for ever)."""
+        if self.watcher is None:
+            return None
+        self.pace_watching(time.monotonic())
+        return round(1000 * self.watcher.delay_s, 1)
+
+    def pace_up(self, cycle_bytes: int, now: float) -> None:
+        """Two cycles in a row each gathered more than a busy cycle's bytes: the files grow
+        faster than the wait in force assumes, and it shortens now rather than at the next
+        half-second look (``pace_watching``); a burst's first half second otherwise waited the
+        whole budget (at 20,000 lines/s its lines were the only ones over 16 ms). The rate is
+        the second cycle's bytes over the time since the first: one large write (nginx's
+        ``access_log ... buffer=32k`` writes 32 KiB at once) is not a rate, and taking one cycle's
+        bytes over the wait made each such write shorten the wait again, down to an eighth, on a
+        node writing a third of a busy one's bytes."""
         assert self.watcher is not None
-        rate = cycle_bytes / self.watcher.delay_s
+        last_at, last_bytes = self._last_cycle
+        self._last_cycle = (now, cycle_bytes)
+        if cycle_bytes <= BUSY_CYCLE_BYTES or last_bytes <= BUSY_CYCLE_BYTES:
+            return
+        rate = cycle_bytes / max(now - last_at, self.watcher.delay_s)
         if rate > self.read_rate:
             self.read_rate = rate
             self.watcher.pace(rate)
@@ -866,12 +888,21 @@ class Agent(Following):
             log.error("cannot save checkpoints to %s: %s", self.store.path, exc)
 
     async def checkpoint_loop(self) -> None:
-        # Saved on the loop thread on purpose: a save from another thread could land after a
-        # newer one and bring back a list without a stream that already shipped.
+        """Save the checkpoints every checkpoint_interval_ms while they changed. Taken here on
+        the loop, written by the store's one thread (``save_soon``): in order, and without
+        stopping the loop for the fsyncs. (A new stream is still saved at once, and waited for,
+        before its first batch ships: ``shipped``.)"""
         while True:
             await asyncio.sleep(self.cfg.checkpoint_interval_ms / 1000)
-            if self.checkpoints_dirty:
-                self.save_checkpoints()
+            if not self.checkpoints_dirty:
+                continue
+            self.checkpoints_dirty = False  # what changes from now on is for the next save
+            try:
+                saving = self.store.save_soon(self.checkpoints(), self.journals.checkpoints())
+                await asyncio.wrap_future(saving)
+            except (OSError, TypeError, ValueError) as exc:
+                self.checkpoints_dirty = True
+                log.error("cannot save checkpoints to %s: %s", self.store.path, exc)
 
     # -- status -------------------------------------------------------------------------------
 
@@ -916,7 +947,7 @@ class Agent(Following):
             "inflight_bytes": self.inflight_bytes(), "window_bytes": self.window,
             # How long a change waits for its read cycle now: the latency budget on a quiet or
             # typical node, shorter while the files grow fast (see pace_watching).
-            "read_wait_ms": round(1000 * self.watcher.delay_s, 1) if self.watcher is not None else None,
+            "read_wait_ms": self.read_wait_ms(),
             "lines_shipped": self.lines_shipped, "lines_sent": self.lines_sent,
             "batches_shipped": self.batches_shipped,
             # Messages sent (several batches share one with wire version 3).

@@ -16,6 +16,7 @@ such a name, ``path_base64`` (``real_path_base64``) holds its exact bytes, which
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 from dataclasses import dataclass, fields
@@ -63,6 +64,7 @@ class CheckpointStore:
         self.existed = False
         # The journal sources' checkpoints as last loaded or saved (plain objects).
         self.journal: list[dict[str, Any]] = []
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first save
 
     def load(self) -> dict[str, Checkpoint]:
         os.makedirs(self.state_dir, exist_ok=True)
@@ -95,11 +97,32 @@ class CheckpointStore:
         return out
 
     def save(self, checkpoints: list[Checkpoint], journal: list[dict[str, Any]] | None = None) -> None:
+        """Save now: returns once the file is durable (after any save still being written).
+        Raises OSError from the disk, TypeError/ValueError from the encoding."""
+        self.save_soon(checkpoints, journal).result()
+
+    def save_soon(self, checkpoints: list[Checkpoint],
+                  journal: list[dict[str, Any]] | None = None) -> concurrent.futures.Future[None]:
+        """Take the checkpoints now, write them in the store's thread: the write's two fsyncs
+        block nobody (on the event loop they stopped reading and shipping for as long as the
+        disk took, once a second). One thread, so saves land in the order they were taken: a
+        later one never overwritten by an earlier. The future raises OSError from the disk;
+        the encoding's TypeError/ValueError are raised here."""
         doc: dict[str, Any] = {"version": FORMAT_VERSION, "files": [_entry(c) for c in checkpoints]}
         if journal:
             doc["journal"] = journal
-        write_atomic(self.path, orjson.dumps(doc))
+        data = orjson.dumps(doc)
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoints")
+        done = self._writer.submit(write_atomic, self.path, data)
         self.existed = True
+        return done
+
+    def close(self) -> None:
+        """Wait for the save being written, then stop the store's thread."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
 
 # Every field is a plain value: read one by one, not through dataclasses.asdict, whose recursive
