@@ -12,6 +12,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from harness import Harness, append_lines, check_exactly_once, count_lines, make_lines, output_lines, wait_for
@@ -29,6 +31,29 @@ def slow_fsyncs_of_the_main_thread(pid: int) -> subprocess.Popen[bytes]:
     return proc
 
 
+def lines_while_slow(pid: int, log: Path, saved: Path, arrived: Callable[[int], bool],
+                     timeout_s: float) -> int:
+    """With every fsync of ``pid``'s main thread slowed, append a line to ``log`` and wait
+    (``timeout_s`` at most) until ``arrived(n)`` for its count n, again and again until ``saved``
+    is written anew (a save made while the disk was slow is done). Returns the lines appended."""
+    before = saved.stat().st_mtime_ns
+    slow = slow_fsyncs_of_the_main_thread(pid)
+    try:
+        n = 0
+        deadline = time.monotonic() + 30
+        while saved.stat().st_mtime_ns == before:
+            assert time.monotonic() < deadline, f"{saved.name} not saved within 30 s"
+            assert slow.poll() is None, "strace could not attach (ptrace not permitted?)"
+            append_lines(log, make_lines("late", n, 1))
+            n += 1
+            wait_for(lambda n=n: arrived(n), timeout=timeout_s,  # type: ignore[misc]
+                     what=f"line {n} while the disk is slow")
+    finally:
+        slow.terminate()
+        slow.wait(timeout=10)
+    return n
+
+
 def test_a_slow_state_disk_does_not_stop_the_agent_from_shipping(h: Harness) -> None:
     """The agent saves its checkpoints once a second (two fsyncs): on its event loop a slow disk
     stopped its reading and shipping for as long as they took (4 s here) at every save. The
@@ -42,26 +67,11 @@ def test_a_slow_state_disk_does_not_stop_the_agent_from_shipping(h: Harness) -> 
     out = h.path("out", "app", "app.log")
     wait_for(lambda: count_lines(out) >= 10, what="the first lines")
     assert agent.state_dir is not None
-    checkpoints = agent.state_dir / "checkpoints.json"
-    saved = checkpoints.stat().st_mtime_ns
-    slow = slow_fsyncs_of_the_main_thread(agent.pid)
-    try:
-        n = 10
-        deadline = time.monotonic() + 30
-        while checkpoints.stat().st_mtime_ns == saved:  # until a save made while slow is done
-            assert time.monotonic() < deadline, "no checkpoint saved within 30 s"
-            assert slow.poll() is None, "strace could not attach (ptrace not permitted?)"
-            append_lines(log, make_lines("a", n, 1))
-            n += 1
-            # On the old code a line waited for the save in progress: 4 s.
-            wait_for(lambda n=n: count_lines(out) >= n, timeout=1.5,  # type: ignore[misc]
-                     what=f"line {n} in the output while the disk is slow")
-    finally:
-        slow.terminate()
-        slow.wait(timeout=10)
+    # On the old code a line waited for the save in progress: 4 s.
+    n = lines_while_slow(agent.pid, log, agent.state_dir / "checkpoints.json",
+                         lambda n: count_lines(out) >= 10 + n, timeout_s=1.5)
     wait_for(lambda: h.all_acknowledged(), what="every line acknowledged")
-    check_exactly_once(output_lines(h.path("out"), "app"), {"a": n})
-
+    check_exactly_once(output_lines(h.path("out"), "app"), {"a": 10, "late": n})
 
 def test_a_slow_state_disk_does_not_stop_the_aggregators_loop(h: Harness) -> None:
     """Every fsync of the aggregator's main thread made 2 s slow (strace's fault injection, as a
@@ -77,22 +87,9 @@ def test_a_slow_state_disk_does_not_stop_the_aggregators_loop(h: Harness) -> Non
              what="10 lines acknowledged")
     registry = h.path("agg", "registry.json")
     wait_for(registry.exists, what="the first registry save")
-    saved = registry.stat().st_mtime_ns
-    # Without -f strace stops only the thread whose id is the process id: the event loop's.
-    slow = slow_fsyncs_of_the_main_thread(agg.pid)
-    try:
-        n = 10
-        deadline = time.monotonic() + 25
-        while registry.stat().st_mtime_ns == saved:  # a registry save while the disk is slow
-            assert time.monotonic() < deadline, "the registry was not saved within 25 s"
-            assert slow.poll() is None, "strace could not attach (ptrace not permitted?)"
-            append_lines(log, make_lines("a", n, 1))
-            n += 1
-            wait_for(lambda n=n: (s := h.agent_status()) is not None and s["lines_shipped"] == n,  # type: ignore[misc]
-                     timeout=5, what=f"line {n} acknowledged")
-        stall_ms = h.status(ep)["loop"]["stall_recent_ms"]
-    finally:
-        slow.terminate()
-        slow.wait(timeout=10)
+    n = lines_while_slow(agg.pid, log, registry,
+                         lambda n: (s := h.agent_status()) is not None and s["lines_shipped"] == 10 + n,
+                         timeout_s=5)
+    stall_ms = h.status(ep)["loop"]["stall_recent_ms"]
     assert stall_ms < 1000, f"the loop stood still {stall_ms} ms"
-    check_exactly_once(output_lines(h.path("out"), "app"), {"a": n})
+    check_exactly_once(output_lines(h.path("out"), "app"), {"a": 10, "late": n})
