@@ -110,7 +110,9 @@ def test_an_agent_that_stopped_cleanly_frees_its_name_at_once(h: Harness) -> Non
     log = h.path("logs", "a.log")
     append_lines(log, make_lines("a", 0, 10))
     first = h.agent(ep, [{"paths": [str(log)], "topic": "app"}], name="web", state="st-a")
-    wait_for(lambda: count_lines(h.path("out", "app", "app.log")) >= 10, what="the first agent's lines")
+    # Acknowledged, so it has heard the aggregator (an agent that never did has nobody to say
+    # goodbye to: CI stopped it between its first batch and its hello's reply).
+    wait_for(lambda: h.all_acknowledged("web"), what="the first agent's lines acknowledged")
     assert first.stop() == 0
     wait_for(lambda: "agent web (" in agg.log() and " stopped" in agg.log(), what="the goodbye")
     h.path("logs", "b").mkdir()
