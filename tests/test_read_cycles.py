@@ -156,7 +156,7 @@ def test_large_writes_at_a_typical_rate_keep_the_whole_wait(h: Harness) -> None:
     out = h.path("out", "app", "app.log")
     wait_for(lambda: count_lines(out) >= 1, what="the first line")
     total, n = 1, 0
-    for i in range(6):
+    for i in range(5):  # 160 KiB in all: no half second can hold a busy node's rate of them
         append_lines(big, make_lines("b", n, 460))  # 32 KiB in one write()
         n += 460
         total += 460
@@ -166,4 +166,4 @@ def test_large_writes_at_a_typical_rate_keep_the_whole_wait(h: Harness) -> None:
         wait_for(lambda t=total: count_lines(out) >= t, what="a small write's line")  # type: ignore[misc]
     status = h.agent_status()
     assert status is not None and status["read_wait_ms"] == 40, status and status["read_wait_ms"]
-    check_exactly_once(output_lines(h.path("out"), "app"), {"b": n, "s": 7})
+    check_exactly_once(output_lines(h.path("out"), "app"), {"b": n, "s": 6})

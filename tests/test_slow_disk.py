@@ -21,7 +21,7 @@ from harness import Harness, append_lines, check_exactly_once, count_lines, make
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None,
                                 reason="strace is not installed (`make system-deps`)")
 
-DELAY_US = 2_000_000  # each fsync of the main thread takes 2 s longer
+DELAY_US = 3_000_000  # each fsync of the main thread takes 3 s longer (a save: 6 s)
 
 
 def slow_fsyncs_of_the_main_thread(pid: int) -> subprocess.Popen[bytes]:
@@ -56,7 +56,7 @@ def lines_while_slow(pid: int, log: Path, saved: Path, arrived: Callable[[int], 
 
 def test_a_slow_state_disk_does_not_stop_the_agent_from_shipping(h: Harness) -> None:
     """The agent saves its checkpoints once a second (two fsyncs): on its event loop a slow disk
-    stopped its reading and shipping for as long as they took (4 s here) at every save. The
+    stopped its reading and shipping for as long as they took (6 s here) at every save. The
     checkpoint store's thread writes them now, in order: with every fsync of the event loop's
     thread slowed, each new line still arrives at once while the checkpoints are saved."""
     ep = h.endpoints()
@@ -67,14 +67,14 @@ def test_a_slow_state_disk_does_not_stop_the_agent_from_shipping(h: Harness) -> 
     out = h.path("out", "app", "app.log")
     wait_for(lambda: count_lines(out) >= 10, what="the first lines")
     assert agent.state_dir is not None
-    # On the old code a line waited for the save in progress: 4 s.
+    # On the old code a line waited for the save in progress: 6 s.
     n = lines_while_slow(agent.pid, log, agent.state_dir / "checkpoints.json",
-                         lambda n: count_lines(out) >= 10 + n, timeout_s=1.5)
+                         lambda n: count_lines(out) >= 10 + n, timeout_s=3)
     wait_for(lambda: h.all_acknowledged(), what="every line acknowledged")
     check_exactly_once(output_lines(h.path("out"), "app"), {"a": 10, "late": n})
 
 def test_a_slow_state_disk_does_not_stop_the_aggregators_loop(h: Harness) -> None:
-    """Every fsync of the aggregator's main thread made 2 s slow (strace's fault injection, as a
+    """Every fsync of the aggregator's main thread made 3 s slow (strace's fault injection, as a
     disk kept busy by other writers does): its loop goes on receiving and acknowledging (the
     registry it saves every 10 s is written in a thread, like the commits; on the loop thread
     its two fsyncs stopped everything for as long as the disk took)."""
@@ -89,7 +89,7 @@ def test_a_slow_state_disk_does_not_stop_the_aggregators_loop(h: Harness) -> Non
     wait_for(registry.exists, what="the first registry save")
     n = lines_while_slow(agg.pid, log, registry,
                          lambda n: (s := h.agent_status()) is not None and s["lines_shipped"] == 10 + n,
-                         timeout_s=5)
+                         timeout_s=8)
     stall_ms = h.status(ep)["loop"]["stall_recent_ms"]
-    assert stall_ms < 1000, f"the loop stood still {stall_ms} ms"
+    assert stall_ms < 2000, f"the loop stood still {stall_ms} ms"  # 6,000 on the old code
     check_exactly_once(output_lines(h.path("out"), "app"), {"a": 10, "late": n})
