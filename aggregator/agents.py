@@ -180,6 +180,8 @@ class AgentRegistry(Stages):
         info.route = peer.sock
         info.address = peer.address
         if agent_id:
+            if agent_id != info.agent_id and info.clash is not None and info.clash[1] == agent_id:
+                info.clash = None  # the refused one has the name now: not a clash to tell it of
             info.agent_id = agent_id
         was_catching_up = info.catching_up
         info.take_report(args)

@@ -99,6 +99,9 @@ def test_two_agents_with_one_name_are_told(h: Harness) -> None:
              timeout=30, what="the second agent's lines once the first is gone")
     check_exactly_once(output_lines(h.path("out"), "app"), {"a": 300, "b": 200})
     h.assert_quiet(ep)
+    # The clash is over: the one that has the name now is not told of a clash with itself.
+    assert "is also used by another agent" not in second.log(), second.log()
+    assert not any("also used by another agent" in p for p in problems_of(h, ep, "web"))
 
 
 def test_an_agent_that_stopped_cleanly_frees_its_name_at_once(h: Harness) -> None:
