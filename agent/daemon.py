@@ -911,7 +911,7 @@ class Agent(Following):
         for t in sorted(self.tailers.values(), key=lambda t: t.path):
             if t.fd is not None:
                 with contextlib.suppress(OSError):
-                    t.size = os.fstat(t.fd).st_size
+                    t.size = file_size(t.fd)
             entry = {"path": shown(t.path), "topic": t.source.topic, "stream": t.stream,
                      "identity": t.identity, "offset": t.acked, "shipped": t.ship_pos,
                      "size": t.size, "lag_bytes": t.lag_bytes, "open": t.fd is not None,

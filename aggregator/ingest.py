@@ -24,9 +24,6 @@ from fleetlog.runtime import Wakeup
 
 log = logging.getLogger("fleetlog.aggregator")
 
-# The least in-flight window an agent may have (agent.max_inflight_bytes' lower bound).
-LEAST_WINDOW = 64 * 1024
-
 _NOW = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -156,7 +153,7 @@ class Ingest(Stages):
         keys: set[str] = set()
         for batch in batches:
             agent = batch.agent
-            key = f"{agent}\x1f{batch.stream}"  # stream_key, inline
+            key = stream_key(agent, batch.stream)
             if key in keys:
                 self.write_group(group, group_file, frames, via)
                 group, keys = [], set()
@@ -169,14 +166,9 @@ class Ingest(Stages):
                     continue
             else:
                 expected = start
-            lines = batch.lines
-            if fmt == "raw" and type(lines) is str:
-                data = lines.encode()  # version 2, as written (format_lines' first case)
-            else:
-                text = self.formatted(batch, fmt, received, frames, via)
-                if text is None:
-                    continue
-                data = text
+            data = self.formatted(batch, fmt, received, frames, via)
+            if data is None:
+                continue
             if group and file_key != group_file:
                 self.write_group(group, group_file, frames, via)
                 group, keys = [], set()
@@ -194,10 +186,7 @@ class Ingest(Stages):
         if not group:
             return
         data = group[0][3] if len(group) == 1 else b"".join([text for _, _, _, text in group])
-        n = 0
-        for batch, _, _, _ in group:
-            lines = batch.lines
-            n += lines.count("\n") if type(lines) is str else len(lines)  # line_count, inline
+        n = sum(batch.count for batch, _, _, _ in group)
         try:
             self.sink.append(file_key, data, n)
         except SinkError as exc:
@@ -207,9 +196,8 @@ class Ingest(Stages):
             return
         first = group[0][0]
         if not self.subscriptions and all(batch.agent == first.agent for batch, _, _, _ in group):
-            accepted, pending = self.accepted, self.pending
             for batch, key, _, _ in group:
-                accepted[key] = pending[key] = batch.end  # record(), inline
+                self.record(batch, key, frames, False)
             self.count(first.agent, first.topic, n, len(data), len(group), via)
             return
         for batch, key, _, text in group:  # subscribers, or batches of several agents in one message
@@ -264,7 +252,7 @@ class Ingest(Stages):
         # the commit's fsyncs).
         uncommitted = self.uncommitted_bytes.get(agent_name, 0) + size
         self.uncommitted_bytes[agent_name] = uncommitted
-        window = agent.max_window or LEAST_WINDOW
+        window = agent.max_window or wire.MIN_INFLIGHT_BYTES
         if agent.window and agent.window < window:
             window = agent.window
         if 2 * uncommitted >= window and not self.commit_soon:

@@ -66,6 +66,9 @@ READS = (1, 2, 3)  # the versions the aggregator reads (its hello reply says so,
 # have shipped and not yet had acknowledged (its share of the aggregator's window_budget_bytes).
 # Agents take the smaller of it and their own max_inflight_bytes, and ignore less than this.
 MIN_WINDOW = 1024 * 1024
+# The least an agent may have in flight (agent.max_inflight_bytes' lower bound): what the
+# aggregator assumes of an agent whose hello has not said yet.
+MIN_INFLIGHT_BYTES = 64 * 1024
 
 # Topic names: the contract's alphabet, never starting with a dot (no "..", no hidden files).
 TOPIC_RE = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
