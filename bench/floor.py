@@ -8,11 +8,14 @@ topic's file. No acknowledgements, no checkpoints, no fsync, no guarantees.
 For the live workload the follower is the floor's sender: every ``--poll-ms`` it asks each file for
 its size and sends what was added since, up to the last newline, as one message per file. It polls
 rather than watches (no thread, no inotify): the least a Python follower can do per wake-up. It and
-a receiver started with ``--expect 0`` run until they are stopped.
+a receiver started with ``--expect 0`` run until they are stopped. With ``--one-message`` a poll
+sends everything it found in one message, as fleetlog's agent does per read cycle: at the agent's
+cadence (``--poll-ms 40``, its default latency budget) that is the least a Python shipper can spend
+on a typical node for the same latency (issue 18, target 1).
 
     python -m bench.floor recv --bind tcp://127.0.0.1:P --out DIR --expect LINES --ready F --result F
     python -m bench.floor send --connect tcp://127.0.0.1:P --result F FILE...
-    python -m bench.floor follow --connect tcp://127.0.0.1:P [--poll-ms 5] FILE...
+    python -m bench.floor follow --connect tcp://127.0.0.1:P [--poll-ms 5] [--one-message] FILE...
 
 Each side writes its own CPU time and peak RSS (and the receiver the time its last line was
 written, on the system-wide monotonic clock) as JSON to ``--result``.
@@ -83,7 +86,7 @@ def send(endpoint: str, paths: list[str], result: str) -> None:
                          "peak_rss_kb": _peak_rss_kb()})
 
 
-def follow(endpoint: str, paths: list[str], poll_s: float) -> None:
+def follow(endpoint: str, paths: list[str], poll_s: float, one_message: bool = False) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.connect(endpoint)
@@ -93,6 +96,7 @@ def follow(endpoint: str, paths: list[str], poll_s: float) -> None:
     seq = 0
     while True:
         time.sleep(poll_s)
+        found: list[str] = []
         for i, fd in enumerate(fds):
             if os.fstat(fd).st_size <= pos[i]:
                 continue
@@ -101,9 +105,15 @@ def follow(endpoint: str, paths: list[str], poll_s: float) -> None:
             if cut < 0:
                 continue
             pos[i] += cut + 1
-            seq += 1
             lines = block[:cut].decode("utf-8", "replace").split("\n")
+            if one_message:
+                found += lines  # each file's lines stay in order; the receiver needs no more
+                continue
+            seq += 1
             sock.send_multipart([topic, orjson.dumps({"file": paths[i], "seq": seq, "lines": lines})])
+        if found:
+            seq += 1
+            sock.send_multipart([topic, orjson.dumps({"file": "", "seq": seq, "lines": found})])
 
 
 def receive(endpoint: str, out_dir: str, expect: int, ready: str, result: str) -> None:
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("follow", help="follow files as they grow and push what is added")
     f.add_argument("--connect", required=True)
     f.add_argument("--poll-ms", type=float, default=5.0)
+    f.add_argument("--one-message", action="store_true", help="one message per poll, not one per file")
     f.add_argument("files", nargs="+")
     r = sub.add_parser("recv", help="pull batches and append them to per-topic files")
     r.add_argument("--bind", required=True)
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "send":
         send(args.connect, args.files, args.result)
     elif args.role == "follow":
-        follow(args.connect, args.files, args.poll_ms / 1000)
+        follow(args.connect, args.files, args.poll_ms / 1000, args.one_message)
     else:
         receive(args.bind, args.out, args.expect, args.ready, args.result)
     return 0

@@ -259,10 +259,12 @@ class Pipeline:
             self.ctx.term()
 
 
-def start_pipeline(shipper: str, peer: Peer | None, d: str, logs: str, max_files: int = 64) -> Pipeline:
-    """The aggregator side started and ready (the agent side is the caller's to start)."""
+def start_pipeline(shipper: str, peer: Peer | None, d: str, logs: str, max_files: int = 64,
+                   floor_follow: tuple[str, ...] = ()) -> Pipeline:
+    """The aggregator side started and ready (the agent side is the caller's to start).
+    ``floor_follow``: more arguments for the floor's follower (its poll and message shape)."""
     os.makedirs(d, exist_ok=True)
-    pl, what, ready = _build(shipper, peer, d, logs, max_files)
+    pl, what, ready = _build(shipper, peer, d, logs, max_files, floor_follow)
     try:
         pl.aggregator.start()
         wait_for(what, ready, 30, [pl.aggregator])
@@ -278,8 +280,8 @@ def start_pipeline(shipper: str, peer: Peer | None, d: str, logs: str, max_files
 FLEETLOG_AGENT_SET: tuple[str, ...] = ()
 
 
-def _build(shipper: str, peer: Peer | None, d: str, logs: str,
-           max_files: int = 64) -> tuple[Pipeline, str, Any]:
+def _build(shipper: str, peer: Peer | None, d: str, logs: str, max_files: int = 64,
+           floor_follow: tuple[str, ...] = ()) -> tuple[Pipeline, str, Any]:
     if shipper == "fleetlog":
         import zmq
         ports = {k: free_port() for k in ("pull", "xsub", "xpub")}
@@ -297,7 +299,7 @@ def _build(shipper: str, peer: Peer | None, d: str, logs: str,
         me = [sys.executable, "-m", "bench.floor"]
         recv = Proc("floor-recv", [*me, "recv", "--bind", f"tcp://127.0.0.1:{port}", "--out", f"{d}/out",
                                    "--expect", "0", "--ready", ready, "--result", f"{d}/recv.json"], d)
-        follow = Proc("floor-follow", [*me, "follow", "--connect", f"tcp://127.0.0.1:{port}",
+        follow = Proc("floor-follow", [*me, "follow", "--connect", f"tcp://127.0.0.1:{port}", *floor_follow,
                                        *sorted(glob.glob(os.path.join(logs, "*.log")))], d)
         return Pipeline(recv, follow, out), "the floor receiver", lambda: os.path.exists(ready)
     assert peer is not None
@@ -376,7 +378,10 @@ def run_live(shipper: str, peer: Peer | None, d: str, args: argparse.Namespace, 
         open(path, "wb").close()  # exist before the shippers start: every one tails them from 0
     per_file = int(rate * duration_s) // args.files
     me = [sys.executable, "-m", "bench.peers"]
-    pl = start_pipeline(shipper, peer, os.path.join(d, "run"), logs)
+    # On the typical node the floor follows at the agent's cadence, one message per poll: the
+    # least a Python shipper spends for the same latency (the live floor polls every 5 ms).
+    floor_follow = ("--poll-ms", str(args.floor_poll_ms), "--one-message") if each_line else ()
+    pl = start_pipeline(shipper, peer, os.path.join(d, "run"), logs, floor_follow=floor_follow)
     result = os.path.join(d, "reader.json")
     reader = Proc("reader", [*me, "read", "--out", pl.out, "--expect", str(per_file * args.files),
                              "--timeout-s", str(duration_s + args.stall_s + 30),
@@ -660,6 +665,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--typical-rate", type=int, default=500,
                    help="the typical node's lines/s, all files together")
     p.add_argument("--typical-s", type=float, default=30)
+    p.add_argument("--floor-poll-ms", type=float, default=40,
+                   help="the typical node's floor: its poll (ms), one message per poll; 40 is the "
+                        "agent's default latency budget")
     p.add_argument("--idle-s", type=float, default=30, help="the idle window")
     p.add_argument("--idle-settle-s", type=float, default=6,
                    help="after the quiet files' lines arrived, before the idle window starts")
