@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from aggregator.journal import Journal
@@ -83,6 +83,54 @@ def test_decoded_batches_are_safe_to_write(topic: bytes, doc: dict[str, object],
     if type(batch.lines) is str:  # version 2: lines that each end in a newline
         assert batch.lines == "" or batch.lines.endswith("\n")
         assert batch.count == len(batch.line_list())
+
+
+# Values at and beside each limit the decoder checks, valid or not, for every field.
+_NAMES = st.sampled_from(["", "a", "web-01", "x" * 256, "x" * 257, 7, None, ["a"]])
+_OFFSETS = st.sampled_from([0, 1, 10, 30, 2**53, -1, True, 1.5, "3", None])
+_EDGES = {
+    "v": st.sampled_from([2, 2, 2, 1, 3, 2.0, True, "2", None]),
+    "text": st.sampled_from(["", "a\n", "a\nb\n", "no newline", "a\n" * 3, 5, None, ["a"]]),
+    "lines": st.sampled_from([["a"], [], "a\n", None]),
+    "agent": _NAMES, "stream": _NAMES,
+    "base": _OFFSETS, "seq": _OFFSETS, "start": _OFFSETS, "end": _OFFSETS,
+    "path": st.sampled_from(["", "/var/log/x.log", "p" * 4096, "p" * 4097, 5, None]),
+    "file": st.sampled_from(["", "1:2:ff", "f" * 256, "f" * 257, 5, None]),
+    "fields": st.sampled_from([None, [], [{"a": 1}], "x"]),
+}
+
+
+_VALID = {"v": 2, "text": "a\nb\n", "agent": "web-01", "stream": "abc", "base": 0, "seq": 3,
+          "start": 10, "end": 30, "path": "/var/log/x.log", "file": "1:2:ff"}
+
+
+@st.composite
+def _bodies(draw: st.DrawFn) -> dict[str, object]:
+    """A well-formed version 2 body with up to three fields changed to a value at or beside a
+    limit, or left out."""
+    doc: dict[str, object] = dict(_VALID)
+    for key in draw(st.lists(st.sampled_from(sorted(_EDGES)), max_size=3, unique=True)):
+        if draw(st.booleans()) and key in doc:
+            del doc[key]
+        else:
+            doc[key] = draw(_EDGES[key])
+    return doc
+
+
+@settings(max_examples=1500, deadline=None)
+@given(doc=_bodies())
+def test_the_fast_decoder_takes_exactly_what_the_checked_one_takes(doc: dict[str, object]) -> None:
+    """``wire._batch`` reads a well-formed body in one pass and leaves anything else to
+    ``_batch_checked``: wherever it accepts a body, the checked path must accept it too and
+    make the same batch (and they refuse the same bodies for the same reason)."""
+    def outcome(decode: object) -> object:
+        try:
+            return decode("app", doc)  # type: ignore[operator]
+        except wire.WireError as exc:
+            return exc.reason
+    fast = outcome(wire._batch)
+    assert fast == outcome(wire._batch_checked)
+    event("accepted" if isinstance(fast, wire.Batch) else "refused")
 
 
 def test_version_3_carries_several_streams_batches_in_order() -> None:
