@@ -299,6 +299,32 @@ async def test_two_sinks_racing_on_the_same_stream_store_it_once(nats: Any) -> N
     assert races > 0, "the two sinks never met: the test did not race"
 
 
+async def test_an_agent_back_from_another_aggregator_is_not_resynced_by_a_stale_view(nats: Any) -> None:
+    """An agent ships lines 0-10 through aggregator A, moves to B (A's acknowledgements were
+    late: a stream leader election) and ships 10-30 there, then moves back to A with 30-40. A
+    still holds the subject's end it saw (line 10): deciding from it would tell the agent to
+    resync to line 10, which it can no longer send (acknowledged by B), so the agent would begin
+    its stream again at 30 and A would report bytes 10-30 lost although the stream holds them
+    (seen in the kill -9 soak after two leader elections). A reads the subject again before it
+    resyncs anyone or accepts a gap, and goes on."""
+    servers = nats.single()
+    src = Source("web-01", "s1")
+    src.grow(40)
+    async with running(settings(servers)) as a, running(settings(servers)) as b:
+        a.queue(**src.batch(0, 10))
+        assert (await a.commit()).acked == {src.key: src.offsets[10]}
+        b.queue(**src.batch(10, 30))
+        assert (await b.commit()).acked == {src.key: src.offsets[30]}
+        a.queue(**src.batch(30, 40))
+        assert await a.commit() == CommitOutcome(acked={src.key: src.offsets[40]})
+        # The same once the agent rebased at 30 (its own restart): no gap, the stream has it all.
+        b.queue(**src.batch(30, 40), base=src.offsets[30])
+        assert await b.commit() == CommitOutcome(acked={src.key: src.offsets[40]})
+        assert a.status()["resyncs"] == 0 and b.status()["resyncs"] == 0
+        assert a.status()["gaps_accepted"] == 0 and b.status()["gaps_accepted"] == 0
+    check_exactly_once(await read_back(servers.urls), [src])
+
+
 async def test_full_stream_stops_acknowledging_then_resumes_when_there_is_room(nats: Any) -> None:
     servers = nats.single()
     src = Source("web-01", "s1", width=1000)

@@ -209,9 +209,18 @@ class JetStreamSink:
             return
         target = sub.pieces[n - 1].end   # what this commit is about; later adds wait
         rounds = 0
+        # Whether sub's view of the subject was read, or confirmed by a publish, in this commit.
+        # A view kept from an earlier one is good enough to publish after (the precondition
+        # refuses a publish after a stale one), never to resync an agent or accept a gap: another
+        # aggregator may have written the subject since (the agent moved there and back).
+        fresh = False
         while sub.pieces and sub.pieces[0].start < target:
             if sub.last_seq is None:
                 await self._read_last(sub)
+                fresh = True
+            elif not fresh and not self._continues(sub):
+                sub.last_seq = None
+                continue
             resync = self._reconcile(sub, outcome)
             if resync is not None:
                 self.counters["resyncs"] += 1
@@ -234,9 +243,16 @@ class JetStreamSink:
                 sub.last_seq = None
                 continue
             sub.last_seq, sub.last_end = answer, message.end
+            fresh = True
             done = take(sub, message)
             if done is not None:   # agents are acknowledged at their batches' ends only
                 outcome.acked[key] = done
+
+    @staticmethod
+    def _continues(sub: Subject) -> bool:
+        """Whether sub's queue begins where its view of the subject ends (publish on)."""
+        last = sub.last_end if sub.last_end is not None else sub.base
+        return last is None or not sub.pieces or last == sub.pieces[0].start
 
     def _reconcile(self, sub: Subject, outcome: CommitOutcome) -> int | None:
         """Fit the queue to the subject's last End ``L``: drop what the stream already holds
