@@ -145,7 +145,8 @@ class Harness:
         return p
 
     def aggregator(self, ep: Endpoints, *extra: str, out: str = "out", state: str = "agg",
-                   env: dict[str, str] | None = None) -> Proc:
+                   env: dict[str, str] | None = None, wrap: list[str] | None = None) -> Proc:
+        """An aggregator; ``wrap``: a command it runs under, given its own argv (as for agents)."""
         args = [PY, "-m", "aggregator",
                 "--set", f"aggregator.output_dir={self.root / out}",
                 "--set", f"aggregator.state_dir={self.root / state}",
@@ -155,7 +156,7 @@ class Harness:
         for item in extra:
             args += ["--set", item]
         self.ep = ep
-        return self._proc("aggregator", args, env).start()
+        return self._proc("aggregator", [*(wrap or []), *args], env).start()
 
     def writer(self, servers: list[str], *extra: str, out: str = "wout", state: str = "wst",
                control: str | None = None, env: dict[str, str] | None = None) -> Proc:

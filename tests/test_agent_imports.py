@@ -15,15 +15,16 @@ from pathlib import Path
 
 from harness import Harness, append_lines, check_exactly_once, free_port, make_lines, output_lines, wait_for
 
-# Runs the agent's own ``python -m agent`` in this process and, when it exits, writes the names
-# of the modules it had loaded (argv: the file to write, then the
-# agent's own: PY -m agent ARGS).
+# Runs a daemon's own ``python -m agent`` (or ``-m aggregator``) in this process and, when it
+# exits, writes the names of the modules it had loaded (argv: the file to write, then the
+# daemon's own: PY -m MODULE ARGS).
 _RUN_AND_LIST_MODULES = """
 import atexit, runpy, sys
 out = sys.argv[1]
 atexit.register(lambda: open(out, "w").write("\\n".join(sorted(sys.modules))))
-sys.argv = ["agent", *sys.argv[5:]]  # after "-c", the file, PY, "-m", "agent"
-runpy.run_module("agent", run_name="__main__", alter_sys=True)
+module = sys.argv[4]  # after "-c", the file, PY, "-m"
+sys.argv = [module, *sys.argv[5:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 # Each only with the configuration that asks for it (README, "Memory").
@@ -82,3 +83,18 @@ def test_uvloop_and_metrics_still_load_ssl_when_asked_for(h: Harness) -> None:
         h, 'agent.loop="uvloop"', f'agent.metrics_listen="127.0.0.1:{port}"', check=scrape)
     assert {"uvloop", "prometheus_client", "ssl"} <= loaded
     assert "_hashlib" not in loaded  # hashlib was imported before: its built-in digests stay
+
+
+def test_an_aggregator_writing_files_loads_no_nats_client(h: Harness) -> None:
+    """nats-py and the JetStream sink (4.3 MiB of RSS) only with ``sink = "jetstream"``."""
+    ep = h.endpoints()
+    logs = h.path("logs")
+    append_lines(logs / "a.log", make_lines("a", 0, 50))
+    listing = h.path("aggregator-modules.txt")
+    aggregator = h.aggregator(ep, wrap=[sys.executable, "-c", _RUN_AND_LIST_MODULES, str(listing)])
+    agent = h.agent(ep, [{"paths": [f"{logs}/*.log"], "topic": "app"}])
+    wait_for(lambda: len(output_lines(h.path("out"), "app")) >= 50, what="the file's lines in the output")
+    assert agent.stop() == 0 and aggregator.stop() == 0
+    loaded = set(Path(listing).read_text().split())
+    assert {"aggregator.daemon", "zmq"} <= loaded, "the listing is not the aggregator's"
+    assert not {"nats", "aggregator.jetstream"} & loaded, "a files-only aggregator loaded the NATS client"
