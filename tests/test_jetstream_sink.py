@@ -27,6 +27,8 @@ from aggregator.jetstream import (
     subject_for,
     unescape_token,
 )
+from aggregator.jetstream.link import Refused
+from aggregator.jetstream.sink import ERR_WRONG_LAST_SEQUENCE, classify
 
 STREAM = "FLTEST"
 
@@ -131,6 +133,24 @@ async def commit_until(sink: JetStreamSink, want: dict[tuple[str, str], int], ti
 
 
 # -- pure parts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code, description, rule", [
+    (10077, "maximum bytes exceeded", "full"),
+    (10008, "jetstream not enabled", "retry"),
+    # Our own retry overtook its first attempt (a publish timeout during an election): retried,
+    # not a refusal (it was logged at ERROR as "JetStream refused" and failed the commit).
+    (10158, "duplicate message id is in process", "retry"),
+    (10060, "expected stream does not match", "fail"),
+])
+def test_what_each_jetstream_refusal_makes_the_sink_do(code: int, description: str, rule: str) -> None:
+    assert classify(Refused(code, description)) == rule
+
+
+def test_both_wrong_last_sequence_answers_are_the_race_not_an_error() -> None:
+    """A clustered stream answers the loser of two aggregators' race with 10164 as often as with
+    10071: both mean "reread the subject", neither is an error that stops intake."""
+    assert set(ERR_WRONG_LAST_SEQUENCE) == {10071, 10164}
 
 
 def test_escape_is_reversible_and_subject_safe() -> None:
