@@ -7,6 +7,7 @@ in it exactly once and in its file's order, each (agent, stream) subject's messa
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -131,6 +132,45 @@ def test_agents_fail_over_between_two_aggregators_and_the_writer_has_each_line_o
              what="every line in the writer's file")
     check_exactly_once(output_lines(h.path("wout"), "app"), counts)
     h.assert_quiet(ep_b)
+
+
+def test_an_agent_back_at_its_first_aggregator_goes_on_where_it_stands(h: Harness, nats) -> None:
+    """An agent ships through A, moves to B (A stopped), ships more, and comes back to A (B
+    stopped). A's view of the stream is from before the move: asking the agent to resend from
+    there, below what B acknowledged, made the agent begin its stream again at its acknowledged
+    offset, so that if the stream later lost those bytes (an R1 server's unsynced tail), the
+    agent could no longer send them although its file had them (a review lost 11,446 lines so).
+    A takes the agent where it stands and checks the subject instead: no stream is rebased."""
+    servers = nats.single()
+    ep_a, ep_b = h.endpoints(tcp=True), h.endpoints(tcp=True)
+    agg_a = h.aggregator(ep_a, *jetstream_sets(servers), state="agg-a")
+    agg_b = h.aggregator(ep_b, *jetstream_sets(servers), state="agg-b")
+    h.status(ep_a)
+    h.status(ep_b)
+    listed = (AggregatorEndpoints(ep_a.pull, ep_a.control), AggregatorEndpoints(ep_b.pull, ep_b.control))
+    name = next(n for n in (f"web-{i:02d}" for i in range(100)) if rank(n, listed)[0].control == ep_a.control)
+    writer = start_writer(h)
+    h.agent(ep_a, sources(h), "agent.heartbeat_interval_ms=300", name=name, also=[ep_b])
+
+    def written(ep: object) -> int:
+        return int(h.status(ep)["totals"]["lines_written"])  # type: ignore[arg-type]
+
+    wait_for(lambda: written(ep_a) > 200, what="lines through A")
+    os.kill(agg_a.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: written(ep_b) > 200, timeout=60, what="the agent on B")
+    finally:
+        os.kill(agg_a.pid, signal.SIGCONT)
+    through_a = written(ep_a)
+    os.kill(agg_b.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: written(ep_a) > through_a + 200, timeout=60, what="the agent back on A")
+        status = h.agent_status(name)
+        assert status is not None and status["rebased_streams"] == 0, \
+            "A asked the agent to resend from before what B had acknowledged"
+    finally:
+        os.kill(agg_b.pid, signal.SIGCONT)
+    finish(h, writer, servers.urls, name)
 
 
 def test_what_an_operator_sees_of_a_jetstream_aggregator(h: Harness, nats) -> None:
