@@ -39,6 +39,19 @@ class Acceptance(Stages):
             return None
         if expected < batch.base:
             expected = self.take_agents_base(key, batch, expected)
+        if (batch.start != expected and self.stream_sink is not None and key not in self.pending
+                and not self.stream_sink.has_queued(batch.topic, batch.agent, batch.stream)):
+            # JetStream: the stream is the table, and our view of this stream may be old: its
+            # agent may have shipped it on through another aggregator and come back (ahead of
+            # us), or been sent back by one whose stream lost its tail (behind us). Asking it for
+            # ``expected`` below what it had acknowledged made it begin its stream again past
+            # bytes it could then never send, should the stream lose them; dropping its batch as
+            # a duplicate by our view acknowledged what the stream may no longer hold. Take it
+            # where the agent stands, as a stream not seen yet; the sink checks the subject, read
+            # afresh, before it publishes (what it holds already is dropped and acknowledged, a
+            # true gap is resynced from the stream's end). While it has batches of the stream
+            # queued, our view is this session's, and the usual rules hold.
+            expected = batch.start
         if batch.end <= expected:
             self.totals.duplicates_dropped += batch.count
             durable = self.journal.state.streams.get(key)
@@ -50,14 +63,6 @@ class Acceptance(Stages):
                 self.commit_soon = True
                 self.commit_wake.set()
             return None
-        if batch.start > expected and self.stream_sink is not None and key not in self.pending:
-            # JetStream: the stream is the table, and our view of this stream may be old: its
-            # agent may have shipped it further through another aggregator and come back. Asking
-            # it for ``expected`` (below what it had acknowledged) would make it begin its stream
-            # again past bytes it can then never send, should the stream lose them. Take it where
-            # the agent stands, as for a stream not seen yet; the sink checks the subject, read
-            # afresh, before it publishes (a true gap there is resynced from the stream's end).
-            expected = batch.start
         if batch.start != expected:
             self.totals.resyncs += 1
             self.send_event(batch.agent, wire.encode_event(

@@ -163,6 +163,12 @@ class JetStreamSink:
         sub.pieces.append(Piece(start, end, data, lines, path, received, encoded,
                                  exact=len(data) == end - start))
 
+    def has_queued(self, topic: str, agent: str, stream: str) -> bool:
+        """Whether batches of (agent, stream) in ``topic`` wait to be published (also during a
+        commit that publishes them)."""
+        sub = self._subjects.get((topic, agent, stream))
+        return sub is not None and bool(sub.pieces)
+
     def queued(self) -> tuple[int, int]:
         """(batches, bytes) queued and not yet in JetStream."""
         pieces = [p for sub in self._subjects.values() for p in sub.pieces]
