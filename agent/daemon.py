@@ -31,6 +31,10 @@ from fleetlog.tomlconf import ConfigError
 from fleetlog.wire import MIN_WINDOW
 
 log = logging.getLogger("fleetlog.agent")
+# How long an agent waits for an aggregator that commits nothing because the stream all of them
+# share takes nothing, before it moves anyway (an election takes seconds; a partition the
+# aggregator's NATS client has not noticed yet is found by its pings in 15-20 s).
+SHARED_STREAM_PATIENCE_S = 30.0
 
 # The most one read cycle holds before it is sent. Sharing a message pays for small batches (a
 # typical node's cycle holds a few KiB); a backlog's batches (512 KiB) go out one by one as read:
@@ -90,6 +94,7 @@ class Agent(Following):
         # Streams an aggregator asked for from before their acknowledged offset (with several
         # aggregators: one that had the stream before another took it further).
         self.rebased_streams = 0
+        self.waiting_for_stream = False  # said that we wait for the aggregators' shared stream
         self.checkpoints_dirty = True
         # The aggregator's max_message_bytes (its hello reply says; the default until then): no
         # batch is read larger than what encodes within it (see read_bytes).
@@ -816,8 +821,21 @@ class Agent(Following):
         # Since the last acknowledgement, or since the batches out now went out if that is later
         # (an idle spell between two is no silence of the aggregator's).
         silent_s = time.monotonic() - max(self.last_any_ack, self.out_since)
-        if silent_s >= 2 * self.cfg.ack_timeout_ms / 1000:
-            transport.fail_over(f"no acknowledgement for {silent_s:.1f}s with batches out")
+        if silent_s < 2 * self.cfg.ack_timeout_ms / 1000:
+            self.waiting_for_stream = False
+            return
+        held = transport.held_by_shared_stream(3 * self.cfg.heartbeat_interval_ms / 1000)
+        if held is not None and silent_s < SHARED_STREAM_PATIENCE_S:
+            # Every aggregator of the stream waits for the same thing (an election, a full
+            # stream): moving would send the whole window again to one that waits too.
+            if not self.waiting_for_stream:
+                self.waiting_for_stream = True
+                log.info("no acknowledgement for %.1fs: the aggregator holds this agent's batches"
+                         " because its stream takes nothing (%s), as it does for every aggregator"
+                         " of it: waiting rather than moving (for up to %gs)", silent_s, held,
+                         SHARED_STREAM_PATIENCE_S)
+            return
+        transport.fail_over(f"no acknowledgement for {silent_s:.1f}s with batches out")
 
     def problems(self) -> list[str]:
         """What is wrong now (connections, refusals, the aggregator's word, missing acks)."""

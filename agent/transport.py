@@ -128,6 +128,10 @@ class Transport:
         # What the aggregator's replies say is wrong with this agent (e.g. another agent uses
         # its name); logged when it changes.
         self.told: tuple[str, ...] = ()
+        # What the aggregator's last reply said of a hold of the stream all aggregators share
+        # (``shared_stream_hold``: its error), and when (the loop's clock).
+        self.stream_hold: str | None = None
+        self.stream_hold_at = 0.0
 
     @property
     def endpoint(self) -> AggregatorEndpoints:
@@ -278,6 +282,13 @@ class Transport:
     def answers(self, within_s: float) -> bool:
         """Heard from the aggregator on the control channel within ``within_s``."""
         return asyncio.get_running_loop().time() - self.last_reply < within_s
+
+    def held_by_shared_stream(self, within_s: float) -> str | None:
+        """The aggregator's word, in a reply at most ``within_s`` old, that it commits nothing
+        because the stream every aggregator shares takes nothing (aggregator/flow.py); None."""
+        if self.stream_hold is None or asyncio.get_running_loop().time() - self.stream_hold_at > within_s:
+            return None
+        return self.stream_hold
 
     def last_reply_age_s(self) -> float | None:
         """Seconds since the aggregator last said anything (None: never): over a few heartbeat
@@ -518,6 +529,9 @@ class Transport:
             log.info("the aggregator answers this agent again")
             self.refusal = None
         self.on_told(result)
+        hold = result.get("shared_stream_hold")
+        self.stream_hold = str(hold.get("error", "")) if isinstance(hold, dict) else None
+        self.stream_hold_at = asyncio.get_running_loop().time()
         if req_id in self._hellos:
             self._hellos.clear()
             self._hello_backoff_s = HELLO_FIRST_RETRY_S

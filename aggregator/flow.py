@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from aggregator.agents import AgentInfo
@@ -51,4 +52,20 @@ class FlowControl(Stages):
         if window is not None:
             result["window"] = window
         result["warnings"] = self.agent_warnings(info)
+        hold = self.shared_stream_hold()
+        if hold is not None:
+            result["shared_stream_hold"] = hold
         return result
+
+    def shared_stream_hold(self) -> dict[str, Any] | None:
+        """When nothing can be committed because the JetStream stream itself takes nothing (an
+        election, no quorum, full) while this aggregator's link to NATS is up: every aggregator
+        of the stream waits for the same thing, so an agent moving to another gains nothing and
+        sends its whole window again. Its hello and heartbeat replies say so (``error``, and
+        ``held_s``: how long, seconds); the agent then waits for a while instead of moving
+        (agent/daemon.py, check_ack_stall). None otherwise (a files sink, or the link is down:
+        another aggregator may well reach NATS)."""
+        hold, sink = self.state_error, self.stream_sink
+        if hold is None or sink is None or not sink.link.connected:
+            return None
+        return {"error": hold.error[:300], "held_s": round(time.monotonic() - hold.since, 1)}

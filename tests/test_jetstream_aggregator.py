@@ -7,11 +7,13 @@ in it exactly once and in its file's order, each (agent, stream) subject's messa
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import time
 
+import nats as natspy
 from harness import Harness, Writer, append_lines, check_exactly_once, make_lines, output_lines, wait_for
 from natsserver import STREAM, jetstream_sets, stream_lines
 
@@ -171,6 +173,51 @@ def test_an_agent_back_at_its_first_aggregator_goes_on_where_it_stands(h: Harnes
     finally:
         os.kill(agg_b.pid, signal.SIGCONT)
     finish(h, writer, servers.urls, name)
+
+
+def test_agents_wait_for_a_full_stream_instead_of_moving_between_its_aggregators(h: Harness, nats) -> None:
+    """Two aggregators on one stream that is full: neither commits anything, and both say so
+    in their heartbeat replies. An agent that moved every two ack timeouts (3 s here) sent its
+    whole window again to the other one each time, which waited for the same stream (a review:
+    24 moves in 39 s); it waits now. Once there is room, every line is in the stream once."""
+    servers = nats.single()
+    ep_a, ep_b = h.endpoints(tcp=True), h.endpoints(tcp=True)
+    full = [*jetstream_sets(servers), "aggregator.jetstream.max_bytes=40000"]
+    h.aggregator(ep_a, *full, state="agg-a")
+    h.aggregator(ep_b, *full, state="agg-b")
+    h.status(ep_a)
+    h.status(ep_b)
+    listed = (AggregatorEndpoints(ep_a.pull, ep_a.control), AggregatorEndpoints(ep_b.pull, ep_b.control))
+    name = next(n for n in (f"web-{i:02d}" for i in range(100)) if rank(n, listed)[0].control == ep_a.control)
+    h.path("logs").mkdir(exist_ok=True)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 800))  # about 70 KB: more than fits
+    agent = h.agent(ep_a, sources(h), "agent.heartbeat_interval_ms=300", name=name, also=[ep_b])
+    wait_for(lambda: "stream full" in str(h.status(ep_a)["jetstream"]["last_error"]), timeout=60,
+             what="A's stream full")
+
+    def resends() -> int:
+        s = h.agent_status(name)
+        return -1 if s is None else int(s["resends"])
+
+    # Three more ack timeouts of silence: the old agent had moved after two.
+    first = resends()
+    wait_for(lambda: resends() >= first + 3, timeout=60, what="three more resends")
+    status = h.agent_status(name)
+    assert status is not None and status["aggregators"]["switches"] == 0, status["aggregators"]
+    assert agent.log().count("waiting rather than moving") == 1  # said once, not per beat
+
+    async def make_room() -> None:
+        nc = await natspy.connect(servers=servers.urls)
+        js = nc.jetstream()
+        info = await js.stream_info(STREAM)
+        info.config.max_bytes = 16 * 1024 * 1024
+        await js.update_stream(info.config)
+        await nc.close()
+
+    asyncio.run(make_room())
+    wait_for(lambda: h.all_acknowledged(name), timeout=60, what="every line acknowledged")
+    check_exactly_once(stream_lines(servers.urls), {"a": 800})
+    h.assert_quiet(ep_a)
 
 
 def test_what_an_operator_sees_of_a_jetstream_aggregator(h: Harness, nats) -> None:

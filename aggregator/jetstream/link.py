@@ -21,6 +21,7 @@ log = logging.getLogger("fleetlog.aggregator.jetstream")
 
 CONNECT_TIMEOUT_S = 2.0        # the first connection attempt in start(); later ones run behind
 
+PING_INTERVAL_S = 5
 ERR_STORE_FAILED = 10077          # "maximum messages/bytes exceeded" (discard new), store failures
 ERR_NO_MESSAGE = 10037            # STREAM.MSG.GET: the subject has no message
 ERR_STREAM_NOT_FOUND = 10059
@@ -76,6 +77,10 @@ class JetStreamLink:
         options: dict[str, Any] = {
             "servers": list(s.servers), "name": self.client_name, "connect_timeout": timeout_s,
             "allow_reconnect": True, "max_reconnect_attempts": -1, "reconnect_time_wait": 1,
+            # A server that stops answering (a partition, a SIGSTOP) is seen in 15-20 s, not
+            # nats-py's 4 minutes: while the link looks connected, this aggregator's agents wait
+            # for the stream instead of moving to another aggregator (aggregator/flow.py).
+            "ping_interval": PING_INTERVAL_S, "max_outstanding_pings": 3,
             "error_cb": self._on_error, "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
         }
