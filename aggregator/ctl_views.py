@@ -67,6 +67,26 @@ def _output_line(s: dict[str, Any]) -> str:
             f"{_size(disk.get('output_total_bytes'))}")
 
 
+def _duplicates(s: dict[str, Any]) -> str:
+    """``12 duplicates dropped (10 already in the stream)``: the total, and with JetStream the
+    part the sink found in the stream (resent after a crash, or published by another aggregator)."""
+    t = s["totals"]
+    shown = f"{t['duplicates_dropped']} duplicates dropped"
+    if s.get("jetstream"):
+        shown += f" ({t.get('already_in_stream', 0)} already in the stream)"
+    return shown
+
+
+def _commits(s: dict[str, Any]) -> str:
+    """``120 commits (interval 200 ms, 3 early)``: the interval in force, and how many commits came
+    before it was up."""
+    t = s["totals"]
+    if s.get("commit_interval_ms") is None:  # an aggregator older than this aggregatorctl
+        return f"{t['commits']} commits"
+    return (f"{t['commits']} commits (interval {s['commit_interval_ms']} ms, "
+            f"{t.get('early_commits', 0)} early)")
+
+
 def render_status(s: dict[str, Any]) -> str:
     if s.get("kind") == "writer":  # a fleetlog-writer's control endpoint answers the same commands
         from writer.status import render
@@ -107,8 +127,8 @@ def render_status(s: dict[str, Any]) -> str:
                         _size(t["file_bytes"])] for t in topics])
     t = s["totals"]
     out += ["", f"totals: {t['lines_written']} lines written ({_size(t['bytes_written'])}), "
-                f"{t['duplicates_dropped']} duplicates dropped, {t['malformed_dropped']} malformed dropped, "
-                f"{t['resyncs']} resyncs, {t['commits']} commits, {t['streams']} streams"]
+                f"{_duplicates(s)}, {t['malformed_dropped']} malformed dropped, "
+                f"{t['resyncs']} resyncs, {_commits(s)}, {t['streams']} streams"]
     if t.get("pending_bytes") or t.get("compressions_running"):
         out.append(f"in progress: {_size(t.get('pending_bytes', 0))} not committed yet, "
                    f"{t.get('compressions_running', 0)} files being compressed")

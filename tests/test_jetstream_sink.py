@@ -230,6 +230,8 @@ async def test_retry_inside_and_beyond_the_dedup_window_is_stored_once(nats: Any
             assert await late.commit() == CommitOutcome(acked={src.key: src.offsets[hi]})
         status = late.status()
         assert status["published"] == 0 and status["already_in"] == 2
+        assert status["already_in_lines"] == 20   # the aggregator's status adds them to its duplicates
+        assert status["already_in_bytes"] == src.offsets[20]
         # Inside the window JetStream says "duplicate" (or, checking the precondition first as
         # 2.12 does on one server, "wrong last sequence"); after it only the precondition refuses.
         assert status["duplicates"] + status["precondition_refusals"] == 2
@@ -263,6 +265,9 @@ async def test_recut_batch_gets_resync_never_loss(nats: Any) -> None:
         # already-stored part is dropped and the rest published: acknowledged to its end.
         b.queue(**src.batch(5, 25))
         assert await b.commit() == CommitOutcome(acked={src.key: src.offsets[25]})
+        # The dropped front counts as lines already in (no whole batch was).
+        assert (b.status()["already_in"], b.status()["already_in_lines"]) == (0, 5)
+        assert b.status()["already_in_bytes"] == src.offsets[10] - src.offsets[5]
         # 4. The agent, resynced, goes on from the stream's end: accepted as usual.
         b.queue(**src.batch(25, 40))
         assert (await b.commit()).acked == {src.key: src.offsets[40]}
