@@ -87,6 +87,34 @@ def _commits(s: dict[str, Any]) -> str:
             f"{t.get('early_commits', 0)} early)")
 
 
+# The JetStream sink's counters the text shows when not 0 (all of them are in --json).
+_SINK_COUNTERS = (("already_in", "batches already in the stream"),
+                  ("duplicates", "answered duplicate"), ("precondition_refusals", "precondition refusals"),
+                  ("resyncs", "resyncs"), ("retries", "retries"), ("full_refusals", "refused as full"),
+                  ("split_messages", "split messages"), ("cut_lines", "lines cut to max_payload"),
+                  ("errors", "errors"), ("gaps_accepted", "gaps accepted (lost by the stream)"))
+
+
+def _sink_counters(js: dict[str, Any]) -> str | None:
+    """``jetstream: 4 batches already in the stream, 2 retries``, or None when all are 0."""
+    shown = [f"{js[k]} {words}" for k, words in _SINK_COUNTERS if js.get(k)]
+    return "jetstream: " + ", ".join(shown) if shown else None
+
+
+def _totals(s: dict[str, Any]) -> list[str]:
+    """The totals line, the JetStream sink's counters that are not 0, what is in progress."""
+    t, js = s["totals"], s.get("jetstream")
+    out = [f"totals: {t['lines_written']} lines written ({_size(t['bytes_written'])}), "
+           f"{_duplicates(s)}, {t['malformed_dropped']} malformed dropped, "
+           f"{t['resyncs']} resyncs, {_commits(s)}, {t['streams']} streams"]
+    if js and (counted := _sink_counters(js)):
+        out.append(counted)
+    if t.get("pending_bytes") or t.get("compressions_running"):
+        out.append(f"in progress: {_size(t.get('pending_bytes', 0))} not committed yet, "
+                   f"{t.get('compressions_running', 0)} files being compressed")
+    return out
+
+
 def render_status(s: dict[str, Any]) -> str:
     if s.get("kind") == "writer":  # a fleetlog-writer's control endpoint answers the same commands
         from writer.status import render
@@ -125,13 +153,7 @@ def render_status(s: dict[str, Any]) -> str:
         out += _table(["name", "lines", "bytes", "lines/s", "active file"],
                       [[t["name"], t["lines"], _size(t["bytes"]), f"{t['lines_per_s']:.0f}",
                         _size(t["file_bytes"])] for t in topics])
-    t = s["totals"]
-    out += ["", f"totals: {t['lines_written']} lines written ({_size(t['bytes_written'])}), "
-                f"{_duplicates(s)}, {t['malformed_dropped']} malformed dropped, "
-                f"{t['resyncs']} resyncs, {_commits(s)}, {t['streams']} streams"]
-    if t.get("pending_bytes") or t.get("compressions_running"):
-        out.append(f"in progress: {_size(t.get('pending_bytes', 0))} not committed yet, "
-                   f"{t.get('compressions_running', 0)} files being compressed")
+    out += ["", *_totals(s)]
     flow = s.get("flow") or {}
     if flow.get("agents_catching_up"):
         out.append(f"catching up: {flow['agents_catching_up']} agents, a share of "
