@@ -104,8 +104,12 @@ def _sink_counters(js: dict[str, Any]) -> str | None:
 def _totals(s: dict[str, Any]) -> list[str]:
     """The totals line, the JetStream sink's counters that are not 0, what is in progress."""
     t, js = s["totals"], s.get("jetstream")
-    out = [f"totals: {t['lines_written']} lines written ({_size(t['bytes_written'])}), "
-           f"{_duplicates(s)}, {t['malformed_dropped']} malformed dropped, "
+    # With JetStream lines_written counts the lines taken into the sink; some may be found in
+    # the stream already (duplicates), so what went into the stream is said beside it.
+    written = (f"{t['lines_written']} lines taken ({_size(t['bytes_written'])}), "
+               f"{js.get('published_lines', 0)} published" if js else
+               f"{t['lines_written']} lines written ({_size(t['bytes_written'])})")
+    out = [f"totals: {written}, {_duplicates(s)}, {t['malformed_dropped']} malformed dropped, "
            f"{t['resyncs']} resyncs, {_commits(s)}, {t['streams']} streams"]
     if js and (counted := _sink_counters(js)):
         out.append(counted)

@@ -38,7 +38,8 @@ With ``sink = "jetstream"`` (instead of journal_bytes and the output_* disk gaug
     jetstream_connected, jetstream_healthy          connected to a server; 0 while last_error is set
     jetstream_queued_bytes, jetstream_queued_batches   accepted, not yet acknowledged by JetStream
     jetstream_max_message_bytes                     the largest message the server and stream take
-    jetstream_published_total (messages), jetstream_published_bytes_total
+    jetstream_published_total (messages), jetstream_published_bytes_total,
+    jetstream_published_lines_total
     jetstream_duplicates_total (messages answered "duplicate"), jetstream_precondition_refusals_total
     jetstream_already_in_batches_total, jetstream_already_in_lines_total,
     jetstream_already_in_bytes_total                what the stream held already: dropped (the lines
@@ -233,6 +234,7 @@ JETSTREAM_COUNTERS = (
     ("published", "jetstream_published", "Messages JetStream acknowledged"),
     ("published_bytes", "jetstream_published_bytes", "Bytes (headers excluded) of the messages JetStream"
      " acknowledged"),
+    ("published_lines", "jetstream_published_lines", "Lines in the messages JetStream acknowledged"),
     ("duplicates", "jetstream_duplicates", "Publishes JetStream answered as duplicates (inside"
      " its window)"),
     ("precondition_refusals", "jetstream_precondition_refusals", "Publishes refused by the"

@@ -283,7 +283,8 @@ def test_lines_resent_after_an_aggregator_crash_count_as_duplicates_dropped(h: H
     assert status["totals"]["already_in_stream"] == 200
     assert status["jetstream"]["already_in_lines"] == 200
     shown = h.ctl(ep, "status").stdout
-    assert "200 duplicates dropped (200 already in the stream)" in shown, shown
+    assert "200 lines taken (14.1KiB), 0 published, 200 duplicates dropped (200 already in the stream)" \
+        in shown, shown
     assert f"jetstream: {status['jetstream']['already_in']} batches already in the stream" in shown, shown
     metrics = wait_for(lambda: metric_values(port), what="metrics")
     assert metrics[("fleetlog_aggregator_dropped_lines_total", (("reason", "duplicate"),))] == 200

@@ -179,6 +179,7 @@ async def test_batches_are_published_once_with_the_headers_of_the_format(nats: A
         assert await sink.last_end("app", "web.01", "s1") == a.offsets[-1]
         assert await sink.last_end("app", "nobody", "s1") is None
         assert sink.status()["published"] == 2 and sink.status()["last_error"] is None
+        assert sink.status()["published_lines"] == 60
     messages = await read_back(servers.urls)
     check_exactly_once(messages, [a, b])
     headers = {subject: h for subject, h, _ in messages}[subject_for("fl", "db", "web-02", "s~2")]

@@ -97,7 +97,8 @@ class JetStreamSink:
         self.link = JetStreamLink(settings, name)
         self._subjects: dict[tuple[str, str, str], Subject] = {}
         self.counters = {
-            "published": 0, "published_bytes": 0, "duplicates": 0, "precondition_refusals": 0,
+            "published": 0, "published_bytes": 0, "published_lines": 0, "duplicates": 0,
+            "precondition_refusals": 0,
             "already_in": 0, "already_in_lines": 0, "already_in_bytes": 0, "resyncs": 0,
             "retries": 0, "full_refusals": 0, "split_messages": 0, "cut_lines": 0, "cut_bytes": 0,
             "reads": 0, "errors": 0, "gaps_accepted": 0,
@@ -320,6 +321,7 @@ class JetStreamSink:
                     return None
                 self.counters["published"] += 1
                 self.counters["published_bytes"] += len(message.payload)
+                self.counters["published_lines"] += int(message.headers["Fleetlog-Lines"])
                 return int(answer["seq"])
             await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
             self.counters["retries"] += 1
@@ -394,7 +396,8 @@ class JetStreamSink:
         """The sink's state for the aggregator's status: ``connected`` (server host:port or None),
         ``stream``, ``replicas``, ``max_payload`` (bytes: ``max_message_bytes()``),
         ``queued_batches``, ``queued_bytes``, ``last_error`` (None when healthy) and the counters
-        (published, published_bytes, duplicates, precondition_refusals, already_in (batches),
+        (published (messages), published_bytes, published_lines, duplicates,
+        precondition_refusals, already_in (batches),
         already_in_lines, already_in_bytes, resyncs, retries, full_refusals, split_messages,
         cut_lines, cut_bytes, reads, errors, gaps_accepted)."""
         batches, size = self.queued()
