@@ -290,6 +290,8 @@ def test_lines_resent_after_an_aggregator_crash_count_as_duplicates_dropped(h: H
     assert metrics[("fleetlog_aggregator_dropped_lines_total", (("reason", "duplicate"),))] == 200
     assert metrics[("fleetlog_aggregator_jetstream_already_in_lines_total", ())] == 200
     assert metrics[("fleetlog_aggregator_jetstream_already_in_batches_total", ())] >= 1
+    assert metrics[("fleetlog_aggregator_commit_interval_seconds", ())] == 0.2   # the default
+    assert ("fleetlog_aggregator_early_commits_total", ()) in metrics
     # Every counter the sink keeps is a metric (a dashboard needs them all).
     gauges = ("replicas", "max_payload", "queued_batches", "queued_bytes")
     counters = {k for k, v in status["jetstream"].items() if isinstance(v, int) and k not in gauges}
