@@ -7,6 +7,7 @@ in it exactly once and in its file's order, each (agent, stream) subject's messa
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import stat
 import time
 import urllib.request
 
+import nats as natspy
 from harness import (
     Harness,
     Writer,
@@ -298,5 +300,49 @@ def test_lines_resent_after_an_aggregator_crash_count_as_duplicates_dropped(h: H
     assert counters == {field for field, _, _ in JETSTREAM_COUNTERS}
     exposed = {name for name, _ in metrics}
     assert not {f"fleetlog_aggregator_{name}_total" for _, name, _ in JETSTREAM_COUNTERS} - exposed
+    check_exactly_once(stream_lines(servers.urls), {"a": 300})
+    h.assert_quiet(ep)
+
+
+async def set_stream_max_bytes(urls: list[str], max_bytes: int) -> None:
+    """What an operator does to a full stream: raise its limit (nats stream edit)."""
+    nc = await natspy.connect(servers=urls)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(STREAM)
+        info.config.max_bytes = max_bytes
+        await js.update_stream(info.config)
+    finally:
+        await nc.close()
+
+
+def test_aggregator_killed_with_a_batch_half_published_counts_the_resent_front_as_duplicates(
+        h: Harness, nats) -> None:
+    """A batch larger than the server's max_payload goes as several messages and is
+    acknowledged once all are in. The stream fills after the first few (stream full): they are
+    published, the agent is not acknowledged. The aggregator is killed -9 there; the operator
+    raises the stream's limit; the restarted aggregator gets the batch again from the agent and
+    its sink cuts off the front the stream holds. Status counts those lines as duplicates
+    dropped (the old code: 0)."""
+    servers = nats.single(max_payload=8192)
+    ep = h.endpoints()
+    sets = [*jetstream_sets(servers), "aggregator.jetstream.max_bytes=40960"]
+    aggregator = h.aggregator(ep, *sets)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 300, width=1000))
+    h.agent(ep, sources(h))
+    wait_for(lambda: ((h.status(ep)["jetstream"] or {}).get("last_error") or "").startswith("stream full"),
+             timeout=30, what="the stream full in the middle of a batch")
+    held = len(stream_lines(servers.urls))
+    agent = h.agent_status()
+    assert agent is not None
+    shipped = agent["lines_shipped"]
+    assert held > shipped, (held, shipped)   # in the stream, never acknowledged
+    aggregator.kill9()
+    asyncio.run(set_stream_max_bytes(servers.urls, 16 * 1024 * 1024))
+    h.aggregator(ep, *sets)
+    wait_for(lambda: h.all_acknowledged(), timeout=60, what="every line acknowledged")
+    totals = h.status(ep)["totals"]
+    assert totals["duplicates_dropped"] == held - shipped, (totals, held, shipped)
+    assert totals["already_in_stream"] == held - shipped
     check_exactly_once(stream_lines(servers.urls), {"a": 300})
     h.assert_quiet(ep)
