@@ -47,7 +47,8 @@ With ``sink = "jetstream"`` (instead of journal_bytes and the output_* disk gaug
     jetstream_resyncs_total, jetstream_retries_total, jetstream_full_refusals_total,
     jetstream_split_messages_total, jetstream_cut_lines_total, jetstream_cut_bytes_total,
     jetstream_reads_total (a subject's last message read), jetstream_errors_total,
-    jetstream_gaps_accepted_total                   the sink's counters, as in aggregatorctl status
+    jetstream_gaps_accepted_total, jetstream_reconnects_total
+                                                    the sink's counters, as in aggregatorctl status
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ JETSTREAM_COUNTERS = (
     ("errors", "jetstream_errors", "Refusals and foreign messages that stop a subject"),
     ("gaps_accepted", "jetstream_gaps_accepted", "Stream gaps accepted (the stream lost bytes the"
      " agent can no longer send)"),
+    ("reconnects", "jetstream_reconnects", "Connections to NATS regained after a loss"),
 )
 
 

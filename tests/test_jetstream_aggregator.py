@@ -89,6 +89,7 @@ def test_nats_down_stops_acknowledging_then_everything_arrives_once(h: Harness, 
     assert status is not None and status["lines_shipped"] == acked
     servers.restart(0)
     wait_for(lambda: h.status(ep)["state_error"] is None, timeout=60, what="commits work again")
+    assert h.status(ep)["jetstream"]["reconnects"] >= 1
     finish(h, writer, servers.urls)
     h.assert_quiet(ep)
 

@@ -399,7 +399,8 @@ class JetStreamSink:
         (published (messages), published_bytes, published_lines, duplicates,
         precondition_refusals, already_in (batches),
         already_in_lines, already_in_bytes, resyncs, retries, full_refusals, split_messages,
-        cut_lines, cut_bytes, reads, errors, gaps_accepted)."""
+        cut_lines, cut_bytes, reads, errors, gaps_accepted) and ``reconnects`` (connections
+        regained after a loss)."""
         batches, size = self.queued()
         url = self.link.nc.connected_url if self.link.connected and self.link.nc is not None else None
         return {
@@ -411,5 +412,6 @@ class JetStreamSink:
             "queued_batches": batches,
             "queued_bytes": size,
             "last_error": self.link.last_error,
+            "reconnects": self.link.reconnects,
             **self.counters,
         }
