@@ -67,14 +67,21 @@ class GroupCommit(Stages):
             else:
                 # (A commit waiting for the journal's retry time waits here, even if due.)
                 gather = not self.commit_soon or self.state_error is not None
+            # Early: a commit before its interval is up (asked for at once, or the wait cut short).
+            early = not gather
             if gather:
                 due = time.monotonic() + interval
                 if not await self.commit_wake.wait(interval):
                     self.note_stall(time.monotonic() - due)  # the loop's lateness, for status
+                else:
+                    early = True
                 self.commit_wake.clear()
             try:
                 async with self.commit_lock:
+                    commits = self.totals.commits
                     await self.commit()
+                    if early and self.totals.commits > commits:
+                        self.totals.early_commits += 1
                     if self.state_error is None and self.stream_sink is None:
                         await self.rotate_due()
             except SinkError as exc:

@@ -67,6 +67,58 @@ def _output_line(s: dict[str, Any]) -> str:
             f"{_size(disk.get('output_total_bytes'))}")
 
 
+def _duplicates(s: dict[str, Any]) -> str:
+    """``12 duplicates dropped (10 already in the stream)``: the total, and with JetStream the
+    part the sink found in the stream (resent after a crash, or published by another aggregator)."""
+    t = s["totals"]
+    shown = f"{t['duplicates_dropped']} duplicates dropped"
+    if s.get("jetstream"):
+        shown += f" ({t.get('already_in_stream', 0)} already in the stream)"
+    return shown
+
+
+def _commits(s: dict[str, Any]) -> str:
+    """``120 commits (interval 200 ms, 3 early)``: the interval in force, and how many commits came
+    before it was up."""
+    t = s["totals"]
+    if s.get("commit_interval_ms") is None:  # an aggregator older than this aggregatorctl
+        return f"{t['commits']} commits"
+    return (f"{t['commits']} commits (interval {s['commit_interval_ms']} ms, "
+            f"{t.get('early_commits', 0)} early)")
+
+
+# The JetStream sink's counters the text shows when not 0 (all of them are in --json).
+_SINK_COUNTERS = (("already_in", "batches already in the stream"),
+                  ("duplicates", "answered duplicate"), ("precondition_refusals", "precondition refusals"),
+                  ("resyncs", "resyncs"), ("retries", "retries"), ("full_refusals", "refused as full"),
+                  ("split_messages", "split messages"), ("cut_lines", "lines cut to max_payload"),
+                  ("errors", "errors"), ("gaps_accepted", "gaps accepted (lost by the stream)"))
+
+
+def _sink_counters(js: dict[str, Any]) -> str | None:
+    """``jetstream: 4 batches already in the stream, 2 retries``, or None when all are 0."""
+    shown = [f"{js[k]} {words}" for k, words in _SINK_COUNTERS if js.get(k)]
+    return "jetstream: " + ", ".join(shown) if shown else None
+
+
+def _totals(s: dict[str, Any]) -> list[str]:
+    """The totals line, the JetStream sink's counters that are not 0, what is in progress."""
+    t, js = s["totals"], s.get("jetstream")
+    # With JetStream lines_written counts the lines taken into the sink; some may be found in
+    # the stream already (duplicates), so what went into the stream is said beside it.
+    written = (f"{t['lines_written']} lines taken ({_size(t['bytes_written'])}), "
+               f"{js.get('published_lines', 0)} published" if js else
+               f"{t['lines_written']} lines written ({_size(t['bytes_written'])})")
+    out = [f"totals: {written}, {_duplicates(s)}, {t['malformed_dropped']} malformed dropped, "
+           f"{t['resyncs']} resyncs, {_commits(s)}, {t['streams']} streams"]
+    if js and (counted := _sink_counters(js)):
+        out.append(counted)
+    if t.get("pending_bytes") or t.get("compressions_running"):
+        out.append(f"in progress: {_size(t.get('pending_bytes', 0))} not committed yet, "
+                   f"{t.get('compressions_running', 0)} files being compressed")
+    return out
+
+
 def render_status(s: dict[str, Any]) -> str:
     if s.get("kind") == "writer":  # a fleetlog-writer's control endpoint answers the same commands
         from writer.status import render
@@ -105,13 +157,7 @@ def render_status(s: dict[str, Any]) -> str:
         out += _table(["name", "lines", "bytes", "lines/s", "active file"],
                       [[t["name"], t["lines"], _size(t["bytes"]), f"{t['lines_per_s']:.0f}",
                         _size(t["file_bytes"])] for t in topics])
-    t = s["totals"]
-    out += ["", f"totals: {t['lines_written']} lines written ({_size(t['bytes_written'])}), "
-                f"{t['duplicates_dropped']} duplicates dropped, {t['malformed_dropped']} malformed dropped, "
-                f"{t['resyncs']} resyncs, {t['commits']} commits, {t['streams']} streams"]
-    if t.get("pending_bytes") or t.get("compressions_running"):
-        out.append(f"in progress: {_size(t.get('pending_bytes', 0))} not committed yet, "
-                   f"{t.get('compressions_running', 0)} files being compressed")
+    out += ["", *_totals(s)]
     flow = s.get("flow") or {}
     if flow.get("agents_catching_up"):
         out.append(f"catching up: {flow['agents_catching_up']} agents, a share of "

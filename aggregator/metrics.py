@@ -13,13 +13,16 @@ Metrics (all prefixed ``fleetlog_aggregator_``):
     agent_lag_bytes{agent}                          what the agent has not had acknowledged (heartbeats)
     agent_lag_seconds{agent}                        how old its oldest unacknowledged line is
     agent_connected{agent}, agent_last_seen_seconds{agent}
-    dropped_lines_total{reason="duplicate"}         resent lines already committed
+    dropped_lines_total{reason="duplicate"}         resent lines already committed, or already in
+                                                    the JetStream stream (sink = "jetstream")
     dropped_messages_total{reason}                  malformed frames, by reason
     refusals_total{reason}                          clients refused (CURVE): unknown_key, revoked_key,
                                                     no_curve, bad_server_key, protocol
     refused_peer_total{address, key, reason}        the same per peer (the last 1000 distinct ones)
     resyncs_total, write_errors_total, batches_total, commits_total
-    commit_seconds (histogram)                      fsync of the files + journal record
+    early_commits_total                             commits before commit_interval_ms was up
+    commit_interval_seconds                         commit_interval_ms in force
+    commit_seconds (histogram)                      fsync of the files + journal record (or publish)
     pending_bytes                                   accepted, not yet committed
     agent_window_bytes{agent}                       flow control: the window granted to each agent
     window_share_bytes, agents_catching_up          each catching-up agent's share of the budget
@@ -29,6 +32,23 @@ Metrics (all prefixed ``fleetlog_aggregator_``):
     active_file_bytes{topic}, loop_stall_seconds, compressions_running, streams
     output_free_bytes, output_writable              disk of output_dir
     info{instance, version}                         (fleetlog_aggregator_info)
+
+With ``sink = "jetstream"`` (instead of journal_bytes and the output_* disk gauges):
+
+    jetstream_connected, jetstream_healthy          connected to a server; 0 while last_error is set
+    jetstream_queued_bytes, jetstream_queued_batches   accepted, not yet acknowledged by JetStream
+    jetstream_max_message_bytes                     the largest message the server and stream take
+    jetstream_published_total (messages), jetstream_published_bytes_total,
+    jetstream_published_lines_total
+    jetstream_duplicates_total (messages answered "duplicate"), jetstream_precondition_refusals_total
+    jetstream_already_in_batches_total, jetstream_already_in_lines_total,
+    jetstream_already_in_bytes_total                what the stream held already: dropped (the lines
+                                                    are in dropped_lines_total{reason="duplicate"} too)
+    jetstream_resyncs_total, jetstream_retries_total, jetstream_full_refusals_total,
+    jetstream_split_messages_total, jetstream_cut_lines_total, jetstream_cut_bytes_total,
+    jetstream_reads_total (a subject's last message read), jetstream_errors_total,
+    jetstream_gaps_accepted_total, jetstream_reconnects_total
+                                                    the sink's counters, as in aggregatorctl status
 """
 
 from __future__ import annotations
@@ -133,9 +153,10 @@ class AggregatorCollector:
                 a_seen.add_metric([a.name], round(now - a.last_seen, 3))
         yield from (a_lines, a_bytes, a_lag, a_conn, a_seen, a_lag_s, a_window)
 
-        dup = counter("dropped_lines", "Lines dropped, by reason (duplicate: resent, already committed)",
-                      ["reason"])
-        dup.add_metric(["duplicate"], t.duplicates_dropped)
+        js = agg.stream_sink.status() if agg.stream_sink is not None else None
+        dup = counter("dropped_lines", "Lines dropped, by reason (duplicate: resent, already committed"
+                      " or already in the JetStream stream)", ["reason"])
+        dup.add_metric(["duplicate"], t.duplicates_dropped + (js["already_in_lines"] if js else 0))
         yield dup
         bad = counter("dropped_messages", "Malformed messages dropped, by reason", ["reason"])
         for reason, n in sorted(dict(t.malformed).items()):
@@ -160,6 +181,9 @@ class AggregatorCollector:
             _value(counter("write_errors", "Writes to the output that failed"), t.write_errors),
             _value(counter("batches", "Batches accepted"), t.batches),
             _value(counter("commits", "Group commits (fsync + journal record)"), t.commits),
+            _value(counter("early_commits", "Group commits before commit_interval_ms was up"
+                           " (commit_max_bytes, an agent's window half uncommitted, a resend)"),
+                   t.early_commits),
             _value(counter("rotations", "Active files rolled over"), t.rotations),
             _value(counter("retention_removed", "Rotated files removed by retention"), t.retention_removed),
         )
@@ -170,6 +194,8 @@ class AggregatorCollector:
                                     "Time to make a group commit durable (fsync files + journal)",
                                     buckets=buckets, sum_value=hist.sum)
 
+        yield gauge("commit_interval_seconds", "The group commit interval in force (commit_interval_ms)",
+                    value=agg.cfg.commit_interval_ms / 1000)
         yield gauge("pending_bytes", "Bytes accepted but not committed yet", value=agg.pending_bytes)
         if agg.window is not None:
             yield gauge("window_share_bytes", "Each catching-up agent's share of window_budget_bytes",
@@ -187,8 +213,8 @@ class AggregatorCollector:
         yield gauge("streams", "Streams (agent file incarnations) known", value=len(agg.accepted))
         yield gauge("output_writable", "0 while writes to the output fail (nothing is acknowledged)",
                     value=0 if agg.disk_error else 1)
-        if agg.stream_sink is not None:
-            yield from _jetstream_metrics(agg.stream_sink.status(), counter, gauge)
+        if js is not None:
+            yield from _jetstream_metrics(js, counter, gauge)
             return
         with contextlib.suppress(OSError):
             yield gauge("journal_bytes", "Size of the commit journal",
@@ -202,20 +228,53 @@ class AggregatorCollector:
         yield gauge("output_total_bytes", "Size of the output_dir file system", value=usage.total)
 
 
+# The JetStream sink's counters (JetStreamSink.status()) as metrics: (counter field, metric name
+# without the prefix and _total, help). Every counter the sink keeps is here (a test checks it);
+# the names exported before (published, duplicates: messages) stay as they were.
+JETSTREAM_COUNTERS = (
+    ("published", "jetstream_published", "Messages JetStream acknowledged"),
+    ("published_bytes", "jetstream_published_bytes", "Bytes (headers excluded) of the messages JetStream"
+     " acknowledged"),
+    ("published_lines", "jetstream_published_lines", "Lines in the messages JetStream acknowledged"),
+    ("duplicates", "jetstream_duplicates", "Publishes JetStream answered as duplicates (inside"
+     " its window)"),
+    ("precondition_refusals", "jetstream_precondition_refusals", "Publishes refused by the"
+     " expected-last-subject-sequence precondition"),
+    ("already_in", "jetstream_already_in_batches", "Batches the stream held already (resent after a"
+     " crash, or published by another aggregator): dropped, acknowledged"),
+    ("already_in_lines", "jetstream_already_in_lines", "Lines the stream held already (in"
+     " dropped_lines_total{reason=\"duplicate\"} too)"),
+    ("already_in_bytes", "jetstream_already_in_bytes", "Bytes the stream held already"),
+    ("resyncs", "jetstream_resyncs", "Streams an agent was asked to resend from the stream's end"),
+    ("retries", "jetstream_retries", "Publishes and reads retried after a timeout or no responders"),
+    ("full_refusals", "jetstream_full_refusals", "Publishes refused because the stream is full"),
+    ("split_messages", "jetstream_split_messages", "Messages cut from a batch over the server's"
+     " max_payload"),
+    ("cut_lines", "jetstream_cut_lines", "Lines cut because alone they exceed the server's max_payload"),
+    ("cut_bytes", "jetstream_cut_bytes", "Bytes dropped from the lines cut"),
+    ("reads", "jetstream_reads", "Reads of a subject's last message (to reconcile)"),
+    ("errors", "jetstream_errors", "Refusals and foreign messages that stop a subject"),
+    ("gaps_accepted", "jetstream_gaps_accepted", "Stream gaps accepted (the stream lost bytes the"
+     " agent can no longer send)"),
+    ("reconnects", "jetstream_reconnects", "Connections to NATS regained after a loss"),
+)
+
+
 def _jetstream_metrics(js: dict[str, Any], counter: Any, gauge: Any) -> Iterator[Any]:
     """sink = "jetstream": the publisher's state and counters (aggregator/jetstream/)."""
     yield gauge("jetstream_connected", "1 while connected to a NATS server",
                 value=1 if js["connected"] else 0)
     yield gauge("jetstream_queued_bytes", "Accepted bytes not yet acknowledged by JetStream",
                 value=js["queued_bytes"])
-    for name, doc in (("published", "Messages JetStream acknowledged"),
-                      ("duplicates", "Publishes JetStream answered as duplicates (inside its window)"),
-                      ("precondition_refusals", "Publishes refused by the expected-sequence precondition"),
-                      ("resyncs", "Streams an agent was asked to resend from the stream's end"),
-                      ("retries", "Publishes retried after a timeout or no responders"),
-                      ("full_refusals", "Publishes refused because the stream is full")):
-        family = counter(f"jetstream_{name}", doc)
-        yield _value(family, js[name])
+    yield gauge("jetstream_queued_batches", "Accepted batches not yet acknowledged by JetStream",
+                value=js["queued_batches"])
+    if js["max_payload"] is not None:
+        yield gauge("jetstream_max_message_bytes", "The largest message the server and the stream take"
+                    " (headers included)", value=js["max_payload"])
+    yield gauge("jetstream_healthy", "0 while the sink has an error (last_error: not connected, stream"
+                " full, refusals)", value=0 if js["last_error"] else 1)
+    for field, name, doc in JETSTREAM_COUNTERS:
+        yield _value(counter(name, doc), js[field])
 
 
 def _value(family: Any, value: float) -> Any:

@@ -3,6 +3,7 @@ lines. Real processes, sockets and files."""
 
 from __future__ import annotations
 
+import re
 import time
 
 from harness import Harness, append_lines, check_exactly_once, make_lines, output_lines, wait_for
@@ -28,6 +29,12 @@ def test_a_fast_agent_with_a_small_window_keeps_shipping_while_the_commit_interv
              what="every line before the first interval ends")
     assert time.monotonic() - first < 10
     wait_for(h.all_acknowledged, what="everything acknowledged")
-    assert h.status(ep)["totals"]["commits"] >= 2  # early ones: the interval has not passed
+    status = h.status(ep)
+    assert status["totals"]["commits"] >= 2  # early ones: the interval has not passed
+    # The operator sees the interval in force and that commits came before it.
+    assert status["commit_interval_ms"] == 10000
+    assert status["totals"]["early_commits"] >= 1, status["totals"]
+    shown = h.ctl(ep, "status").stdout
+    assert re.search(r"\b\d+ commits \(interval 10000 ms, [1-9]\d* early\)", shown), shown
     check_exactly_once(output_lines(h.root / "out", "t"), {"A": lines})
     h.assert_quiet(ep)

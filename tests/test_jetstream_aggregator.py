@@ -11,14 +11,27 @@ import asyncio
 import os
 import shutil
 import signal
+import stat
 import time
+import urllib.request
 
 import nats as natspy
-from harness import Harness, Writer, append_lines, check_exactly_once, make_lines, output_lines, wait_for
+from harness import (
+    Harness,
+    Writer,
+    append_lines,
+    check_exactly_once,
+    free_port,
+    make_lines,
+    output_lines,
+    wait_for,
+)
 from natsserver import STREAM, jetstream_sets, stream_lines
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import AggregatorEndpoints
 from agent.failover import rank
+from aggregator.metrics import JETSTREAM_COUNTERS
 
 
 def start_writer(h: Harness) -> Writer:
@@ -76,6 +89,7 @@ def test_nats_down_stops_acknowledging_then_everything_arrives_once(h: Harness, 
     assert status is not None and status["lines_shipped"] == acked
     servers.restart(0)
     wait_for(lambda: h.status(ep)["state_error"] is None, timeout=60, what="commits work again")
+    assert h.status(ep)["jetstream"]["reconnects"] >= 1
     finish(h, writer, servers.urls)
     h.assert_quiet(ep)
 
@@ -305,4 +319,115 @@ def test_writer_down_while_the_stream_lost_its_tail_and_took_new_messages_writes
     expected = {"a": 600, "b": 600, "c": 200}
     wait_for(lambda: len(output_lines(h.path("wout"), "app")) >= 1400, timeout=60, what="every line written")
     check_exactly_once(output_lines(h.path("wout"), "app"), expected)
+    h.assert_quiet(ep)
+
+
+def metric_values(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the aggregator's /metrics: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def copy_state(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+    """A copy of an agent's state_dir as a backup takes it (its status socket left out)."""
+    def sockets(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if stat.S_ISSOCK(os.lstat(os.path.join(folder, n)).st_mode)]
+    shutil.copytree(src, dst, ignore=sockets)
+
+
+def test_lines_resent_after_an_aggregator_crash_count_as_duplicates_dropped(h: Harness, nats) -> None:
+    """The aggregator dies (kill -9) with lines in the stream that its agent never saw
+    acknowledged; the agent sends them again to the restarted aggregator, whose JetStream sink
+    finds them in the stream and drops them. ``aggregatorctl status`` (text and --json) and the
+    metrics count them as duplicates dropped, like those the aggregator drops itself (the old
+    code said 0 there: they were only in the sink's ``already_in``). Made exact here by giving
+    the agent back the checkpoint of a backup taken 200 lines earlier: the stream then holds
+    200 lines it has no acknowledgement of, as after a crash between publish and ack."""
+    servers = nats.single()
+    ep = h.endpoints()
+    port = free_port()
+    aggregator = h.aggregator(ep, *jetstream_sets(servers), f"aggregator.metrics_listen=127.0.0.1:{port}")
+    log = h.path("logs", "a.log")
+    append_lines(log, make_lines("a", 0, 100))
+    agent = h.agent(ep, sources(h))
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="the first 100 lines acknowledged")
+    assert agent.stop() == 0
+    copy_state(h.path("st-node1"), h.path("st-backup"))
+    agent = h.agent(ep, sources(h))
+    append_lines(log, make_lines("a", 100, 200))
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="200 more lines acknowledged")
+    assert h.status(ep)["totals"]["duplicates_dropped"] == 0
+    aggregator.kill9()
+    agent.kill9()
+    h.aggregator(ep, *jetstream_sets(servers), f"aggregator.metrics_listen=127.0.0.1:{port}")
+    h.agent(ep, sources(h), state="st-backup")
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="the resent lines acknowledged")
+    status = h.status(ep)  # acknowledged: the sink has found them in the stream
+    assert status["jetstream"]["already_in"] >= 1 and status["jetstream"]["published"] == 0
+    assert status["totals"]["duplicates_dropped"] == 200, status["totals"]
+    assert status["totals"]["already_in_stream"] == 200
+    assert status["jetstream"]["already_in_lines"] == 200
+    shown = h.ctl(ep, "status").stdout
+    assert "200 lines taken (14.1KiB), 0 published, 200 duplicates dropped (200 already in the stream)" \
+        in shown, shown
+    assert f"jetstream: {status['jetstream']['already_in']} batches already in the stream" in shown, shown
+    metrics = wait_for(lambda: metric_values(port), what="metrics")
+    assert metrics[("fleetlog_aggregator_dropped_lines_total", (("reason", "duplicate"),))] == 200
+    assert metrics[("fleetlog_aggregator_jetstream_already_in_lines_total", ())] == 200
+    assert metrics[("fleetlog_aggregator_jetstream_already_in_batches_total", ())] >= 1
+    assert metrics[("fleetlog_aggregator_commit_interval_seconds", ())] == 0.2   # the default
+    assert ("fleetlog_aggregator_early_commits_total", ()) in metrics
+    # Every counter the sink keeps is a metric (a dashboard needs them all).
+    gauges = ("replicas", "max_payload", "queued_batches", "queued_bytes")
+    counters = {k for k, v in status["jetstream"].items() if isinstance(v, int) and k not in gauges}
+    assert counters == {field for field, _, _ in JETSTREAM_COUNTERS}
+    exposed = {name for name, _ in metrics}
+    assert not {f"fleetlog_aggregator_{name}_total" for _, name, _ in JETSTREAM_COUNTERS} - exposed
+    check_exactly_once(stream_lines(servers.urls), {"a": 300})
+    h.assert_quiet(ep)
+
+
+async def set_stream_max_bytes(urls: list[str], max_bytes: int) -> None:
+    """What an operator does to a full stream: raise its limit (nats stream edit)."""
+    nc = await natspy.connect(servers=urls)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(STREAM)
+        info.config.max_bytes = max_bytes
+        await js.update_stream(info.config)
+    finally:
+        await nc.close()
+
+
+def test_aggregator_killed_with_a_batch_half_published_counts_the_resent_front_as_duplicates(
+        h: Harness, nats) -> None:
+    """A batch larger than the server's max_payload goes as several messages and is
+    acknowledged once all are in. The stream fills after the first few (stream full): they are
+    published, the agent is not acknowledged. The aggregator is killed -9 there; the operator
+    raises the stream's limit; the restarted aggregator gets the batch again from the agent and
+    its sink cuts off the front the stream holds. Status counts those lines as duplicates
+    dropped (the old code: 0)."""
+    servers = nats.single(max_payload=8192)
+    ep = h.endpoints()
+    sets = [*jetstream_sets(servers), "aggregator.jetstream.max_bytes=40960"]
+    aggregator = h.aggregator(ep, *sets)
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 300, width=1000))
+    h.agent(ep, sources(h))
+    wait_for(lambda: ((h.status(ep)["jetstream"] or {}).get("last_error") or "").startswith("stream full"),
+             timeout=30, what="the stream full in the middle of a batch")
+    held = len(stream_lines(servers.urls))
+    agent = h.agent_status()
+    assert agent is not None
+    shipped = agent["lines_shipped"]
+    assert held > shipped, (held, shipped)   # in the stream, never acknowledged
+    aggregator.kill9()
+    asyncio.run(set_stream_max_bytes(servers.urls, 16 * 1024 * 1024))
+    h.aggregator(ep, *sets)
+    wait_for(lambda: h.all_acknowledged(), timeout=60, what="every line acknowledged")
+    totals = h.status(ep)["totals"]
+    assert totals["duplicates_dropped"] == held - shipped, (totals, held, shipped)
+    assert totals["already_in_stream"] == held - shipped
+    check_exactly_once(stream_lines(servers.urls), {"a": 300})
     h.assert_quiet(ep)

@@ -199,6 +199,7 @@ async def test_batches_are_published_once_with_the_headers_of_the_format(nats: A
         assert await sink.last_end("app", "web.01", "s1") == a.offsets[-1]
         assert await sink.last_end("app", "nobody", "s1") is None
         assert sink.status()["published"] == 2 and sink.status()["last_error"] is None
+        assert sink.status()["published_lines"] == 60
     messages = await read_back(servers.urls)
     check_exactly_once(messages, [a, b])
     headers = {subject: h for subject, h, _ in messages}[subject_for("fl", "db", "web-02", "s~2")]
@@ -250,6 +251,8 @@ async def test_retry_inside_and_beyond_the_dedup_window_is_stored_once(nats: Any
             assert await late.commit() == CommitOutcome(acked={src.key: src.offsets[hi]})
         status = late.status()
         assert status["published"] == 0 and status["already_in"] == 2
+        assert status["already_in_lines"] == 20   # the aggregator's status adds them to its duplicates
+        assert status["already_in_bytes"] == src.offsets[20]
         # Inside the window JetStream says "duplicate" (or, checking the precondition first as
         # 2.12 does on one server, "wrong last sequence"); after it only the precondition refuses.
         assert status["duplicates"] + status["precondition_refusals"] == 2
@@ -283,6 +286,9 @@ async def test_recut_batch_gets_resync_never_loss(nats: Any) -> None:
         # already-stored part is dropped and the rest published: acknowledged to its end.
         b.queue(**src.batch(5, 25))
         assert await b.commit() == CommitOutcome(acked={src.key: src.offsets[25]})
+        # The dropped front counts as lines already in (no whole batch was).
+        assert (b.status()["already_in"], b.status()["already_in_lines"]) == (0, 5)
+        assert b.status()["already_in_bytes"] == src.offsets[10] - src.offsets[5]
         # 4. The agent, resynced, goes on from the stream's end: accepted as usual.
         b.queue(**src.batch(25, 40))
         assert (await b.commit()).acked == {src.key: src.offsets[40]}

@@ -15,6 +15,8 @@ import zmq
 from harness import Harness, append_lines, count_lines, free_port, make_lines, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from aggregator.metrics import JETSTREAM_COUNTERS
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RULES = DEPLOY / "prometheus" / "fleetlog-rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "fleetlog-dashboard.json"
@@ -76,3 +78,11 @@ def test_every_metric_of_the_rules_and_the_dashboard_exists(h: Harness) -> None:
     assert not used - exposed, f"used by the rules or the dashboard but not exposed: {sorted(used - exposed)}"
     assert "fleetlog_aggregator_info" in exposed and "fleetlog_agent_info" in exposed
     assert not [n for n in exposed if n.endswith("_info_info")]
+
+
+def test_every_jetstream_sink_metric_is_in_the_readme() -> None:
+    """The README's list of the JetStream sink's metrics and status counters is complete."""
+    readme = (DEPLOY.parent / "README.md").read_text()
+    missing = [f"{name}_total" for _, name, _ in JETSTREAM_COUNTERS if f"`{name}_total`" not in readme]
+    missing += [field for field, _, _ in JETSTREAM_COUNTERS if f"`{field}`" not in readme]
+    assert not missing, f"not in the README: {missing}"

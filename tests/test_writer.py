@@ -543,6 +543,7 @@ def test_malformed_and_overlapping_messages_never_stop_the_writer(h: Harness, se
     check_exactly_once(all_lines(h.root / "wout", "app"), {"a": 150})
     assert s["malformed"] == {"no_headers": 1, "bad_version": 1}, s["malformed"]
     assert s["totals"]["overlaps"] == 0 and s["totals"]["duplicate_messages"] == 0
+    assert s["totals"]["duplicates_dropped"] == 10   # the front cut off: lines dropped, counted
     objects = [orjson.loads(line) for line in all_lines(h.root / "wout", "js")]
     assert [o["line"] for o in objects] == make_lines("j", 0, 10)
     assert {(o["agent"], o["path"], o["topic"]) for o in objects} == {("web.01", "/var/log/j.log", "js")}

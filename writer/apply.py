@@ -131,6 +131,8 @@ class Applier:
             return m.payload
         cut = last - m.start
         if m.fields is None and len(m.payload) == m.end - m.start and m.payload[cut - 1: cut] == b"\n":
+            # The front is written already: dropped lines, counted as a whole duplicate's are.
+            self.totals.duplicates_dropped += m.payload.count(b"\n", 0, cut)
             return m.payload[cut:]
         self.totals.overlaps += 1
         log.error("%s: a message covers bytes %d-%d, of which %d-%d are already written and cannot be"

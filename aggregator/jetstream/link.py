@@ -57,6 +57,7 @@ class JetStreamLink:
         self._logged_state: dict[str, str] = {}
         self._errors: dict[str, str] = {}
         self._closing = False
+        self.reconnects = 0           # connections regained after a loss (status, metrics)
 
     async def start(self, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         """Connect and create (or check) the stream. Never hangs: when no server answers within
@@ -113,6 +114,7 @@ class JetStreamLink:
 
     async def _on_reconnected(self) -> None:
         url = self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?"
+        self.reconnects += 1
         self.set_error("link", None)
         log.info("jetstream: reconnected to %s", url)
 

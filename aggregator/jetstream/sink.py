@@ -103,9 +103,11 @@ class JetStreamSink:
         self.link = JetStreamLink(settings, name)
         self._subjects: dict[tuple[str, str, str], Subject] = {}
         self.counters = {
-            "published": 0, "published_bytes": 0, "duplicates": 0, "precondition_refusals": 0,
-            "already_in": 0, "resyncs": 0, "retries": 0, "full_refusals": 0, "split_messages": 0,
-            "cut_lines": 0, "cut_bytes": 0, "reads": 0, "errors": 0, "gaps_accepted": 0,
+            "published": 0, "published_bytes": 0, "published_lines": 0, "duplicates": 0,
+            "precondition_refusals": 0,
+            "already_in": 0, "already_in_lines": 0, "already_in_bytes": 0, "resyncs": 0,
+            "retries": 0, "full_refusals": 0, "split_messages": 0, "cut_lines": 0, "cut_bytes": 0,
+            "reads": 0, "errors": 0, "gaps_accepted": 0,
         }
         self.builder = MessageBuilder(self.max_message_bytes, self.counters)
 
@@ -294,7 +296,7 @@ class JetStreamSink:
             return last
         while sub.pieces and sub.pieces[0].end <= last:
             done = sub.pieces.pop(0)
-            self.counters["already_in"] += 1
+            self._already_in(done.count, len(done.data), whole=True)
             outcome.acked[key] = done.end
         if not sub.pieces or sub.pieces[0].start == last:
             return None
@@ -303,7 +305,18 @@ class JetStreamSink:
         if cut is None:
             return last
         sub.pieces[0] = rest(piece, last, *cut)
+        self._already_in(cut[1], cut[0], whole=False)
         return None
+
+    def _already_in(self, lines: int, size: int, whole: bool) -> None:
+        """Count what the stream held already (dropped, never published twice): ``already_in``
+        counts whole batches, ``already_in_lines``/``already_in_bytes`` every line and byte of
+        them and of the fronts of batches cut at the stream's end. The aggregator's status adds
+        the lines to its ``duplicates_dropped``."""
+        if whole:
+            self.counters["already_in"] += 1
+        self.counters["already_in_lines"] += lines
+        self.counters["already_in_bytes"] += size
 
     # -- JetStream calls ------------------------------------------------------------------------
 
@@ -336,6 +349,7 @@ class JetStreamSink:
                     return None
                 self.counters["published"] += 1
                 self.counters["published_bytes"] += len(message.payload)
+                self.counters["published_lines"] += int(message.headers["Fleetlog-Lines"])
                 return int(answer["seq"])
             await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
             self.counters["retries"] += 1
@@ -410,8 +424,11 @@ class JetStreamSink:
         """The sink's state for the aggregator's status: ``connected`` (server host:port or None),
         ``stream``, ``replicas``, ``max_payload`` (bytes: ``max_message_bytes()``),
         ``queued_batches``, ``queued_bytes``, ``last_error`` (None when healthy) and the counters
-        (published, published_bytes, duplicates, precondition_refusals, already_in, resyncs,
-        retries, full_refusals, split_messages, cut_lines, cut_bytes, reads, errors)."""
+        (published (messages), published_bytes, published_lines, duplicates,
+        precondition_refusals, already_in (batches),
+        already_in_lines, already_in_bytes, resyncs, retries, full_refusals, split_messages,
+        cut_lines, cut_bytes, reads, errors, gaps_accepted) and ``reconnects`` (connections
+        regained after a loss)."""
         batches, size = self.queued()
         url = self.link.nc.connected_url if self.link.connected and self.link.nc is not None else None
         return {
@@ -423,5 +440,6 @@ class JetStreamSink:
             "queued_batches": batches,
             "queued_bytes": size,
             "last_error": self.link.last_error,
+            "reconnects": self.link.reconnects,
             **self.counters,
         }
