@@ -118,6 +118,7 @@ class Agent(Following):
         self.ack_problem: str | None = None
         self.unreadable: dict[tuple[int, int], tuple[str, str]] = {}
         self.failing: dict[tuple[int, int], str] = {}
+        self.skipped: dict[str, str] = {}  # glob matches that are not log files (agent/follow.py)
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics: metrics.MetricsServer | None = None
         self.journals = JournalSources(self)  # [[journal]] sources (agent/journal_sources.py)
@@ -957,6 +958,10 @@ class Agent(Following):
             "copies_ignored": len(self.shadows),
             "nul_bytes_skipped": Tailer.nul_bytes_total,
             "unreadable": unreadable,
+            # Glob matches that are not log files (FIFOs, sockets, devices, /proc files); not
+            # the directories a glob matches as a matter of course.
+            "skipped": [{"path": shown(p), "what": w} for p, w in sorted(self.skipped.items())
+                        if not w.startswith("a directory")],
             "failing": [{"identity": f"{d}:{i}", "error": e} for (d, i), e in self.failing.items()],
             "control": {"messages_sent": transport.control_sent if transport else 0,
                         "messages_received": transport.control_received if transport else 0},

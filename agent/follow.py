@@ -12,6 +12,7 @@ import contextlib
 import glob
 import logging
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from agent.tail import (
     new_stream_id,
     shown,
 )
-from agent.watch import Watcher, expand
+from agent.watch import Watcher, expand, not_a_log
 from fleetlog.runtime import Wakeup
 
 log = logging.getLogger("fleetlog.agent")
@@ -67,6 +68,9 @@ class Following:
     unreadable: dict[Ident, tuple[str, str]]
     # Files whose handling failed unexpectedly: identity -> the error, logged once per identity.
     failing: dict[Ident, str]
+    # Glob matches that are not log files (FIFOs, sockets, devices, /proc files, directories):
+    # name -> what it is; said once per name.
+    skipped: dict[str, str]
     # Counts every change of the names followed (a heartbeat with nothing new reuses its figures).
     names_changed: int
 
@@ -81,11 +85,13 @@ class Following:
         now = time.monotonic()
         names: dict[Ident, list[Named]] = {}
         matched: list[dict[str, int]] = []
+        skipped: dict[str, str] = {}
         for source in self.config.sources:
             matched.append({})
-            for path, st in expand(source, matched[-1]):
+            for path, st in expand(source, matched[-1], skipped):
                 names.setdefault((st.st_dev, st.st_ino), []).append((source, path, st))
         self.note_empty_globs(matched)
+        self.note_skipped(skipped, names)
         new: list[Named] = []
         for ident, entries in names.items():
             t = self.by_inode.get(ident)
@@ -135,6 +141,26 @@ class Following:
             if i < len(sources):
                 log.info("sources[%d] (topic %s): %s matches files now", i, sources[i].topic, pattern)
         self.empty_globs = empty
+
+    def note_skipped(self, skipped: dict[str, str], names: dict[Ident, list[Named]]) -> None:
+        """Say once per name what a glob matched that is not a log file and is skipped (a FIFO,
+        a socket, a device, a /proc file: WARNING, the glob names something that is never
+        shipped; a directory: DEBUG, ``*`` and ``**`` match directories as a matter of course).
+        Said again if it goes away and comes back."""
+        for path, what in skipped.items():
+            if self.skipped.get(path) != what:
+                self.say_skipped(path, what)
+        # Kept: what is skipped now, and files whose end could not be sought (``discover``),
+        # while a glob still matches them.
+        matched = {path for entries in names.values() for _, path, _ in entries}
+        self.skipped = {**{p: w for p, w in self.skipped.items() if p in matched}, **skipped}
+
+    def say_skipped(self, path: str, what: str) -> None:
+        self.skipped[path] = what
+        self.names_changed += 1
+        level = logging.DEBUG if what.startswith("a directory") else logging.WARNING
+        log.log(level, "%s is %s: not followed (sources follow regular files; an exclude glob silences "
+                "this)", shown(path), what)
 
     def scan_copies(self, names: dict[Ident, list[Named]]) -> None:
         """Copies that grew, copies and unreadable files that are gone."""
@@ -212,7 +238,9 @@ class Following:
     def discover(self, source: SourceConfig, path: str, st: os.stat_result, copy_check: bool = True) -> None:
         ident = (st.st_dev, st.st_ino)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put in the file's place since the glob would hold the open
+            # (and the agent) until a writer comes; on a regular file it changes nothing.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return  # gone between the glob and the open
         except OSError as exc:
@@ -220,6 +248,9 @@ class Following:
             return
         self.unreadable.pop(ident, None)
         try:
+            if not self.can_follow(path, fd):
+                os.close(fd)
+                return
             t = self._identify(source, path, fd, copy_check)
         except BaseException:
             os.close(fd)
@@ -236,6 +267,24 @@ class Following:
             t.close()  # read (and reopened by name) when its turn comes
         self.add(t)
         log.debug("following %s from %d (stream %s)", shown(path), t.ship_pos, t.stream)
+
+    def can_follow(self, path: str, fd: int) -> bool:
+        """Whether the file open as ``fd`` is one whose size an lseek to its end gives (how every
+        read finds the new bytes): a file that does not allow it (a pseudo-filesystem the
+        agent does not know of, a FIFO that took the name since the glob) is skipped and said
+        once, like the FIFOs and /proc files the scan skips."""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                what = not_a_log(path, st) or "not a regular file"
+            else:
+                file_size(fd)
+                return True
+        except OSError as exc:
+            what = f"a file whose end cannot be sought ({exc.strerror or exc}), so not a log that grows"
+        if self.skipped.get(path) != what:
+            self.say_skipped(path, what)
+        return False
 
     def _identify(self, source: SourceConfig, path: str, fd: int, copy_check: bool) -> Tailer | None:
         """Which stream the file open as ``fd`` is: the checkpoint's (same inode, same first
@@ -345,7 +394,7 @@ class Following:
 
     @staticmethod
     def _grows_as(twin: Tailer, path: str, size: int) -> bool:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             mine = bytes_before(fd, size, MARK_LEN)
         finally:
@@ -491,7 +540,7 @@ class Following:
         return None
 
     def _path_matches(self, path: str, cp: Checkpoint) -> bool:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             return self._same_content(fd, cp)
         finally:
@@ -626,7 +675,8 @@ class Following:
         for path in paths:
             t = self.by_path.get(path)
             if t is None:
-                unknown = True
+                # A FIFO skipped is written to all the time: no rescan for each write.
+                unknown = unknown or path not in self.skipped
                 continue
             if t.fd is None and not t.open():
                 unknown = True

@@ -244,7 +244,7 @@ class Tailer:
         if self.fd is not None:
             return True
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return False
         st = os.fstat(fd)
@@ -272,7 +272,7 @@ class Tailer:
         if path == self.path and (st.st_size, st.st_mtime_ns) == self.closed_stat:
             return False
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return False
         try:
