@@ -575,7 +575,9 @@ class Following:
         self.shadows.pop(ident, None)
         if ident in self.by_inode:
             return None
-        source = next((s for s in self.config.sources if s.topic == old.topic), self.config.sources[0])
+        source = next((s for s in self.config.sources if s.topic == old.topic), None)
+        if source is None:
+            return None  # no source of its topic is left (the sources changed)
         t = self._tailer_from(old, source, path)
         t.dev, t.ino = ident
         if not t.open():
@@ -724,6 +726,11 @@ class Following:
         if st is not None and st.st_size >= cp.acked and self._path_matches(cp.path, cp):
             # Still there, and no glob matches it: the sources changed, it was not rotated.
             self.unfollow(cp, st.st_size, cp.acked, "since the last run")
+            return
+        if cp.unfollowed:
+            # Let go before, and no longer there as it was: not finished as a rotated file.
+            log.info("%s (no longer followed) is gone, renamed or truncated: forgetting where it was "
+                     "left (%d)", shown(cp.path), cp.acked)
             return
         path = self.find_elsewhere(cp)
         source = next((s for s in self.config.sources if s.topic == cp.topic), None)

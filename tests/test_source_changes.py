@@ -231,3 +231,40 @@ def test_file_let_go_by_a_reload_while_the_aggregator_is_down_counts_what_is_lef
     h.assert_quiet(ep)
     check_exactly_once(h.lines(), {"a": 110, "b": 3100})
     not_said_wrongly(agent.log())
+
+
+def test_file_let_go_then_truncated_or_rotated_is_forgotten_not_finished(h: Harness) -> None:
+    ep = h.endpoints()
+    logs = h.path("logs")
+    a, b, c = logs / "a.log", logs / "b.log", logs / "c.log"
+    for path, tag in ((a, "a"), (b, "b"), (c, "c")):
+        append_lines(path, make_lines(tag, 0, 100))
+    h.aggregator(ep)
+    write_conf(h, ep, [{"paths": [f"{logs}/*.log"], "topic": "app"}])
+    agent = start_agent(h)
+    settle(h, "app", 300)
+    wait_for(h.all_acknowledged, what="every line acknowledged")
+    offset = b.stat().st_size
+    write_conf(h, ep, [{"paths": [str(a)], "topic": "app"}])
+    reload(agent)
+    wait_for(lambda: agent.log().count("is no longer followed") == 2, what="b.log and c.log let go")
+    # Truncated while let go: another content, nothing to resume.
+    b.write_bytes(b"")
+    append_lines(b, make_lines("b2", 0, 10))
+    wait_for(lambda: f"{b} (no longer followed) is truncated: forgetting where it was left ({offset})"
+             in agent.log(), what="b.log's checkpoint forgotten")
+    # Rotated away while the agent is down: not finished as a rotated file of topic app.
+    append_lines(c, make_lines("c", 100, 50))
+    assert agent.stop() == 0
+    c.rename(logs / "c.log.1")
+    agent = start_agent(h)
+    wait_for(lambda: f"{c} (no longer followed) is gone, renamed or truncated: forgetting where it was left "
+             f"({offset})" in agent.log(), what="c.log's checkpoint forgotten")
+    append_lines(a, make_lines("a", 100, 10))
+    settle(h, "app", 310)
+    wait_for(h.all_acknowledged, what="every line acknowledged")
+    status = h.agent_status()
+    assert status is not None and status["unfollowed"] == []
+    h.assert_quiet(ep)
+    check_exactly_once(h.lines(), {"a": 110, "b": 100, "c": 100})
+    assert "finishing" not in agent.log()
