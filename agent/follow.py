@@ -723,10 +723,16 @@ class Following:
 
     def _resume_rotated(self, cp: Checkpoint) -> None:
         st = self.at_its_name(cp)
-        if st is not None and st.st_size >= cp.acked and self._path_matches(cp.path, cp):
+        if st is not None:
             # Still there, and no glob matches it: the sources changed, it was not rotated.
-            self.unfollow(cp, st.st_size, cp.acked, "since the last run")
-            return
+            if st.st_size >= cp.acked and self._path_matches(cp.path, cp):
+                self.unfollow(cp, st.st_size, cp.acked, "since the last run")
+                return
+            if not cp.unfollowed:
+                log.info("%s (topic %s) is no longer followed: no source matches it since the last run; "
+                         "its content changed since (truncated or written again), so where it was left "
+                         "is not kept", shown(cp.path), cp.topic)
+                return
         if cp.unfollowed:
             # Let go before, and no longer there as it was: not finished as a rotated file.
             log.info("%s (no longer followed) is gone, renamed or truncated: forgetting where it was "

@@ -268,3 +268,34 @@ def test_file_let_go_then_truncated_or_rotated_is_forgotten_not_finished(h: Harn
     h.assert_quiet(ep)
     check_exactly_once(h.lines(), {"a": 110, "b": 100, "c": 100})
     assert "finishing" not in agent.log()
+
+
+def test_source_removed_and_its_file_truncated_while_the_agent_was_down_is_said_so(h: Harness) -> None:
+    ep = h.endpoints()
+    a, b = h.path("logs", "a.log"), h.path("logs", "b.log")
+    append_lines(a, make_lines("a", 0, 100))
+    append_lines(b, make_lines("b", 0, 100))
+    both = [{"paths": [str(a)], "topic": "app"}, {"paths": [str(b)], "topic": "other"}]
+    h.aggregator(ep)
+    write_conf(h, ep, both)
+    agent = start_agent(h)
+    settle(h, "app", 100)
+    settle(h, "other", 100)
+    wait_for(h.all_acknowledged, what="every line acknowledged")
+    assert agent.stop() == 0
+    b.write_bytes(b"")  # truncated while the agent was down, then the source removed
+    append_lines(b, make_lines("b2", 0, 10))
+    write_conf(h, ep, both[:1])
+    agent = start_agent(h)
+    wait_for(lambda: f"INFO fleetlog.agent: {b} (topic other) is no longer followed: no source matches it "
+             "since the last run; its content changed since (truncated or written again), so where it was "
+             "left is not kept" in agent.log(), what="the file let go, said")
+    append_lines(a, make_lines("a", 100, 10))
+    settle(h, "app", 110)
+    wait_for(h.all_acknowledged, what="every line acknowledged")
+    status = h.agent_status()
+    assert status is not None and status["unfollowed"] == []
+    h.assert_quiet(ep)
+    check_exactly_once(h.lines("app"), {"a": 110})
+    check_exactly_once(h.lines("other"), {"b": 100})
+    not_said_wrongly(agent.log())
