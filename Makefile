@@ -47,8 +47,12 @@ system-deps:
 	    echo "note: could not install$$missing; the tests that need them will be skipped"; \
 	  else echo "note: missing$$missing and not root; the tests that need them will be skipped"; fi; fi
 
+# make run's settings: RUN_ARGS, the options of fleetlog/demo.py (RUN_ARGS=--help lists them), e.g.
+# make run RUN_ARGS="--agent-set agent.log_level=debug --aggregator-set aggregator.format=json"
+RUN_ARGS ?=
+
 run: $(RUN_STAMP)
-	$(BIN)/python -m fleetlog.demo
+	$(BIN)/python -m fleetlog.demo $(RUN_ARGS)
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check agent aggregator fleetlog writer tests bench

@@ -111,6 +111,7 @@ class Agent(Following):
         # crash can never make the agent ship the same bytes again under a new stream id.
         self.unsaved_streams = False
         self.pending_checkpoints: dict[tuple[int, int], Checkpoint] = {}
+        self.unfollowed: dict[tuple[int, int], Checkpoint] = {}  # see Following.unmatched
         self.first_run = False
         self.lines_shipped = 0   # acknowledged as durable
         self.lines_sent = 0      # sent, resends included
@@ -123,6 +124,7 @@ class Agent(Following):
         self.ack_problem: str | None = None
         self.unreadable: dict[tuple[int, int], tuple[str, str]] = {}
         self.failing: dict[tuple[int, int], str] = {}
+        self.skipped: dict[str, str] = {}  # glob matches that are not log files (agent/follow.py)
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics: metrics.MetricsServer | None = None
         self.journals = JournalSources(self)  # [[journal]] sources (agent/journal_sources.py)
@@ -206,8 +208,10 @@ class Agent(Following):
         self.stopping.set()
 
     def reload(self) -> None:
-        """SIGHUP: load, validate, diff, apply. New or changed [[sources]] take effect now (files
-        no glob matches any more are finished and let go); [agent] settings need a restart.
+        """SIGHUP: load, validate, diff, apply. New or changed [[sources]] take effect now (a
+        file whose first matching source changed goes on under its new topic and settings; a
+        file no source matches any more is let go, where it was left kept: Following.unmatched);
+        [agent] settings need a restart.
         A bad file is reported and the running config stays."""
         if self.config.source.startswith("<"):
             log.info("reload: running on built-in defaults and --set options; nothing to reload")
@@ -624,6 +628,9 @@ class Agent(Following):
             self.last_ack_progress = time.monotonic()
             self.acked_event.set()
             return
+        if t is None and self.unfollowed and type(end) is int:
+            self.unfollowed_acked(stream, end)
+            return
         if t is None or type(end) is not int or end <= t.acked:
             return
         t.acked = end
@@ -895,7 +902,7 @@ class Agent(Following):
         out = [self.checkpoint_of(t) for t in self.tailers.values()]
         for cp in out:
             cp.updated = now
-        return out + list(self.shadows.values())
+        return out + list(self.shadows.values()) + list(self.unfollowed.values())
 
     def save_checkpoints(self) -> None:
         try:
@@ -975,6 +982,14 @@ class Agent(Following):
             "copies_ignored": len(self.shadows),
             "nul_bytes_skipped": Tailer.nul_bytes_total,
             "unreadable": unreadable,
+            # Files no source matches any more (the sources changed), where each was left.
+            "unfollowed": [{"path": shown(cp.path), "topic": cp.topic, "stream": cp.stream,
+                            "offset": cp.acked, "size": cp.size}
+                           for cp in sorted(self.unfollowed.values(), key=lambda c: c.path)],
+            # Glob matches that are not log files (FIFOs, sockets, devices, /proc files); not
+            # the directories a glob matches as a matter of course.
+            "skipped": [{"path": shown(p), "what": w} for p, w in sorted(self.skipped.items())
+                        if not w.startswith("a directory")],
             "failing": [{"identity": f"{d}:{i}", "error": e} for (d, i), e in self.failing.items()],
             "control": {"messages_sent": transport.control_sent if transport else 0,
                         "messages_received": transport.control_received if transport else 0},

@@ -12,6 +12,7 @@ import contextlib
 import glob
 import logging
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from agent.tail import (
     new_stream_id,
     shown,
 )
-from agent.watch import Watcher, expand
+from agent.watch import Watcher, expand, not_a_log
 from fleetlog.runtime import Wakeup
 
 log = logging.getLogger("fleetlog.agent")
@@ -51,6 +52,8 @@ class Following:
     shadows: dict[Ident, Checkpoint]
     predecessors: dict[str, Tailer]
     pending_checkpoints: dict[Ident, Checkpoint]
+    # Files no source matches any more, still there under their names: where each was left.
+    unfollowed: dict[Ident, Checkpoint]
     unacked: set[Tailer]
     timed: set[Tailer]
     empty_globs: set[tuple[int, str]]
@@ -67,6 +70,9 @@ class Following:
     unreadable: dict[Ident, tuple[str, str]]
     # Files whose handling failed unexpectedly: identity -> the error, logged once per identity.
     failing: dict[Ident, str]
+    # Glob matches that are not log files (FIFOs, sockets, devices, /proc files, directories):
+    # name -> what it is; said once per name.
+    skipped: dict[str, str]
     # Counts every change of the names followed (a heartbeat with nothing new reuses its figures).
     names_changed: int
 
@@ -81,11 +87,13 @@ class Following:
         now = time.monotonic()
         names: dict[Ident, list[Named]] = {}
         matched: list[dict[str, int]] = []
+        skipped: dict[str, str] = {}
         for source in self.config.sources:
             matched.append({})
-            for path, st in expand(source, matched[-1]):
+            for path, st in expand(source, matched[-1], skipped):
                 names.setdefault((st.st_dev, st.st_ino), []).append((source, path, st))
         self.note_empty_globs(matched)
+        self.note_skipped(skipped, names)
         new: list[Named] = []
         for ident, entries in names.items():
             t = self.by_inode.get(ident)
@@ -102,23 +110,34 @@ class Following:
             try:
                 if t.path != entries[0][1] and t.path not in {path for _, path, _ in entries}:
                     self.renamed(t, preferred(entries)[1])
+                if entries[0][0] is not t.source and t.rotated_at is None:
+                    self.source_changed(t, entries[0][0])
                 self.check_size(t, entries[0][2].st_size)
             except Exception as exc:  # on purpose: any bug must stay with this one file
                 self.failed(ident, t.path, exc)
-        for t in list(self.tailers.values()):
-            if t.rotated_at is None and (t.dev, t.ino) in names:
-                continue
-            with self.guard((t.dev, t.ino), t.path):
-                if t.rotated_at is None:
-                    self.lost_name(t, now)
-                else:
-                    self.maybe_forget(t, now)
+        self.scan_unmatched(names, now)
+        self.check_unfollowed(names)
         self.scan_copies(names)
         # New files last, so that a file that took a rotated one's name knows its predecessor.
         for source, path, st in new:
             with self.guard((st.st_dev, st.st_ino), path):
                 self.discover(source, path, st)
         self.enforce_fd_limit(now)
+
+    def scan_unmatched(self, names: dict[Ident, list[Named]], now: float) -> None:
+        """Followed files no glob matched in this scan: rotated away or deleted (their name
+        leads elsewhere or nowhere), or no longer matched by any source (the sources changed);
+        and rotated files to let go once done."""
+        for t in list(self.tailers.values()):
+            if t.rotated_at is None and (t.dev, t.ino) in names:
+                continue
+            with self.guard((t.dev, t.ino), t.path):
+                if t.rotated_at is not None:
+                    self.maybe_forget(t, now)
+                elif (st := self.at_its_name(t)) is not None:
+                    self.unmatched(t, st)
+                else:
+                    self.lost_name(t, now)
 
     def note_empty_globs(self, matched: list[dict[str, int]]) -> None:
         """Say at WARNING when a source's glob matches nothing (at start, and whenever that
@@ -135,6 +154,26 @@ class Following:
             if i < len(sources):
                 log.info("sources[%d] (topic %s): %s matches files now", i, sources[i].topic, pattern)
         self.empty_globs = empty
+
+    def note_skipped(self, skipped: dict[str, str], names: dict[Ident, list[Named]]) -> None:
+        """Say once per name what a glob matched that is not a log file and is skipped (a FIFO,
+        a socket, a device, a /proc file: WARNING, the glob names something that is never
+        shipped; a directory: DEBUG, ``*`` and ``**`` match directories as a matter of course).
+        Said again if it goes away and comes back."""
+        for path, what in skipped.items():
+            if self.skipped.get(path) != what:
+                self.say_skipped(path, what)
+        # Kept: what is skipped now, and files whose end could not be sought (``discover``),
+        # while a glob still matches them.
+        matched = {path for entries in names.values() for _, path, _ in entries}
+        self.skipped = {**{p: w for p, w in self.skipped.items() if p in matched}, **skipped}
+
+    def say_skipped(self, path: str, what: str) -> None:
+        self.skipped[path] = what
+        self.names_changed += 1
+        level = logging.DEBUG if what.startswith("a directory") else logging.WARNING
+        log.log(level, "%s is %s: not followed (sources follow regular files; an exclude glob silences "
+                "this)", shown(path), what)
 
     def scan_copies(self, names: dict[Ident, list[Named]]) -> None:
         """Copies that grew, copies and unreadable files that are gone."""
@@ -212,7 +251,9 @@ class Following:
     def discover(self, source: SourceConfig, path: str, st: os.stat_result, copy_check: bool = True) -> None:
         ident = (st.st_dev, st.st_ino)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put in the file's place since the glob would hold the open
+            # (and the agent) until a writer comes; on a regular file it changes nothing.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return  # gone between the glob and the open
         except OSError as exc:
@@ -220,6 +261,9 @@ class Following:
             return
         self.unreadable.pop(ident, None)
         try:
+            if not self.can_follow(path, fd):
+                os.close(fd)
+                return
             t = self._identify(source, path, fd, copy_check)
         except BaseException:
             os.close(fd)
@@ -237,6 +281,24 @@ class Following:
         self.add(t)
         log.debug("following %s from %d (stream %s)", shown(path), t.ship_pos, t.stream)
 
+    def can_follow(self, path: str, fd: int) -> bool:
+        """Whether the file open as ``fd`` is one whose size an lseek to its end gives (how every
+        read finds the new bytes): a file that does not allow it (a pseudo-filesystem the
+        agent does not know of, a FIFO that took the name since the glob) is skipped and said
+        once, like the FIFOs and /proc files the scan skips."""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                what = not_a_log(path, st) or "not a regular file"
+            else:
+                file_size(fd)
+                return True
+        except OSError as exc:
+            what = f"a file whose end cannot be sought ({exc.strerror or exc}), so not a log that grows"
+        if self.skipped.get(path) != what:
+            self.say_skipped(path, what)
+        return False
+
     def _identify(self, source: SourceConfig, path: str, fd: int, copy_check: bool) -> Tailer | None:
         """Which stream the file open as ``fd`` is: the checkpoint's (same inode, same first
         bytes, same bytes before the acknowledged offset), a copy of a followed file (None: not
@@ -244,7 +306,8 @@ class Following:
         st = os.fstat(fd)
         ident = (st.st_dev, st.st_ino)
         fp, fp_len = fingerprint(fd)
-        cp = self.pending_checkpoints.pop(ident, None) or self._remounted(path, st)
+        cp = (self.pending_checkpoints.pop(ident, None) or self.unfollowed.pop(ident, None)
+              or self._remounted(path, st))
         if cp is not None:
             t = self._tailer_from(cp, source, path)
             t.dev, t.ino = ident
@@ -255,6 +318,12 @@ class Following:
             # the old content looked for in a copy) once it is followed.
             if not cp.shadow and (st.st_size < cp.acked or (self._same_content(fd, cp)
                                                             and t.saved_mark_holds(fd))):
+                if cp.unfollowed:
+                    log.info("%s is followed again (topic %s; a source matches it): from offset %d, where "
+                             "it was left", shown(path), source.topic, cp.acked)
+                elif cp.topic != source.topic:
+                    log.info("%s: now in topic %s (was %s in the last run; the sources changed), from "
+                             "offset %d on", shown(path), source.topic, cp.topic, cp.acked)
                 return t
             if not cp.shadow:
                 self.lost_content(cp, f"{shown(path)} is not the file of the last run (same inode, other "
@@ -345,7 +414,7 @@ class Following:
 
     @staticmethod
     def _grows_as(twin: Tailer, path: str, size: int) -> bool:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             mine = bytes_before(fd, size, MARK_LEN)
         finally:
@@ -368,7 +437,12 @@ class Following:
         self.unindex(t)
         self.unacked.discard(t)
         self.inflight = self.inflight_bytes()
-        self.queued.discard(t)
+        if t in self.queued:
+            self.queued.discard(t)
+            # Out of the read queue too: a file let go while its name still leads to it (no
+            # source matches it any more) would be opened again by name and read there.
+            with contextlib.suppress(ValueError):
+                self.ready.remove(t)
         self.checkpoints_dirty = True
 
     def checkpoint_of(self, t: Tailer) -> Checkpoint:
@@ -491,7 +565,7 @@ class Following:
         return None
 
     def _path_matches(self, path: str, cp: Checkpoint) -> bool:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             return self._same_content(fd, cp)
         finally:
@@ -501,7 +575,9 @@ class Following:
         self.shadows.pop(ident, None)
         if ident in self.by_inode:
             return None
-        source = next((s for s in self.config.sources if s.topic == old.topic), self.config.sources[0])
+        source = next((s for s in self.config.sources if s.topic == old.topic), None)
+        if source is None:
+            return None  # no source of its topic is left (the sources changed)
         t = self._tailer_from(old, source, path)
         t.dev, t.ino = ident
         if not t.open():
@@ -526,6 +602,86 @@ class Following:
         t.rotated_at = now
         log.info("%s was rotated away; reading it to its end", shown(t.path))
         self.enqueue(t)
+
+    # -- sources changed: files no source matches any more, files whose source changed ---------
+
+    @staticmethod
+    def at_its_name(t: Tailer | Checkpoint) -> os.stat_result | None:
+        """The file's stat if its name still leads to it (same device and inode): not matched
+        by any glob then means no source matches it any more, not that it was rotated away."""
+        try:
+            st = os.stat(t.path)
+        except OSError:
+            return None
+        return st if (st.st_dev, st.st_ino) == (t.dev, t.ino) else None
+
+    def source_changed(self, t: Tailer, source: SourceConfig) -> None:
+        """A reload changed the source that matches the file first: its settings apply from the
+        next read on, its topic too (the stream goes on: the aggregator keys streams by agent
+        and stream, whatever their topic)."""
+        if source.topic != t.source.topic:
+            log.info("%s: now in topic %s (was %s; the sources changed), from offset %d on",
+                     shown(t.path), source.topic, t.source.topic, t.ship_pos)
+            self.names_changed += 1
+            self.checkpoints_dirty = True
+        t.use_source(source)
+
+    def unmatched(self, t: Tailer, st: os.stat_result) -> None:
+        """A reload left no source that matches this file (removed, its glob narrowed, an
+        exclude added): it is let go now. What was shipped is acknowledged as usual; what was
+        not read is left, and said. Where it was left is kept (``unfollowed``) while the file
+        is there, so a source that matches it again resumes it there, not from its start."""
+        cp = self.checkpoint_of(t)
+        read_to, inflight = t.ship_pos, t.ship_pos - t.acked
+        self.forget(t)
+        self.unfollow(cp, st.st_size, read_to, "after the reload", inflight)
+
+    def unfollow(self, cp: Checkpoint, size: int, read_to: int, since: str, inflight: int = 0) -> None:
+        first = not cp.unfollowed
+        cp.unfollowed = True
+        cp.size = size
+        self.unfollowed[(cp.dev, cp.ino)] = cp
+        self.checkpoints_dirty = True
+        self.names_changed += 1
+        if not first:
+            log.debug("%s is still matched by no source; keeping where it was left (%d)",
+                      shown(cp.path), cp.acked)
+            return
+        what = f"{shown(cp.path)} (topic {cp.topic}) is no longer followed: no source matches it {since}"
+        sent = f", {inflight} bytes before them wait for the aggregator's acknowledgement" if inflight > 0 \
+            else ""
+        if size > read_to:
+            log.warning("%s; %d bytes after offset %d (%d to %d of %d bytes) are not shipped%s; where it was "
+                        "left is kept while the file is there: a source that matches it again ships what "
+                        "was not acknowledged", what, size - read_to, read_to, read_to, size, size, sent)
+        else:
+            log.info("%s; it was read to its end (%d bytes%s); where it was left is kept while the file is "
+                     "there", what, read_to, f", {inflight} of them not yet acknowledged" if inflight > 0
+                     else "")
+
+    def check_unfollowed(self, names: dict[Ident, list[Named]]) -> None:
+        """Where unfollowed files were left is kept while each is there under its name, as
+        long as its offset; a file matched again is resumed by ``discover``."""
+        for ident, cp in list(self.unfollowed.items()):
+            if ident in names:
+                continue
+            st = self.at_its_name(cp)
+            if st is not None and st.st_size >= cp.acked:
+                cp.size = st.st_size
+                continue
+            del self.unfollowed[ident]
+            self.checkpoints_dirty = True
+            log.info("%s (no longer followed) is %s: forgetting where it was left (%d)", shown(cp.path),
+                     "gone or renamed" if st is None else "truncated", cp.acked)
+
+    def unfollowed_acked(self, stream: str, end: int) -> None:
+        """An acknowledgement of a batch shipped before its file was unfollowed."""
+        for cp in self.unfollowed.values():
+            if cp.stream == stream:
+                if end > cp.acked:
+                    cp.acked = end
+                    self.checkpoints_dirty = True
+                return
 
     def find_elsewhere(self, t: Tailer | Checkpoint) -> str | None:
         """The file's new name, by device and inode: in the directory of its name, in the one
@@ -566,8 +722,31 @@ class Following:
                 self._resume_rotated(cp)
 
     def _resume_rotated(self, cp: Checkpoint) -> None:
+        st = self.at_its_name(cp)
+        if st is not None:
+            # Still there, and no glob matches it: the sources changed, it was not rotated.
+            if st.st_size >= cp.acked and self._path_matches(cp.path, cp):
+                self.unfollow(cp, st.st_size, cp.acked, "since the last run")
+                return
+            if not cp.unfollowed:
+                log.info("%s (topic %s) is no longer followed: no source matches it since the last run; "
+                         "its content changed since (truncated or written again), so where it was left "
+                         "is not kept", shown(cp.path), cp.topic)
+                return
+        if cp.unfollowed:
+            # Let go before, and no longer there as it was: not finished as a rotated file.
+            log.info("%s (no longer followed) is gone, renamed or truncated: forgetting where it was "
+                     "left (%d)", shown(cp.path), cp.acked)
+            return
         path = self.find_elsewhere(cp)
         source = next((s for s in self.config.sources if s.topic == cp.topic), None)
+        if path is not None and source is None and self._path_matches(path, cp):
+            size = os.stat(path).st_size
+            log.log(logging.WARNING if size > cp.acked else logging.INFO,
+                    "%s (stream %s), rotated to %s while the agent was down, is not finished: no source "
+                    "has its topic %s now (the sources changed); %d bytes after offset %d are not shipped",
+                    shown(cp.path), cp.stream, shown(path), cp.topic, max(0, size - cp.acked), cp.acked)
+            return
         if path is None or source is None or not self._path_matches(path, cp):
             self.lost_content(cp, f"{shown(cp.path)} (stream {cp.stream}) is gone since the last run",
                               unseen=True)
@@ -626,7 +805,8 @@ class Following:
         for path in paths:
             t = self.by_path.get(path)
             if t is None:
-                unknown = True
+                # A FIFO skipped is written to all the time: no rescan for each write.
+                unknown = unknown or path not in self.skipped
                 continue
             if t.fd is None and not t.open():
                 unknown = True

@@ -55,6 +55,9 @@ class Checkpoint:
     mark_fp: str = ""
     size: int = 0          # the file's size when last seen (what a loss of it would cost)
     real_path: str = ""    # where ``path`` led, if it is a symlink
+    # No source matches the file any more (the config changed): where it was left, kept while
+    # the file is there, so a source that matches it again resumes it there.
+    unfollowed: bool = False
 
 
 class CheckpointStore:
@@ -132,6 +135,8 @@ _FIELDS = tuple(f.name for f in fields(Checkpoint))
 
 def _entry(cp: Checkpoint) -> dict[str, Any]:
     entry = {name: getattr(cp, name) for name in _FIELDS}
+    if not cp.unfollowed:
+        del entry["unfollowed"]  # only where set: an older agent reads the others as ever
     for key in ("path", "real_path"):
         name = entry[key]
         raw = name_base64(name)

@@ -187,8 +187,14 @@ class Tailer:
 
     def __post_init__(self) -> None:
         self.ship_pos = self.acked
-        if self.source.multiline_start:
-            self._start_re = re.compile(self.source.multiline_start.encode(), re.MULTILINE)
+        self.use_source(self.source)
+
+    def use_source(self, source: SourceConfig) -> None:
+        """Read from now on with ``source``'s settings (topic, line limits, multi-line records):
+        a reload changed the source that matches the file."""
+        self.source = source
+        self._start_re = re.compile(source.multiline_start.encode(), re.MULTILINE) \
+            if source.multiline_start else None
 
     @property
     def identity(self) -> str:
@@ -244,7 +250,7 @@ class Tailer:
         if self.fd is not None:
             return True
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return False
         st = os.fstat(fd)
@@ -272,7 +278,7 @@ class Tailer:
         if path == self.path and (st.st_size, st.st_mtime_ns) == self.closed_stat:
             return False
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return False
         try:

@@ -47,10 +47,12 @@ BUSY_CYCLE_BYTES = 16 * 1024
 IDLE_AFTER_MS = 1000  # without a change for this long, the watcher steps watch_idle_step_ms
 
 
-def expand(source: SourceConfig,
-           matched: dict[str, int] | None = None) -> Iterator[tuple[str, os.stat_result]]:
+def expand(source: SourceConfig, matched: dict[str, int] | None = None,
+           skipped: dict[str, str] | None = None) -> Iterator[tuple[str, os.stat_result]]:
     """Regular files matching the source's globs, minus excludes and compressed files.
-    ``matched`` counts what each glob matched (before excludes), for globs that match nothing."""
+    ``matched`` counts what each glob matched (before excludes), for globs that match nothing;
+    ``skipped`` gets each match that is not a log file to follow (see ``not_a_log``) and what it
+    is."""
     seen: set[str] = set()
     for pattern in source.paths:
         for path in glob.iglob(pattern, recursive=True):
@@ -68,8 +70,77 @@ def expand(source: SourceConfig,
                 st = os.stat(path)
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode):
+            if (what := not_a_log(path, st)) is None:
                 yield path, st
+            elif skipped is not None:
+                skipped[path] = what
+
+
+# Filesystems whose files the kernel makes up at each read (a size of 0 or of one page, content
+# replaced rather than appended, an lseek to the end that fails with EINVAL): never a log to follow.
+PSEUDO_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "debugfs", "tracefs", "securityfs", "cgroup", "cgroup2", "configfs", "pstore",
+    "bpf", "efivarfs", "fusectl", "devpts", "binfmt_misc", "rpc_pipefs", "nsfs", "selinuxfs",
+})
+
+
+class FilesystemTypes:
+    """Device number -> the type of the filesystem mounted there, from /proc/self/mountinfo,
+    read again only when a device it did not list turns up (a new mount); a device it still
+    does not list (btrfs subvolumes have device numbers of their own) is taken for an ordinary
+    filesystem, once."""
+
+    def __init__(self) -> None:
+        self.types: dict[int, str] = {}
+
+    def pseudo(self, dev: int) -> str | None:
+        """The filesystem type if ``dev`` is a pseudo-filesystem's (``PSEUDO_FILESYSTEMS``)."""
+        kind = self.types.get(dev)
+        if kind is None:
+            self._load()
+            kind = self.types.setdefault(dev, "")
+        return kind if kind in PSEUDO_FILESYSTEMS else None
+
+    def _load(self) -> None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+                text = fh.read()
+        except OSError:
+            return
+        for line in text.splitlines():
+            fields = line.split()
+            try:
+                major, minor = fields[2].split(":")
+                kind = fields[fields.index("-") + 1]
+                dev = os.makedev(int(major), int(minor))
+            except (ValueError, IndexError):
+                continue
+            self.types[dev] = kind
+
+
+PSEUDO_DEVICES = FilesystemTypes()
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISDIR, "a directory"))
+
+
+def not_a_log(path: str, st: os.stat_result) -> str | None:
+    """What the glob match ``path`` (``st``: its stat, through symlinks) is if it is not a log
+    file the agent can follow, else None: a FIFO, a socket or a device (nothing to read at an
+    offset, and an open of a FIFO waits for a writer), a directory, or a file of a
+    pseudo-filesystem such as /proc."""
+    if stat.S_ISREG(st.st_mode):
+        fs = PSEUDO_DEVICES.pseudo(st.st_dev)
+        if fs is None:
+            return None  # the common case: a plain file
+        what = (f"a file of the {fs} pseudo-filesystem (the kernel makes its content up at each "
+                "read; it has no size and does not grow like a log)")
+    else:
+        what = next((text for test, text in _KINDS if test(st.st_mode)), "not a regular file")
+    if os.path.islink(path):
+        what += f", through a symlink to {os.path.realpath(path)}"
+    return what
 
 
 def watch_steps(cfg: AgentConfig) -> tuple[int, int]:
