@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 import time
+from typing import Any
 
 import orjson
 import zmq
@@ -124,6 +125,12 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
     if as_json:
         sys.stdout.write(orjson.dumps(s).decode() + "\n")
         return 0
+    print_status(s)
+    return 0
+
+
+def print_status(s: dict[str, Any]) -> None:
+    """``fleetlog-agent status`` as text: what ``--json`` has, one line per thing worth a look."""
     print(f"agent {s['agent']} ({s['mode']} to {s['data']}, aggregator {s['aggregator'] or 'not connected'})")
     aggs = s.get("aggregators")
     if aggs and len(aggs["ranked"]) > 1:
@@ -133,16 +140,39 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
         moved = (f"; {n} switch{'' if n == 1 else 'es'}, the last from {last['from']} to {last['to']}: "
                  f"{last['reason']}") if last else ""
         print(f"aggregators in this agent's order: {order}{moved}")
-    print(f"{len(s['files'])} files, {s['open_files']} open, lag {s['lag_bytes']} bytes, in flight "
+    for problem in s.get("problems", []):
+        print(f"problem: {problem}")
+    n_files = len(s["files"])
+    plural = "" if n_files == 1 else "s"
+    print(f"{n_files} file{plural}, {s['open_files']} open, lag {s['lag_bytes']} bytes, in flight "
           f"{s['inflight_bytes']} of a {s['window_bytes']} byte window, {s['lines_shipped']} lines shipped "
           f"(acknowledged), {s['resends']} resends")
     for src in s.get("sources", []):
         empty = f"; matching nothing: {', '.join(src['empty_globs'])}" if src["empty_globs"] else ""
         print(f"source [{src['topic']}] {', '.join(src['paths'])}: {len(src['files'])} files{empty}")
+    print_files(s)
+
+
+def print_files(s: dict[str, Any]) -> None:
+    """The status's files, journal sources, and the files it does not follow and why."""
     for f in s["files"]:
         flags = ("rotated " if f["rotated"] else "") + ("" if f["open"] else "closed")
         print(f"  {f['path']}  [{f['topic']}] id {f['identity']}  offset {f['offset']}/{f['size']}  "
               f"lag {f['lag_bytes']}  {flags}".rstrip())
+    for u in s.get("unreadable", []):
+        print(f"unreadable: {u['path']} (id {u['identity']}): {u['reason']}")
+    for f in s.get("failing", []):
+        print(f"failing: id {f['identity']}: {f['error']}")
+    for u in s.get("unfollowed", []):
+        print(f"unfollowed (no source matches it; kept where it was left): {u['path']}  [{u['topic']}]  "
+              f"offset {u['offset']}/{u['size']}")
+    for k in s.get("skipped", []):
+        print(f"skipped (not a log file): {k['path']}: {k['what']}")
+    extra = [f"{s[key]} {words}" for key, words in (("copies_ignored", "copies ignored"),
+                                                    ("nul_bytes_skipped", "NUL bytes skipped"))
+             if s.get(key)]
+    if extra:
+        print(", ".join(extra))
     for j in s.get("journal", []):
         reader = ("reading" if j["reader_running"]
                   else f"journalctl not running ({j['reader_restarts']} restarts)")
@@ -156,7 +186,6 @@ def status(config: Config, as_json: bool, timeout_s: float) -> int:
         print(f"  {j['path']}  [{j['topic']}] {' '.join(selection) or 'all entries'}  "
               f"{j['entries_acked']} entries acknowledged, lag {j['lag_entries']} entries / {j['lag_s']:.1f}s"
               f"{counts}  {reader}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -89,9 +89,11 @@ def _commits(s: dict[str, Any]) -> str:
 
 # The JetStream sink's counters the text shows when not 0 (all of them are in --json).
 _SINK_COUNTERS = (("already_in", "batches already in the stream"),
+                  ("already_in_lines", "lines already in the stream"),
                   ("duplicates", "answered duplicate"), ("precondition_refusals", "precondition refusals"),
-                  ("resyncs", "resyncs"), ("retries", "retries"), ("full_refusals", "refused as full"),
-                  ("split_messages", "split messages"), ("cut_lines", "lines cut to max_payload"),
+                  ("resyncs", "resyncs"), ("retries", "retries"), ("reconnects", "reconnects"),
+                  ("full_refusals", "refused as full"), ("split_messages", "split messages"),
+                  ("cut_lines", "lines cut to max_payload"), ("reads", "subject reads"),
                   ("errors", "errors"), ("gaps_accepted", "gaps accepted (lost by the stream)"))
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 
-from harness import Harness, append_lines, check_exactly_once, make_lines, output_lines, wait_for
+from harness import PY, Harness, append_lines, check_exactly_once, make_lines, output_lines, wait_for
 
 
 def said(log: str, text: str) -> int:
@@ -61,6 +62,13 @@ def test_fifo_socket_device_and_directory_in_a_glob_are_skipped_and_said_once(h:
                                                          ("pipe.log", "sock.log", "stdout.log")}
         assert sorted(f["path"] for f in status["files"]) == sorted(
             str(logs / n) for n in ("a.log", "b0.log", "b1.log", "b2.log"))
+        # The text form says it too (it listed only the files followed).
+        text = subprocess.run([PY, "-m", "agent", "status", "--set",
+                               f"agent.state_dir={h.root / 'st-node1'}"],
+                              capture_output=True, text=True, timeout=30)
+        assert text.returncode == 0, text.stderr
+        skipped_line = f"skipped (not a log file): {logs / 'pipe.log'}: a named pipe (FIFO)"
+        assert skipped_line in text.stdout, text.stdout
         wait_for(h.all_acknowledged, what="every line acknowledged")
         h.assert_quiet(ep)  # the FIFO's writes make no rescan loop
         check_exactly_once(h.lines(), {"a": 150, "b0": 10, "b1": 10, "b2": 10})
