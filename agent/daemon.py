@@ -520,8 +520,16 @@ class Agent(Following):
         if not late and not journals_late:
             return
         assert self.transport is not None
-        if not self.transport.aggregator_alive(3 * self.cfg.heartbeat_interval_ms / 1000):
+        beats_s = 3 * self.cfg.heartbeat_interval_ms / 1000
+        if not self.transport.aggregator_alive(beats_s):
             return  # nobody to resend to: ship again once it answers (a restart also rewinds)
+        if self.transport.held_by_shared_stream(beats_s) is not None:
+            # It takes nothing while its stream takes nothing, and asks for what it refused
+            # once it can (a resync): sending the window again every timeout is waste.
+            for t in late:
+                t.ack_progress = now
+            self.last_ack_progress = now
+            return
         self.resends += 1
         if late:
             log.info("no acknowledgement for %.1fs; shipping %d bytes of %d files again",
@@ -802,7 +810,12 @@ class Agent(Following):
         transport = self.transport
         stalled = (self.stalled_since is not None and now - self.stalled_since >= limit
                    and transport is not None and transport.answers(limit))
-        if stalled and self.ack_problem is None and transport is not None:
+        held = None if transport is None else transport.held_by_shared_stream(limit)
+        if stalled and self.ack_problem is None and transport is not None and held is not None:
+            # The aggregator said why (it holds our batches: its stream takes nothing); the
+            # waiting is logged by check_ack_stall, the status shows it here.
+            self.ack_problem = f"no acknowledgement: the aggregator's JetStream stream takes nothing ({held})"
+        elif stalled and self.ack_problem is None and transport is not None:
             endpoint = "pull" if self.cfg.mode == "push" else "xsub"
             self.ack_problem = (
                 f"connected, but no acknowledgement for over {limit:g}s although the aggregator"
@@ -832,15 +845,19 @@ class Agent(Following):
             self.waiting_for_stream = False
             return
         held = transport.held_by_shared_stream(3 * self.cfg.heartbeat_interval_ms / 1000)
-        if held is not None and silent_s < SHARED_STREAM_PATIENCE_S:
+        # A full stream ends only with room, for every aggregator alike: wait as long as the
+        # aggregator answers. Anything else (an election, no quorum, a server of a partitioned
+        # minority) for a while, then try another.
+        if held is not None and (transport.stream_hold_full or silent_s < SHARED_STREAM_PATIENCE_S):
             # Every aggregator of the stream waits for the same thing (an election, a full
             # stream): moving would send the whole window again to one that waits too.
             if not self.waiting_for_stream:
                 self.waiting_for_stream = True
                 log.info("no acknowledgement for %.1fs: the aggregator holds this agent's batches"
                          " because its stream takes nothing (%s), as it does for every aggregator"
-                         " of it: waiting rather than moving (for up to %gs)", silent_s, held,
-                         SHARED_STREAM_PATIENCE_S)
+                         " of it: waiting rather than moving (%s)", silent_s, held,
+                         "until it has room" if transport.stream_hold_full
+                         else f"for up to {SHARED_STREAM_PATIENCE_S:g}s")
             return
         transport.fail_over(f"no acknowledgement for {silent_s:.1f}s with batches out")
 

@@ -131,6 +131,7 @@ class Transport:
         # What the aggregator's last reply said of a hold of the stream all aggregators share
         # (``shared_stream_hold``: its error), and when (the loop's clock).
         self.stream_hold: str | None = None
+        self.stream_hold_full = False
         self.stream_hold_at = 0.0
 
     @property
@@ -531,6 +532,7 @@ class Transport:
         self.on_told(result)
         hold = result.get("shared_stream_hold")
         self.stream_hold = str(hold.get("error", "")) if isinstance(hold, dict) else None
+        self.stream_hold_full = isinstance(hold, dict) and hold.get("kind") == "full"
         self.stream_hold_at = asyncio.get_running_loop().time()
         if req_id in self._hellos:
             self._hellos.clear()

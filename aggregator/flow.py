@@ -61,11 +61,13 @@ class FlowControl(Stages):
         """When nothing can be committed because the JetStream stream itself takes nothing (an
         election, no quorum, full) while this aggregator's link to NATS is up: every aggregator
         of the stream waits for the same thing, so an agent moving to another gains nothing and
-        sends its whole window again. Its hello and heartbeat replies say so (``error``, and
-        ``held_s``: how long, seconds); the agent then waits for a while instead of moving
+        sends its whole window again. Its hello and heartbeat replies say so (``error``,
+        ``held_s``: how long, seconds, ``kind``: "full" for a full stream, which only room ends,
+        else the sink's word: timeout, race...); the agent then waits instead of moving
         (agent/daemon.py, check_ack_stall). None otherwise (a files sink, or the link is down:
         another aggregator may well reach NATS)."""
         hold, sink = self.state_error, self.stream_sink
         if hold is None or sink is None or not sink.link.connected:
             return None
-        return {"error": hold.error[:300], "held_s": round(time.monotonic() - hold.since, 1)}
+        return {"error": hold.error[:300], "held_s": round(time.monotonic() - hold.since, 1),
+                "kind": sink.commit_error_kind or ""}

@@ -102,6 +102,9 @@ class JetStreamSink:
         self.clock = clock
         self.link = JetStreamLink(settings, name)
         self._subjects: dict[tuple[str, str, str], Subject] = {}
+        # The kind of the last commit's error (full, down, timeout, race, refused, foreign), None
+        # when it took everything: what the aggregator tells its agents of a hold.
+        self.commit_error_kind: str | None = None
         self.counters = {
             "published": 0, "published_bytes": 0, "published_lines": 0, "duplicates": 0,
             "precondition_refusals": 0,
@@ -203,11 +206,13 @@ class JetStreamSink:
         await asyncio.gather(*(one(sub, len(sub.pieces)) for sub in subjects))
         if not errors:
             self.link.set_error("commit", None)
+            self.commit_error_kind = None
             return outcome
         # The most telling first: a full stream, then lost connection, then the rest.
         errors.sort(key=lambda e: ("full", "down", "timeout", "race", "refused", "foreign").index(e.kind))
         more = f" (and {len(errors) - 1} more subject(s))" if len(errors) > 1 else ""
         self.link.set_error("commit", f"{errors[0]}{more}", errors[0].kind)
+        self.commit_error_kind = errors[0].kind
         return CommitOutcome(outcome.acked, outcome.resync, f"{errors[0]}{more}")
 
     def forget(self, topic: str, agent: str, stream: str) -> None:
