@@ -364,6 +364,20 @@ def jetstream_sets(servers: NatsCluster, replicas: int = 1) -> list[str]:
             f"aggregator.jetstream.replicas={replicas}", "aggregator.jetstream.publish_timeout_s=2"]
 
 
+async def set_stream_max_bytes(urls: list[str], stream: str, max_bytes: int) -> None:
+    """What an operator does to make room in a full stream: raise its byte limit."""
+    import nats as natspy  # only the JetStream tests need the client
+
+    nc = await natspy.connect(servers=urls)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        info.config.max_bytes = max_bytes
+        await js.update_stream(info.config)
+    finally:
+        await nc.close()
+
+
 def stream_lines(urls: list[str]) -> list[str]:
     """The lines of the stream, checking on the way that each subject's messages are contiguous."""
     ends: dict[str, int] = {}

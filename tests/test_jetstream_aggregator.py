@@ -15,7 +15,6 @@ import stat
 import time
 import urllib.request
 
-import nats as natspy
 from harness import (
     Harness,
     Writer,
@@ -26,7 +25,7 @@ from harness import (
     output_lines,
     wait_for,
 )
-from natsserver import STREAM, jetstream_sets, stream_lines
+from natsserver import STREAM, jetstream_sets, set_stream_max_bytes, stream_lines
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import AggregatorEndpoints
@@ -227,15 +226,7 @@ def test_agents_wait_for_a_full_stream_instead_of_moving_between_its_aggregators
     assert len(waiting) == 1 and "until it has room" in waiting[0], waiting  # said once, not per beat
     assert "is `data`" not in agent.log()  # not taken for a wrong endpoint
 
-    async def make_room() -> None:
-        nc = await natspy.connect(servers=servers.urls)
-        js = nc.jetstream()
-        info = await js.stream_info(STREAM)
-        info.config.max_bytes = 16 * 1024 * 1024
-        await js.update_stream(info.config)
-        await nc.close()
-
-    asyncio.run(make_room())
+    asyncio.run(set_stream_max_bytes(servers.urls, STREAM, 16 * 1024 * 1024))
     wait_for(lambda: h.all_acknowledged(name), timeout=60, what="every line acknowledged")
     check_exactly_once(stream_lines(servers.urls), {"a": 800})
     h.assert_quiet(ep_a)
@@ -396,18 +387,6 @@ def test_lines_resent_after_an_aggregator_crash_count_as_duplicates_dropped(h: H
     h.assert_quiet(ep)
 
 
-async def set_stream_max_bytes(urls: list[str], max_bytes: int) -> None:
-    """What an operator does to a full stream: raise its limit (nats stream edit)."""
-    nc = await natspy.connect(servers=urls)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(STREAM)
-        info.config.max_bytes = max_bytes
-        await js.update_stream(info.config)
-    finally:
-        await nc.close()
-
-
 def test_aggregator_killed_with_a_batch_half_published_counts_the_resent_front_as_duplicates(
         h: Harness, nats) -> None:
     """A batch larger than the server's max_payload goes as several messages and is
@@ -430,7 +409,7 @@ def test_aggregator_killed_with_a_batch_half_published_counts_the_resent_front_a
     shipped = agent["lines_shipped"]
     assert held > shipped, (held, shipped)   # in the stream, never acknowledged
     aggregator.kill9()
-    asyncio.run(set_stream_max_bytes(servers.urls, 16 * 1024 * 1024))
+    asyncio.run(set_stream_max_bytes(servers.urls, STREAM, 16 * 1024 * 1024))
     h.aggregator(ep, *sets)
     wait_for(lambda: h.all_acknowledged(), timeout=60, what="every line acknowledged")
     totals = h.status(ep)["totals"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import nats as natspy
 import pytest
-from natsserver import NatsCluster, read_stream
+from natsserver import NatsCluster, read_stream, set_stream_max_bytes
 
 from aggregator.config import ConfigError, JetStreamConfig, parse
 from aggregator.jetstream import (
@@ -374,12 +374,7 @@ async def test_full_stream_stops_acknowledging_then_resumes_when_there_is_room(n
         assert sink.status()["last_error"].startswith("stream full")
         assert sink.status()["queued_batches"] >= 1
         # The operator makes room (a larger limit); the same sink resumes on its next commits.
-        nc = await natspy.connect(servers=servers.urls)
-        js = nc.jetstream()
-        info = await js.stream_info(STREAM)
-        info.config.max_bytes = 16 * 1024 * 1024
-        await js.update_stream(info.config)
-        await nc.close()
+        await set_stream_max_bytes(servers.urls, STREAM, 16 * 1024 * 1024)
         for first in range(added, 200, 10):
             sink.queue(**src.batch(first, first + 10))
         await commit_until(sink, {src.key: src.offsets[-1]}, acked=acked)

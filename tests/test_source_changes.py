@@ -66,6 +66,24 @@ def not_said_wrongly(said: str) -> None:
         assert wrong not in said, (wrong, said)
 
 
+def two_sources_shipped_then_stopped(h: Harness) -> tuple[Endpoints, Proc, Path, Path, list[dict[str, Any]]]:
+    """a.log (topic app) and b.log (topic other), 100 lines each, shipped and acknowledged by an
+    agent run from the config file, which is then stopped; its sources are ``both``."""
+    ep = h.endpoints()
+    a, b = h.path("logs", "a.log"), h.path("logs", "b.log")
+    append_lines(a, make_lines("a", 0, 100))
+    append_lines(b, make_lines("b", 0, 100))
+    both = [{"paths": [str(a)], "topic": "app"}, {"paths": [str(b)], "topic": "other"}]
+    h.aggregator(ep)
+    write_conf(h, ep, both)
+    agent = start_agent(h)
+    settle(h, "app", 100)
+    settle(h, "other", 100)
+    wait_for(h.all_acknowledged, what="every line acknowledged")
+    assert agent.stop() == 0
+    return ep, agent, a, b, both
+
+
 def test_glob_narrowed_by_a_reload_lets_the_file_go_and_widened_again_resumes_it(h: Harness) -> None:
     ep = h.endpoints()
     logs = h.path("logs")
@@ -113,18 +131,7 @@ def test_glob_narrowed_by_a_reload_lets_the_file_go_and_widened_again_resumes_it
 
 def test_source_removed_while_the_agent_was_down_says_what_is_left_and_resumes_when_added_back(
         h: Harness) -> None:
-    ep = h.endpoints()
-    a, b = h.path("logs", "a.log"), h.path("logs", "b.log")
-    append_lines(a, make_lines("a", 0, 100))
-    append_lines(b, make_lines("b", 0, 100))
-    both = [{"paths": [str(a)], "topic": "app"}, {"paths": [str(b)], "topic": "other"}]
-    h.aggregator(ep)
-    write_conf(h, ep, both)
-    agent = start_agent(h)
-    settle(h, "app", 100)
-    settle(h, "other", 100)
-    wait_for(h.all_acknowledged, what="every line acknowledged")
-    assert agent.stop() == 0
+    ep, agent, a, b, both = two_sources_shipped_then_stopped(h)
     acked = b.stat().st_size
     append_lines(b, make_lines("b", 100, 50))  # written while the agent was down
     size = b.stat().st_size
@@ -271,18 +278,7 @@ def test_file_let_go_then_truncated_or_rotated_is_forgotten_not_finished(h: Harn
 
 
 def test_source_removed_and_its_file_truncated_while_the_agent_was_down_is_said_so(h: Harness) -> None:
-    ep = h.endpoints()
-    a, b = h.path("logs", "a.log"), h.path("logs", "b.log")
-    append_lines(a, make_lines("a", 0, 100))
-    append_lines(b, make_lines("b", 0, 100))
-    both = [{"paths": [str(a)], "topic": "app"}, {"paths": [str(b)], "topic": "other"}]
-    h.aggregator(ep)
-    write_conf(h, ep, both)
-    agent = start_agent(h)
-    settle(h, "app", 100)
-    settle(h, "other", 100)
-    wait_for(h.all_acknowledged, what="every line acknowledged")
-    assert agent.stop() == 0
+    ep, agent, a, b, both = two_sources_shipped_then_stopped(h)
     b.write_bytes(b"")  # truncated while the agent was down, then the source removed
     append_lines(b, make_lines("b2", 0, 10))
     write_conf(h, ep, both[:1])
