@@ -27,7 +27,7 @@ import zmq.asyncio
 
 from agent.config import AgentConfig, AggregatorEndpoints
 from agent.failover import Failover, Switch
-from agent.link import Link
+from agent.link import REFUSED_GRACE_S, Link
 from fleetlog import curve, wire
 from fleetlog.runtime import Wakeup
 
@@ -180,14 +180,18 @@ class Transport:
             sock.setsockopt(zmq.HEARTBEAT_TTL, ttl)
             sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
         kind_name = "pull" if self.cfg.mode == "push" else "xsub"
+        # With a single aggregator a refused connection changes nothing: ZeroMQ keeps retrying.
+        grace = min(REFUSED_GRACE_S, self.timeout_s)
+        on_refused = self._on_link_refused if self.failover.several else None
         self.links = [
             Link("control", control, target.control,
                  f"is `control` ({target.control}) the aggregator's control endpoint?", public,
-                 self._link_problems.get(("control", target.control)), self._on_link_problem),
+                 self._link_problems.get(("control", target.control)), self._on_link_problem,
+                 on_refused, grace),
             Link("data", data, target.data,
                  f"is `data` ({target.data}) the aggregator's {kind_name} endpoint ({self.cfg.mode}"
                  " mode)?", public, self._link_problems.get(("data", target.data)),
-                 self._on_link_problem),
+                 self._on_link_problem, on_refused, grace),
         ]
         for link in self.links:
             link.monitor()
@@ -354,10 +358,11 @@ class Transport:
                 continue
             self._switch()
 
-    def fail_over(self, reason: str) -> bool:
+    def fail_over(self, reason: str, refused: bool = False) -> bool:
         """Move to the next aggregator in rank order, soon (from the receive loop); False when
-        there is no other (a single aggregator: wait for it, as ever)."""
-        if not self.failover.want(reason):
+        there is no other (a single aggregator: wait for it, as ever). ``refused``: nothing
+        accepts the connection (agent/failover.py says when that moves sooner)."""
+        if not self.failover.want(reason, refused):
             return False
         self._move.set()
         return True
@@ -469,6 +474,12 @@ class Transport:
         is not an aggregator): with another one configured, move on."""
         if link.problem is not None:
             self.fail_over(f"{link.role} connection refused: {link.problem}")
+
+    def _on_link_refused(self, link: Link) -> None:
+        """Nothing accepts a connection to the aggregator in use (its process is down, its port
+        closed, its ipc:// socket gone) for a second: with another one configured, move on."""
+        self.fail_over(f"nothing accepts the {link.role} connection at {link.endpoint}"
+                       f" ({link.refused} attempts in {link.refused_for_s():.1f}s)", refused=True)
 
     def on_refused(self, req_id: Any, error: str) -> None:
         """A request refused (another live agent has our name, our key was revoked...). The
