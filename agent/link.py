@@ -57,14 +57,15 @@ class Link:
     aggregator and back: not said again); ``on_failure`` is called after each failed handshake
     that leaves a problem known. ``on_refused`` is called once when connection attempts have
     been refused for ``refused_grace_s`` (see the module's docstring), and again only after a
-    connection was made in between.
+    connection was made in between. ``moves_on``: the agent moves to another aggregator when
+    this one fails (its problems say so instead of "retrying").
     """
 
     def __init__(self, role: str, sock: zmq.asyncio.Socket, endpoint: str, hint: str,
                  curve_public: bytes | None = None, problem: str | None = None,
                  on_failure: Callable[[Link], None] | None = None,
                  on_refused: Callable[[Link], None] | None = None,
-                 refused_grace_s: float = REFUSED_GRACE_S) -> None:
+                 refused_grace_s: float = REFUSED_GRACE_S, moves_on: bool = False) -> None:
         self.role = role
         self.sock = sock
         self.endpoint = endpoint
@@ -73,6 +74,7 @@ class Link:
         self.on_failure = on_failure
         self.on_refused = on_refused
         self.refused_grace_s = refused_grace_s
+        self.moves_on = moves_on   # the agent has another aggregator to try: said with a problem
         self.problem: str | None = problem
         self.up = False
         self.handshakes = 0
@@ -209,7 +211,9 @@ class Link:
             return
         before, self.problem = self.problem, problem
         if problem is not None:
-            log.warning("%s (retrying with back-off up to %gs)", problem, RETRY_MAX_S)
+            then = ("trying the next aggregator" if self.moves_on else
+                    f"retrying with back-off up to {RETRY_MAX_S:g}s")
+            log.warning("%s (%s)", problem, then)
         elif before is not None:
             log.info("%s connection to %s works again", self.role, self.endpoint)
 

@@ -74,7 +74,7 @@ def load_agent_id(state_dir: str) -> str:
 class Transport:
     def __init__(self, ctx: zmq.asyncio.Context, cfg: AgentConfig,
                  on_event: Callable[[dict[str, Any]], None],
-                 on_hello: Callable[[dict[str, Any], bool], None],
+                 on_hello: Callable[[dict[str, Any], str | None], None],
                  on_window: Callable[[Any], None],
                  hello_args: Callable[[], dict[str, Any]],
                  heartbeat_args: Callable[[], dict[str, Any]],
@@ -125,6 +125,9 @@ class Transport:
         self.refusal: str | None = None
         self._refused = False  # since the last hello answered: ship everything again after it
         self._moved = False    # to another aggregator since the last hello answered: the same
+        # The instance that last answered a hello of the aggregator in use (a refusal does not
+        # forget it, a move does): tells a refusal that ends from a restart.
+        self._answered_by: str | None = None
         # What the aggregator's replies say is wrong with this agent (e.g. another agent uses
         # its name); logged when it changes.
         self.told: tuple[str, ...] = ()
@@ -187,11 +190,11 @@ class Transport:
             Link("control", control, target.control,
                  f"is `control` ({target.control}) the aggregator's control endpoint?", public,
                  self._link_problems.get(("control", target.control)), self._on_link_problem,
-                 on_refused, grace),
+                 on_refused, grace, self.failover.several),
             Link("data", data, target.data,
                  f"is `data` ({target.data}) the aggregator's {kind_name} endpoint ({self.cfg.mode}"
                  " mode)?", public, self._link_problems.get(("data", target.data)),
-                 self._on_link_problem, on_refused, grace),
+                 self._on_link_problem, on_refused, grace, self.failover.several),
         ]
         for link in self.links:
             link.monitor()
@@ -390,6 +393,7 @@ class Transport:
         switch = self.failover.move()
         self.generation += 1
         self._moved = True
+        self._answered_by = None
         self.instance = None
         self.last_reply = 0.0
         self._hellos.clear()
@@ -485,15 +489,17 @@ class Transport:
         """A request refused (another live agent has our name, our key was revoked...). The
         aggregator is not talking to us: no resending to it, say hello again every beat until it
         answers, then ship everything unacknowledged again. Logged once per reason."""
+        moving = self.fail_over(f"it refuses this agent: {error}")
         if error != self.refusal:
-            log.warning("the aggregator refuses this agent: %s (asking again every %gs)",
-                        error, self.cfg.heartbeat_interval_ms / 1000)
+            then = ("trying the next aggregator" if moving else
+                    f"asking again every {self.cfg.heartbeat_interval_ms / 1000:g}s")
+            log.warning("the aggregator at %s refuses this agent: %s (%s)", self.endpoint.control,
+                        error, then)
             self.refusal = error
         self._hellos.discard(req_id)
         self._refused = True
         self.instance = None
         self.last_reply = 0.0
-        self.fail_over(f"it refuses this agent: {error}")
 
     def problems(self) -> list[str]:
         """What is wrong with this agent's connection now, for status and heartbeats."""
@@ -525,9 +531,9 @@ class Transport:
         instance = result.get("instance")
         if not isinstance(instance, str) or not instance:
             return
-        if self.refusal is not None:
-            log.info("the aggregator answers this agent again")
-            self.refusal = None
+        refusal, self.refusal = self.refusal, None
+        if refusal is not None and req_id not in self._hellos:
+            log.info("the aggregator at %s answers this agent again", self.endpoint.control)
         self.on_told(result)
         if req_id in self._hellos:
             self._hellos.clear()
@@ -537,19 +543,38 @@ class Transport:
             else:
                 # After a refusal, what was shipped meanwhile may have been dropped: as after a
                 # restart of the aggregator, everything unacknowledged goes again.
-                restarted = self.instance is not None or self._refused or self._moved
+                change = self._what_changed(instance, refusal)
                 self._refused = self._moved = False
-                self.instance = instance
+                self.instance = self._answered_by = instance
                 self.failover.on_answer()
-                self.on_hello(result, restarted)
+                self.on_hello(result, change)
         elif instance != self.instance:
             if not self.hello_in_flight():
-                log.info("aggregator instance changed (%s -> %s): saying hello again",
-                         self.instance, instance)
+                if self.instance is not None:
+                    log.info("aggregator instance changed (%s -> %s): saying hello again",
+                             self.instance, instance)
                 self.ask_hello()
             return
         if "window" in result:
             self.on_window(result["window"])
+
+    def _what_changed(self, instance: str, refusal: str | None) -> str | None:
+        """What a hello answered by ``instance`` follows, in words for the log; None when it is
+        the first answer of this run (nothing to ship again)."""
+        before = self._answered_by
+        if self._moved:
+            last = self.failover.last
+            return f"after the move from {last.source.control}" if last else "after a move"
+        if self._refused:
+            why = f" ({refusal})" if refusal else ""
+            if before is None:
+                return f"it takes this agent now, after refusing it{why}"
+            if before == instance:
+                return f"it takes this agent again, after refusing it{why}"
+            return f"it restarted (it was instance {before}) while it refused this agent{why}"
+        if self.instance is not None:
+            return f"it restarted (it was instance {self.instance})"
+        return None
 
     def status(self) -> dict[str, Any]:
         """The aggregator in use, the ranked list and the moves so far."""

@@ -379,7 +379,10 @@ def test_a_single_aggregator_agent_waits_for_it_as_before(h: Harness) -> None:
     check_union(outputs(h, "app", "a"), counts, max_doubles=0)
     s = h.agent_status("s")
     assert s is not None and s["aggregators"]["switches"] == 0 and s["aggregators"]["last_switch"] is None
-    assert "switching aggregator" not in next(p for p in h.procs if p.name == "agent-s").log()
+    log = agent_log(h, "s")
+    assert "switching aggregator" not in log and "nothing accepts" not in log
+    # The log says what happened: the aggregator restarted (it said "a restart, or a move").
+    assert "it restarted (it was instance " in log and "is new to this agent" not in log, log[-3000:]
     h.ep = ep
     h.assert_quiet(ep)
 
@@ -409,6 +412,11 @@ def test_refused_by_the_first_aggregator_moves_to_the_next(h: Harness) -> None:
     wait_for(lambda: w.total == 6000 and all_acknowledged(h, name), timeout=60, what="every line")
     check_union(outputs(h, "app", "b"), w.stop(), max_doubles=0)
     assert output_lines(h.root / "out-a", "app") == []
+    # It says what it does: it moves on (it said "retrying with back-off" and went).
+    log = agent_log(h, name)
+    assert "refuses this agent's CURVE key" in log and "(trying the next aggregator)" in log, log[-3000:]
+    assert "retrying with back-off" not in log
+    assert "connected to aggregator" in log and f"after the move from {eps['a'].control}" in log, log[-3000:]
     h.ep = eps["b"]
     h.assert_quiet(eps["b"])
 
