@@ -316,6 +316,7 @@ class Transport:
         interval = self.cfg.heartbeat_interval_ms / 1000
         while True:
             self.check_silence()
+            self.check_data_refused()
             if self.instance is None:
                 # Until the first hello is answered, ask again with back-off from 20 ms (the
                 # connection is usually up within a few) to the heartbeat interval (the
@@ -378,6 +379,19 @@ class Transport:
         if silent >= self.timeout_s:
             self.fail_over(f"no reply for {silent:.1f}s" if self.last_reply else
                            f"no answer within {self.timeout_s:g}s")
+
+    def check_data_refused(self) -> None:
+        """The aggregator answers on the control connection, but nothing has accepted the data
+        connection for a heartbeat timeout: `data` names a port or socket nothing listens on.
+        Said once, as the data link's problem (with another aggregator the agent has moved on
+        by then; with one, this is all it can do: batches wait, nothing is lost)."""
+        data = next((link for link in self.links if link.role == "data"), None)
+        if (data is None or data.problem is not None or data.refused < 2
+                or data.refused_for_s() < self.timeout_s or not self.answers(self.timeout_s)):
+            return
+        data.set_problem(f"nothing accepts the data connection at {data.endpoint} ({data.refused}"
+                         f" attempts in {data.refused_for_s():.0f}s) although the aggregator answers"
+                         f" at {self.endpoint.control}: {data.hint}")
 
     def _switch(self) -> None:
         """Close both sockets (dropping whatever they hold) and open new ones to the next
