@@ -564,9 +564,9 @@ class Transport:
                 self.on_hello(result, change)
         elif instance != self.instance:
             if not self.hello_in_flight():
-                if self.instance is not None:
-                    log.info("aggregator instance changed (%s -> %s): saying hello again",
-                             self.instance, instance)
+                # DEBUG: the hello's answer says the restart at INFO, once.
+                log.debug("aggregator instance changed (%s -> %s): saying hello again",
+                          self.instance, instance)
                 self.ask_hello()
             return
         if "window" in result:

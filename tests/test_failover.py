@@ -477,14 +477,16 @@ def test_agent_stopped_while_it_moves_to_another_aggregator_exits_promptly(h: Ha
 SLOW_TIMEOUTS = ("agent.heartbeat_interval_ms=10000", "agent.ack_timeout_ms=30000")
 
 
-def ipc_pair(h: Harness) -> tuple[dict[str, Endpoints], dict[str, Proc]]:
-    """Aggregators a and b on ipc:// sockets of their own, up."""
+def ipc_pair(h: Harness, start: tuple[str, ...] = ("a", "b")) -> tuple[dict[str, Endpoints], dict[str, Proc]]:
+    """Aggregators a and b on ipc:// sockets of their own; those in ``start`` up (the others'
+    socket files do not exist)."""
     eps, procs = {}, {}
     for label in ("a", "b"):
         (h.root / label).mkdir()
         eps[label] = Endpoints(*(f"ipc://{h.root / label}/{n}.sock" for n in ("pull", "xsub", "xpub", "ctl")))
-        procs[label] = aggregator(h, eps[label], label)
-        wait_for(lambda p=procs[label]: " ready: " in p.log(), what=f"aggregator {label} up")
+        if label in start:
+            procs[label] = aggregator(h, eps[label], label)
+            wait_for(lambda p=procs[label]: " ready: " in p.log(), what=f"aggregator {label} up")
     return eps, procs
 
 
@@ -522,13 +524,18 @@ def test_an_agent_moves_to_its_second_aggregator_as_soon_as_the_first_refuses(
     h.assert_quiet(eps["b"])
 
 
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
 def test_an_agent_started_while_its_first_aggregator_is_down_ships_to_the_second_at_once(
-        h: Harness) -> None:
-    """The first in the agent's order was never there (nothing listens on its ports): the agent
-    does not give it a whole trial (a heartbeat timeout, 30 s here) before trying the next."""
-    eps, procs = pair(h)
+        h: Harness, transport: str) -> None:
+    """The first in the agent's order is not there (tcp: nothing listens on its ports, refused;
+    ipc: its socket files do not exist, ENOENT): the agent does not give it a whole trial (a
+    heartbeat timeout, 30 s here) before trying the next."""
+    if transport == "tcp":
+        eps, procs = pair(h)
+        procs["a"].kill9()
+    else:
+        eps, procs = ipc_pair(h, start=("b",))
     name = name_preferring(eps["a"], list(eps.values()), "g")
-    procs["a"].kill9()
     w = writer(h, name, limit=2000)
     agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name, *SLOW_TIMEOUTS)
     wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=20, what="the agent moved to b")
