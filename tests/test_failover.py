@@ -78,6 +78,26 @@ def test_moves_go_round_in_rank_order_and_wait_only_while_none_answers(
     assert not Failover("web-01", aggs(1), trial_s=1.0).want("no reply")  # one: nowhere to go
 
 
+def test_refused_connections_move_at_once_only_until_each_has_been_tried() -> None:
+    """The choice alone: nothing accepting the connection ends a trial early, at most once per
+    aggregator between two answers; then every move waits for its trial, refused or not."""
+    f = Failover("web-01", aggs(3), trial_s=60.0)
+    assert f.want("nothing accepts", refused=True) and f.wait_s() == 0.0  # never answered, first round
+    f.move()
+    assert f.want("nothing accepts", refused=True) and f.wait_s() == 0.0
+    f.move()
+    assert f.want("nothing accepts", refused=True) and f.wait_s() > 59    # each tried: the trial again
+    f.move()
+    assert f.want("nothing accepts", refused=True) and f.wait_s() > 59
+    assert f.want("no answer") and f.wait_s() > 59
+    f.move()
+    f.on_answer()                                                         # one answers: a new round
+    assert f.want("nothing accepts", refused=True) and f.wait_s() == 0.0
+    f.move()
+    assert not f.refused and f.want("no answer") and f.wait_s() > 59       # not refused: its trial
+    assert not Failover("web-01", aggs(1), trial_s=1.0).want("nothing accepts", refused=True)
+
+
 def agent_config(tmp: Path, *items: str) -> Any:
     return load_config(None, [f"agent.state_dir={tmp}", *items])
 
