@@ -84,6 +84,7 @@ class Link:
         self.refused = 0           # connection attempts refused since the last one made
         self.refused_total = 0
         self._refused_since: float | None = None  # loop time of the first of ``refused``
+        self.last_refused_at = 0.0                 # loop time of the last of ``refused``
         self._refused_said = False
         self._refused_check: asyncio.TimerHandle | None = None
         self._retry_s = RETRY_MIN_S
@@ -172,6 +173,7 @@ class Link:
         self.refused += 1
         self.refused_total += 1
         loop = asyncio.get_running_loop()
+        self.last_refused_at = loop.time()
         if self._refused_since is None:
             self._refused_since = loop.time()
             self._refused_check = loop.call_later(self.refused_grace_s, self._check_refused)

@@ -128,6 +128,7 @@ class Transport:
         # The instance that last answered a hello of the aggregator in use (a refusal does not
         # forget it, a move does): tells a refusal that ends from a restart.
         self._answered_by: str | None = None
+        self._answered_at = 0.0  # loop.time() of that answer
         # What the aggregator's replies say is wrong with this agent (e.g. another agent uses
         # its name); logged when it changes.
         self.told: tuple[str, ...] = ()
@@ -384,10 +385,15 @@ class Transport:
         """The aggregator answers on the control connection, but nothing has accepted the data
         connection for a heartbeat timeout: `data` names a port or socket nothing listens on.
         Said once, as the data link's problem (with another aggregator the agent has moved on
-        by then; with one, this is all it can do: batches wait, nothing is lost)."""
+        by then; with one, this is all it can do: batches wait, nothing is lost). Only a data
+        connection refused a second or more after the hello was answered counts: after an
+        aggregator's restart the data socket's next attempt may come up to 2 s after the
+        control's (ZeroMQ's back-off), and what it was refused before then says nothing."""
         data = next((link for link in self.links if link.role == "data"), None)
-        if (data is None or data.problem is not None or data.refused < 2
-                or data.refused_for_s() < self.timeout_s or not self.answers(self.timeout_s)):
+        now = asyncio.get_running_loop().time()
+        if (data is None or data.problem is not None or data.refused < 2 or self.instance is None
+                or now - self._answered_at < self.timeout_s or not self.answers(self.timeout_s)
+                or data.last_refused_at < self._answered_at + REFUSED_GRACE_S):
             return
         data.set_problem(f"nothing accepts the data connection at {data.endpoint} ({data.refused}"
                          f" attempts in {data.refused_for_s():.0f}s) although the aggregator answers"
@@ -560,6 +566,7 @@ class Transport:
                 change = self._what_changed(instance, refusal)
                 self._refused = self._moved = False
                 self.instance = self._answered_by = instance
+                self._answered_at = asyncio.get_running_loop().time()
                 self.failover.on_answer()
                 self.on_hello(result, change)
         elif instance != self.instance:
