@@ -514,9 +514,9 @@ def agent_log(h: Harness, name: str) -> str:
     return next(p for p in h.procs if p.name == f"agent-{name}").log()
 
 
-@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+@pytest.mark.parametrize(("transport", "mode"), [("tcp", "push"), ("ipc", "push"), ("tcp", "pub")])
 def test_an_agent_moves_to_its_second_aggregator_as_soon_as_the_first_refuses(
-        h: Harness, transport: str) -> None:
+        h: Harness, transport: str, mode: str) -> None:
     """kill -9 of the aggregator in use: its port closes (tcp: ECONNREFUSED; ipc: the socket
     file stays and refuses). The agent moves to the next once connections have been refused for
     a second, not after its heartbeat timeout (30 s here; it waited that long), and loses
@@ -524,7 +524,8 @@ def test_an_agent_moves_to_its_second_aggregator_as_soon_as_the_first_refuses(
     eps, procs = pair(h) if transport == "tcp" else ipc_pair(h)
     name = name_preferring(eps["a"], list(eps.values()), "f")
     w = writer(h, name)
-    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name, *SLOW_TIMEOUTS)
+    agent(h, [entry(e, data=e.pull if mode == "push" else e.xsub) for e in (eps["a"], eps["b"])], "app",
+          name, *SLOW_TIMEOUTS, f"agent.mode={mode}")
     wait_for(lambda: count_lines(h.root / "out-a" / "app" / "app.log") > 1000
              and (s := h.agent_status(name)) is not None and s["aggregator"] is not None,
              what="lines through a, its hello answered")
