@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -627,3 +628,46 @@ def test_two_aggregators_down_are_tried_no_faster_than_the_trial(h: Harness) -> 
     check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
     h.ep = eps["b"]
     h.assert_quiet(eps["b"])
+
+
+def reset_connections_to(endpoint: str) -> int:
+    """Reset (RST) every loopback TCP connection to ``endpoint``'s port, as a middlebox or a
+    conntrack flush does, with ``ss -K``; how many were reset (-1: ss cannot here)."""
+    port = endpoint.rsplit(":", 1)[1]
+    r = subprocess.run(["ss", "-K", "-t", "-n", "dst", "127.0.0.1", "dport", "=", f":{port}"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return -1
+    return sum(1 for line in r.stdout.splitlines() if "ESTAB" in line)
+
+
+def test_a_reset_connection_to_an_aggregator_that_is_there_moves_nothing(h: Harness) -> None:
+    """The agent's connections to the aggregator in use are reset while lines flow: ZeroMQ
+    connects again at once, so the drop is no evidence the aggregator is gone. The agent stays
+    (its heartbeat timeout is 30 s: only the refused-connection rule could move it), reconnects,
+    loses nothing and is quiet."""
+    if os.geteuid() != 0 or shutil.which("ss") is None:
+        pytest.skip("needs root and ss (iproute2) to reset connections")
+    eps, _ = pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "x")
+    w = writer(h, name)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name, "agent.heartbeat_interval_ms=10000")
+    out_a = h.root / "out-a" / "app" / "app.log"
+    wait_for(lambda: count_lines(out_a) > 1000 and (s := h.agent_status(name)) is not None
+             and s["aggregator"] is not None, what="lines through a, its hello answered")
+    for endpoint in (eps["a"].control, eps["a"].pull):
+        reset = reset_connections_to(endpoint)
+        if reset < 1:
+            pytest.skip(f"ss -K cannot reset connections here (kernel without SOCK_DESTROY?): {reset}")
+    wait_for(lambda: (s := h.agent_status(name)) is not None
+             and all(link["handshakes"] >= 2 for link in s["links"].values()), what="both links made again")
+    before = count_lines(out_a)
+    wait_for(lambda: count_lines(out_a) > before + 1000, timeout=30, what="lines through a again")
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by a")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=0)
+    s = h.agent_status(name)
+    assert s is not None and s["aggregators"]["switches"] == 0, s["aggregators"]
+    assert in_use(h, name) == eps["a"].control
+    h.ep = eps["a"]
+    h.assert_quiet(eps["a"])
