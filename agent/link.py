@@ -207,14 +207,15 @@ class Link:
         if self.problem is not None and self.on_failure is not None:
             self.on_failure(self)
 
-    def set_problem(self, problem: str | None) -> None:
-        """Log a change of problem once: WARNING when one starts or changes, INFO when it ends."""
+    def set_problem(self, problem: str | None, retrying: str | None = None) -> None:
+        """Log a change of problem once: WARNING when one starts or changes, INFO when it ends.
+        ``retrying``: how the connection is tried again, when not by this link's back-off."""
         if problem == self.problem:
             return
         before, self.problem = self.problem, problem
         if problem is not None:
             then = ("trying the next aggregator" if self.moves_on else
-                    f"retrying with back-off up to {RETRY_MAX_S:g}s")
+                    retrying or f"retrying with back-off up to {RETRY_MAX_S:g}s")
             log.warning("%s (%s)", problem, then)
         elif before is not None:
             log.info("%s connection to %s works again", self.role, self.endpoint)

@@ -46,6 +46,8 @@ _POLLIN = int(zmq.POLLIN)
 PUSH_SNDHWM = 32
 HELLO_FIRST_RETRY_S = 0.02
 PUB_SNDHWM = 64
+# ZeroMQ's reconnection back-off for both sockets: 0.1 s doubling to this.
+RECONNECT_IVL_MAX_MS = 2000
 AGENT_ID_FILE = "agent-id"
 
 
@@ -153,7 +155,7 @@ class Transport:
         data.setsockopt(zmq.IMMEDIATE, 1)
         data.setsockopt(zmq.LINGER, 0)
         data.setsockopt(zmq.RECONNECT_IVL, 100)
-        data.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        data.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         control = self.control = self.ctx.socket(zmq.DEALER)
         # The name and this agent's id: two agents given one name by mistake get two routes at
         # the aggregator (one identity would take the other's replies), which can tell both.
@@ -161,7 +163,7 @@ class Transport:
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.SNDHWM, 100)
         control.setsockopt(zmq.RECONNECT_IVL, 100)
-        control.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        control.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         control.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
         # Nothing queues while disconnected: heartbeats sent during an outage would otherwise all
         # reach the restarted aggregator at once, and all their replies name a new instance.
@@ -397,7 +399,8 @@ class Transport:
             return
         data.set_problem(f"nothing accepts the data connection at {data.endpoint} ({data.refused}"
                          f" attempts in {data.refused_for_s():.0f}s) although the aggregator answers"
-                         f" at {self.endpoint.control}: {data.hint}")
+                         f" at {self.endpoint.control}: {data.hint}",
+                         f"ZeroMQ retries every {RECONNECT_IVL_MAX_MS / 1000:g}s")
 
     def _switch(self) -> None:
         """Close both sockets (dropping whatever they hold) and open new ones to the next
