@@ -111,6 +111,9 @@ class Link:
             for handle in (self._retry, self._gave_up, self._refused_check):
                 if handle is not None:
                     handle.cancel()
+            # None again: a link watched anew (the aggregator answered during its trial) must
+            # be able to schedule them.
+            self._retry = self._gave_up = self._refused_check = None
             self.close()
 
     def close(self) -> None:

@@ -362,6 +362,10 @@ class Transport:
                 await asyncio.gather(session, moving, return_exceptions=True)
             if self.failover.answered and self.failover.wanted is not None and delay > 0:
                 self.failover.wanted = None  # it answered during its trial: it stays
+                self.failover.refused = False
+                log.debug("aggregator %s answered during its trial: staying", self.endpoint.control)
+                for link in self.links:
+                    link.monitor()  # the session's end closed them: watch its links again
                 continue
             self._switch()
 

@@ -671,3 +671,44 @@ def test_a_reset_connection_to_an_aggregator_that_is_there_moves_nothing(h: Harn
     assert in_use(h, name) == eps["a"].control
     h.ep = eps["a"]
     h.assert_quiet(eps["a"])
+
+
+def test_an_aggregator_that_answers_during_its_trial_is_still_watched(h: Harness) -> None:
+    """The first aggregator refuses the agent's key, so the agent asks to move, but gives it its
+    trial (a heartbeat timeout: 18 s here) as it never answered; the key is authorised and it
+    answers within the trial, so the agent stays. Its connections are still watched after that:
+    killed, it is left once nothing accepts the connection (the watch had ended with the trial,
+    and the agent waited its whole heartbeat timeout)."""
+    keys = h.root / "keys"
+    for name in ("aggregator", "agent"):
+        curve.generate(str(keys), name)
+    for label in ("a", "b"):
+        (h.root / f"keys-{label}").mkdir()
+    shutil.copy(keys / "agent.key", h.root / "keys-b")
+    started = {label: fresh(h, label, f"aggregator.curve_secret_key={keys / 'aggregator.key_secret'}",
+                            f"aggregator.authorized_keys_dir={h.root / f'keys-{label}'}")
+               for label in ("a", "b")}
+    eps = {label: v[0] for label, v in started.items()}
+    name = name_preferring(eps["a"], list(eps.values()), "t")
+    w = writer(h, name)
+    proc = agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name,
+                 f"agent.curve_secret_key={keys / 'agent.key_secret'}",
+                 f"agent.curve_server_key={keys / 'aggregator.key'}",
+                 "agent.heartbeat_interval_ms=6000", "agent.ack_timeout_ms=30000")
+    wait_for(lambda: "refuses this agent's CURVE key" in proc.log(), what="a refusing the agent's key")
+    shutil.copy(keys / "agent.key", h.root / "keys-a")
+    assert started["a"][1].popen is not None
+    started["a"][1].popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: count_lines(h.root / "out-a" / "app" / "app.log") > 1000, timeout=30,
+             what="lines through a once the key is authorised")
+    wait_for(lambda: "answered during its trial: staying" in proc.log(), timeout=30, what="a's trial over")
+    assert in_use(h, name) == eps["a"].control
+    started["a"][1].kill9()
+    wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=15, what="the agent moved to b")
+    s = h.agent_status(name)
+    assert s is not None and "nothing accepts the" in s["aggregators"]["last_switch"]["reason"], s
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by b")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
+    h.ep = eps["b"]
+    h.assert_quiet(eps["b"])
