@@ -104,11 +104,14 @@ class Failover:
         return max(0.0, self.since + self.trial_s - time.monotonic())
 
     def on_answer(self) -> None:
-        """The one in use answered a hello: it is the one we stick to."""
+        """The one in use answered a hello: it is the one we stick to (a move asked for before,
+        while it had its trial, is off; one asked for after this is made at once)."""
         if self.fruitless >= len(self.ranked):
             log.info("aggregator %s answers: shipping to it", self.current.control)
         self.answered = True
         self.fruitless = 0
+        self.wanted = None
+        self.refused = False
 
     def move(self) -> Switch:
         """Move to the next aggregator in rank order; the switch made."""

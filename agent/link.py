@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import struct
 from collections.abc import Callable
@@ -40,6 +41,8 @@ GAVE_UP_AFTER_S = 1.0
 # Nothing accepting the connection for this long (two attempts or more: libzmq retries after
 # 0.1, 0.2, 0.4 s...) means the aggregator is not there. A quick restart is back within it.
 REFUSED_GRACE_S = 1.0
+
+_MONITORS = itertools.count(1)
 
 _PROTOCOL_ERRORS: dict[int, str] = {
     int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH): "mechanism_mismatch",
@@ -93,8 +96,11 @@ class Link:
         self._monitor: zmq.asyncio.Socket | None = None
 
     def monitor(self) -> None:
-        """Start the socket's monitor: before connecting, or the first refusal goes unseen."""
-        self._monitor = self.sock.get_monitor_socket()
+        """Start the socket's monitor: before connecting, or the first refusal goes unseen.
+        Each monitor gets an address of its own: pyzmq's default names it after the socket's
+        descriptor, and a monitor closed a moment ago (a move, a trial's end) may still hold
+        that name (libzmq frees it asynchronously): EADDRINUSE stopped the agent."""
+        self._monitor = self.sock.get_monitor_socket(addr=f"inproc://fleetlog-link-{next(_MONITORS)}")
 
     async def watch(self) -> None:
         """Read the socket's monitor until cancelled."""

@@ -360,9 +360,9 @@ class Transport:
                 for future in (session, moving):
                     future.cancel()
                 await asyncio.gather(session, moving, return_exceptions=True)
-            if self.failover.answered and self.failover.wanted is not None and delay > 0:
-                self.failover.wanted = None  # it answered during its trial: it stays
-                self.failover.refused = False
+            if self.failover.wanted is None:
+                # It answered during its trial (which called the move off) and nothing asked for
+                # one since: it stays. (A failure after the answer asks again: moved at once.)
                 log.debug("aggregator %s answered during its trial: staying", self.endpoint.control)
                 for link in self.links:
                     link.monitor()  # the session's end closed them: watch its links again
