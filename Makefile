@@ -32,7 +32,7 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 # promtool for the alerting rules, faketime to step a clock, systemd-journal-remote to write the
 # journal files the [[journal]] tests read). Installed from Debian when missing (as root); the
 # tests that need one skip with a reason where it cannot be had.
-SYSTEM_DEPS := logrotate:logrotate promtool:prometheus faketime:faketime strace:strace \
+SYSTEM_DEPS := logrotate:logrotate promtool:prometheus faketime:faketime strace:strace ss:iproute2 \
 	       /lib/systemd/systemd-journal-remote:systemd-journal-remote
 
 system-deps:

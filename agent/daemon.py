@@ -707,15 +707,16 @@ class Agent(Following):
             self.unacked.discard(t)
         self.enqueue(t)
 
-    def on_hello(self, result: dict[str, Any], restarted: bool) -> None:
+    def on_hello(self, result: dict[str, Any], change: str | None) -> None:
+        """The aggregator in use answered a hello. ``change``: what it follows, in words (a
+        restart, a move, a refusal that ended), after which everything not acknowledged is
+        shipped again; None for the first answer of this run."""
         committed = result.get("committed")
         if isinstance(committed, dict):
             for stream, end in committed.items():
                 self.ack(stream, end)
         self.last_any_ack = time.monotonic()
-        if restarted:
-            log.info("aggregator %s is new to this agent (a restart, or a move to another):"
-                     " shipping everything not acknowledged again", result.get("instance"))
+        if change is not None:
             self.rewind_unacked()
         self.inflight = self.inflight_bytes()
         versions = result.get("wire")
@@ -728,8 +729,10 @@ class Agent(Following):
         self.read_bytes = read_bytes_for(self.cfg.batch_max_bytes, self.max_message_bytes)
         if "window" not in result:
             self.window = self.cfg.max_inflight_bytes  # an aggregator that sets no window
-        log.info("connected to aggregator %s (wire version %d)", result.get("instance"),
-                 3 if self.wire_v3 else 2 if self.wire_v2 else 1)
+        assert self.transport is not None
+        log.info("connected to aggregator %s at %s (wire version %d)%s", result.get("instance"),
+                 self.transport.endpoint.control, 3 if self.wire_v3 else 2 if self.wire_v2 else 1,
+                 "" if change is None else f": {change}; shipping everything not acknowledged again")
 
     def hello_args(self) -> dict[str, Any]:
         """Ask where the streams with something not yet acknowledged stand (at most 20,000, so

@@ -7,9 +7,17 @@ evenly over the aggregators, and removing one aggregator moves only the agents t
 
 The agent uses the first, and sticks to the one it uses: it moves to the next in its order only
 when that one fails (no reply to heartbeats, no acknowledgement while batches are out, a
-refusal, or its word that it is stopping), never back to a better-ranked one that returns.
-While none answers it keeps going round, giving each one a trial of a heartbeat timeout (three
-heartbeat intervals), so a fleet whose aggregators are all down makes no storm of reconnections.
+refusal, its word that it is stopping, or nothing accepting the connection), never back to a
+better-ranked one that returns. While none answers it keeps going round, giving each one a trial
+of a heartbeat timeout (three heartbeat intervals), so a fleet whose aggregators are all down
+makes no storm of reconnections.
+
+An aggregator where nothing accepts the connection (its process is down: refused for a second,
+see agent/link.py) is left without waiting out its trial, but at most once per aggregator
+between two answers: the one that answered is left at once (as for any failure), and then
+each one that never answered until each has been tried. After that every move waits for the
+trial again, refused or not: two aggregators both down are tried in turn at the trial's pace,
+never faster.
 """
 
 from __future__ import annotations
@@ -53,7 +61,9 @@ class Failover:
     ``trial_s`` is how long an aggregator that has not answered yet is given before the next
     one is tried: the heartbeat timeout. A switch asked for while the one in use has never
     answered waits until its trial is over; so with every aggregator down the agent moves once
-    a trial, and the first move away from one that answered is at once.
+    a trial, and the first move away from one that answered is at once. A move asked for
+    because nothing accepts the connection (``want(..., refused=True)``) is at once too while
+    the round since the last answer has not tried every aggregator yet.
     """
 
     def __init__(self, agent_name: str, aggregators: tuple[AggregatorEndpoints, ...],
@@ -67,6 +77,7 @@ class Failover:
         self.switches = 0
         self.last: Switch | None = None
         self.wanted: str | None = None  # a move asked for: why
+        self.refused = False            # nothing accepts the connection at the one in use
 
     @property
     def several(self) -> bool:
@@ -76,26 +87,31 @@ class Failover:
     def current(self) -> AggregatorEndpoints:
         return self.ranked[self.index]
 
-    def want(self, reason: str) -> bool:
-        """Ask to move on (the first reason stays). False with a single aggregator."""
+    def want(self, reason: str, refused: bool = False) -> bool:
+        """Ask to move on (the first reason stays); ``refused``: because nothing accepts the
+        connection. False with a single aggregator."""
         if not self.several:
             return False
         if self.wanted is None:
             self.wanted = reason
+        self.refused = self.refused or refused
         return True
 
     def wait_s(self) -> float:
         """How long the move asked for must still wait (0: now)."""
-        if self.answered:
+        if self.answered or (self.refused and self.fruitless < len(self.ranked) - 1):
             return 0.0
         return max(0.0, self.since + self.trial_s - time.monotonic())
 
     def on_answer(self) -> None:
-        """The one in use answered a hello: it is the one we stick to."""
+        """The one in use answered a hello: it is the one we stick to (a move asked for before,
+        while it had its trial, is off; one asked for after this is made at once)."""
         if self.fruitless >= len(self.ranked):
             log.info("aggregator %s answers: shipping to it", self.current.control)
         self.answered = True
         self.fruitless = 0
+        self.wanted = None
+        self.refused = False
 
     def move(self) -> Switch:
         """Move to the next aggregator in rank order; the switch made."""
@@ -106,6 +122,7 @@ class Failover:
         self.index = (self.index + 1) % len(self.ranked)
         self.since = time.monotonic()
         self.answered = False
+        self.refused = False
         self.switches += 1
         self.last = Switch(reason, source, self.current, time.time())
         if self.fruitless < len(self.ranked):

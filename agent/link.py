@@ -6,12 +6,21 @@ connection whose handshake the peer refused (a ZAP denial, a protocol error, a s
 mismatch): it does not reconnect, so an agent refused once stayed silent until restarted, even
 after its key was authorised. A ``Link`` watches one socket's monitor, says at WARNING what is
 wrong (once per change of problem, not per attempt) and reconnects with back-off itself.
+
+A ``Link`` also notices an endpoint where nothing accepts the connection (the aggregator's
+process is down, its port closed, its ipc:// socket file gone): libzmq says so by closing each
+connection attempt before it is made (EVENT_CLOSED with no EVENT_CONNECTED, then
+EVENT_CONNECT_RETRIED; the errno, ECONNREFUSED or ENOENT, is not in the event). Refused for
+``refused_grace_s`` over two attempts or more, it tells ``on_refused`` once: an aggregator that
+is back within the grace (a quick restart) is not left. It logs nothing of its own about it
+(with a single aggregator, waiting for it is all there is to do, as before).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import struct
 from collections.abc import Callable
@@ -29,6 +38,11 @@ RETRY_MAX_S = 5.0
 # After a disconnection, ZeroMQ schedules its reconnect at once (EVENT_CONNECT_RETRIED): none
 # within this long means it dropped the connection for good.
 GAVE_UP_AFTER_S = 1.0
+# Nothing accepting the connection for this long (two attempts or more: libzmq retries after
+# 0.1, 0.2, 0.4 s...) means the aggregator is not there. A quick restart is back within it.
+REFUSED_GRACE_S = 1.0
+
+_MONITORS = itertools.count(1)
 
 _PROTOCOL_ERRORS: dict[int, str] = {
     int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH): "mechanism_mismatch",
@@ -44,31 +58,49 @@ class Link:
     question to ask the operator when the endpoint looks like the wrong one. ``problem`` is what
     an earlier link to the same endpoint last said (a new link after a move to another
     aggregator and back: not said again); ``on_failure`` is called after each failed handshake
-    that leaves a problem known.
+    that leaves a problem known. ``on_refused`` is called once when connection attempts have
+    been refused for ``refused_grace_s`` (see the module's docstring), and again only after a
+    connection was made in between. ``moves_on``: the agent moves to another aggregator when
+    this one fails (its problems say so instead of "retrying").
     """
 
     def __init__(self, role: str, sock: zmq.asyncio.Socket, endpoint: str, hint: str,
                  curve_public: bytes | None = None, problem: str | None = None,
-                 on_failure: Callable[[Link], None] | None = None) -> None:
+                 on_failure: Callable[[Link], None] | None = None,
+                 on_refused: Callable[[Link], None] | None = None,
+                 refused_grace_s: float = REFUSED_GRACE_S, moves_on: bool = False) -> None:
         self.role = role
         self.sock = sock
         self.endpoint = endpoint
         self.hint = hint
         self.curve_public = curve_public
         self.on_failure = on_failure
+        self.on_refused = on_refused
+        self.refused_grace_s = refused_grace_s
+        self.moves_on = moves_on   # the agent has another aggregator to try: said with a problem
         self.problem: str | None = problem
         self.up = False
         self.handshakes = 0
         self.failures = 0          # handshakes failed since the last one that succeeded
         self.reconnects = 0        # reconnections made here after ZeroMQ gave up
+        self.connected = False     # a TCP/ipc connection is made (its handshake may still fail)
+        self.refused = 0           # connection attempts refused since the last one made
+        self.refused_total = 0
+        self._refused_since: float | None = None  # loop time of the first of ``refused``
+        self.last_refused_at = 0.0                 # loop time of the last of ``refused``
+        self._refused_said = False
+        self._refused_check: asyncio.TimerHandle | None = None
         self._retry_s = RETRY_MIN_S
         self._retry: asyncio.TimerHandle | None = None
         self._gave_up: asyncio.TimerHandle | None = None
         self._monitor: zmq.asyncio.Socket | None = None
 
     def monitor(self) -> None:
-        """Start the socket's monitor: before connecting, or the first refusal goes unseen."""
-        self._monitor = self.sock.get_monitor_socket()
+        """Start the socket's monitor: before connecting, or the first refusal goes unseen.
+        Each monitor gets an address of its own: pyzmq's default names it after the socket's
+        descriptor, and a monitor closed a moment ago (a move, a trial's end) may still hold
+        that name (libzmq frees it asynchronously): EADDRINUSE stopped the agent."""
+        self._monitor = self.sock.get_monitor_socket(addr=f"inproc://fleetlog-link-{next(_MONITORS)}")
 
     async def watch(self) -> None:
         """Read the socket's monitor until cancelled."""
@@ -82,9 +114,12 @@ class Link:
                     event, value = struct.unpack("=hi", msg[0])
                     self.on_event(event, value)
         finally:
-            for handle in (self._retry, self._gave_up):
+            for handle in (self._retry, self._gave_up, self._refused_check):
                 if handle is not None:
                     handle.cancel()
+            # None again: a link watched anew (the aggregator answered during its trial) must
+            # be able to schedule them.
+            self._retry = self._gave_up = self._refused_check = None
             self.close()
 
     def close(self) -> None:
@@ -122,25 +157,75 @@ class Link:
                 self.set_problem(self._no_detail_text())
             if self.failures >= 2:
                 self._failed()
+        elif event == zmq.EVENT_CONNECTED:
+            self.connected = True
+            self._cancel_gave_up()
+            self._refusal_over()
+        elif event == zmq.EVENT_CLOSED:
+            # A connecting socket's attempt closed before a connection was made: refused, the
+            # ipc:// path missing, or CONNECT_TIMEOUT over (an established connection that ends
+            # says EVENT_DISCONNECTED instead).
+            if not self.connected:
+                self._on_attempt_refused()
         elif event == zmq.EVENT_DISCONNECTED:
             self.up = False
+            self.connected = False
             if self._retry is None and self._gave_up is None:
                 loop = asyncio.get_running_loop()
                 self._gave_up = loop.call_later(GAVE_UP_AFTER_S, self._check_gave_up)
-        elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECTED, zmq.EVENT_CONNECT_DELAYED):
+        elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED):
             self._cancel_gave_up()
+
+    # -- nothing accepting the connection ---------------------------------------------------------
+
+    def _on_attempt_refused(self) -> None:
+        self.refused += 1
+        self.refused_total += 1
+        loop = asyncio.get_running_loop()
+        self.last_refused_at = loop.time()
+        if self._refused_since is None:
+            self._refused_since = loop.time()
+            self._refused_check = loop.call_later(self.refused_grace_s, self._check_refused)
+        elif loop.time() - self._refused_since >= self.refused_grace_s:
+            self._check_refused()
+
+    def _check_refused(self) -> None:
+        """Refused for the grace, twice at least, and nothing connected since: say so, once."""
+        self._refused_check = None
+        if self.connected or self._refused_said or self.refused < 2:
+            return
+        self._refused_said = True
+        if self.on_refused is not None:
+            self.on_refused(self)
+
+    def refused_for_s(self) -> float:
+        """How long connection attempts have been refused (0: the last one was not)."""
+        if self._refused_since is None:
+            return 0.0
+        return asyncio.get_running_loop().time() - self._refused_since
+
+    def _refusal_over(self) -> None:
+        self.refused = 0
+        self._refused_since = None
+        self._refused_said = False
+        if self._refused_check is not None:
+            self._refused_check.cancel()
+            self._refused_check = None
 
     def _failed(self) -> None:
         if self.problem is not None and self.on_failure is not None:
             self.on_failure(self)
 
-    def set_problem(self, problem: str | None) -> None:
-        """Log a change of problem once: WARNING when one starts or changes, INFO when it ends."""
+    def set_problem(self, problem: str | None, retrying: str | None = None) -> None:
+        """Log a change of problem once: WARNING when one starts or changes, INFO when it ends.
+        ``retrying``: how the connection is tried again, when not by this link's back-off."""
         if problem == self.problem:
             return
         before, self.problem = self.problem, problem
         if problem is not None:
-            log.warning("%s (retrying with back-off up to %gs)", problem, RETRY_MAX_S)
+            then = ("trying the next aggregator" if self.moves_on else
+                    retrying or f"retrying with back-off up to {RETRY_MAX_S:g}s")
+            log.warning("%s (%s)", problem, then)
         elif before is not None:
             log.info("%s connection to %s works again", self.role, self.endpoint)
 
@@ -216,4 +301,5 @@ class Link:
 
     def status(self) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "up": self.up, "problem": self.problem,
-                "handshakes": self.handshakes, "reconnects": self.reconnects}
+                "handshakes": self.handshakes, "reconnects": self.reconnects,
+                "refused_attempts": self.refused_total}

@@ -27,7 +27,7 @@ import zmq.asyncio
 
 from agent.config import AgentConfig, AggregatorEndpoints
 from agent.failover import Failover, Switch
-from agent.link import Link
+from agent.link import REFUSED_GRACE_S, Link
 from fleetlog import curve, wire
 from fleetlog.runtime import Wakeup
 
@@ -46,6 +46,8 @@ _POLLIN = int(zmq.POLLIN)
 PUSH_SNDHWM = 32
 HELLO_FIRST_RETRY_S = 0.02
 PUB_SNDHWM = 64
+# ZeroMQ's reconnection back-off for both sockets: 0.1 s doubling to this.
+RECONNECT_IVL_MAX_MS = 2000
 AGENT_ID_FILE = "agent-id"
 
 
@@ -74,7 +76,7 @@ def load_agent_id(state_dir: str) -> str:
 class Transport:
     def __init__(self, ctx: zmq.asyncio.Context, cfg: AgentConfig,
                  on_event: Callable[[dict[str, Any]], None],
-                 on_hello: Callable[[dict[str, Any], bool], None],
+                 on_hello: Callable[[dict[str, Any], str | None], None],
                  on_window: Callable[[Any], None],
                  hello_args: Callable[[], dict[str, Any]],
                  heartbeat_args: Callable[[], dict[str, Any]],
@@ -125,6 +127,10 @@ class Transport:
         self.refusal: str | None = None
         self._refused = False  # since the last hello answered: ship everything again after it
         self._moved = False    # to another aggregator since the last hello answered: the same
+        # The instance that last answered a hello of the aggregator in use (a refusal does not
+        # forget it, a move does): tells a refusal that ends from a restart.
+        self._answered_by: str | None = None
+        self._answered_at = 0.0  # loop.time() of that answer
         # What the aggregator's replies say is wrong with this agent (e.g. another agent uses
         # its name); logged when it changes.
         self.told: tuple[str, ...] = ()
@@ -154,7 +160,7 @@ class Transport:
         data.setsockopt(zmq.IMMEDIATE, 1)
         data.setsockopt(zmq.LINGER, 0)
         data.setsockopt(zmq.RECONNECT_IVL, 100)
-        data.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        data.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         control = self.control = self.ctx.socket(zmq.DEALER)
         # The name and this agent's id: two agents given one name by mistake get two routes at
         # the aggregator (one identity would take the other's replies), which can tell both.
@@ -162,7 +168,7 @@ class Transport:
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.SNDHWM, 100)
         control.setsockopt(zmq.RECONNECT_IVL, 100)
-        control.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        control.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         control.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
         # Nothing queues while disconnected: heartbeats sent during an outage would otherwise all
         # reach the restarted aggregator at once, and all their replies name a new instance.
@@ -185,14 +191,18 @@ class Transport:
             sock.setsockopt(zmq.HEARTBEAT_TTL, ttl)
             sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
         kind_name = "pull" if self.cfg.mode == "push" else "xsub"
+        # With a single aggregator a refused connection changes nothing: ZeroMQ keeps retrying.
+        grace = min(REFUSED_GRACE_S, self.timeout_s)
+        on_refused = self._on_link_refused if self.failover.several else None
         self.links = [
             Link("control", control, target.control,
                  f"is `control` ({target.control}) the aggregator's control endpoint?", public,
-                 self._link_problems.get(("control", target.control)), self._on_link_problem),
+                 self._link_problems.get(("control", target.control)), self._on_link_problem,
+                 on_refused, grace, self.failover.several),
             Link("data", data, target.data,
                  f"is `data` ({target.data}) the aggregator's {kind_name} endpoint ({self.cfg.mode}"
                  " mode)?", public, self._link_problems.get(("data", target.data)),
-                 self._on_link_problem),
+                 self._on_link_problem, on_refused, grace, self.failover.several),
         ]
         for link in self.links:
             link.monitor()
@@ -321,6 +331,7 @@ class Transport:
         interval = self.cfg.heartbeat_interval_ms / 1000
         while True:
             self.check_silence()
+            self.check_data_refused()
             if self.instance is None:
                 # Until the first hello is answered, ask again with back-off from 20 ms (the
                 # connection is usually up within a few) to the heartbeat interval (the
@@ -361,15 +372,20 @@ class Transport:
                 for future in (session, moving):
                     future.cancel()
                 await asyncio.gather(session, moving, return_exceptions=True)
-            if self.failover.answered and self.failover.wanted is not None and delay > 0:
-                self.failover.wanted = None  # it answered during its trial: it stays
+            if self.failover.wanted is None:
+                # It answered during its trial (which called the move off) and nothing asked for
+                # one since: it stays. (A failure after the answer asks again: moved at once.)
+                log.debug("aggregator %s answered during its trial: staying", self.endpoint.control)
+                for link in self.links:
+                    link.monitor()  # the session's end closed them: watch its links again
                 continue
             self._switch()
 
-    def fail_over(self, reason: str) -> bool:
+    def fail_over(self, reason: str, refused: bool = False) -> bool:
         """Move to the next aggregator in rank order, soon (from the receive loop); False when
-        there is no other (a single aggregator: wait for it, as ever)."""
-        if not self.failover.want(reason):
+        there is no other (a single aggregator: wait for it, as ever). ``refused``: nothing
+        accepts the connection (agent/failover.py says when that moves sooner)."""
+        if not self.failover.want(reason, refused):
             return False
         self._move.set()
         return True
@@ -382,6 +398,25 @@ class Transport:
         if silent >= self.timeout_s:
             self.fail_over(f"no reply for {silent:.1f}s" if self.last_reply else
                            f"no answer within {self.timeout_s:g}s")
+
+    def check_data_refused(self) -> None:
+        """The aggregator answers on the control connection, but nothing has accepted the data
+        connection for a heartbeat timeout: `data` names a port or socket nothing listens on.
+        Said once, as the data link's problem (with another aggregator the agent has moved on
+        by then; with one, this is all it can do: batches wait, nothing is lost). Only a data
+        connection refused a second or more after the hello was answered counts: after an
+        aggregator's restart the data socket's next attempt may come up to 2 s after the
+        control's (ZeroMQ's back-off), and what it was refused before then says nothing."""
+        data = next((link for link in self.links if link.role == "data"), None)
+        now = asyncio.get_running_loop().time()
+        if (data is None or data.problem is not None or data.refused < 2 or self.instance is None
+                or now - self._answered_at < self.timeout_s or not self.answers(self.timeout_s)
+                or data.last_refused_at < self._answered_at + REFUSED_GRACE_S):
+            return
+        data.set_problem(f"nothing accepts the data connection at {data.endpoint} ({data.refused}"
+                         f" attempts in {data.refused_for_s():.0f}s) although the aggregator answers"
+                         f" at {self.endpoint.control}: {data.hint}",
+                         f"ZeroMQ retries every {RECONNECT_IVL_MAX_MS / 1000:g}s")
 
     def _switch(self) -> None:
         """Close both sockets (dropping whatever they hold) and open new ones to the next
@@ -397,6 +432,7 @@ class Transport:
         switch = self.failover.move()
         self.generation += 1
         self._moved = True
+        self._answered_by = None
         self.instance = None
         self.last_reply = 0.0
         self._hellos.clear()
@@ -482,19 +518,27 @@ class Transport:
         if link.problem is not None:
             self.fail_over(f"{link.role} connection refused: {link.problem}")
 
+    def _on_link_refused(self, link: Link) -> None:
+        """Nothing accepts a connection to the aggregator in use (its process is down, its port
+        closed, its ipc:// socket gone) for a second: with another one configured, move on."""
+        self.fail_over(f"nothing accepts the {link.role} connection at {link.endpoint}"
+                       f" ({link.refused} attempts in {link.refused_for_s():.1f}s)", refused=True)
+
     def on_refused(self, req_id: Any, error: str) -> None:
         """A request refused (another live agent has our name, our key was revoked...). The
         aggregator is not talking to us: no resending to it, say hello again every beat until it
         answers, then ship everything unacknowledged again. Logged once per reason."""
+        moving = self.fail_over(f"it refuses this agent: {error}")
         if error != self.refusal:
-            log.warning("the aggregator refuses this agent: %s (asking again every %gs)",
-                        error, self.cfg.heartbeat_interval_ms / 1000)
+            then = ("trying the next aggregator" if moving else
+                    f"asking again every {self.cfg.heartbeat_interval_ms / 1000:g}s")
+            log.warning("the aggregator at %s refuses this agent: %s (%s)", self.endpoint.control,
+                        error, then)
             self.refusal = error
         self._hellos.discard(req_id)
         self._refused = True
         self.instance = None
         self.last_reply = 0.0
-        self.fail_over(f"it refuses this agent: {error}")
 
     def problems(self) -> list[str]:
         """What is wrong with this agent's connection now, for status and heartbeats."""
@@ -526,9 +570,9 @@ class Transport:
         instance = result.get("instance")
         if not isinstance(instance, str) or not instance:
             return
-        if self.refusal is not None:
-            log.info("the aggregator answers this agent again")
-            self.refusal = None
+        refusal, self.refusal = self.refusal, None
+        if refusal is not None and req_id not in self._hellos:
+            log.info("the aggregator at %s answers this agent again", self.endpoint.control)
         self.on_told(result)
         hold = result.get("shared_stream_hold")
         self.stream_hold = str(hold.get("error", "")) if isinstance(hold, dict) else None
@@ -542,19 +586,39 @@ class Transport:
             else:
                 # After a refusal, what was shipped meanwhile may have been dropped: as after a
                 # restart of the aggregator, everything unacknowledged goes again.
-                restarted = self.instance is not None or self._refused or self._moved
+                change = self._what_changed(instance, refusal)
                 self._refused = self._moved = False
-                self.instance = instance
+                self.instance = self._answered_by = instance
+                self._answered_at = asyncio.get_running_loop().time()
                 self.failover.on_answer()
-                self.on_hello(result, restarted)
+                self.on_hello(result, change)
         elif instance != self.instance:
             if not self.hello_in_flight():
-                log.info("aggregator instance changed (%s -> %s): saying hello again",
-                         self.instance, instance)
+                # DEBUG: the hello's answer says the restart at INFO, once.
+                log.debug("aggregator instance changed (%s -> %s): saying hello again",
+                          self.instance, instance)
                 self.ask_hello()
             return
         if "window" in result:
             self.on_window(result["window"])
+
+    def _what_changed(self, instance: str, refusal: str | None) -> str | None:
+        """What a hello answered by ``instance`` follows, in words for the log; None when it is
+        the first answer of this run (nothing to ship again)."""
+        before = self._answered_by
+        if self._moved:
+            last = self.failover.last
+            return f"after the move from {last.source.control}" if last else "after a move"
+        if self._refused:
+            why = f" ({refusal})" if refusal else ""
+            if before is None:
+                return f"it takes this agent now, after refusing it{why}"
+            if before == instance:
+                return f"it takes this agent again, after refusing it{why}"
+            return f"it restarted (it was instance {before}) while it refused this agent{why}"
+        if self.instance is not None:
+            return f"it restarted (it was instance {self.instance})"
+        return None
 
     def status(self) -> dict[str, Any]:
         """The aggregator in use, the ranked list and the moves so far."""

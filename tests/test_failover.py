@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -76,6 +77,26 @@ def test_moves_go_round_in_rank_order_and_wait_only_while_none_answers(
     f.on_answer()
     assert f.current == order[2] and f.wait_s() == 0.0 and f.status()["switches"] == 5
     assert not Failover("web-01", aggs(1), trial_s=1.0).want("no reply")  # one: nowhere to go
+
+
+def test_refused_connections_move_at_once_only_until_each_has_been_tried() -> None:
+    """The choice alone: nothing accepting the connection ends a trial early, at most once per
+    aggregator between two answers; then every move waits for its trial, refused or not."""
+    f = Failover("web-01", aggs(3), trial_s=60.0)
+    assert f.want("nothing accepts", refused=True) and f.wait_s() == 0.0  # never answered, first round
+    f.move()
+    assert f.want("nothing accepts", refused=True) and f.wait_s() == 0.0
+    f.move()
+    assert f.want("nothing accepts", refused=True) and f.wait_s() > 59    # each tried: the trial again
+    f.move()
+    assert f.want("nothing accepts", refused=True) and f.wait_s() > 59
+    assert f.want("no answer") and f.wait_s() > 59
+    f.move()
+    f.on_answer()                                                         # one answers: a new round
+    assert f.want("nothing accepts", refused=True) and f.wait_s() == 0.0
+    f.move()
+    assert not f.refused and f.want("no answer") and f.wait_s() > 59       # not refused: its trial
+    assert not Failover("web-01", aggs(1), trial_s=1.0).want("nothing accepts", refused=True)
 
 
 def agent_config(tmp: Path, *items: str) -> Any:
@@ -259,13 +280,15 @@ def test_aggregator_killed_agent_moves_to_the_next_and_loses_nothing(h: Harness)
     s = h.agent_status(name)
     assert s is not None and s["aggregators"]["switches"] == 1
     assert s["aggregators"]["last_switch"]["from"] == eps["a"].control
-    assert "no reply" in s["aggregators"]["last_switch"]["reason"]
+    # Its heartbeat timeout (0.9 s here) and its refused connections (for as long) race.
+    reason = s["aggregators"]["last_switch"]["reason"]
+    assert "no reply" in reason or "nothing accepts the" in reason, reason
     log = next(p for p in h.procs if p.name == f"agent-{name}").log()
     assert log.count("switching aggregator:") == 1
     text = subprocess.run([PY, "-m", "agent", "status", "--set", f"agent.state_dir={h.root / f'st-{name}'}"],
                           capture_output=True, text=True, timeout=20).stdout
     assert (f"aggregators in this agent's order: {eps['a'].control}, {eps['b'].control} (in use); 1 switch,"
-            f" the last from {eps['a'].control} to {eps['b'].control}: no reply") in text, text
+            f" the last from {eps['a'].control} to {eps['b'].control}: {reason}") in text, text
     h.ep = eps["b"]
     h.assert_quiet(eps["b"])
 
@@ -377,7 +400,10 @@ def test_a_single_aggregator_agent_waits_for_it_as_before(h: Harness) -> None:
     check_union(outputs(h, "app", "a"), counts, max_doubles=0)
     s = h.agent_status("s")
     assert s is not None and s["aggregators"]["switches"] == 0 and s["aggregators"]["last_switch"] is None
-    assert "switching aggregator" not in next(p for p in h.procs if p.name == "agent-s").log()
+    log = agent_log(h, "s")
+    assert "switching aggregator" not in log and "nothing accepts" not in log
+    # The log says what happened: the aggregator restarted (it said "a restart, or a move").
+    assert "it restarted (it was instance " in log and "is new to this agent" not in log, log[-3000:]
     h.ep = ep
     h.assert_quiet(ep)
 
@@ -407,6 +433,11 @@ def test_refused_by_the_first_aggregator_moves_to_the_next(h: Harness) -> None:
     wait_for(lambda: w.total == 6000 and all_acknowledged(h, name), timeout=60, what="every line")
     check_union(outputs(h, "app", "b"), w.stop(), max_doubles=0)
     assert output_lines(h.root / "out-a", "app") == []
+    # It says what it does: it moves on (it said "retrying with back-off" and went).
+    log = agent_log(h, name)
+    assert "refuses this agent's CURVE key" in log and "(trying the next aggregator)" in log, log[-3000:]
+    assert "retrying with back-off" not in log
+    assert "connected to aggregator" in log and f"after the move from {eps['a'].control}" in log, log[-3000:]
     h.ep = eps["b"]
     h.assert_quiet(eps["b"])
 
@@ -458,3 +489,226 @@ def test_agent_stopped_while_it_moves_to_another_aggregator_exits_promptly(h: Ha
     w.stop()
     # (It usually logs "switching aggregator" first; on a slow machine the wait may end before.)
     assert "agent stopped" in proc.log(), proc.log()[-2000:]
+
+
+# ---- nothing accepting the connection ------------------------------------------------------------
+
+# A heartbeat timeout (three beats) of 30 s and an ack timeout as long: a move within the tests'
+# bounds below is made on the refusal, not on either timeout.
+SLOW_TIMEOUTS = ("agent.heartbeat_interval_ms=10000", "agent.ack_timeout_ms=30000")
+
+
+def ipc_pair(h: Harness, start: tuple[str, ...] = ("a", "b")) -> tuple[dict[str, Endpoints], dict[str, Proc]]:
+    """Aggregators a and b on ipc:// sockets of their own; those in ``start`` up (the others'
+    socket files do not exist)."""
+    eps, procs = {}, {}
+    for label in ("a", "b"):
+        (h.root / label).mkdir()
+        eps[label] = Endpoints(*(f"ipc://{h.root / label}/{n}.sock" for n in ("pull", "xsub", "xpub", "ctl")))
+        if label in start:
+            procs[label] = aggregator(h, eps[label], label)
+            wait_for(lambda p=procs[label]: " ready: " in p.log(), what=f"aggregator {label} up")
+    return eps, procs
+
+
+def agent_log(h: Harness, name: str) -> str:
+    return next(p for p in h.procs if p.name == f"agent-{name}").log()
+
+
+@pytest.mark.parametrize(("transport", "mode"), [("tcp", "push"), ("ipc", "push"), ("tcp", "pub")])
+def test_an_agent_moves_to_its_second_aggregator_as_soon_as_the_first_refuses(
+        h: Harness, transport: str, mode: str) -> None:
+    """kill -9 of the aggregator in use: its port closes (tcp: ECONNREFUSED; ipc: the socket
+    file stays and refuses). The agent moves to the next once connections have been refused for
+    a second, not after its heartbeat timeout (30 s here; it waited that long), and loses
+    nothing."""
+    eps, procs = pair(h) if transport == "tcp" else ipc_pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "f")
+    w = writer(h, name)
+    agent(h, [entry(e, data=e.pull if mode == "push" else e.xsub) for e in (eps["a"], eps["b"])], "app",
+          name, *SLOW_TIMEOUTS, f"agent.mode={mode}")
+    wait_for(lambda: count_lines(h.root / "out-a" / "app" / "app.log") > 1000
+             and (s := h.agent_status(name)) is not None and s["aggregator"] is not None,
+             what="lines through a, its hello answered")
+    procs["a"].kill9()
+    killed_at = time.monotonic()
+    wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=20, what="the agent moved to b")
+    assert time.monotonic() - killed_at < 30  # the heartbeat timeout did not move it (a bound, not a speed)
+    s = h.agent_status(name)
+    assert s is not None and s["aggregators"]["switches"] == 1
+    assert "nothing accepts the" in s["aggregators"]["last_switch"]["reason"], s["aggregators"]
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by b")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
+    log = agent_log(h, name)
+    assert log.count("switching aggregator:") == 1 and "WARNING" not in log, log[-3000:]
+    h.ep = eps["b"]
+    h.assert_quiet(eps["b"])
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_an_agent_started_while_its_first_aggregator_is_down_ships_to_the_second_at_once(
+        h: Harness, transport: str) -> None:
+    """The first in the agent's order is not there (tcp: nothing listens on its ports, refused;
+    ipc: its socket files do not exist, ENOENT): the agent does not give it a whole trial (a
+    heartbeat timeout, 30 s here) before trying the next."""
+    if transport == "tcp":
+        eps, procs = pair(h)
+        procs["a"].kill9()
+    else:
+        eps, procs = ipc_pair(h, start=("b",))
+    name = name_preferring(eps["a"], list(eps.values()), "g")
+    w = writer(h, name, limit=2000)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name, *SLOW_TIMEOUTS)
+    wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=20, what="the agent moved to b")
+    wait_for(lambda: w.total == 6000 and all_acknowledged(h, name), timeout=60, what="every line")
+    check_union(outputs(h, "app", "b"), w.stop(), max_doubles=0)
+    s = h.agent_status(name)
+    assert s is not None and s["aggregators"]["switches"] == 1
+    h.ep = eps["b"]
+    h.assert_quiet(eps["b"])
+
+
+def test_one_aggregator_restarting_does_not_make_the_agent_churn(h: Harness) -> None:
+    """The aggregator in use is killed and started again at once, three times (as systemd's
+    Restart= does): each restart costs the agent at most one move (to the other one, if the
+    restart outlasts the refusal's grace), never a move back and forth, and it is quiet after."""
+    eps, procs = pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "c")
+    w = writer(h, name)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name, "agent.heartbeat_interval_ms=1000")
+    label_of = {eps[label].control: label for label in eps}
+    for restart in range(3):
+        wait_for(lambda: (s := h.agent_status(name)) is not None and s["aggregator"] is not None,
+                 what="the agent connected")
+        label = label_of[in_use(h, name) or ""]
+        before = sum(map(len, outputs(h, "app", "a", "b")))
+        procs[label].kill9()
+        procs[label] = aggregator(h, eps[label], label)
+        wait_for(lambda n=before: sum(map(len, outputs(h, "app", "a", "b"))) > n + 1000, timeout=30,
+                 what=f"lines flowing again after restart {restart + 1}")
+        s = h.agent_status(name)
+        assert s is not None and s["aggregators"]["switches"] <= restart + 1, s["aggregators"]
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=3 * MAX_DOUBLES)
+    log = agent_log(h, name)
+    assert log.count("switching aggregator:") <= 3 and "no aggregator answers" not in log, log[-3000:]
+    h.ep = eps[label_of[in_use(h, name) or ""]]
+    h.assert_quiet(h.ep)
+
+
+def test_two_aggregators_down_are_tried_no_faster_than_the_trial(h: Harness) -> None:
+    """Both aggregators killed: refused connections move the agent on at once only until each
+    one has been tried; then it goes round at one heartbeat timeout (3 s here) per aggregator,
+    as before, quietly."""
+    eps, procs = pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "p")
+    w = writer(h, name)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name, "agent.heartbeat_interval_ms=1000",
+          "agent.ack_timeout_ms=30000")
+    wait_for(lambda: (s := h.agent_status(name)) is not None and s["aggregator"] is not None
+             and count_lines(h.root / "out-a" / "app" / "app.log") > 1000, what="lines through a")
+    procs["a"].kill9()
+    procs["b"].kill9()
+    wait_for(lambda: "no aggregator answers (tried all 2)" in agent_log(h, name), timeout=30,
+             what="the agent having tried both")
+    s0, t0 = h.agent_status(name), time.monotonic()
+    h.assert_quiet(None)
+    time.sleep(7.0)  # the window measured: going round at most once per 3 s trial
+    s1, t1 = h.agent_status(name), time.monotonic()
+    assert s0 is not None and s1 is not None
+    moves = s1["aggregators"]["switches"] - s0["aggregators"]["switches"]
+    assert moves <= (t1 - t0) / 3.0 + 1, (moves, t1 - t0)
+    procs["b"] = aggregator(h, eps["b"], "b")
+    wait_for(lambda: in_use(h, name) == eps["b"].control and count_lines(h.root / "out-b" / "app" / "app.log")
+             > 1000, timeout=30, what="the agent shipping to b")
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by b")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
+    h.ep = eps["b"]
+    h.assert_quiet(eps["b"])
+
+
+def reset_connections_to(endpoint: str) -> int:
+    """Reset (RST) every loopback TCP connection to ``endpoint``'s port, as a middlebox or a
+    conntrack flush does, with ``ss -K``; how many were reset (-1: ss cannot here)."""
+    port = endpoint.rsplit(":", 1)[1]
+    r = subprocess.run(["ss", "-K", "-t", "-n", "dst", "127.0.0.1", "dport", "=", f":{port}"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return -1
+    return sum(1 for line in r.stdout.splitlines() if "ESTAB" in line)
+
+
+def test_a_reset_connection_to_an_aggregator_that_is_there_moves_nothing(h: Harness) -> None:
+    """The agent's connections to the aggregator in use are reset while lines flow: ZeroMQ
+    connects again at once, so the drop is no evidence the aggregator is gone. The agent stays
+    (its heartbeat timeout is 30 s: only the refused-connection rule could move it), reconnects,
+    loses nothing and is quiet."""
+    if os.geteuid() != 0 or shutil.which("ss") is None:
+        pytest.skip("needs root and ss (iproute2) to reset connections")
+    eps, _ = pair(h)
+    name = name_preferring(eps["a"], list(eps.values()), "x")
+    w = writer(h, name)
+    agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name, "agent.heartbeat_interval_ms=10000")
+    out_a = h.root / "out-a" / "app" / "app.log"
+    wait_for(lambda: count_lines(out_a) > 1000 and (s := h.agent_status(name)) is not None
+             and s["aggregator"] is not None, what="lines through a, its hello answered")
+    for endpoint in (eps["a"].control, eps["a"].pull):
+        reset = reset_connections_to(endpoint)
+        if reset < 1:
+            pytest.skip(f"ss -K cannot reset connections here (kernel without SOCK_DESTROY?): {reset}")
+    wait_for(lambda: (s := h.agent_status(name)) is not None
+             and all(link["handshakes"] >= 2 for link in s["links"].values()), what="both links made again")
+    before = count_lines(out_a)
+    wait_for(lambda: count_lines(out_a) > before + 1000, timeout=30, what="lines through a again")
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by a")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=0)
+    s = h.agent_status(name)
+    assert s is not None and s["aggregators"]["switches"] == 0, s["aggregators"]
+    assert in_use(h, name) == eps["a"].control
+    h.ep = eps["a"]
+    h.assert_quiet(eps["a"])
+
+
+def test_an_aggregator_that_answers_during_its_trial_is_still_watched(h: Harness) -> None:
+    """The first aggregator refuses the agent's key, so the agent asks to move, but gives it its
+    trial (a heartbeat timeout: 18 s here) as it never answered; the key is authorised and it
+    answers within the trial, so the agent stays. Its connections are still watched after that:
+    killed, it is left once nothing accepts the connection (the watch had ended with the trial,
+    and the agent waited its whole heartbeat timeout)."""
+    keys = h.root / "keys"
+    for name in ("aggregator", "agent"):
+        curve.generate(str(keys), name)
+    for label in ("a", "b"):
+        (h.root / f"keys-{label}").mkdir()
+    shutil.copy(keys / "agent.key", h.root / "keys-b")
+    started = {label: fresh(h, label, f"aggregator.curve_secret_key={keys / 'aggregator.key_secret'}",
+                            f"aggregator.authorized_keys_dir={h.root / f'keys-{label}'}")
+               for label in ("a", "b")}
+    eps = {label: v[0] for label, v in started.items()}
+    name = name_preferring(eps["a"], list(eps.values()), "t")
+    w = writer(h, name)
+    proc = agent(h, [entry(eps["a"]), entry(eps["b"])], "app", name,
+                 f"agent.curve_secret_key={keys / 'agent.key_secret'}",
+                 f"agent.curve_server_key={keys / 'aggregator.key'}",
+                 "agent.heartbeat_interval_ms=6000", "agent.ack_timeout_ms=30000")
+    wait_for(lambda: "refuses this agent's CURVE key" in proc.log(), what="a refusing the agent's key")
+    shutil.copy(keys / "agent.key", h.root / "keys-a")
+    assert started["a"][1].popen is not None
+    started["a"][1].popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: count_lines(h.root / "out-a" / "app" / "app.log") > 1000, timeout=30,
+             what="lines through a once the key is authorised")
+    wait_for(lambda: "answered during its trial: staying" in proc.log(), timeout=30, what="a's trial over")
+    assert in_use(h, name) == eps["a"].control
+    started["a"][1].kill9()
+    wait_for(lambda: in_use(h, name) == eps["b"].control, timeout=15, what="the agent moved to b")
+    s = h.agent_status(name)
+    assert s is not None and "nothing accepts the" in s["aggregators"]["last_switch"]["reason"], s
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by b")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
+    h.ep = eps["b"]
+    h.assert_quiet(eps["b"])

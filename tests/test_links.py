@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from harness import Harness, Writer, append_lines, check_exactly_once, make_lines, wait_for
+from harness import Harness, Writer, append_lines, check_exactly_once, free_port, make_lines, wait_for
 
 
 def test_batch_of_control_characters_fits_the_aggregators_limit(h: Harness) -> None:
@@ -101,3 +101,29 @@ def test_dead_link_is_noticed_and_shipping_resumes_after_healing(h: Harness, net
     wait_for(lambda: h.all_acknowledged(), what="every line acknowledged")
     h.assert_quiet(ep)
     check_exactly_once(h.lines(), counts)
+
+
+def test_a_data_endpoint_nothing_listens_on_is_said_and_shipping_starts_once_it_does(h: Harness) -> None:
+    """`data` names a port nothing listens on while the control endpoint answers (a typo, or the
+    aggregator's pull moved): the agent says so once at WARNING and in its status (it said
+    nothing, and nothing shipped); once the endpoint is right (here: the aggregator restarted on
+    it), shipping starts and the problem is gone, every line once."""
+    ep = h.endpoints(tcp=True)
+    # The aggregator's pull elsewhere: the port the agent's data names is free.
+    agg = h.aggregator(ep, f"aggregator.pull=tcp://127.0.0.1:{free_port()}")
+    append_lines(h.path("logs", "a.log"), make_lines("a", 0, 100))
+    agent = h.agent(ep, [{"paths": [str(h.path("logs", "a.log"))], "topic": "app"}])
+    phrase = f"nothing accepts the data connection at {ep.pull}"
+    wait_for(lambda: phrase in agent.log(), timeout=20, what="the agent saying nothing accepts its data")
+    s = h.agent_status()
+    assert s is not None and any(phrase in p for p in s["problems"]), s["problems"]
+    assert "is `data`" in agent.log() and "WARNING" in agent.log()
+    h.assert_quiet(ep)
+    assert agent.log().count(phrase) == 1
+    agg.stop()
+    h.aggregator(ep)
+    wait_for(lambda: h.all_acknowledged(), timeout=30, what="every line acknowledged")
+    check_exactly_once(h.lines(), {"a": 100})
+    s = h.agent_status()
+    assert s is not None and not any(phrase in p for p in s["problems"]), s["problems"]
+    assert "data connection to" in agent.log() and "works again" in agent.log()

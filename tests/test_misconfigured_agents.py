@@ -101,6 +101,9 @@ def test_two_agents_with_one_name_are_told(h: Harness) -> None:
     h.assert_quiet(ep)
     # The clash is over: the one that has the name now is not told of a clash with itself.
     assert "is also used by another agent" not in second.log(), second.log()
+    # What ended is the refusal, said as such (it said "new to this agent (a restart, or a move)").
+    assert "it takes this agent now, after refusing it" in second.log(), second.log()
+    assert "is new to this agent" not in second.log()
     assert not any("also used by another agent" in p for p in problems_of(h, ep, "web"))
 
 
