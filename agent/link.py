@@ -198,6 +198,10 @@ class Link:
         if self.on_refused is not None:
             self.on_refused(self)
 
+    def refused_since(self) -> float | None:
+        """Loop time of the first of the attempts refused since the last connection made."""
+        return self._refused_since
+
     def refused_for_s(self) -> float:
         """How long connection attempts have been refused (0: the last one was not)."""
         if self._refused_since is None:

@@ -109,6 +109,7 @@ class Transport:
         self._control_poke: Callable[[], None] = _nothing
         self.instance: str | None = None
         self.last_reply = 0.0  # loop.time() of the aggregator's last message
+        self._replied_at = 0.0  # loop.time() of its last reply to a request (not an event)
         self._ids = itertools.count(1)
         self._hellos: set[int] = set()  # ids of the hellos sent since the last answered one
         self._hello_sent_at = 0.0
@@ -409,9 +410,14 @@ class Transport:
         control's (ZeroMQ's back-off), and what it was refused before then says nothing."""
         data = next((link for link in self.links if link.role == "data"), None)
         now = asyncio.get_running_loop().time()
+        began = None if data is None else data.refused_since()
         if (data is None or data.problem is not None or data.refused < 2 or self.instance is None
                 or now - self._answered_at < self.timeout_s or not self.answers(self.timeout_s)
-                or data.last_refused_at < self._answered_at + REFUSED_GRACE_S):
+                or data.last_refused_at < self._answered_at + REFUSED_GRACE_S
+                # The aggregator must have answered a request since the refusals began: one that
+                # has just died (or is stopping) still "answers" within the heartbeat timeout,
+                # and its data port refuses at once; that is its restart, not a wrong `data`.
+                or began is None or self._replied_at <= began + REFUSED_GRACE_S):
             return
         data.set_problem(f"nothing accepts the data connection at {data.endpoint} ({data.refused}"
                          f" attempts in {data.refused_for_s():.0f}s) although the aggregator answers"
@@ -495,7 +501,7 @@ class Transport:
         if not msg.get("ok"):
             self.on_refused(msg.get("id"), str(msg.get("error")))
             return
-        self.last_reply = now
+        self.last_reply = self._replied_at = now
         self.on_reply(msg.get("id"), msg.get("result") or {})
 
     def on_stopping(self, msg: dict[str, Any]) -> None:
