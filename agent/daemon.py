@@ -95,6 +95,9 @@ class Agent(Following):
         # aggregators: one that had the stream before another took it further).
         self.rebased_streams = 0
         self.waiting_for_stream = False  # said that we wait for the aggregators' shared stream
+        # Moved once already because the shared stream kept taking nothing: the next aggregator
+        # saying the same is waited for as long as it lasts (no ping-pong between them).
+        self.moved_for_stream_hold = False
         self.checkpoints_dirty = True
         # The aggregator's max_message_bytes (its hello reply says; the default until then): no
         # batch is read larger than what encodes within it (see read_bytes).
@@ -612,6 +615,7 @@ class Agent(Following):
                     self.ack(stream, end)
             self.stalled_since = None
             self.last_any_ack = time.monotonic()
+            self.moved_for_stream_hold = False
         elif event == "resync":
             self.resync(msg.get("stream"), msg.get("offset"), msg.get("seq"),
                         resend_acknowledged=msg.get("held") is True)
@@ -851,7 +855,8 @@ class Agent(Following):
         # A full stream ends only with room, for every aggregator alike: wait as long as the
         # aggregator answers. Anything else (an election, no quorum, a server of a partitioned
         # minority) for a while, then try another.
-        if held is not None and (transport.stream_hold_full or silent_s < SHARED_STREAM_PATIENCE_S):
+        if held is not None and (transport.stream_hold_full or self.moved_for_stream_hold
+                                 or silent_s < SHARED_STREAM_PATIENCE_S):
             # Every aggregator of the stream waits for the same thing (an election, a full
             # stream): moving would send the whole window again to one that waits too.
             if not self.waiting_for_stream:
@@ -860,8 +865,14 @@ class Agent(Following):
                          " because its stream takes nothing (%s), as it does for every aggregator"
                          " of it: waiting rather than moving (%s)", silent_s, held,
                          "until it has room" if transport.stream_hold_full
+                         else "as long as it lasts" if self.moved_for_stream_hold
                          else f"for up to {SHARED_STREAM_PATIENCE_S:g}s")
             return
+        if held is not None:
+            # One try elsewhere: this aggregator may reach only a cut-off part of the cluster.
+            # If the next one is held the same way, it is the stream's: wait there.
+            self.moved_for_stream_hold = True
+            self.waiting_for_stream = False
         transport.fail_over(f"no acknowledgement for {silent_s:.1f}s with batches out")
 
     def problems(self) -> list[str]:
