@@ -341,6 +341,17 @@ def test_sigterm_of_the_aggregator_in_use_moves_its_agents_at_once(h: Harness) -
     h.assert_quiet(eps["a"])
 
 
+def back_on_b(h: Harness, eps: dict[str, Endpoints], procs: dict[str, Proc], name: str, w: Writer) -> None:
+    """Start aggregator b again, wait until agent ``name`` ships to it, stop writing and check that
+    every line is acknowledged by b and in a's and b's outputs together."""
+    procs["b"] = aggregator(h, eps["b"], "b")
+    wait_for(lambda: in_use(h, name) == eps["b"].control and count_lines(h.root / "out-b" / "app" / "app.log")
+             > 1000, timeout=30, what="the agent shipping to b")
+    counts = w.stop()
+    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by b")
+    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
+
+
 def test_both_aggregators_down_then_one_back_ships_again_quietly(h: Harness) -> None:
     eps, procs = pair(h)
     name = name_preferring(eps["a"], list(eps.values()), "d")
@@ -353,12 +364,7 @@ def test_both_aggregators_down_then_one_back_ships_again_quietly(h: Harness) -> 
     wait_for(lambda: (s := h.agent_status(name)) is not None and s["aggregators"]["switches"] >= 4,
              timeout=30, what="the agent trying each in turn")
     h.assert_quiet(None)
-    procs["b"] = aggregator(h, eps["b"], "b")
-    wait_for(lambda: in_use(h, name) == eps["b"].control and count_lines(h.root / "out-b" / "app" / "app.log")
-             > 1000, timeout=30, what="the agent shipping to b")
-    counts = w.stop()
-    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by b")
-    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
+    back_on_b(h, eps, procs, name, w)
     log = next(p for p in h.procs if p.name == f"agent-{name}").log()
     assert log.count("no aggregator answers (tried all 2)") == 1
     h.ep = eps["b"]
@@ -628,12 +634,7 @@ def test_two_aggregators_down_are_tried_no_faster_than_the_trial(h: Harness) -> 
     assert s0 is not None and s1 is not None
     moves = s1["aggregators"]["switches"] - s0["aggregators"]["switches"]
     assert moves <= (t1 - t0) / 3.0 + 1, (moves, t1 - t0)
-    procs["b"] = aggregator(h, eps["b"], "b")
-    wait_for(lambda: in_use(h, name) == eps["b"].control and count_lines(h.root / "out-b" / "app" / "app.log")
-             > 1000, timeout=30, what="the agent shipping to b")
-    counts = w.stop()
-    wait_for(lambda: all_acknowledged(h, name), timeout=60, what="every line acknowledged by b")
-    check_union(outputs(h, "app", "a", "b"), counts, max_doubles=MAX_DOUBLES)
+    back_on_b(h, eps, procs, name, w)
     h.ep = eps["b"]
     h.assert_quiet(eps["b"])
 

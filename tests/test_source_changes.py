@@ -66,6 +66,16 @@ def not_said_wrongly(said: str) -> None:
         assert wrong not in said, (wrong, said)
 
 
+def two_files(h: Harness) -> tuple[Endpoints, Path, Path, Path]:
+    """Endpoints, the logs directory and a.log and b.log in it, 100 lines each."""
+    ep = h.endpoints()
+    logs = h.path("logs")
+    a, b = logs / "a.log", logs / "b.log"
+    append_lines(a, make_lines("a", 0, 100))
+    append_lines(b, make_lines("b", 0, 100))
+    return ep, logs, a, b
+
+
 def two_sources_shipped_then_stopped(h: Harness) -> tuple[Endpoints, Proc, Path, Path, list[dict[str, Any]]]:
     """a.log (topic app) and b.log (topic other), 100 lines each, shipped and acknowledged by an
     agent run from the config file, which is then stopped; its sources are ``both``."""
@@ -85,11 +95,7 @@ def two_sources_shipped_then_stopped(h: Harness) -> tuple[Endpoints, Proc, Path,
 
 
 def test_glob_narrowed_by_a_reload_lets_the_file_go_and_widened_again_resumes_it(h: Harness) -> None:
-    ep = h.endpoints()
-    logs = h.path("logs")
-    a, b = logs / "a.log", logs / "b.log"
-    append_lines(a, make_lines("a", 0, 100))
-    append_lines(b, make_lines("b", 0, 100))
+    ep, logs, a, b = two_files(h)
     h.aggregator(ep)
     write_conf(h, ep, [{"paths": [f"{logs}/*.log"], "topic": "app"}])
     agent = start_agent(h)
@@ -199,11 +205,7 @@ def test_topic_changed_by_a_reload_or_a_restart_ships_the_new_lines_to_the_new_t
 
 
 def test_file_let_go_by_a_reload_while_the_aggregator_is_down_counts_what_is_left(h: Harness) -> None:
-    ep = h.endpoints()
-    logs = h.path("logs")
-    a, b = logs / "a.log", logs / "b.log"
-    append_lines(a, make_lines("a", 0, 100))
-    append_lines(b, make_lines("b", 0, 100))
+    ep, logs, a, b = two_files(h)
     small = "max_inflight_bytes = 65536\nbatch_max_bytes = 16384"
     agg = h.aggregator(ep)
     write_conf(h, ep, [{"paths": [f"{logs}/*.log"], "topic": "app"}], small)
