@@ -406,6 +406,10 @@ def test_a_single_aggregator_agent_waits_for_it_as_before(h: Harness) -> None:
     w = writer(h, "s")
     agent(h, [entry(ep)], "app", "s")
     wait_for(lambda: count_lines(h.root / "out-a" / "app" / "app.log") > 1000, what="first lines")
+    # Its hello answered (batches go before): under load the kill came first, and the agent,
+    # which had never known that instance, rightly did not call the next one a restart.
+    wait_for(lambda: (s := h.agent_status("s")) is not None and s["aggregator"] is not None,
+             what="the agent's hello answered")
     agg.kill9()
     time.sleep(1.5)  # five heartbeat intervals with the aggregator down: nothing to move to
     aggregator(h, ep, "a")
