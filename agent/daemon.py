@@ -523,10 +523,9 @@ class Agent(Following):
         if not late and not journals_late:
             return
         assert self.transport is not None
-        beats_s = 3 * self.cfg.heartbeat_interval_ms / 1000
-        if not self.transport.aggregator_alive(beats_s):
+        if not self.transport.aggregator_alive(3 * self.cfg.heartbeat_interval_ms / 1000):
             return  # nobody to resend to: ship again once it answers (a restart also rewinds)
-        if self.transport.held_by_shared_stream(beats_s) is not None:
+        if self.stream_hold() is not None:
             # It takes nothing while its stream takes nothing, and asks for what it refused
             # once it can (a resync): sending the window again every timeout is waste.
             for t in late:
@@ -817,11 +816,12 @@ class Agent(Following):
         transport = self.transport
         stalled = (self.stalled_since is not None and now - self.stalled_since >= limit
                    and transport is not None and transport.answers(limit))
-        held = None if transport is None else transport.held_by_shared_stream(limit)
-        if stalled and self.ack_problem is None and transport is not None and held is not None:
+        hold = self.stream_hold()
+        if stalled and self.ack_problem is None and hold is not None:
             # The aggregator said why (it holds our batches: its stream takes nothing); the
             # waiting is logged by check_ack_stall, the status shows it here.
-            self.ack_problem = f"no acknowledgement: the aggregator's JetStream stream takes nothing ({held})"
+            self.ack_problem = ("no acknowledgement: the aggregator's JetStream stream takes nothing"
+                                f" ({hold.get('error')})")
         elif stalled and self.ack_problem is None and transport is not None:
             endpoint = "pull" if self.cfg.mode == "push" else "xsub"
             self.ack_problem = (
@@ -833,6 +833,13 @@ class Agent(Following):
         elif not stalled and self.ack_problem is not None and self.stalled_since is None:
             log.info("acknowledgements arrive again")
             self.ack_problem = None
+
+    def stream_hold(self) -> dict[str, Any] | None:
+        """The aggregator's word in its last few replies (three heartbeats) that the JetStream
+        stream every aggregator shares takes nothing (``Transport.held_by_shared_stream``)."""
+        if self.transport is None:
+            return None
+        return self.transport.held_by_shared_stream(3 * self.cfg.heartbeat_interval_ms / 1000)
 
     def check_ack_stall(self) -> None:
         """Batches out and nothing at all acknowledged for two ack timeouts since the aggregator
@@ -851,24 +858,24 @@ class Agent(Following):
         if silent_s < 2 * self.cfg.ack_timeout_ms / 1000:
             self.waiting_for_stream = False
             return
-        held = transport.held_by_shared_stream(3 * self.cfg.heartbeat_interval_ms / 1000)
+        hold = self.stream_hold()
         # A full stream ends only with room, for every aggregator alike: wait as long as the
         # aggregator answers. Anything else (an election, no quorum, a server of a partitioned
         # minority) for a while, then try another.
-        if held is not None and (transport.stream_hold_full or self.moved_for_stream_hold
-                                 or silent_s < SHARED_STREAM_PATIENCE_S):
+        full = hold is not None and hold.get("kind") == "full"
+        if hold is not None and (full or self.moved_for_stream_hold or silent_s < SHARED_STREAM_PATIENCE_S):
             # Every aggregator of the stream waits for the same thing (an election, a full
             # stream): moving would send the whole window again to one that waits too.
             if not self.waiting_for_stream:
                 self.waiting_for_stream = True
                 log.info("no acknowledgement for %.1fs: the aggregator holds this agent's batches"
                          " because its stream takes nothing (%s), as it does for every aggregator"
-                         " of it: waiting rather than moving (%s)", silent_s, held,
-                         "until it has room" if transport.stream_hold_full
+                         " of it: waiting rather than moving (%s)", silent_s, hold.get("error"),
+                         "until it has room" if full
                          else "as long as it lasts" if self.moved_for_stream_hold
                          else f"for up to {SHARED_STREAM_PATIENCE_S:g}s")
             return
-        if held is not None:
+        if hold is not None:
             # One try elsewhere: this aggregator may reach only a cut-off part of the cluster.
             # If the next one is held the same way, it is the stream's: wait there.
             self.moved_for_stream_hold = True

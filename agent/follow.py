@@ -22,6 +22,7 @@ from agent.offsets import Checkpoint
 from agent.tail import (
     FP_LEN,
     MARK_LEN,
+    OPEN_FLAGS,
     Tailer,
     bytes_before,
     file_size,
@@ -251,9 +252,7 @@ class Following:
     def discover(self, source: SourceConfig, path: str, st: os.stat_result, copy_check: bool = True) -> None:
         ident = (st.st_dev, st.st_ino)
         try:
-            # O_NONBLOCK: a FIFO put in the file's place since the glob would hold the open
-            # (and the agent) until a writer comes; on a regular file it changes nothing.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(path, OPEN_FLAGS)
         except FileNotFoundError:
             return  # gone between the glob and the open
         except OSError as exc:
@@ -414,7 +413,7 @@ class Following:
 
     @staticmethod
     def _grows_as(twin: Tailer, path: str, size: int) -> bool:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(path, OPEN_FLAGS)
         try:
             mine = bytes_before(fd, size, MARK_LEN)
         finally:
@@ -565,7 +564,7 @@ class Following:
         return None
 
     def _path_matches(self, path: str, cp: Checkpoint) -> bool:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(path, OPEN_FLAGS)
         try:
             return self._same_content(fd, cp)
         finally:

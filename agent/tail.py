@@ -83,6 +83,11 @@ def bytes_before(fd: int, end: int, length: int = MARK_LEN) -> bytes:
     return os.pread(fd, end - start, start)
 
 
+# How every followed file is opened by name. O_NONBLOCK: a FIFO put in a file's place since the
+# glob would hold the open (and the agent) until a writer came; on a regular file it changes nothing.
+OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+
+
 def file_size(fd: int) -> int:
     """The size of the regular file open as ``fd`` (its offset moves; every read here is a
     pread). An lseek to the end returns it as an int: ``os.fstat`` builds a 19-field result
@@ -250,7 +255,7 @@ class Tailer:
         if self.fd is not None:
             return True
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(self.path, OPEN_FLAGS)
         except OSError:
             return False
         st = os.fstat(fd)
@@ -278,7 +283,7 @@ class Tailer:
         if path == self.path and (st.st_size, st.st_mtime_ns) == self.closed_stat:
             return False
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(path, OPEN_FLAGS)
         except OSError:
             return False
         try:

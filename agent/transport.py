@@ -136,9 +136,8 @@ class Transport:
         # its name); logged when it changes.
         self.told: tuple[str, ...] = ()
         # What the aggregator's last reply said of a hold of the stream all aggregators share
-        # (``shared_stream_hold``: its error), and when (the loop's clock).
-        self.stream_hold: str | None = None
-        self.stream_hold_full = False
+        # (its ``shared_stream_hold``: error, held_s, kind), and when (the loop's clock).
+        self.stream_hold: dict[str, Any] | None = None
         self.stream_hold_at = 0.0
 
     @property
@@ -295,9 +294,10 @@ class Transport:
         """Heard from the aggregator on the control channel within ``within_s``."""
         return asyncio.get_running_loop().time() - self.last_reply < within_s
 
-    def held_by_shared_stream(self, within_s: float) -> str | None:
+    def held_by_shared_stream(self, within_s: float) -> dict[str, Any] | None:
         """The aggregator's word, in a reply at most ``within_s`` old, that it commits nothing
-        because the stream every aggregator shares takes nothing (aggregator/flow.py); None."""
+        because the stream every aggregator shares takes nothing (aggregator/flow.py:
+        ``error``, ``held_s``, ``kind``); None."""
         if self.stream_hold is None or asyncio.get_running_loop().time() - self.stream_hold_at > within_s:
             return None
         return self.stream_hold
@@ -581,8 +581,7 @@ class Transport:
             log.info("the aggregator at %s answers this agent again", self.endpoint.control)
         self.on_told(result)
         hold = result.get("shared_stream_hold")
-        self.stream_hold = str(hold.get("error", "")) if isinstance(hold, dict) else None
-        self.stream_hold_full = isinstance(hold, dict) and hold.get("kind") == "full"
+        self.stream_hold = hold if isinstance(hold, dict) else None
         self.stream_hold_at = asyncio.get_running_loop().time()
         if req_id in self._hellos:
             self._hellos.clear()

@@ -268,9 +268,15 @@ class JetStreamSink:
                 outcome.acked[key] = done
 
     @staticmethod
-    def _continues(sub: Subject) -> bool:
+    def _view_end(sub: Subject) -> int | None:
+        """Where sub's view of the subject ends: its last End; for an empty subject the stream's
+        base (the agent's offset 0, or where it rebased); None without either (any start)."""
+        return sub.last_end if sub.last_end is not None else sub.base
+
+    @classmethod
+    def _continues(cls, sub: Subject) -> bool:
         """Whether sub's queue begins where its view of the subject ends (publish on)."""
-        last = sub.last_end if sub.last_end is not None else sub.base
+        last = cls._view_end(sub)
         return last is None or not sub.pieces or last == sub.pieces[0].start
 
     def _reconcile(self, sub: Subject, outcome: CommitOutcome) -> int | None:
@@ -279,15 +285,12 @@ class JetStreamSink:
         the offset to resync the agent to when the queue cannot continue the subject: ``L`` lies
         before the queue (the stream lacks bytes we were not sent) or inside a piece at an offset
         that is not a known line boundary (a batch cut differently). None: publish on."""
-        # An empty subject continues from the stream's base (the agent's offset 0, or where it
-        # rebased); without one it takes any start.
-        last = sub.last_end if sub.last_end is not None else sub.base
-        if last is None or not sub.pieces:
+        if self._continues(sub):
             return None
+        last = self._view_end(sub)
+        assert last is not None  # (_continues is True without one)
         key = (sub.agent, sub.stream)
         first = sub.pieces[0]
-        if last == first.start:
-            return None
         if last < first.start:
             if sub.last_end is not None and first.start == sub.base:
                 # The agent's stream begins here now: it rebased because it cannot send what is
