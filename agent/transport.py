@@ -15,6 +15,7 @@ everything not acknowledged shipped again from the acknowledged offsets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -426,7 +427,11 @@ class Transport:
 
     def _switch(self) -> None:
         """Close both sockets (dropping whatever they hold) and open new ones to the next
-        aggregator; from then on as after a restart of the aggregator."""
+        aggregator; from then on as after a restart of the aggregator. Acknowledgements the old
+        one sent before the move are taken first: a move on refused connections may come while
+        they wait unread (an aggregator stopping sends its last acks, then closes), and the
+        batches they cover would otherwise go to the next one again."""
+        self._take_acks_received()
         for link in self.links:
             self._link_problems[(link.role, link.endpoint)] = link.problem
             link.close()
@@ -447,6 +452,22 @@ class Transport:
         self._moved_event.set()
         if self.on_switch is not None:
             self.on_switch(switch)
+
+    def _take_acks_received(self) -> None:
+        """The acknowledgements already in the control socket's queue (nothing else: a stopping
+        event or a reply is about the aggregator being left)."""
+        raw = self._control_raw
+        if raw is None or raw.closed:
+            return
+        while True:
+            try:
+                body = raw.recv(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            with contextlib.suppress(wire.WireError):
+                msg = wire.decode_control(body)
+                if msg.get("event") == "ack":
+                    self.on_event(msg)
 
     async def _receive(self) -> None:
         """Control messages until cancelled. Not through pyzmq's futures (a future, a callback
